@@ -1,0 +1,141 @@
+"""Family adapters: where the layers, projections and norms of a model sit, and its attention layout.
+
+Algorithms never touch ``model.model.layers[i].self_attn.q_proj`` directly; they ask the adapter (SliceGPT's
+LayerAdapter/ModelAdapter idea). A family adds one short subclass; everything else is shared.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from pruning.errors import UnsupportedModelError
+from pruning.registry import Registry
+
+ADAPTERS: Registry[type["ModelAdapter"]] = Registry("model family")
+
+
+@dataclass(frozen=True)
+class LayerWidths:
+    """Kept counts of one decoder layer, read from the weight shapes (the single source of truth)."""
+
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    o_proj_bias: bool
+    down_proj_bias: bool
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class ModelAdapter(ABC):
+    """Base adapter for decoder-only models with pre-norm attention + gated MLP blocks."""
+
+    model_types: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+
+    # -- model-level getters -------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def layers(self) -> nn.ModuleList:
+        ...
+
+    @property
+    @abstractmethod
+    def embed_tokens(self) -> nn.Embedding:
+        ...
+
+    @property
+    @abstractmethod
+    def final_norm(self) -> nn.Module:
+        ...
+
+    @property
+    @abstractmethod
+    def lm_head(self) -> nn.Linear:
+        ...
+
+    @property
+    @abstractmethod
+    def head_dim(self) -> int:
+        ...
+
+    # -- layer-level getters ---------------------------------------------------------------------------------
+    @abstractmethod
+    def attn(self, layer: nn.Module) -> nn.Module:
+        ...
+
+    @abstractmethod
+    def mlp(self, layer: nn.Module) -> nn.Module:
+        ...
+
+    def q_proj(self, layer): return self.attn(layer).q_proj  # noqa: E704
+    def k_proj(self, layer): return self.attn(layer).k_proj  # noqa: E704
+    def v_proj(self, layer): return self.attn(layer).v_proj  # noqa: E704
+    def o_proj(self, layer): return self.attn(layer).o_proj  # noqa: E704
+    def gate_proj(self, layer): return self.mlp(layer).gate_proj  # noqa: E704
+    def up_proj(self, layer): return self.mlp(layer).up_proj  # noqa: E704
+    def down_proj(self, layer): return self.mlp(layer).down_proj  # noqa: E704
+
+    @abstractmethod
+    def input_norm(self, layer) -> nn.Module:
+        ...
+
+    @abstractmethod
+    def post_attention_norm(self, layer) -> nn.Module:
+        ...
+
+    # -- layout --------------------------------------------------------------------------------------------
+    def widths(self, layer: nn.Module) -> LayerWidths:
+        hd = self.head_dim
+        o, down = self.o_proj(layer), self.down_proj(layer)
+        return LayerWidths(
+            num_heads=self.q_proj(layer).out_features // hd,
+            num_kv_heads=self.k_proj(layer).out_features // hd,
+            intermediate_size=self.gate_proj(layer).out_features,
+            o_proj_bias=o.bias is not None,
+            down_proj_bias=down.bias is not None,
+        )
+
+    def all_widths(self) -> list[LayerWidths]:
+        return [self.widths(layer) for layer in self.layers]
+
+    def kv_group_size(self, layer: nn.Module) -> int:
+        w = self.widths(layer)
+        return w.num_heads // w.num_kv_heads
+
+    def num_params(self) -> int:
+        """Unique parameters (tied embeddings counted once)."""
+        return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
+
+    # -- after surgery ---------------------------------------------------------------------------------------
+    @abstractmethod
+    def sync_layer(self, layer: nn.Module) -> None:
+        """Refresh module attributes that mirror weight shapes (e.g. GQA repeat factor)."""
+        
+    @abstractmethod
+    def set_layers(self, keep: list[int]) -> None:
+        """Keep only these decoder layers (original indices, in order) and renumber them."""
+        
+
+def adapter_class(config) -> type[ModelAdapter]:
+    """The adapter class for a config, so an unsupported model is rejected before its weights are read."""
+    model_type = getattr(config, "model_type", None)
+    for name in ADAPTERS.names():
+        cls = ADAPTERS.get(name)
+        if model_type in cls.model_types:
+            return cls
+    supported = sorted({t for n in ADAPTERS.names() for t in ADAPTERS.get(n).model_types})
+    raise UnsupportedModelError(
+        f"no adapter for architecture model_type={model_type!r}; supported families: {', '.join(supported)}"
+    )
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    return adapter_class(model.config)(model)

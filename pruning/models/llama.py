@@ -1,0 +1,59 @@
+"""Llama family adapter: Llama 1/2/3, Vicuna and our saved pruned-Llama format (GQA aware)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from pruning.models.adapter import ADAPTERS, ModelAdapter
+
+
+@ADAPTERS.register("llama")
+class LlamaAdapter(ModelAdapter):
+    model_types = ("llama", "pruned_llama")
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.model.layers
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.model.model.embed_tokens
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.model.model.norm
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.model.lm_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.config.head_dim
+
+    def attn(self, layer):
+        return layer.self_attn
+
+    def mlp(self, layer):
+        return layer.mlp
+
+    def input_norm(self, layer):
+        return layer.input_layernorm
+
+    def post_attention_norm(self, layer):
+        return layer.post_attention_layernorm
+
+    def sync_layer(self, layer) -> None:
+        w = self.widths(layer)
+        layer.self_attn.num_key_value_groups = w.num_heads // w.num_kv_heads
+        layer.mlp.intermediate_size = w.intermediate_size
+
+    def set_layers(self, keep: list[int]) -> None:
+        layers = self.layers
+        kept = nn.ModuleList([layers[i] for i in keep])
+        for new_idx, layer in enumerate(kept):
+            layer.self_attn.layer_idx = new_idx  # KV-cache slot
+        self.model.model.layers = kept
+        self.config.num_hidden_layers = len(kept)
+        if getattr(self.config, "layer_types", None) is not None:
+            self.config.layer_types = [self.config.layer_types[i] for i in keep]

@@ -1,0 +1,115 @@
+"""Prunable groups: the weights that must leave together (METHODS.md §1.1-1.2), declared once.
+
+A ``StructureSet`` is every unit of one kind in one layer. Each ``Member`` says which channels of one weight belong
+to each unit, as an index tensor ``[n_units, k]`` along ``dim`` (0 = rows/outputs, 1 = columns/inputs). Scorers
+reduce members to one score per unit; surgery and masking remove or zero exactly these channels.
+
+Kinds:
+- ``kv_group``: one KV head with its g query heads (k, v, q rows; o columns). Keeps the q/kv ratio.
+- ``q_head``: one query head (q rows, o columns); allocation removes the same count from every KV group.
+- ``mlp``: one SwiGLU channel (gate row, up row, down column).
+- ``block``: a whole decoder layer (members are whole tensors; ``layer`` is None and units are layer indices).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from pruning.models.adapter import ModelAdapter
+
+KINDS = ("kv_group", "q_head", "mlp", "block")
+
+
+@dataclass
+class Member:
+    name: str                     # e.g. "q_proj"; used by "first"/"last" aggregations and for messages
+    weight: nn.Parameter
+    dim: int | None               # 0 rows, 1 columns, None = whole tensor (blocks)
+    index: torch.Tensor | None    # [n_units, k] channel indices along dim
+
+
+@dataclass
+class StructureSet:
+    kind: str
+    layer: int | None
+    n_units: int
+    members: list[Member]
+    params_per_unit: int
+    partition: torch.Tensor | None = None   # q_head: KV group of each unit; equal removals per partition
+    unit_members: list[list[Member]] = field(default_factory=list)  # block: whole tensors per unit
+
+
+def _blocks_of(start: int, n: int, size: int) -> torch.Tensor:
+    """Index rows [n, size] of ``n`` consecutive blocks of ``size`` channels starting at block ``start``."""
+    return (torch.arange(start, start + n)[:, None] * size + torch.arange(size)[None, :]).long()
+
+
+def kv_groups(adapter: ModelAdapter, layer_idx: int) -> StructureSet:
+    layer = adapter.layers[layer_idx]
+    w, hd = adapter.widths(layer), adapter.head_dim
+    g = w.num_heads // w.num_kv_heads
+    kv_idx = _blocks_of(0, w.num_kv_heads, hd)
+    q_idx = _blocks_of(0, w.num_kv_heads, g * hd)   # a group's g query heads are contiguous (HF repeat_kv)
+    d = adapter.config.hidden_size
+    members = [
+        Member("q_proj", adapter.q_proj(layer).weight, 0, q_idx),
+        Member("k_proj", adapter.k_proj(layer).weight, 0, kv_idx),
+        Member("v_proj", adapter.v_proj(layer).weight, 0, kv_idx),
+        Member("o_proj", adapter.o_proj(layer).weight, 1, q_idx),
+    ]
+    return StructureSet("kv_group", layer_idx, w.num_kv_heads, members, params_per_unit=2 * (g + 1) * d * hd)
+
+
+def q_heads(adapter: ModelAdapter, layer_idx: int) -> StructureSet:
+    layer = adapter.layers[layer_idx]
+    w, hd = adapter.widths(layer), adapter.head_dim
+    g = w.num_heads // w.num_kv_heads
+    q_idx = _blocks_of(0, w.num_heads, hd)
+    members = [
+        Member("q_proj", adapter.q_proj(layer).weight, 0, q_idx),
+        Member("o_proj", adapter.o_proj(layer).weight, 1, q_idx),
+    ]
+    partition = torch.arange(w.num_heads) // g
+    d = adapter.config.hidden_size
+    return StructureSet("q_head", layer_idx, w.num_heads, members, params_per_unit=2 * d * hd, partition=partition)
+
+
+def mlp_channels(adapter: ModelAdapter, layer_idx: int) -> StructureSet:
+    layer = adapter.layers[layer_idx]
+    n = adapter.widths(layer).intermediate_size
+    idx = torch.arange(n)[:, None]
+    members = [
+        Member("gate_proj", adapter.gate_proj(layer).weight, 0, idx),
+        Member("up_proj", adapter.up_proj(layer).weight, 0, idx),
+        Member("down_proj", adapter.down_proj(layer).weight, 1, idx),
+    ]
+    return StructureSet("mlp", layer_idx, n, members, params_per_unit=3 * adapter.config.hidden_size)
+
+
+def blocks(adapter: ModelAdapter) -> StructureSet:
+    unit_members = []
+    for layer in adapter.layers:
+        unit_members.append([Member(n, p, None, None) for n, p in layer.named_parameters()])
+    sizes = [sum(m.weight.numel() for m in ms) for ms in unit_members]
+    return StructureSet("block", None, len(adapter.layers), [], params_per_unit=max(sizes, default=0),
+                        unit_members=unit_members)
+
+
+def block_params(adapter: ModelAdapter, layer_idx: int) -> int:
+    return sum(p.numel() for p in adapter.layers[layer_idx].parameters())
+
+
+BUILDERS = {"kv_group": kv_groups, "q_head": q_heads, "mlp": mlp_channels}
+
+
+def structure_sets(adapter: ModelAdapter, kind: str, layers: list[int] | None = None) -> list[StructureSet]:
+    """All sets of one kind, one per layer (or the single block set)."""
+    if kind == "block":
+        return [blocks(adapter)]
+    if kind not in BUILDERS:
+        raise ValueError(f"unknown structure kind {kind!r}; choices: {', '.join(KINDS)}")
+    layers = range(len(adapter.layers)) if layers is None else layers
+    return [BUILDERS[kind](adapter, i) for i in layers]

@@ -1,0 +1,8 @@
+"""Physical surgery on pruned structures, and the save format that reloads heterogeneous widths."""
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from pruning.surgery.modeling_pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM
+
+AutoConfig.register(PrunedLlamaConfig.model_type, PrunedLlamaConfig, exist_ok=True)
+AutoModelForCausalLM.register(PrunedLlamaConfig, PrunedLlamaForCausalLM, exist_ok=True)

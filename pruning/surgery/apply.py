@@ -1,0 +1,143 @@
+"""Remove (or, for equivalence checks and cheap candidate evaluation, zero) the units a plan names.
+
+Removal and masking walk the same index sets, so "physically pruned == masked dense" is a property of one
+code path, not of two that happen to agree (METHODS.md §1.2).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pruning.errors import InfeasibleRatioError
+from pruning.models.adapter import ModelAdapter, adapter_for
+from pruning.surgery.plan import PrunePlan
+
+
+def _channels(blocks: list[int], size: int) -> torch.Tensor:
+    return (torch.tensor(blocks, dtype=torch.long)[:, None] * size + torch.arange(size)[None, :]).reshape(-1)
+
+
+def _attention_keep(adapter: ModelAdapter, layer_idx: int, plan: PrunePlan) -> tuple[list[int], list[int]] | None:
+    """Kept KV heads and kept query heads of one layer, or None when the plan leaves attention untouched."""
+    kv_rm, q_rm = set(plan.units("kv_group", layer_idx)), set(plan.units("q_head", layer_idx))
+    if not kv_rm and not q_rm:
+        return None
+    w = adapter.widths(adapter.layers[layer_idx])
+    g = w.num_heads // w.num_kv_heads
+    bad = [u for u in kv_rm if not 0 <= u < w.num_kv_heads] + [u for u in q_rm if not 0 <= u < w.num_heads]
+    if bad:
+        raise ValueError(f"layer {layer_idx}: plan names units {sorted(bad)} that do not exist")
+    keep_kv = [j for j in range(w.num_kv_heads) if j not in kv_rm]
+    keep_q = [h for h in range(w.num_heads) if h // g in keep_kv and h not in q_rm]
+    per_group = {j: sum(1 for h in keep_q if h // g == j) for j in keep_kv}
+    if not keep_kv or min(per_group.values()) == 0:
+        raise InfeasibleRatioError(f"the plan empties the attention of layer {layer_idx} "
+                                   f"({w.num_kv_heads - len(keep_kv)}/{w.num_kv_heads} KV groups removed)")
+    if len(set(per_group.values())) != 1:
+        raise ValueError(f"layer {layer_idx}: query heads must be removed evenly from every KV group "
+                         f"(kept per group: {per_group})")
+    return keep_kv, keep_q
+
+
+def _mlp_keep(adapter: ModelAdapter, layer_idx: int, plan: PrunePlan) -> list[int] | None:
+    rm = set(plan.units("mlp", layer_idx))
+    if not rm:
+        return None
+    n = adapter.widths(adapter.layers[layer_idx]).intermediate_size
+    if any(not 0 <= u < n for u in rm):
+        raise ValueError(f"layer {layer_idx}: plan names MLP channels outside [0, {n})")
+    keep = [c for c in range(n) if c not in rm]
+    if not keep:
+        raise InfeasibleRatioError(f"the plan removes all {n} MLP channels of layer {layer_idx}")
+    return keep
+
+
+def validate_plan(adapter: ModelAdapter, plan: PrunePlan) -> None:
+    n_layers = len(adapter.layers)
+    for kind, per in plan.remove.items():
+        for layer in per:
+            if not 0 <= layer < n_layers:
+                raise ValueError(f"plan names {kind} units in layer {layer}, but the model has {n_layers} layers")
+    for i in range(n_layers):
+        _attention_keep(adapter, i, plan)
+        _mlp_keep(adapter, i, plan)
+    if any(not 0 <= b < n_layers for b in plan.blocks):
+        raise ValueError(f"plan removes blocks {plan.blocks} outside [0, {n_layers})")
+    if len(set(plan.blocks)) >= n_layers:
+        raise InfeasibleRatioError(f"the plan removes all {n_layers} decoder blocks")
+
+
+def _select(linear: nn.Linear, dim: int, keep: torch.Tensor) -> None:
+    keep = keep.to(linear.weight.device)
+    linear.weight = nn.Parameter(linear.weight.data.index_select(dim, keep).clone(),
+                                 requires_grad=linear.weight.requires_grad)
+    if dim == 0:
+        if linear.bias is not None:
+            linear.bias = nn.Parameter(linear.bias.data[keep].clone(), requires_grad=linear.bias.requires_grad)
+        linear.out_features = len(keep)
+    else:
+        linear.in_features = len(keep)
+
+
+def _zero(linear: nn.Linear, dim: int, drop: torch.Tensor) -> None:
+    drop = drop.to(linear.weight.device)
+    with torch.no_grad():
+        linear.weight.index_fill_(dim, drop, 0.0)
+        if dim == 0 and linear.bias is not None:
+            linear.bias.index_fill_(0, drop, 0.0)
+
+
+def _complement(keep: list[int], n: int) -> list[int]:
+    s = set(keep)
+    return [i for i in range(n) if i not in s]
+
+
+def _edit(model: nn.Module, plan: PrunePlan, remove: bool) -> ModelAdapter:
+    """Walk the plan once: remove the kept complement's channels, or zero the dropped ones."""
+    op = _select if remove else _zero
+
+    def pick(keep: list[int], n: int) -> list[int]:
+        return keep if remove else _complement(keep, n)
+
+    adapter = adapter_for(model)
+    validate_plan(adapter, plan)
+    hd = adapter.head_dim
+    for i, layer in enumerate(adapter.layers):
+        w = adapter.widths(layer)
+        att = _attention_keep(adapter, i, plan)
+        if att is not None:
+            keep_kv, keep_q = att
+            kv, q = pick(keep_kv, w.num_kv_heads), pick(keep_q, w.num_heads)
+            for proj, idx in ((adapter.q_proj(layer), q), (adapter.k_proj(layer), kv), (adapter.v_proj(layer), kv)):
+                op(proj, 0, _channels(idx, hd))
+            op(adapter.o_proj(layer), 1, _channels(q, hd))
+        keep_c = _mlp_keep(adapter, i, plan)
+        if keep_c is not None:
+            c = torch.tensor(pick(keep_c, w.intermediate_size), dtype=torch.long)
+            op(adapter.gate_proj(layer), 0, c)
+            op(adapter.up_proj(layer), 0, c)
+            op(adapter.down_proj(layer), 1, c)
+        adapter.sync_layer(layer)
+    return adapter
+
+
+def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
+    """Physically remove the plan's units (in place) and update each layer's own counts and the config."""
+    adapter = _edit(model, plan, remove=True)
+    if plan.blocks:
+        adapter.set_layers([i for i in range(len(adapter.layers)) if i not in set(plan.blocks)])
+    return model
+
+
+def mask_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
+    """Zero the plan's units in place, shapes unchanged: the reference that surgery must match."""
+    adapter = _edit(model, plan, remove=False)
+    for b in plan.blocks:     # a block whose output projections are zero is the identity on the residual stream
+        layer = adapter.layers[b]
+        for proj in (adapter.o_proj(layer), adapter.down_proj(layer)):
+            with torch.no_grad():
+                proj.weight.zero_()
+                if proj.bias is not None:
+                    proj.bias.zero_()
+    return model

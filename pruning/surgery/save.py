@@ -1,0 +1,83 @@
+"""Save a (possibly heterogeneous) pruned model so ``AutoModelForCausalLM.from_pretrained`` reloads it.
+
+Uniform widths that transformers' own LlamaConfig accepts save as a plain Llama checkpoint. Anything else
+(per-layer widths, added o/down biases, or head counts LlamaConfig rejects because hidden_size % heads != 0)
+saves as ``pruned_llama``: registered with the Auto classes on ``import pruning``, and carried as a standalone
+modeling file + ``auto_map`` for ``trust_remote_code=True`` elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from pruning.models.adapter import adapter_for
+from pruning.surgery.modeling_pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM
+
+_PER_LAYER = ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_size",
+              "layer_o_proj_bias", "layer_down_proj_bias")
+_DROP = ("auto_map", "architectures", "model_type", "transformers_version", "_name_or_path", "_model_name_or_path",
+         "quantization_config") + _PER_LAYER
+
+
+def export_config(model: nn.Module) -> LlamaConfig:
+    """The config that describes the model's current shapes (read from the weights, never from stale fields)."""
+    adapter = adapter_for(model)
+    widths = adapter.all_widths()
+    base = {k: v for k, v in model.config.to_dict().items() if k not in _DROP}
+    base["num_hidden_layers"] = len(widths)
+    if base.get("layer_types") is not None:
+        base["layer_types"] = list(base["layer_types"])[: len(widths)]
+    heads = [w.num_heads for w in widths]
+    kv = [w.num_kv_heads for w in widths]
+    inter = [w.intermediate_size for w in widths]
+    o_bias = [w.o_proj_bias and not base.get("attention_bias") for w in widths]
+    d_bias = [w.down_proj_bias and not base.get("mlp_bias") for w in widths]
+    uniform = (len(set(heads)) == 1 and len(set(kv)) == 1 and len(set(inter)) == 1
+               and not any(o_bias) and not any(d_bias) and base["hidden_size"] % heads[0] == 0)
+    if uniform:
+        base.update(num_attention_heads=heads[0], num_key_value_heads=kv[0], intermediate_size=inter[0])
+        return LlamaConfig(**base)
+    if widths:
+        base.update(num_attention_heads=heads[0], num_key_value_heads=kv[0], intermediate_size=inter[0])
+    return PrunedLlamaConfig(**base, layer_num_attention_heads=heads, layer_num_key_value_heads=kv,
+                             layer_intermediate_size=inter, layer_o_proj_bias=o_bias, layer_down_proj_bias=d_bias)
+
+
+def save_pruned(model: nn.Module, out_dir: str | Path, tokenizer=None, meta: dict | None = None) -> Path:
+    """Write atomically: a crash leaves either the previous directory or the complete new one."""
+    out_dir = Path(out_dir)
+    config = export_config(model)
+    is_plain = type(config) is LlamaConfig
+    cls = LlamaForCausalLM if is_plain else PrunedLlamaForCausalLM
+    with torch.device("meta"):
+        clean = cls(config)
+    clean.load_state_dict(model.state_dict(), strict=True, assign=True)
+    if config.tie_word_embeddings:
+        clean.tie_weights()
+    if getattr(model, "generation_config", None) is not None:
+        clean.generation_config = model.generation_config
+    if not is_plain:
+        PrunedLlamaConfig.register_for_auto_class()
+        PrunedLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        clean.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if meta is not None:
+            (tmp / "pruning_meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
