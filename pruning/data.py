@@ -280,16 +280,20 @@ the data-root file is absent. Rebuild (byte-identical; gzip header has no name a
 
 Byte-identical (after decompression) to the data root's `ppl/wikitext2_raw/test.jsonl`: the 4,358 rows of HF
 `wikitext` / `wikitext-2-raw-v1` **test**, one `{{"text": ...}}` per line, empty rows included. Origin and derivation:
-`../shared/data/ppl/wikitext2_raw/SOURCE.md` (source sha256 {wt_src}). WikiText (Merity et al. 2016, Salesforce):
-licence **CC BY-SA 3.0** (and GFDL); attribution retained here, redistributed under the same licence.
+`../shared/data/ppl/wikitext2_raw/SOURCE.md` (source sha256 {wt_src}), itself split back into rows from the
+blank-line-joined CRLF text of Deathnetworks/rotorquant:wikitext-test.txt@c5be50f038e68e35740efdf4c6f5d65d61c2485b.
+WikiText (Merity et al. 2016, Salesforce): licence **CC BY-SA 3.0** (and GFDL); redistributed under the same licence.
 
 ## c4_validation_256.jsonl.gz
 
 The first {n_c4} documents (row order of the file) of the data root's `calib/c4/c4_validation_2k.parquet`, column
 `text` only, one `{{"text": ...}}` per line (`json.dumps(ensure_ascii=False)`). That parquet holds 2,000 C4-en
-validation documents; origin in `../shared/data/calib/c4/SOURCE.md` (source sha256 {c4_src}). C4 (allenai/c4):
-licence **ODC-BY**. Note: calibration drawn from this 256-document slice differs from calibration drawn from the full
-2,000-document parquet at the same seed; results record `calibration_source`.
+validation documents, copied from yxanul/yxanul_0.6B:validation/c4_validation_2k.parquet@d3ef06095f54f9e2a78c0abca1472a0188a5e1e9
+(details in `../shared/data/calib/c4/SOURCE.md`; source sha256 {c4_src}). C4 (allenai/c4): licence **ODC-BY**.
+Calibration drawn from this 256-document slice differs from calibration drawn from the full 2,000-document parquet
+at the same seed, so a result row should record `pruning.data.calibration_source(dataset)`.
+
+The .gz bytes depend on the zlib build (level 9); the decompressed sha256 is the stable identity.
 """
 
 

@@ -40,6 +40,7 @@ class StructureSet:
     params_per_unit: int
     partition: torch.Tensor | None = None   # q_head: KV group of each unit; equal removals per partition
     unit_members: list[list[Member]] = field(default_factory=list)  # block: whole tensors per unit
+    unit_layers: list[int] = field(default_factory=list)            # block: the decoder layer of each unit
 
 
 def _blocks_of(start: int, n: int, size: int) -> torch.Tensor:
@@ -89,17 +90,13 @@ def mlp_channels(adapter: ModelAdapter, layer_idx: int) -> StructureSet:
     return StructureSet("mlp", layer_idx, n, members, params_per_unit=3 * adapter.config.hidden_size)
 
 
-def blocks(adapter: ModelAdapter) -> StructureSet:
-    unit_members = []
-    for layer in adapter.layers:
-        unit_members.append([Member(n, p, None, None) for n, p in layer.named_parameters()])
+def blocks(adapter: ModelAdapter, layers: list[int] | None = None) -> StructureSet:
+    """Candidate decoder layers as one set; a unit is a whole layer (params_per_unit: their mean size)."""
+    layers = list(range(len(adapter.layers))) if layers is None else list(layers)
+    unit_members = [[Member(n, p, None, None) for n, p in adapter.layers[i].named_parameters()] for i in layers]
     sizes = [sum(m.weight.numel() for m in ms) for ms in unit_members]
-    return StructureSet("block", None, len(adapter.layers), [], params_per_unit=max(sizes, default=0),
-                        unit_members=unit_members)
-
-
-def block_params(adapter: ModelAdapter, layer_idx: int) -> int:
-    return sum(p.numel() for p in adapter.layers[layer_idx].parameters())
+    return StructureSet("block", None, len(layers), [], params_per_unit=sum(sizes) // max(len(sizes), 1),
+                        unit_members=unit_members, unit_layers=layers)
 
 
 BUILDERS = {"kv_group": kv_groups, "q_head": q_heads, "mlp": mlp_channels}
@@ -108,7 +105,7 @@ BUILDERS = {"kv_group": kv_groups, "q_head": q_heads, "mlp": mlp_channels}
 def structure_sets(adapter: ModelAdapter, kind: str, layers: list[int] | None = None) -> list[StructureSet]:
     """All sets of one kind, one per layer (or the single block set)."""
     if kind == "block":
-        return [blocks(adapter)]
+        return [blocks(adapter, layers)]
     if kind not in BUILDERS:
         raise ValueError(f"unknown structure kind {kind!r}; choices: {', '.join(KINDS)}")
     layers = range(len(adapter.layers)) if layers is None else layers

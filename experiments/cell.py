@@ -1,0 +1,133 @@
+"""One experiment cell: load -> (dense eval) -> prune -> surgery -> eval -> one record in the store.
+
+Every user mistake is caught before the model is scored or evaluated (ratio, names, data files, architecture,
+checkpoint), and nothing is written unless the whole cell succeeds.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from experiments.record import config_hash, make_record
+from experiments.store import ResultsStore
+from pruning import data
+from pruning.allocation import check_ratio
+from pruning.eval.perplexity import perplexity, protocols_from_cfg
+from pruning.models import load_model
+from pruning.surgery.apply import apply_plan
+from pruning.surgery.save import save_pruned
+
+
+def set_threads(threads: int | None) -> int:
+    """Torch threads follow the job's CPUs (SLURM does not bind them with proctrack/linuxproc)."""
+    n = threads or int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or os.cpu_count() or 1
+    torch.set_num_threads(int(n))
+    return int(n)
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+class Timer(dict):
+    @contextmanager
+    def __call__(self, key: str):
+        t0 = time.perf_counter()
+        yield
+        self[key] = self.get(key, 0.0) + time.perf_counter() - t0
+
+
+def label(p) -> str:
+    return f"{p.name}:{p.dataset}:{p.split}"
+
+
+def evaluate(model, tokenizer, protocols, device: str, progress: bool) -> dict:
+    return {label(p): perplexity(model, tokenizer, p, device=device, progress=progress) for p in protocols}
+
+
+def run_cell(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
+    timer = Timer()
+    t_start = time.perf_counter()
+    ratio = check_ratio(cfg.pruning.ratio)
+    protocols = protocols_from_cfg(cfg.eval.ppl)
+    for p in protocols:                       # missing data files fail now, before the model is loaded
+        data.ppl_source(p.dataset, p.split)
+    set_threads(cfg.get("threads"))
+    torch.manual_seed(int(cfg.seed))
+    device = pick_device(cfg.device)
+    progress = bool(cfg.get("progress", True))
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    store = ResultsStore(cfg.store.dir) if cfg.store.dir else ResultsStore()
+
+    with timer("load"):
+        model, tokenizer, adapter = load_model(cfg.model.path, cfg.model.dtype, cfg.model.get("device_map"))
+        if cfg.model.get("device_map") is None:
+            model.to(device)
+    method = instantiate(cfg.method, allocation=instantiate(cfg.allocation), _convert_="all") \
+        if cfg.method._target_ != "pruning.methods.baselines.dense" else instantiate(cfg.method)
+    budget = method.budget(model, ratio)      # impossible ratio -> clear error before any scoring
+
+    calib = None
+    if method.needs_calibration:
+        c = cfg.calibration
+        data.calibration_source(c.dataset)
+        with timer("calibration"):
+            calib = data.calibration_batches(tokenizer, c.dataset, c.n_samples, c.seq_len, c.seed)
+
+    params_before = adapter.num_params()
+    with timer("eval_dense"):
+        dense = evaluate(model, tokenizer, protocols, device, progress)
+    with timer("prune"):
+        plan = method.prune(model, ratio, calib)
+    with timer("surgery"):
+        apply_plan(model, plan)
+    params_after = adapter.num_params()
+    with timer("eval_pruned"):
+        pruned = evaluate(model, tokenizer, protocols, device, progress) if not plan.is_empty() else dense
+
+    extra = {"plan": plan.to_dict(), "widths": [w.as_dict() for w in adapter.all_widths()],
+             "protocols": [p.to_record() for p in protocols],
+             "calibration": dict(resolved["calibration"], used=method.needs_calibration,
+                                 source=str(data.calibration_source(cfg.calibration.dataset))
+                                 if method.needs_calibration else None)}
+    if run_dir is not None and cfg.get("save_model"):
+        with timer("save"):
+            extra["saved_model"] = str(save_pruned(model, Path(run_dir) / "pruned_model", tokenizer,
+                                                   meta={"config_hash": config_hash(resolved),
+                                                         "plan": plan.to_dict()}))
+    timer["total"] = time.perf_counter() - t_start
+    record = make_record(
+        resolved,
+        metrics={"ppl": pruned, "dense_ppl": dense},
+        params={"before": params_before, "after": params_after, "achieved_ratio": 1 - params_after / params_before,
+                "target_ratio": ratio, "planned_ratio": budget.achieved},
+        timings=dict(timer),
+        extra=extra,
+    )
+    store.write(record)
+    record["_store_path"] = str(store.path(record["config_hash"]))
+    return record
+
+
+def one_line_table(record: dict) -> pd.DataFrame:
+    """The row a person wants after a run: PPL dense -> pruned per protocol, params and achieved ratio."""
+    cfg, params = record["config"], record["params"]
+    row = {"model": cfg["model"]["name"], "method": record["plan"]["meta"].get("method", "dense"),
+           "target": params["target_ratio"], "achieved": round(params["achieved_ratio"], 4),
+           "params": f"{params['before']:,} -> {params['after']:,}"}
+    for key, res in record["metrics"]["ppl"].items():
+        name, dataset, split = key.split(":")
+        dense = record["metrics"]["dense_ppl"][key]["ppl"]
+        row[f"{dataset}/{split} {name}"] = f"{dense:.2f} -> {res['ppl']:.2f}"
+    return pd.DataFrame([row])

@@ -1,0 +1,133 @@
+"""How a target ratio is spread over layers and structure kinds.
+
+``pruning.ratio`` is the fraction of *all* parameters to remove (embeddings, norms, lm_head in the denominator).
+Allocators turn it into per-layer unit counts, check feasibility from counts alone (before any scoring), and
+report the fraction actually achieved after rounding to whole units.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pruning.errors import InfeasibleRatioError
+from pruning.structures import StructureSet
+from pruning.surgery.plan import PrunePlan
+
+
+def check_ratio(ratio: float) -> float:
+    ratio = float(ratio)
+    if not 0.0 <= ratio < 1.0:
+        raise InfeasibleRatioError(f"pruning.ratio must be in [0, 1), got {ratio}")
+    return ratio
+
+
+def layer_range(n_layers: int, start_frac: float, end_frac: float,
+                start: int | None = None, end: int | None = None) -> list[int]:
+    """Layers [start, end) as fractions of depth, index = floor(frac * L + 0.5), so [4, 30) on 32 layers."""
+    s = int(start_frac * n_layers + 0.5) if start is None else int(start)
+    e = int(end_frac * n_layers + 0.5) if end is None else int(end)
+    s, e = max(0, s), min(n_layers, e)
+    return list(range(s, e))
+
+
+def count_rule(n_units: int, p: float) -> int:
+    """Units removed at fraction p: C - int(C(1-p)), LLM-Pruner's MetaPruner rule."""
+    return n_units - int(n_units * (1.0 - p))
+
+
+def _removed(sset: StructureSet, p: float) -> int:
+    """Units of one set removed at fraction p (query heads: the same number from every KV group)."""
+    if sset.partition is not None:
+        groups = int(sset.partition.max()) + 1
+        return count_rule(sset.n_units // groups, p) * groups
+    return count_rule(sset.n_units, p)
+
+
+def _empties(sset: StructureSet, p: float) -> bool:
+    return _removed(sset, p) >= sset.n_units
+
+
+@dataclass
+class Budget:
+    target: float          # requested fraction of all params
+    total_params: int
+    p: float               # per-kind unit fraction chosen
+    removed_params: int
+
+    @property
+    def achieved(self) -> float:
+        return self.removed_params / self.total_params
+
+
+@dataclass
+class Uniform:
+    """Every layer in the range loses the same fraction p of each structure kind (LLM-Pruner's local pruning).
+
+    p is chosen so the achieved fraction of all parameters is closest to the target. With
+    ``layer_start_frac=0.125, layer_end_frac=0.9375`` this is LLM-Pruner's layer range [4, 30) of 32 layers.
+    """
+
+    layer_start_frac: float = 0.0
+    layer_end_frac: float = 1.0
+    layer_start: int | None = None
+    layer_end: int | None = None
+    group_ratio: float | None = None   # set p directly (paper presets, e.g. LLM-Pruner 0.25)
+
+    def layers(self, n_layers: int) -> list[int]:
+        return layer_range(n_layers, self.layer_start_frac, self.layer_end_frac, self.layer_start, self.layer_end)
+
+    def _params_at(self, sets: list[StructureSet], p: float) -> int:
+        return sum(_removed(s, p) * s.params_per_unit for s in sets)
+
+    def budget(self, sets: list[StructureSet], ratio: float, total_params: int) -> Budget:
+        """Choose p from counts alone, so an impossible ratio fails before any scoring."""
+        ratio = check_ratio(ratio)
+        if not sets or ratio == 0.0 and self.group_ratio is None:
+            return Budget(ratio, total_params, 0.0, 0)
+        if self.group_ratio is not None:
+            p = float(self.group_ratio)
+            bad = [s for s in sets if _empties(s, p)]
+            if bad:
+                raise InfeasibleRatioError(f"group_ratio={p} would remove every {bad[0].kind} unit of layer "
+                                           f"{bad[0].layer}")
+            return Budget(ratio, total_params, p, self._params_at(sets, p))
+        # candidate p values: every breakpoint where some set's removed count changes
+        cands = {0.0}
+        for s in sets:
+            n = s.n_units // (int(s.partition.max()) + 1) if s.partition is not None else s.n_units
+            cands.update((k / n) + 1e-12 for k in range(n))
+        feasible = sorted(p for p in cands if p < 1.0 and not any(_empties(s, p) for s in sets))
+        best_max = self._params_at(sets, feasible[-1]) / total_params
+        if ratio > best_max + 1e-9:
+            kinds = sorted({s.kind for s in sets})
+            layers = sorted({s.layer for s in sets if s.layer is not None})
+            raise InfeasibleRatioError(
+                f"pruning.ratio={ratio} would empty a layer's {'/'.join(kinds)}: uniform allocation over layers "
+                f"{layers[0]}..{layers[-1]} can remove at most {best_max:.4f} of all parameters while keeping at "
+                f"least one unit of each kind per layer")
+        p = min(feasible, key=lambda q: (abs(self._params_at(sets, q) / total_params - ratio), q))
+        return Budget(ratio, total_params, p, self._params_at(sets, p))
+
+    def allocate(self, sets: list[StructureSet], scores: list[torch.Tensor], budget: Budget) -> PrunePlan:
+        plan = PrunePlan()
+        for sset, score in zip(sets, scores):
+            n = _removed(sset, budget.p)
+            if n == 0:
+                continue
+            if sset.partition is not None:   # lowest m heads inside every KV group
+                groups = int(sset.partition.max()) + 1
+                m = n // groups
+                for g in range(groups):
+                    members = (sset.partition == g).nonzero().flatten()
+                    order = torch.argsort(score[members], stable=True)
+                    plan.add(sset.kind, sset.layer, members[order[:m]].tolist())
+            else:
+                lowest = torch.argsort(score, stable=True)[:n].tolist()
+                if sset.kind == "block":
+                    lowest = [sset.unit_layers[u] for u in lowest]
+                plan.add(sset.kind, sset.layer, lowest)
+        plan.meta["allocation"] = {"type": "uniform", "p": budget.p, "target": budget.target,
+                                   "achieved": budget.achieved}
+        return plan

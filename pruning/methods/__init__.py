@@ -1,0 +1,1 @@
+"""Pruning methods: one short recipe per paper, composed of a scorer, an allocator and the surgery."""

@@ -1,0 +1,55 @@
+"""The common recipe: build structure sets, fix the budget from counts, score, allocate -> PrunePlan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from pruning.allocation import Budget, Uniform
+from pruning.importance import Scorer
+from pruning.models.adapter import adapter_for
+from pruning.structures import KINDS, StructureSet, structure_sets
+from pruning.surgery.plan import PrunePlan
+
+
+@dataclass
+class ScoreAndAllocate:
+    """A method that ranks units with one scorer and spreads the ratio with one allocator."""
+
+    name: str
+    scorer: Scorer | None
+    structures: list[str] = field(default_factory=lambda: ["kv_group", "mlp"])
+    allocation: Uniform = field(default_factory=Uniform)
+
+    def __post_init__(self):
+        unknown = [k for k in self.structures if k not in KINDS]
+        if unknown:
+            raise ValueError(f"unknown structure kinds {unknown}; choices: {', '.join(KINDS)}")
+        if "kv_group" in self.structures and "q_head" in self.structures:
+            raise ValueError("choose one attention unit: kv_group or q_head")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return bool(self.scorer is not None and self.scorer.needs_calibration)
+
+    def sets(self, model: nn.Module) -> list[StructureSet]:
+        adapter = adapter_for(model)
+        layers = self.allocation.layers(len(adapter.layers))
+        return [s for kind in self.structures for s in structure_sets(adapter, kind, layers)]
+
+    def budget(self, model: nn.Module, ratio: float) -> Budget:
+        """Feasibility and unit counts from shapes alone: call before loading calibration data or scoring."""
+        return self.allocation.budget(self.sets(model), ratio, adapter_for(model).num_params())
+
+    def prune(self, model: nn.Module, ratio: float, calib=None) -> PrunePlan:
+        sets = self.sets(model)
+        budget = self.allocation.budget(sets, ratio, adapter_for(model).num_params())
+        if budget.removed_params == 0:
+            plan = PrunePlan()
+        else:
+            scores = [self.scorer(s) for s in sets]
+            plan = self.allocation.allocate(sets, scores, budget)
+        plan.meta.update(method=self.name, structures=list(self.structures), target_ratio=ratio,
+                         planned_ratio=budget.achieved)
+        return plan
