@@ -30,7 +30,7 @@ def test_dense_param_count_matches_closed_form(stories):
     assert adapter.num_params() == 292_800 == closed_form_params(model.config, adapter.all_widths())
 
 
-CASES = [(["kv_group"], r) for r in (0.03, 0.08, 0.12)] + [(["q_head"], r) for r in (0.04, 0.056)] \
+CASES = [(["kv_group"], r) for r in (0.03, 0.08, 0.12)] + [(["q_head"], r) for r in (0.04, 0.055)] \
     + [(["mlp"], r) for r in (0.05, 0.2, 0.4)] + [(["block"], r) for r in (0.15, 0.3, 0.45)] \
     + [(["kv_group", "mlp"], r) for r in (0.1, 0.3, 0.45)] + [(["q_head", "mlp"], r) for r in (0.1, 0.25)]
 
