@@ -29,8 +29,8 @@ from experiments.record import _json_default, is_number
 HEAD_COLUMNS = ("model", "method", "ratio", "achieved_ratio", "params_before", "params_after")
 TAIL_COLUMNS = ("wall_s", "config_hash", "created")
 
-# Where the table looks for the target ratio and the names, first hit wins (configs differ by experiment preset).
-_RATIO_PATHS = (("ratio",), ("method", "ratio"), ("pruning", "ratio"))
+# Where the table looks for the target ratio when params has no `target_ratio`, first hit wins.
+_RATIO_PATHS = (("pruning", "ratio"), ("ratio",), ("method", "ratio"))
 _NAME_KEYS = ("name", "id", "path")
 
 # A record file name is its config hash; temp files start with "." so they never look like records.
@@ -156,7 +156,7 @@ def _dig(mapping: Any, path: Iterable[str]) -> Any:
 
 
 def _name(value: Any) -> Any:
-    """A config group's display name: its `name` (or id/path) field, or the value itself when it is a string."""
+    """A config group's display name: its `name` (or id/path) field, else the last part of `_target_`."""
     if isinstance(value, Mapping):
         for key in _NAME_KEYS:
             if isinstance(value.get(key), str):
@@ -215,8 +215,8 @@ def flatten_record(record: Mapping) -> dict[str, Any]:
     achieved = _number(params.get("achieved_ratio"))
     if achieved is None and before and after is not None:
         achieved = 1.0 - after / before
-    ratio = None
-    for path in _RATIO_PATHS:
+    ratio = _number(params.get("target_ratio"))
+    for path in _RATIO_PATHS if ratio is None else ():
         ratio = _number(_dig(config, path))
         if ratio is not None:
             break

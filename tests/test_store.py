@@ -24,7 +24,7 @@ def _cfg(**over) -> dict:
         "seed": 0,
         "model": {"name": "stories260k", "path": None},
         "method": {"name": "magnitude", "importance": "l2"},
-        "ratio": 0.2,
+        "pruning": {"ratio": 0.2},
         "calibration": {"dataset": "wikitext2", "n_samples": 8, "seq_len": 128, "seed": 0},
         "store": {"dir": "/tmp/somewhere"},
         "logger": {"name": "none"},
@@ -67,7 +67,7 @@ def test_config_hash_ignores_non_semantic_keys_and_tracks_semantic_ones():
     assert config_hash(without_bookkeeping) == h
     assert config_hash(dict(reversed(list(base.items())))) == h  # key order is not identity
 
-    assert config_hash(_cfg(ratio=0.5)) != h
+    assert config_hash(_cfg(pruning={"ratio": 0.5})) != h
     assert config_hash(_cfg(seed=1)) != h
     nested = _cfg()
     nested["calibration"] = {**nested["calibration"], "n_samples": 16}
@@ -235,7 +235,7 @@ def test_concurrent_writers_leave_only_complete_records(tmp_path):
 def test_table_flattens_two_records(tmp_path):
     store = ResultsStore(tmp_path)
     r1 = _record(_cfg(), 50.0, 40.0, before=1000, after=800)
-    r2 = _record(_cfg(ratio=0.5, method={"name": "wanda_sp"}), 90.0, 40.0, before=1000, after=500)
+    r2 = _record(_cfg(pruning={"ratio": 0.5}, method={"_target_": "pruning.methods.wanda_sp"}), 90.0, 40.0, before=1000, after=500)
     r2["metrics"]["ppl"][LABEL2] = _ppl_block(70.0, 2048)
     r2["metrics"]["zeroshot"] = {"arc_easy": {"acc": 0.25, "acc_norm": 0.26, "harness": "0.4.13", "bos": True}}
     r2["metrics"]["efficiency"] = {"macs": 1.5e6, "latency_ms": {"p50": 3.0}}
@@ -288,7 +288,7 @@ def test_empty_table_has_the_fixed_columns(tmp_path):
 def test_cli_prints_table(tmp_path, capsys):
     store = ResultsStore(tmp_path)
     r1 = _record(_cfg(), 50.0, 40.0)
-    r2 = _record(_cfg(ratio=0.5), 91.25, 40.0, after=500)
+    r2 = _record(_cfg(pruning={"ratio": 0.5}), 91.25, 40.0, after=500)
     store.write(r1)
     store.write(r2)
 
@@ -324,3 +324,9 @@ def test_default_store_dir(monkeypatch, tmp_path):
     assert ResultsStore().root == tmp_path / "s"
     monkeypatch.delenv("PRUNING_STORE")
     assert store_mod.default_store_dir().parts[-2:] == ("runs", "store")
+
+
+def test_flatten_record_prefers_the_recorded_target_ratio():
+    rec = make_record(_cfg(), metrics={}, params={"before": 10, "after": 6, "target_ratio": 0.35}, timings={})
+    row = store_mod.flatten_record(rec)
+    assert row["ratio"] == 0.35 and row["achieved_ratio"] == pytest.approx(0.4) and row["wall_s"] is None
