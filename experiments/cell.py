@@ -74,8 +74,8 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         model, tokenizer, adapter = load_model(cfg.model.path, cfg.model.dtype, cfg.model.get("device_map"))
         if cfg.model.get("device_map") is None:
             model.to(device)
-    method = instantiate(cfg.method, allocation=instantiate(cfg.allocation), _convert_="all") \
-        if cfg.method._target_ != "pruning.methods.baselines.dense" else instantiate(cfg.method)
+    # partial + call: Hydra would turn a dataclass kwarg back into a config node
+    method = instantiate(cfg.method, _partial_=True, _convert_="all")(allocation=instantiate(cfg.allocation))
     budget = method.budget(model, ratio)      # impossible ratio -> clear error before any scoring
 
     calib = None

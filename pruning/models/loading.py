@@ -45,7 +45,9 @@ def read_config(ckpt: Path):
 def load_model(path: str, dtype: str = "float32", device_map: str | dict | None = None):
     """Return (model, tokenizer, adapter). ``device_map`` (e.g. "auto") spreads big models over several GPUs."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()     # our own bars cover long work; loading a checkpoint is not
     ckpt = resolve_checkpoint(path)
     config = read_config(ckpt)
     adapter_cls = adapter_class(config)        # unsupported family -> one clear error, weights never read

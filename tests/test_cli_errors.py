@@ -1,0 +1,68 @@
+"""Acceptance: bad input gets one clear line on stderr, exit code 2, and nothing in the results store."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ASSET = REPO / "pruning" / "assets" / "stories260K"
+
+
+def run_cli(args, tmp_path, env_extra=None):
+    store = tmp_path / "store"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", **(env_extra or {}))
+    proc = subprocess.run([sys.executable, "run.py", f"store.dir={store}", f"hydra.run.dir={tmp_path / 'run'}",
+                           "progress=false", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    records = list((store / "records").glob("*")) if (store / "records").exists() else []
+    return proc, lines, records
+
+
+def unsupported_checkpoint(tmp_path) -> str:
+    d = tmp_path / "gpt2ish"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2,
+                                               "vocab_size": 512}))
+    return str(d)
+
+
+def corrupt_checkpoint(tmp_path) -> str:
+    d = tmp_path / "corrupt"
+    shutil.copytree(ASSET, d)
+    w = d / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 3])
+    return str(d)
+
+
+CASES = {
+    "unknown_method": (lambda t: ["method=magnitud"], {}, ["unknown method", "choices:", "magnitude"]),
+    "unknown_model": (lambda t: ["model=llama-9b"], {}, ["unknown model", "stories260k"]),
+    "ratio_one": (lambda t: ["pruning.ratio=1.0"], {}, ["[0, 1)"]),
+    "ratio_negative": (lambda t: ["pruning.ratio=-0.1"], {}, ["[0, 1)"]),
+    "ratio_empties_layer": (lambda t: ["pruning.ratio=0.7"], {}, ["would empty", "at most"]),
+    "missing_data": (lambda t: [], {"PRUNING_DATA": "EMPTY"}, ["ptb.valid.txt", "PRUNING_DATA"]),
+    "unsupported_arch": (lambda t: [f"model.path={unsupported_checkpoint(t)}"], {},
+                         ["model_type='gpt2'", "supported families", "llama"]),
+    "corrupt_checkpoint": (lambda t: [f"model.path={corrupt_checkpoint(t)}"], {}, ["corrupt checkpoint"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_one_line_no_record(case, tmp_path):
+    make_args, env, needles = CASES[case]
+    if env.get("PRUNING_DATA") == "EMPTY":
+        (tmp_path / "empty").mkdir()
+        env = {"PRUNING_DATA": str(tmp_path / "empty")}
+    proc, lines, records = run_cli(make_args(tmp_path), tmp_path, env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert records == []
