@@ -45,7 +45,7 @@ CALIB_EMBEDDED: dict[str, str] = {"c4": "c4_validation_256.jsonl.gz"}
 CALIB_REFUSED: dict[str, str] = {
     "wikitext2": (
         "only the WikiText-2 *test* split is available offline, and it is an evaluation text; calibrating on "
-        "evaluated text inflates the pruned model's PPL advantage (METHODS.md §1.6). Use calibration.dataset=c4"
+        "evaluated text makes the pruned model's PPL look better than it is (METHODS.md §1.6). Use calibration.dataset=c4"
     ),
     "ptb": "PTB validation/test are evaluation texts and PTB train is not in the data root; use c4",
     "bookcorpus": "BookCorpus is not in the offline data root; c4 is the documented substitute (METHODS.md §1.6)",
@@ -67,7 +67,7 @@ ALPACA_PROMPT_INPUT = (
 
 
 def data_root() -> Path | None:
-    """Resolve the data root once per call so tests can point $PRUNING_DATA elsewhere."""
+    """Resolved on every call, not cached, so a changed $PRUNING_DATA (tests, notebooks) takes effect."""
     env = os.environ.get("PRUNING_DATA")
     if env:
         root = Path(env).expanduser()
@@ -99,7 +99,10 @@ def _missing(rel: str, what: str) -> DataError:
 
 
 def ppl_source(dataset: str, split: str) -> Path:
-    """The file ppl_text would read; results can record it so embedded vs data-root runs are distinguishable."""
+    """The file ppl_text would read: the data-root file if present, else the embedded copy (WikiText-2 only).
+
+    Exposed so run code can fail before loading a model and record which copy was read.
+    """
     key = (dataset, split)
     if key not in PPL_FILES:
         choices = ", ".join(f"{d}/{s}" for d, s in PPL_FILES)
@@ -201,9 +204,9 @@ def calibration_batches(
     import torch
     from tqdm.auto import tqdm
 
+    texts = calibration_texts(dataset)
     if n_samples < 1 or seq_len < 2:
         raise PruningError(f"calibration needs n_samples >= 1 and seq_len >= 2, got {n_samples} x {seq_len}")
-    texts = calibration_texts(dataset)
     n_docs = len(texts)
     digest = hashlib.sha1("\x00".join(texts).encode("utf-8")).hexdigest()
     cache = _DOC_TOKENS.setdefault((_tokenizer_key(tokenizer), digest), {})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -10,6 +11,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from pruning import data  # noqa: E402
 
 STORIES = "embedded:stories260K"
 
@@ -37,3 +40,38 @@ def stories():
 def logits(model, ids):
     with torch.no_grad():
         return model(ids).logits
+
+# -- data and perplexity fixtures: the model comes straight from transformers, independent of pruning.models
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, tokenizer) of the embedded stories260K; read-only for these tests, so one per session."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = data.ASSETS / "stories260K"
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def root_file(rel: str):
+    """A data-root file, or skip: the PTB/C4/Alpaca checks need ../shared/data (or $PRUNING_DATA)."""
+    root = data.data_root()
+    if root is None or not (root / rel).is_file():
+        pytest.skip(f"data root file {rel} not available")
+    return root / rel
+
+
+@pytest.fixture(scope="session")
+def wikitext_rows() -> list[str]:
+    """WikiText-2 test rows read directly (not via pruning.data), from the data root or else the embedded copy."""
+    import gzip
+
+    root = data.data_root()
+    p = root / "ppl/wikitext2_raw/test.jsonl" if root is not None else None
+    if p is not None and p.is_file():
+        lines = p.read_text(encoding="utf-8").splitlines()
+    else:
+        with gzip.open(data.ASSETS / "data/wikitext2_test.jsonl.gz", "rt", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    return [json.loads(line)["text"] for line in lines]

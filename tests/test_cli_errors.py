@@ -29,7 +29,7 @@ def unsupported_checkpoint(tmp_path) -> str:
     d = tmp_path / "gpt2ish"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2,
-                                               "vocab_size": 512}))
+                                               "vocab_size": 50257}))
     return str(d)
 
 

@@ -196,6 +196,7 @@ def perplexity(model, tokenizer, protocol: PPLProtocol, device=None, progress: b
                               unit="batch", disable=not progress):
                 batch = win.input_ids[start : start + bs].to(device)
                 logits = model(input_ids=batch, use_cache=False).logits
+                batch = batch.to(logits.device)  # with device_map the logits live on the last GPU
                 # Row by row: upcasting one [L, V] slice keeps memory bounded for large vocabularies.
                 nll = torch.cat([
                     F.cross_entropy(logits[r, s - 1 : -1].float(), batch[r, s:], reduction="none")
