@@ -1,7 +1,16 @@
-"""One experiment cell: load -> (dense eval) -> prune -> surgery -> eval -> one record in the store.
+"""One experiment cell: load -> dense eval -> prune -> method.apply (surgery + compensation) -> [recovery] -> eval
+-> one record in the store.
 
 Every user mistake is caught before the model is scored or evaluated (ratio, names, data files, architecture,
 checkpoint), and nothing is written unless the whole cell succeeds.
+
+Extension points (so methods, evaluations and recovery plug in without editing this file's flow):
+- ``method.budget(model, ratio)`` before any heavy work; ``method.prune(model, ratio, calib) -> PrunePlan``;
+  ``method.apply(model, plan, calib)`` does surgery plus the method's compensation.
+- ``pruning.eval.evaluate(model, tokenizer, eval_cfg, ...)`` returns ``{"ppl": {...}, <other blocks>}``; the
+  record stores them as ``metrics[block]`` (final model), ``metrics["dense_" + block]`` and, when a recovery ran,
+  ``metrics["prerecovery_" + block]``.
+- ``pruning.recovery.recover(model, tokenizer, recovery_cfg, ...)`` when ``recovery.name != none``.
 """
 
 from __future__ import annotations
@@ -20,9 +29,8 @@ from experiments.record import config_hash, make_record
 from experiments.store import ResultsStore
 from pruning import data
 from pruning.allocation import check_ratio
-from pruning.eval.perplexity import perplexity, protocols_from_cfg
+from pruning.eval import check_eval, evaluate
 from pruning.models import load_model
-from pruning.surgery.apply import apply_plan
 from pruning.surgery.save import save_pruned
 
 
@@ -47,25 +55,22 @@ class Timer(dict):
         self[key] = self.get(key, 0.0) + time.perf_counter() - t0
 
 
-def label(p) -> str:
-    return f"{p.name}:{p.dataset}:{p.split}"
-
-
-def evaluate(model, tokenizer, protocols, device: str, progress: bool) -> dict:
-    return {label(p): perplexity(model, tokenizer, p, device=device, progress=progress) for p in protocols}
+def build_method(cfg: DictConfig):
+    # partial + call: Hydra would turn a dataclass kwarg back into a config node
+    return instantiate(cfg.method, _partial_=True, _convert_="all")(allocation=instantiate(cfg.allocation))
 
 
 def run_cell(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     timer = Timer()
     t_start = time.perf_counter()
     ratio = check_ratio(cfg.pruning.ratio)
-    protocols = protocols_from_cfg(cfg.eval.ppl)
-    for p in protocols:                       # missing data files fail now, before the model is loaded
-        data.ppl_source(p.dataset, p.split)
+    check_eval(cfg.eval)                      # unknown protocol keys / missing data files fail before loading
     set_threads(cfg.get("threads"))
     torch.manual_seed(int(cfg.seed))
     device = pick_device(cfg.device)
     progress = bool(cfg.get("progress", True))
+    recovery_cfg = cfg.get("recovery")
+    recovering = recovery_cfg is not None and recovery_cfg.get("name", "none") != "none"
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     store = ResultsStore(cfg.store.dir) if cfg.store.dir else ResultsStore()
@@ -74,8 +79,7 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         model, tokenizer, adapter = load_model(cfg.model.path, cfg.model.dtype, cfg.model.get("device_map"))
         if cfg.model.get("device_map") is None:
             model.to(device)
-    # partial + call: Hydra would turn a dataclass kwarg back into a config node
-    method = instantiate(cfg.method, _partial_=True, _convert_="all")(allocation=instantiate(cfg.allocation))
+    method = build_method(cfg)
     budget = method.budget(model, ratio)      # impossible ratio -> clear error before any scoring
 
     calib = None
@@ -83,24 +87,38 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         c = cfg.calibration
         data.calibration_source(c.dataset)
         with timer("calibration"):
-            calib = data.calibration_batches(tokenizer, c.dataset, c.n_samples, c.seq_len, c.seed)
+            calib = data.calibration_batches(tokenizer, c.dataset, c.n_samples, c.seq_len, c.seed,
+                                             progress=progress)
 
     params_before = adapter.num_params()
     with timer("eval_dense"):
-        dense = evaluate(model, tokenizer, protocols, device, progress)
+        dense = evaluate(model, tokenizer, cfg.eval, device=device, progress=progress)
     with timer("prune"):
         plan = method.prune(model, ratio, calib)
     with timer("surgery"):
-        apply_plan(model, plan)
+        method.apply(model, plan, calib)
     params_after = adapter.num_params()
     with timer("eval_pruned"):
-        pruned = evaluate(model, tokenizer, protocols, device, progress) if not plan.is_empty() else dense
+        pruned = evaluate(model, tokenizer, cfg.eval, device=device, progress=progress) \
+            if not plan.is_empty() else dense
 
+    metrics = {f"dense_{k}": v for k, v in dense.items()}
     extra = {"plan": plan.to_dict(), "widths": [w.as_dict() for w in adapter.all_widths()],
-             "protocols": [p.to_record() for p in protocols],
              "calibration": dict(resolved["calibration"], used=method.needs_calibration,
                                  source=str(data.calibration_source(cfg.calibration.dataset))
                                  if method.needs_calibration else None)}
+    if recovering:
+        from pruning.recovery import recover
+
+        with timer("recovery"):
+            extra["recovery"] = recover(model, tokenizer, recovery_cfg, device=device, progress=progress,
+                                        run_dir=run_dir)
+        metrics.update({f"prerecovery_{k}": v for k, v in pruned.items()})
+        with timer("eval_recovered"):
+            pruned = evaluate(model, tokenizer, cfg.eval, device=device, progress=progress)
+        params_after = adapter.num_params()
+    metrics.update(pruned)
+
     if run_dir is not None and cfg.get("save_model"):
         with timer("save"):
             extra["saved_model"] = str(save_pruned(model, Path(run_dir) / "pruned_model", tokenizer,
@@ -109,7 +127,7 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     timer["total"] = time.perf_counter() - t_start
     record = make_record(
         resolved,
-        metrics={"ppl": pruned, "dense_ppl": dense},
+        metrics=metrics,
         params={"before": params_before, "after": params_after, "achieved_ratio": 1 - params_after / params_before,
                 "target_ratio": ratio, "planned_ratio": budget.achieved},
         timings=dict(timer),
@@ -127,7 +145,6 @@ def one_line_table(record: dict) -> pd.DataFrame:
            "target": params["target_ratio"], "achieved": round(params["achieved_ratio"], 4),
            "params": f"{params['before']:,} -> {params['after']:,}"}
     for key, res in record["metrics"]["ppl"].items():
-        name, dataset, split = key.split(":")
         dense = record["metrics"]["dense_ppl"][key]["ppl"]
-        row[f"{dataset}/{split} {name}"] = f"{dense:.2f} -> {res['ppl']:.2f}"
+        row[key] = f"{dense:.2f} -> {res['ppl']:.2f}"
     return pd.DataFrame([row])

@@ -25,8 +25,9 @@ def check_output(proc, tmp_path, protocol_max_windows):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     header, row = lines[-3], lines[-2]
-    for col in ("model", "method", "target", "achieved", "params", "wikitext2/test ppl128-lp",
-                "ptb/validation ppl128-lp"):
+    subset = f"[:{protocol_max_windows} windows]" if protocol_max_windows else ""
+    for col in ("model", "method", "target", "achieved", "params", f"ppl128-lp:wikitext2:test{subset}",
+                f"ppl128-lp:ptb:validation{subset}"):
         assert col in header
     assert "stories260k" in row and "magnitude_l2" in row and "292,800 ->" in row
     records = list((tmp_path / "store" / "records").glob("*.json"))

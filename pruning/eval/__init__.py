@@ -1,1 +1,31 @@
-"""Evaluation: perplexity under named protocols (METHODS.md §1.4); every result carries its protocol."""
+"""Evaluation: perplexity under named protocols (METHODS.md §1.4); every result carries its protocol.
+
+``evaluate`` is the one entry point the cell calls; each block of the eval config (``ppl``, later ``zeroshot``,
+``efficiency``) adds one block to the result.
+"""
+
+from __future__ import annotations
+
+from pruning import data
+from pruning.eval.perplexity import PPLProtocol, perplexity, protocols_from_cfg
+
+
+def ppl_label(p: PPLProtocol) -> str:
+    """Result key of one protocol; a window-limited run says so, so a subset is never read as the full test."""
+    subset = f"[:{p.max_windows} windows]" if p.max_windows else ""
+    return f"{p.name}:{p.dataset}:{p.split}{subset}"
+
+
+def check_eval(eval_cfg) -> None:
+    """Validate protocols and find their data files before any model is loaded."""
+    for p in protocols_from_cfg(eval_cfg.get("ppl", [])):
+        data.ppl_source(p.dataset, p.split)
+
+
+def evaluate(model, tokenizer, eval_cfg, device=None, progress: bool = True) -> dict:
+    out = {}
+    protocols = protocols_from_cfg(eval_cfg.get("ppl", []))
+    if protocols:
+        out["ppl"] = {ppl_label(p): perplexity(model, tokenizer, p, device=device, progress=progress)
+                      for p in protocols}
+    return out

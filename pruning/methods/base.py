@@ -10,6 +10,7 @@ from pruning.allocation import Budget, Uniform
 from pruning.importance import Scorer
 from pruning.models.adapter import adapter_for
 from pruning.structures import KINDS, StructureSet, structure_sets
+from pruning.surgery.apply import apply_plan
 from pruning.surgery.plan import PrunePlan
 
 
@@ -53,3 +54,7 @@ class ScoreAndAllocate:
         plan.meta.update(method=self.name, structures=list(self.structures), target_ratio=ratio,
                          planned_ratio=budget.achieved)
         return plan
+
+    def apply(self, model: nn.Module, plan: PrunePlan, calib=None) -> nn.Module:
+        """Surgery plus the method's compensation; the baselines have none."""
+        return apply_plan(model, plan)
