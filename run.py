@@ -23,7 +23,8 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     with __import__("pandas").option_context("display.width", 250, "display.max_columns", 50):
         print(one_line_table(record).to_string(index=False))
-    print(f"record: {record['_store_path']}")
+    print(f"record: {record['_store_path']}" + ("  (already complete: skipped; force=true recomputes)"
+                                               if record.get("_skipped") else ""))
     first = next(iter(record["metrics"]["ppl"].values()), None)
     return None if first is None else float(first["ppl"])
 

@@ -15,6 +15,7 @@ Extension points (so methods, evaluations and recovery plug in without editing t
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from contextlib import contextmanager
@@ -25,13 +26,18 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.cache import TensorCache, dir_fingerprint, file_sha256
 from experiments.record import config_hash, make_record
 from experiments.store import ResultsStore
 from pruning import data
 from pruning.allocation import check_ratio
-from pruning.eval import check_eval, evaluate
+from pruning.eval import EVAL_VERSION, check_eval, evaluate
 from pruning.models import load_model
+from pruning.models.loading import resolve_checkpoint
 from pruning.surgery.save import save_pruned
+
+DENSE = "pruning.methods.baselines.dense"
+CALIB_SAMPLER_VERSION = 1
 
 
 def set_threads(threads: int | None) -> int:
@@ -60,6 +66,40 @@ def build_method(cfg: DictConfig):
     return instantiate(cfg.method, _partial_=True, _convert_="all")(allocation=instantiate(cfg.allocation))
 
 
+def dense_config(resolved: dict) -> dict:
+    """The dense baseline's cell: it depends on the model and the eval only, so every pruning cell of a sweep
+    (any method, ratio, calibration, recovery or seed) shares one dense record."""
+    d = copy.deepcopy(resolved)
+    d["method"] = {"_target_": DENSE}
+    d["pruning"] = {"ratio": 0.0}
+    d["seed"] = 0
+    for key in ("allocation", "calibration", "recovery"):
+        d.pop(key, None)
+    return d
+
+
+def cell_config(cfg: DictConfig) -> dict:
+    """The resolved config that identifies a cell, with content fingerprints so a changed checkpoint or eval
+    code makes a new cell instead of silently reusing an old number."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved["model"]["fingerprint"] = dir_fingerprint(resolve_checkpoint(cfg.model.path))
+    resolved["eval"]["version"] = EVAL_VERSION
+    if resolved["method"].get("_target_") == DENSE:
+        resolved = dense_config(resolved)
+    return resolved
+
+
+def calibration(cfg: DictConfig, tokenizer, model_fingerprint: str, progress: bool) -> tuple[torch.Tensor, bool]:
+    """Calibration token batches, cached on disk by tokenizer, data file content, shape and seed."""
+    c = cfg.calibration
+    source = data.calibration_source(c.dataset)
+    key = {"tokenizer_of": model_fingerprint, "dataset": c.dataset, "source_sha256": file_sha256(source),
+           "n_samples": c.n_samples, "seq_len": c.seq_len, "seed": c.seed, "sampler": CALIB_SAMPLER_VERSION}
+    return TensorCache("calibration").get_or_compute(
+        key, lambda: data.calibration_batches(tokenizer, c.dataset, c.n_samples, c.seq_len, c.seed,
+                                              progress=progress))
+
+
 def run_cell(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     timer = Timer()
     t_start = time.perf_counter()
@@ -71,9 +111,17 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     progress = bool(cfg.get("progress", True))
     recovery_cfg = cfg.get("recovery")
     recovering = recovery_cfg is not None and recovery_cfg.get("name", "none") != "none"
-
-    resolved = OmegaConf.to_container(cfg, resolve=True)
     store = ResultsStore(cfg.store.dir) if cfg.store.dir else ResultsStore()
+
+    resolved = cell_config(cfg)
+    is_dense = resolved["method"]["_target_"] == DENSE
+    ratio = 0.0 if is_dense else ratio
+    done = store.get(config_hash(resolved))
+    if done is not None and not cfg.get("force", False):   # resumable sweeps: a finished cell is not rerun
+        done["_store_path"], done["_skipped"] = str(store.path(done["config_hash"])), True
+        return done
+    dense_resolved = dense_config(resolved)
+    dense_record = None if (is_dense or cfg.get("force", False)) else store.get(config_hash(dense_resolved))
 
     with timer("load"):
         model, tokenizer, adapter = load_model(cfg.model.path, cfg.model.dtype, cfg.model.get("device_map"))
@@ -82,17 +130,25 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     method = build_method(cfg)
     budget = method.budget(model, ratio)      # impossible ratio -> clear error before any scoring
 
-    calib = None
+    calib, calib_cached = None, None
     if method.needs_calibration:
-        c = cfg.calibration
-        data.calibration_source(c.dataset)
         with timer("calibration"):
-            calib = data.calibration_batches(tokenizer, c.dataset, c.n_samples, c.seq_len, c.seed,
-                                             progress=progress)
+            calib, calib_cached = calibration(cfg, tokenizer, resolved["model"]["fingerprint"], progress)
 
     params_before = adapter.num_params()
-    with timer("eval_dense"):
-        dense = evaluate(model, tokenizer, cfg.eval, device=device, progress=progress)
+    if dense_record is not None:              # computed once per (model, eval) by an earlier cell
+        dense = {k[len("dense_"):] if k.startswith("dense_") else k: v
+                 for k, v in dense_record["metrics"].items() if not k.startswith("prerecovery_")}
+    else:
+        with timer("eval_dense"):
+            dense = evaluate(model, tokenizer, cfg.eval, device=device, progress=progress)
+        if not is_dense:
+            store.write(make_record(dense_resolved, metrics=dense,
+                                    params={"before": params_before, "after": params_before, "achieved_ratio": 0.0,
+                                            "target_ratio": 0.0, "planned_ratio": 0.0},
+                                    timings={"eval_dense": timer["eval_dense"], "total": timer["eval_dense"]},
+                                    extra={"plan": {"remove": {}, "blocks": [], "meta": {"method": "dense"}},
+                                           "widths": [w.as_dict() for w in adapter.all_widths()]}))
     with timer("prune"):
         plan = method.prune(model, ratio, calib)
     with timer("surgery"):
@@ -102,11 +158,13 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         pruned = evaluate(model, tokenizer, cfg.eval, device=device, progress=progress) \
             if not plan.is_empty() else dense
 
-    metrics = {f"dense_{k}": v for k, v in dense.items()}
+    metrics = {} if is_dense else {f"dense_{k}": v for k, v in dense.items()}
     extra = {"plan": plan.to_dict(), "widths": [w.as_dict() for w in adapter.all_widths()],
-             "calibration": dict(resolved["calibration"], used=method.needs_calibration,
-                                 source=str(data.calibration_source(cfg.calibration.dataset))
-                                 if method.needs_calibration else None)}
+             "dense_record": None if is_dense else config_hash(dense_resolved)}
+    if not is_dense:
+        extra["calibration"] = dict(resolved["calibration"], used=method.needs_calibration, cached=calib_cached,
+                                    source=str(data.calibration_source(cfg.calibration.dataset))
+                                    if method.needs_calibration else None)
     if recovering:
         from pruning.recovery import recover
 
@@ -144,7 +202,7 @@ def one_line_table(record: dict) -> pd.DataFrame:
     row = {"model": cfg["model"]["name"], "method": record["plan"]["meta"].get("method", "dense"),
            "target": params["target_ratio"], "achieved": round(params["achieved_ratio"], 4),
            "params": f"{params['before']:,} -> {params['after']:,}"}
-    for key, res in record["metrics"]["ppl"].items():
-        dense = record["metrics"]["dense_ppl"][key]["ppl"]
+    for key, res in record["metrics"].get("ppl", {}).items():
+        dense = record["metrics"].get("dense_ppl", {}).get(key, res)["ppl"]
         row[key] = f"{dense:.2f} -> {res['ppl']:.2f}"
     return pd.DataFrame([row])

@@ -27,9 +27,10 @@ SCHEMA_VERSION = 1
 #   logger   – how the run is reported (W&B on or off does not alter the model or the metrics),
 #   hydra    – Hydra's own run/sweep dirs, launcher and job bookkeeping,
 #   force    – whether to recompute a cell that already has a record,
-#   progress – progress-bar verbosity.
+#   progress – progress-bar verbosity,
+#   threads, save_model – CPU threads used and whether the pruned model is also written to disk.
 # Anything else (model, method, ratio, calibration, recovery, eval, seed, ...) is semantic.
-NON_SEMANTIC = ("store", "logger", "hydra", "force", "progress")
+NON_SEMANTIC = ("store", "logger", "hydra", "force", "progress", "threads", "save_model")
 
 # The keys make_record owns; `extra` may add keys but not replace these.
 CORE_KEYS = (

@@ -9,6 +9,8 @@ from __future__ import annotations
 from pruning import data
 from pruning.eval.perplexity import PPLProtocol, perplexity, protocols_from_cfg
 
+EVAL_VERSION = 1   # bump when a change to the evaluation code changes numbers: cached dense records are then stale
+
 
 def ppl_label(p: PPLProtocol) -> str:
     """Result key of one protocol; a window-limited run says so, so a subset is never read as the full test."""

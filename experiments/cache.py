@@ -1,0 +1,94 @@
+"""Content-keyed caches shared by all cells of a sweep (and by later sweeps).
+
+Keys are explicit dicts that name everything the cached value depends on, including content fingerprints of the
+checkpoint and of the data files, so a changed file invalidates the entry by itself. Values are written
+atomically; a corrupt entry is treated as missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+
+def cache_root() -> Path:
+    """$PRUNING_CACHE, else $XDG_CACHE_HOME/pruning-lab, else ~/.cache/pruning-lab (never inside the repo)."""
+    if os.environ.get("PRUNING_CACHE"):
+        return Path(os.environ["PRUNING_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "pruning-lab"
+
+
+def key_hash(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, memoised by (path, size, mtime) so re-hashing a big checkpoint costs nothing."""
+    path = Path(path).resolve()
+    st = path.stat()
+    memo_dir = cache_root() / "sha256"
+    memo = memo_dir / (key_hash({"p": str(path), "s": st.st_size, "m": st.st_mtime_ns}) + ".txt")
+    if memo.is_file():
+        return memo.read_text().strip()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    memo_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(memo, digest.encode())
+    return digest
+
+
+def dir_fingerprint(directory: Path) -> str:
+    """Content fingerprint of a checkpoint directory: the sha256s of every file in it, by relative name."""
+    directory = Path(directory)
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    return key_hash({str(p.relative_to(directory)): file_sha256(p) for p in files})
+
+
+def _atomic_write(path: Path, payload: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class TensorCache:
+    """torch.save'd values under ``cache_root()/<kind>/<key hash>.pt``, with the key stored beside the value."""
+
+    def __init__(self, kind: str, root: Path | None = None):
+        self.dir = (root or cache_root()) / kind
+
+    def get_or_compute(self, key: dict, compute: Callable[[], Any]) -> tuple[Any, bool]:
+        """Return (value, hit)."""
+        path = self.dir / f"{key_hash(key)}.pt"
+        if path.is_file():
+            try:
+                entry = torch.load(path, weights_only=False)
+                if entry.get("key") == json.loads(json.dumps(key, sort_keys=True, default=str)):
+                    return entry["value"], True
+            except Exception:  # noqa: BLE001 - a torn or foreign file is a miss, and gets rewritten
+                pass
+        value = compute()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=self.dir)
+        os.close(fd)
+        try:
+            torch.save({"key": json.loads(json.dumps(key, sort_keys=True, default=str)), "value": value}, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return value, False

@@ -1,0 +1,141 @@
+"""Issue 11 acceptance: sweeps on basic / joblib / local SLURM launchers give exactly 4 + 1 dense records; a
+kill -9'd sweep restarts and runs only the missing cells; the dense baseline and calibration are reused."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEP = ["method=random,magnitude", "pruning.ratio=0.1,0.3", "eval=quick", "progress=false", "threads=1"]
+
+
+def sweep_cmd(store: Path, tmp: Path, *extra: str) -> list[str]:
+    return [sys.executable, "run.py", "-m", *SWEEP, f"store.dir={store}", f"hydra.sweep.dir={tmp / 'sweep'}",
+            *extra]
+
+
+def env() -> dict:
+    return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
+
+
+def records(store: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in (store / "records").glob("*.json")}
+
+
+def check_sweep_records(store: Path) -> None:
+    recs = records(store)
+    methods = sorted((r["plan"]["meta"].get("method", "dense"), r["params"]["target_ratio"]) for r in recs.values())
+    assert methods == [("dense", 0.0), ("magnitude_l2", 0.1), ("magnitude_l2", 0.3), ("random", 0.1),
+                       ("random", 0.3)]
+    dense_hash = next(h for h, r in recs.items() if r["plan"]["meta"].get("method") == "dense")
+    assert all(r["dense_record"] == dense_hash for r in recs.values() if r["plan"]["meta"].get("method") != "dense")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["basic", "joblib_local"])
+def test_local_sweep(tmp_path, launcher):
+    store = tmp_path / "store"
+    proc = subprocess.run(sweep_cmd(store, tmp_path, f"hydra/launcher={launcher}"), cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_sweep_records(store)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("sbatch") is None, reason="no local SLURM (scripts/slurm_local.sh start)")
+def test_slurm_sweep(tmp_path):
+    store = tmp_path / "store"
+    proc = subprocess.run(sweep_cmd(store, tmp_path, "hydra/launcher=slurm_local"), cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_sweep_records(store)
+    assert list((tmp_path / "sweep" / ".submitit").iterdir()), "cells did not go through SLURM"
+
+
+@pytest.mark.slow
+def test_kill9_joblib_sweep_then_resume(tmp_path):
+    store = tmp_path / "store"
+    cmd = sweep_cmd(store, tmp_path, "hydra/launcher=joblib_local")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and len(records(store) if (store / "records").exists() else {}) < 2:
+        assert proc.poll() is None, "sweep finished before it could be killed"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)           # the launcher and every joblib worker, mid-sweep
+    proc.wait()
+    before = {h: (r["created"], (store / "records" / f"{h}.json").stat().st_mtime_ns)
+              for h, r in records(store).items()}
+    assert 2 <= len(before) < 5
+    done = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    check_sweep_records(store)
+    after = records(store)
+    for h, (created, mtime) in before.items():    # finished cells were skipped, not recomputed
+        assert after[h]["created"] == created
+        assert (store / "records" / f"{h}.json").stat().st_mtime_ns == mtime
+
+
+def test_second_cell_reuses_dense_baseline_and_calibration(tmp_path, monkeypatch):
+    """Counts decoder forward passes: the second cell runs no dense evaluation and reuses the calibration batches."""
+    from hydra import compose, initialize_config_dir
+
+    from experiments import cell
+    from pruning.eval.perplexity import clear_token_cache
+
+    monkeypatch.setenv("PRUNING_CACHE", str(tmp_path / "cache"))
+    calls = {"n": 0}
+
+    def count(module, args, output):
+        if type(module).__name__ == "LlamaModel":
+            calls["n"] += 1
+
+    handle = torch.nn.modules.module.register_module_forward_hook(count)
+    try:
+        def run(*overrides):
+            with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+                cfg = compose("config", overrides=[f"store.dir={tmp_path / 'store'}", "progress=false",
+                                                   "eval=quick", *overrides])
+            calls["n"] = 0
+            clear_token_cache()
+            rec = cell.run_cell(cfg)
+            return rec, calls["n"]
+
+        first, n_first = run("method=magnitude", "pruning.ratio=0.1")
+        second, n_second = run("method=random", "pruning.ratio=0.3")
+        _, n_dense = run("method=dense", "force=true")
+    finally:
+        handle.remove()
+    assert n_dense > 0
+    assert n_first == 2 * n_dense            # dense + pruned evaluation
+    assert n_second == n_dense               # pruned evaluation only: the dense record was reused
+    assert second["dense_record"] == first["dense_record"] and "eval_dense" not in second["timings"]
+    assert second["metrics"]["dense_ppl"] == first["metrics"]["dense_ppl"]
+    assert len(records(tmp_path / "store")) == 3
+
+
+def test_calibration_batches_cached_by_content(tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from experiments import cell
+    from pruning.models import load_model
+
+    monkeypatch.setenv("PRUNING_CACHE", str(tmp_path / "cache"))
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["calibration=llm_pruner"])
+    _, tok, _ = load_model("embedded:stories260K")
+    a, hit_a = cell.calibration(cfg, tok, "fp", progress=False)
+    b, hit_b = cell.calibration(cfg, tok, "fp", progress=False)
+    c, hit_c = cell.calibration(cfg, tok, "other-tokenizer", progress=False)
+    assert (hit_a, hit_b, hit_c) == (False, True, False)
+    assert torch.equal(a, b) and torch.equal(a, c) and a.shape == (10, 64)
