@@ -158,8 +158,38 @@ def _alpaca_text(rec: dict) -> str:
     # The Stanford Alpaca training prompt plus the answer, i.e. what tatsu-lab/alpaca's "text" column holds and
     # what SliceGPT calibrates on; it is also the template LLM-Pruner's LoRA recovery trains on, so calibration
     # sees the same distribution as recovery.
+    return alpaca_prompt(rec)
+
+
+def alpaca_prompt(rec: dict, response: bool = True) -> str:
+    """The Alpaca template (alpaca-lora's templates/alpaca.json); ``response=False`` gives the prompt alone, the
+    prefix LoRA recovery masks out of the loss (LLM-Pruner's train_on_inputs=False)."""
     tpl = ALPACA_PROMPT_INPUT if rec.get("input") else ALPACA_PROMPT
-    return tpl.format(instruction=rec["instruction"], input=rec.get("input", ""), output=rec["output"])
+    return tpl.format(instruction=rec["instruction"], input=rec.get("input", ""),
+                      output=rec["output"] if response else "")
+
+
+def instruction_records(dataset: str) -> tuple[list[dict], Path]:
+    """{instruction, input, output} records and the file read: a known name (``alpaca``: data root, 200 records)
+    or a path to an Alpaca-format .json array / .jsonl (e.g. the full alpaca_data_cleaned.json)."""
+    if dataset in CALIB_FILES and dataset != "alpaca":
+        raise PruningError(f"{dataset!r} is plain text, not instruction records; instruction data: alpaca or a "
+                           f".json/.jsonl file of {{instruction, input, output}} records")
+    path = calibration_source(dataset) if dataset == "alpaca" else Path(dataset).expanduser()
+    if path.suffix not in (".json", ".jsonl") or not path.is_file():
+        raise DataError(f"instruction data {dataset!r}: expected the name alpaca or an existing .json/.jsonl file "
+                        f"of {{instruction, input, output}} records")
+    try:
+        recs = _read_jsonl(path) if path.suffix == ".jsonl" else json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"instruction data {path}: unreadable ({e})") from e
+    if not isinstance(recs, list) or not recs:
+        raise DataError(f"instruction data {path}: expected a non-empty list of records")
+    bad = next((i for i, r in enumerate(recs) if not (isinstance(r, dict) and "instruction" in r and "output" in r)),
+               None)
+    if bad is not None:
+        raise DataError(f"instruction data {path}: record {bad} lacks instruction/output (Alpaca format expected)")
+    return recs, path
 
 
 def calibration_texts(dataset: str) -> list[str]:
