@@ -111,6 +111,10 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     progress = bool(cfg.get("progress", True))
     recovery_cfg = cfg.get("recovery")
     recovering = recovery_cfg is not None and recovery_cfg.get("name", "none") != "none"
+    if recovering:                            # bad recovery settings / missing data fail before heavy work
+        from pruning.recovery import check_recovery
+
+        check_recovery(recovery_cfg)
     store = ResultsStore(cfg.store.dir) if cfg.store.dir else ResultsStore()
 
     resolved = cell_config(cfg)
@@ -134,6 +138,9 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     if method.needs_calibration:
         with timer("calibration"):
             calib, calib_cached = calibration(cfg, tokenizer, resolved["model"]["fingerprint"], progress)
+        if hasattr(method, "bind_sampler"):   # methods that draw more calibration sets (NIRVANA's KL seed choice)
+            method.bind_sampler(lambda ds, n, seq_len, seed: data.calibration_batches(
+                tokenizer, ds, n, seq_len, seed, progress=progress), dict(cfg.calibration))
 
     params_before = adapter.num_params()
     if dense_record is not None:              # computed once per (model, eval) by an earlier cell
@@ -193,6 +200,16 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     )
     store.write(record)
     record["_store_path"] = str(store.path(record["config_hash"]))
+    if cfg.get("logger") and cfg.logger.get("name", "none") != "none":   # after the write: W&B never costs a record
+        try:
+            from experiments.wandb_logger import log_record
+
+            log_record(record, cfg.logger)
+        except Exception as exc:  # noqa: BLE001
+            import warnings
+
+            warnings.warn(f"logger {cfg.logger.get('name')!r} failed: {exc}; record kept at {record['_store_path']}",
+                          RuntimeWarning, stacklevel=2)
     return record
 
 
@@ -202,7 +219,10 @@ def one_line_table(record: dict) -> pd.DataFrame:
     row = {"model": cfg["model"]["name"], "method": record["plan"]["meta"].get("method", "dense"),
            "target": params["target_ratio"], "achieved": round(params["achieved_ratio"], 4),
            "params": f"{params['before']:,} -> {params['after']:,}"}
-    for key, res in record["metrics"].get("ppl", {}).items():
-        dense = record["metrics"].get("dense_ppl", {}).get(key, res)["ppl"]
-        row[key] = f"{dense:.2f} -> {res['ppl']:.2f}"
+    metrics = record["metrics"]
+    for key, res in metrics.get("ppl", {}).items():
+        dense = metrics.get("dense_ppl", {}).get(key, res)["ppl"]
+        before = metrics.get("prerecovery_ppl", {}).get(key)
+        middle = f" -> {before['ppl']:.2f}" if before else ""   # dense -> pruned -> recovered
+        row[key] = f"{dense:.2f}{middle} -> {res['ppl']:.2f}"
     return pd.DataFrame([row])
