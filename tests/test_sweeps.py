@@ -49,6 +49,13 @@ def test_local_sweep(tmp_path, launcher):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_sweep_records(store)
+    # the paper tables and the report are produced from exactly these records
+    for cmd in (["-m", "experiments.tables", "--store", str(store), "--all", "--out", str(tmp_path / "tables")],
+                ["-m", "experiments.report", "--store", str(store), "--out", str(tmp_path / "report.html")]):
+        out = subprocess.run([sys.executable, *cmd], cwd=REPO, env=env(), capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+    assert list((tmp_path / "tables").glob("*.md")) and (tmp_path / "report.html").stat().st_size > 10_000
+    assert "magnitude" in (tmp_path / "report.html").read_text()
 
 
 @pytest.mark.slow
