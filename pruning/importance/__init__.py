@@ -82,3 +82,7 @@ class MagnitudeScorer(Scorer):
             channel = self._elem(m.weight).sum(dim=1 - m.dim)   # one value per row (dim 0) or column (dim 1)
             per_member.append(gather_units(channel, m))
         return aggregate(per_member, self.aggregation)
+
+
+# Scorer modules register themselves on import (kept last: they import the names above).
+from pruning.importance import activation  # noqa: E402,F401

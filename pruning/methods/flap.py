@@ -1,0 +1,93 @@
+"""FLAP (An et al., AAAI 2024; METHODS.md §3.3): fluctuation metric, standardised global allocation, bias
+compensation. Retraining-free.
+
+Recipe: dense-mode statistics at the o_proj/down_proj inputs (mean, variance) -> ``fluctuation`` channel metric ->
+``FlapAllocation`` (UL-UM | UL-MM | AL-MM | AL-AM) -> surgery plus the bias b += W[:, P]·x̄_P.
+
+Attention units are KV groups by default (``structures=[q_head, mlp]`` for query heads); FLAP's own code masks q,
+k and v with one head mask, which is wrong under GQA (FLAP issue #14).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from pruning.allocation import Uniform
+from pruning.allocation.flap import FlapAllocation
+from pruning.calibration import collect
+from pruning.errors import PruningError
+from pruning.importance.activation import FluctuationScorer
+from pruning.methods.base import ScoreAndAllocate
+from pruning.models.adapter import adapter_for
+from pruning.surgery.apply import apply_plan, mask_plan
+from pruning.surgery.compensation import SURGERY, bias_compensation
+from pruning.surgery.plan import PrunePlan
+
+
+@dataclass
+class Flap(ScoreAndAllocate):
+    bias: bool = True                # FLAP's compensation
+    surgery: str = "remove"          # remove | mask (FLAP's --unstr: zeroed, shapes kept)
+    batch_size: int = 8
+    progress: bool = True
+    _means: dict | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.surgery not in SURGERY:
+            raise PruningError(f"flap surgery must be one of {SURGERY}, got {self.surgery!r}")
+
+    def sets(self, model: nn.Module):
+        # the allocator counts the biases compensation will add: d params per o_proj/down_proj that loses units
+        self.allocation.bias_params = model.config.hidden_size if self.bias else 0
+        return super().sets(model)
+
+    def prune(self, model: nn.Module, ratio: float, calib=None) -> PrunePlan:
+        sets = self.sets(model)
+        budget = self.allocation.budget(sets, ratio, adapter_for(model).num_params())
+        if budget.removed_params == 0:
+            plan = PrunePlan()
+        else:
+            if calib is None:
+                raise PruningError("flap needs calibration batches")
+            want = tuple(dict.fromkeys(self.scorer.requires + (("mean",) if self.bias else ())))
+            stats = collect(model, calib, stats=want, sites=("o_proj", "down_proj"),
+                            layers=sorted({s.layer for s in sets}), mode="dense", batch_size=self.batch_size,
+                            progress=self.progress)
+            self.scorer.bind(stats)
+            scores = [self.allocation.unit_scores(s, self.scorer.channel_scores(s)) for s in sets]
+            plan = self.allocation.allocate(sets, scores, budget)
+            self.scorer.bind(None)
+            if self.bias:   # keep only the means (what apply needs), keyed by (layer, site)
+                self._means = {(i, site): st.mean for i, ls in stats.layers.items() for site, st in ls.sites.items()}
+        plan.meta.update(method=self.name, structures=list(self.structures), target_ratio=ratio,
+                         planned_ratio=plan.meta.get("allocation", {}).get("achieved", budget.achieved))
+        return plan
+
+    def apply(self, model: nn.Module, plan: PrunePlan, calib=None) -> nn.Module:
+        if not self.bias:
+            return (apply_plan if self.surgery == "remove" else mask_plan)(model, plan)
+        if plan.is_empty():
+            return model
+        means, self._means = self._means, None
+        if means is None:     # plan from elsewhere (e.g. a saved plan): the means come from the unpruned model
+            if calib is None:
+                raise PruningError("flap.apply needs the calibration means: call prune on this model first, or pass "
+                                   "the calibration batches")
+            layers = sorted({layer for per in plan.remove.values() for layer, units in per.items() if units})
+            stats = collect(model, calib, stats=("mean",), sites=("o_proj", "down_proj"), layers=layers,
+                            batch_size=self.batch_size, progress=self.progress)
+            means = {(i, site): st.mean for i, ls in stats.layers.items() for site, st in ls.sites.items()}
+        return bias_compensation(model, plan, means, surgery=self.surgery)
+
+
+def flap(structure: str = "AL-AM", metric: str = "WIFV", remove_heads: int | None = None, bias: bool = True,
+         structures=("kv_group", "mlp"), surgery: str = "remove", batch_size: int = 8, progress: bool = True,
+         allocation: Uniform | None = None) -> Flap:
+    """``allocation`` (the cell's allocation config) supplies the candidate layer range, and UL-UM's uniform
+    spreading; FLAP's own mode is ``structure``."""
+    alloc = FlapAllocation(structure=structure, remove_heads=remove_heads, uniform=allocation or Uniform())
+    return Flap(name="flap", scorer=FluctuationScorer(metric), structures=list(structures), allocation=alloc,
+                bias=bias, surgery=surgery, batch_size=batch_size, progress=progress)

@@ -1,0 +1,285 @@
+"""FLAP on the real stories260K weights: the fluctuation metric against numpy, AL standardisation, the allocation
+modes and their counts, bias compensation (exact on constant-per-channel inputs), masking == surgery, and
+save -> reload with the added biases."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import STORIES, logits
+from pruning import data
+from pruning.allocation.flap import FlapAllocation, standardize
+from pruning.calibration import collect
+from pruning.errors import InfeasibleRatioError, PruningError
+from pruning.importance.activation import FluctuationScorer
+from pruning.methods.baselines import random
+from pruning.methods.flap import flap
+from pruning.models import load_model
+from pruning.structures import structure_sets
+from pruning.surgery.apply import apply_plan
+from pruning.surgery.compensation import bias_compensation, bias_deltas
+from pruning.surgery.plan import PrunePlan
+from pruning.surgery.save import save_pruned
+
+D, HD, G = 64, 8, 2   # stories260K: hidden size, head_dim, query heads per KV group
+
+
+@pytest.fixture(scope="module")
+def calib():
+    _, tok, _ = load_model(STORIES)
+    return data.calibration_batches(tok, "c4", 8, 32, 0, progress=False)
+
+
+def proj_inputs(model, ids) -> dict[tuple[int, str], np.ndarray]:
+    """o_proj / down_proj inputs over the set, from plain torch hooks (independent of pruning.calibration)."""
+    got, handles = {}, []
+    for i, layer in enumerate(model.model.layers):
+        for name, mod in (("o_proj", layer.self_attn.o_proj), ("down_proj", layer.mlp.down_proj)):
+            handles.append(mod.register_forward_pre_hook(
+                lambda m, a, key=(i, name): got.setdefault(key, []).append(a[0].detach())))
+    with torch.no_grad():
+        model(ids)
+    for h in handles:
+        h.remove()
+    return {k: torch.cat(v).reshape(-1, v[0].shape[-1]).double().numpy() for k, v in got.items()}
+
+
+@pytest.mark.parametrize("metric", ["WIFV", "IFV", "WIFN"])
+def test_fluctuation_equals_numpy(stories, calib, metric):
+    model, _, adapter = stories
+    x = proj_inputs(model, calib)
+    scorer = FluctuationScorer(metric).bind(collect(model, calib, stats=FluctuationScorer(metric).requires,
+                                                    progress=False))
+    for layer in (0, 3):
+        for kind in ("kv_group", "q_head", "mlp"):
+            (sset,) = structure_sets(adapter, kind, [layer])
+            site = "down_proj" if kind == "mlp" else "o_proj"
+            xs = x[(layer, site)]
+            w = getattr(model.model.layers[layer], "mlp" if kind == "mlp" else "self_attn")
+            w = getattr(w, site).weight.detach().double().numpy()
+            var = xs.var(0, ddof=1)
+            ch = {"IFV": var, "WIFV": var * (w ** 2).sum(0),
+                  "WIFN": np.abs(w).mean(0) * np.sqrt((xs ** 2).mean(0))}[metric]
+            if kind != "mlp":
+                ch = ch ** 2                      # FLAP's code squares the attention metric
+            width = {"kv_group": G * HD, "q_head": HD, "mlp": 1}[kind]
+            expected = ch.reshape(-1, width).sum(1)   # a unit's contiguous o_proj/down_proj input channels
+            np.testing.assert_allclose(scorer.channel_scores(sset).numpy(), ch, rtol=1e-9, atol=1e-300)
+            np.testing.assert_allclose(scorer(sset).numpy(), expected, rtol=1e-9, atol=1e-300)
+
+
+def test_al_standardisation_and_unit_means(stories, calib):
+    model, _, adapter = stories
+    scorer = FluctuationScorer().bind(collect(model, calib, progress=False))
+    alloc = FlapAllocation("AL-AM")
+    for kind in ("kv_group", "mlp"):
+        for sset in structure_sets(adapter, kind):
+            ch = scorer.channel_scores(sset)
+            z = standardize(ch)
+            assert abs(z.mean().item()) < 1e-12 and z.std().item() == pytest.approx(1.0, abs=1e-12)
+            width = G * HD if kind == "kv_group" else 1
+            np.testing.assert_allclose(alloc.unit_scores(sset, ch).numpy(), z.reshape(-1, width).mean(1).numpy(),
+                                       rtol=1e-12)
+    assert torch.equal(standardize(torch.ones(5)), torch.zeros(5))   # no ranking information -> no NaN
+
+
+def counts(adapter):
+    return [(w.num_heads, w.num_kv_heads, w.intermediate_size) for w in adapter.all_widths()]
+
+
+def test_al_am_hits_the_target_and_counts_biases(calib):
+    model, _, adapter = load_model(STORIES)
+    method = flap(progress=False)
+    plan = method.prune(model, 0.2, calib)
+    method.apply(model, plan)
+    achieved = 1 - adapter.num_params() / 292_800
+    assert achieved == pytest.approx(plan.meta["planned_ratio"], abs=1e-12)
+    assert abs(achieved - 0.2) * 292_800 <= 3 * D * HD       # within one KV-group's params of the target
+    widths = adapter.all_widths()
+    biased = sum(w.o_proj_bias for w in widths) + sum(w.down_proj_bias for w in widths)
+    assert biased == sum(1 for k in ("kv_group", "mlp") for layer in plan.remove.get(k, {}) if plan.remove[k][layer])
+    assert len(set(counts(adapter))) > 1                     # adaptive: layers differ
+
+
+def test_adaptive_modes_never_empty_a_layer(calib):
+    model, _, adapter = load_model(STORIES)
+    method = flap(progress=False)
+    plan = method.prune(model, 0.7, calib)
+    method.apply(model, plan)
+    assert all(kv >= 1 and inter >= 1 for _, kv, inter in counts(adapter))
+    with pytest.raises(InfeasibleRatioError, match="at most"):
+        flap(progress=False).budget(load_model(STORIES)[0], 0.76)   # from counts, before any calibration
+
+
+def test_ul_um_is_uniform(calib):
+    model, _, adapter = load_model(STORIES)
+    method = flap("UL-UM", progress=False)
+    plan = method.prune(model, 0.2, calib)
+    method.apply(model, plan)
+    assert len(set(counts(adapter))) == 1 and counts(adapter)[0] != (8, 4, 172)
+    assert 1 - adapter.num_params() / 292_800 == pytest.approx(plan.meta["planned_ratio"], abs=1e-12)
+
+
+@pytest.mark.parametrize("structure", ["UL-MM", "AL-MM"])
+def test_manual_mix_removes_remove_heads(calib, structure):
+    model, _, adapter = load_model(STORIES)
+    method = flap(structure, remove_heads=5, progress=False)
+    plan = method.prune(model, 0.2, calib)
+    assert sum(len(u) for u in plan.remove["kv_group"].values()) == 5
+    method.apply(model, plan)
+    if structure == "UL-MM":
+        assert len(set(counts(adapter))) == 1 and counts(adapter)[0][1] == 3
+    assert abs(1 - adapter.num_params() / 292_800 - 0.2) < 0.01
+
+
+def test_manual_mix_needs_remove_heads():
+    with pytest.raises(PruningError, match="remove_heads"):
+        flap("UL-MM")
+    with pytest.raises(PruningError, match="unknown FLAP structure"):
+        flap("AL-XX")
+
+
+def test_query_head_units_are_taken_evenly(calib):
+    model, _, adapter = load_model(STORIES)
+    method = flap(structures=("q_head", "mlp"), progress=False)
+    plan = method.prune(model, 0.3, calib)
+    assert plan.remove.get("q_head")
+    method.apply(model, plan)          # surgery refuses uneven removal, so this also checks the rounds
+    assert all(h % kv == 0 and kv == 4 for h, kv, _ in counts(adapter))
+
+
+def repeated_token(n=2, length=24, token=300):
+    return torch.full((n, length), token, dtype=torch.long)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-4)])
+def test_constant_inputs_make_compensation_exact(dtype, tol):
+    """One repeated token id makes every o_proj/down_proj input constant over positions: v is position-free (no
+    RoPE on v), so attention averages identical value vectors, and by induction every layer's inputs are constant.
+    The variance is 0, and b = W[:, P]·x̄_P replaces the removed channels exactly, for any pruned set: float64 gives
+    the dense logits to ~1e-13 (the ≤ 1e-5 acceptance); float32 differs by summation order only (~7e-6)."""
+    ids = repeated_token()
+    model, _, _ = load_model(STORIES, dtype)
+    ref = logits(model, ids)
+    stats = collect(model, ids, stats=("mean", "var"), progress=False)
+    for i in stats:
+        for site in ("o_proj", "down_proj"):
+            st = stats[i][site]
+            assert (st.var <= 1e-12 * (1 + st.mean.pow(2))).all()
+    # FLAP's own plan, and a random heterogeneous plan (any pruned set works)
+    method = flap(progress=False)
+    flap_model = copy.deepcopy(model)
+    method.apply(flap_model, method.prune(flap_model, 0.3, ids))
+    plans = [random(seed=5).prune(model, 0.3)]
+    means = {(i, s): stats[i][s].mean for i in stats for s in ("o_proj", "down_proj")}
+    outs = [logits(flap_model, ids)] + [logits(bias_compensation(copy.deepcopy(model), p, means), ids) for p in plans]
+    for out in outs:
+        assert (out - ref).abs().max().item() <= tol
+    uncompensated = apply_plan(copy.deepcopy(model), plans[0])
+    assert (logits(uncompensated, ids) - ref).abs().max().item() > 1e-1     # the check can fail
+
+
+def test_bias_is_the_removed_columns_times_the_mean(stories, calib):
+    model, _, adapter = stories
+    stats = collect(model, calib, progress=False)
+    means = {(i, s): stats[i][s].mean for i in stats for s in ("o_proj", "down_proj")}
+    plan = PrunePlan()
+    plan.add("kv_group", 1, [0, 2])        # query heads 0,1 and 4,5 -> o_proj inputs 0..15 and 32..47
+    plan.add("mlp", 3, [7, 100, 171])
+    layer1, layer3 = model.model.layers[1], model.model.layers[3]
+    o_w = layer1.self_attn.o_proj.weight.detach().double().clone()
+    d_w = layer3.mlp.down_proj.weight.detach().double().clone()
+    P = list(range(0, 16)) + list(range(32, 48))
+    expect_o = o_w[:, P] @ stats[1]["o_proj"].mean[P]
+    expect_d = d_w[:, [7, 100, 171]] @ stats[3]["down_proj"].mean[[7, 100, 171]]
+    deltas = {id(m): d for m, d in bias_deltas(model, plan, means)}
+    assert set(deltas) == {id(layer1.self_attn.o_proj), id(layer3.mlp.down_proj)}
+    torch.testing.assert_close(deltas[id(layer1.self_attn.o_proj)], expect_o, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(deltas[id(layer3.mlp.down_proj)], expect_d, rtol=1e-12, atol=1e-14)
+    bias_compensation(model, plan, means)
+    torch.testing.assert_close(layer1.self_attn.o_proj.bias.double(), expect_o, rtol=1e-6, atol=1e-6)
+    assert layer1.self_attn.o_proj.weight.shape == (64, 32) and layer3.mlp.down_proj.weight.shape == (64, 169)
+    assert layer1.mlp.down_proj.bias is None and model.model.layers[0].self_attn.o_proj.bias is None
+    w = adapter.widths(layer1)
+    assert w.o_proj_bias and not w.down_proj_bias
+
+
+def test_empty_plan_changes_nothing(stories, stories_text_ids, calib):
+    model, _, adapter = stories
+    ref = logits(model, stories_text_ids)
+    method = flap(progress=False)
+    plan = method.prune(model, 0.0, calib)
+    assert plan.is_empty()
+    method.apply(model, plan)
+    assert torch.equal(logits(model, stories_text_ids), ref) and adapter.num_params() == 292_800
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-4)])
+def test_masking_equals_surgery_with_compensation(calib, stories_text_ids, dtype, tol):
+    model, _, _ = load_model(STORIES, dtype)
+    masked_method, removed_method = flap(surgery="mask", progress=False), flap(progress=False)
+    masked = copy.deepcopy(model)
+    plan = masked_method.prune(masked, 0.25, calib)
+    masked_method.apply(masked, plan)
+    assert removed_method.prune(model, 0.25, calib).to_dict() == plan.to_dict()
+    removed_method.apply(model, plan)
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in masked.parameters())
+    assert (logits(model, stories_text_ids) - logits(masked, stories_text_ids)).abs().max().item() <= tol
+
+
+def test_save_reload_keeps_biases(calib, stories_text_ids, tmp_path):
+    model, tok, adapter = load_model(STORIES)
+    method = flap(progress=False)
+    method.apply(model, method.prune(model, 0.2, calib))
+    ref = logits(model, stories_text_ids)
+    out = save_pruned(model, tmp_path / "flap", tok)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "pruned_llama" and any(cfg["layer_o_proj_bias"]) and any(cfg["layer_down_proj_bias"])
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert (logits(reloaded, stories_text_ids) - ref).abs().max().item() <= 1e-6
+    assert sum(p.numel() for p in reloaded.parameters()) == adapter.num_params()
+    for a, b in zip(model.model.layers, reloaded.model.layers):
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            ba, bb = a.get_submodule(name).bias, b.get_submodule(name).bias
+            assert (ba is None) == (bb is None) and (ba is None or torch.equal(ba, bb))
+
+
+def test_apply_of_a_replayed_plan(calib, stories_text_ids):
+    """A plan applied without this instance's prune (e.g. replayed from a record) collects the means itself."""
+    model, _, _ = load_model(STORIES)
+    replay = copy.deepcopy(model)
+    method = flap(progress=False)
+    plan = method.prune(model, 0.2, calib)
+    method.apply(model, plan)
+    with pytest.raises(PruningError, match="call prune"):
+        flap(progress=False).apply(copy.deepcopy(replay), plan)
+    flap(progress=False).apply(replay, PrunePlan.from_dict(json.loads(plan.to_json())), calib)
+    assert torch.equal(logits(replay, stories_text_ids), logits(model, stories_text_ids))
+
+
+@pytest.mark.slow
+def test_cli_allocation_modes_are_selectable(tmp_path):
+    """One Hydra multirun over the three modes (remove_heads is used by UL-MM only)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "run.py", "-m", "method=flap", "method.structure=AL-AM,UL-UM,UL-MM",
+                           "method.remove_heads=5", "pruning.ratio=0.2", "eval=quick", "progress=false",
+                           f"store.dir={tmp_path}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                          cwd=repo, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    recs = [json.loads(p.read_text()) for p in (tmp_path / "records").glob("*.json")]
+    recs = {r["plan"]["meta"]["allocation"]["structure"]: r for r in recs
+            if r["plan"]["meta"].get("method") == "flap"}
+    assert set(recs) == {"AL-AM", "UL-UM", "UL-MM"}
+    for rec in recs.values():
+        assert abs(rec["params"]["achieved_ratio"] - 0.2) < 0.02
+        assert all(np.isfinite(v["ppl"]) for v in rec["metrics"]["ppl"].values())
