@@ -31,6 +31,7 @@ from experiments.record import config_hash, make_record
 from experiments.store import ResultsStore
 from pruning import data
 from pruning.allocation import check_ratio
+from pruning.calibration import cached_statistics
 from pruning.eval import EVAL_VERSION, check_eval, evaluate
 from pruning.models import load_model
 from pruning.models.loading import resolve_checkpoint
@@ -89,12 +90,18 @@ def cell_config(cfg: DictConfig) -> dict:
     return resolved
 
 
+def calib_key(cfg: DictConfig, model_fingerprint: str) -> dict:
+    """Everything the calibration ids depend on: tokenizer (via the checkpoint), data file content, shape, seed."""
+    c = cfg.calibration
+    return {"tokenizer_of": model_fingerprint, "dataset": c.dataset,
+            "source_sha256": file_sha256(data.calibration_source(c.dataset)),
+            "n_samples": c.n_samples, "seq_len": c.seq_len, "seed": c.seed, "sampler": CALIB_SAMPLER_VERSION}
+
+
 def calibration(cfg: DictConfig, tokenizer, model_fingerprint: str, progress: bool) -> tuple[torch.Tensor, bool]:
     """Calibration token batches, cached on disk by tokenizer, data file content, shape and seed."""
     c = cfg.calibration
-    source = data.calibration_source(c.dataset)
-    key = {"tokenizer_of": model_fingerprint, "dataset": c.dataset, "source_sha256": file_sha256(source),
-           "n_samples": c.n_samples, "seq_len": c.seq_len, "seed": c.seed, "sampler": CALIB_SAMPLER_VERSION}
+    key = calib_key(cfg, model_fingerprint)
     return TensorCache("calibration").get_or_compute(
         key, lambda: data.calibration_batches(tokenizer, c.dataset, c.n_samples, c.seq_len, c.seed,
                                               progress=progress))
@@ -156,7 +163,8 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                                     timings={"eval_dense": timer["eval_dense"], "total": timer["eval_dense"]},
                                     extra={"plan": {"remove": {}, "blocks": [], "meta": {"method": "dense"}},
                                            "widths": [w.as_dict() for w in adapter.all_widths()]}))
-    with timer("prune"):
+    with timer("prune"), cached_statistics(TensorCache("statistics"),
+                                           {"model": resolved["model"]["fingerprint"]}) as stats_log:
         plan = method.prune(model, ratio, calib)
     with timer("surgery"):
         method.apply(model, plan, calib)
@@ -170,6 +178,7 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
              "dense_record": None if is_dense else config_hash(dense_resolved)}
     if not is_dense:
         extra["calibration"] = dict(resolved["calibration"], used=method.needs_calibration, cached=calib_cached,
+                                    statistics=stats_log,
                                     source=str(data.calibration_source(cfg.calibration.dataset))
                                     if method.needs_calibration else None)
     if recovering:

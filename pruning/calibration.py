@@ -28,7 +28,10 @@ Modes:
 
 from __future__ import annotations
 
+import contextvars
+import hashlib
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
@@ -504,6 +507,24 @@ def _sequential_steps(model, adapter: ModelAdapter, ids: torch.Tensor, spec: _Sp
 
 # -------------------------------------------------------------------------------------------------------- API
 
+_STATS_CACHE: contextvars.ContextVar = contextvars.ContextVar("pruning_stats_cache", default=None)
+
+
+@contextmanager
+def cached_statistics(cache, key: dict):
+    """Reuse dense statistics across cells of a sweep: inside this block, ``collect(mode="dense")`` looks them up
+    in ``cache`` (an object with ``get_or_compute(key, fn) -> (value, hit)``) under ``key`` plus the request.
+
+    ``key`` must identify the model weights (the cell passes a content fingerprint); the calibration ids are hashed
+    into every lookup, so another calibration set (e.g. NIRVANA's candidate seeds) never hits a wrong entry; only
+    the dense mode is cached, because sequential statistics depend on the pruning decisions made on the way.
+    """
+    token = _STATS_CACHE.set((cache, dict(key), []))
+    try:
+        yield _STATS_CACHE.get()[2]          # list of (request, hit) for the record
+    finally:
+        _STATS_CACHE.reset(token)
+
 
 def collect(model: nn.Module, calib: torch.Tensor, stats=("mean", "var"), sites=("o_proj", "down_proj"),
             layers=None, mode: str = "dense", batch_size: int = 8, progress: bool = True,
@@ -520,6 +541,16 @@ def collect(model: nn.Module, calib: torch.Tensor, stats=("mean", "var"), sites=
         raise PruningError(f"calibration mode must be one of {MODES}, got {mode!r}")
     adapter = adapter_for(model)
     spec, ids = _parse(adapter, calib, stats, sites, layers, batch_size, block_last_output, progress)
+    active = _STATS_CACHE.get()
+    if mode == "dense" and active is not None:
+        cache, key, log = active
+        request = {"stats": stats if not isinstance(stats, Mapping) else dict(stats), "sites": list(sites),
+                   "layers": None if layers is None else list(layers), "block_last_output": block_last_output,
+                   "ids_sha256": hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()}
+        value, hit = cache.get_or_compute({**key, "request": request}, lambda: CalibrationStats(
+            _collect_dense(model, adapter, ids, spec), mode, int(ids.shape[0]), int(ids.shape[1])))
+        log.append({"request": request, "cached": hit})
+        return value
     if mode == "dense":
         per_layer = _collect_dense(model, adapter, ids, spec)
     else:

@@ -146,3 +146,40 @@ def test_calibration_batches_cached_by_content(tmp_path, monkeypatch):
     c, hit_c = cell.calibration(cfg, tok, "other-tokenizer", progress=False)
     assert (hit_a, hit_b, hit_c) == (False, True, False)
     assert torch.equal(a, b) and torch.equal(a, c) and a.shape == (10, 64)
+
+
+def test_second_cell_reuses_calibration_statistics(tmp_path, monkeypatch):
+    """FLAP at two ratios: the second cell loads the dense statistics instead of running the calibration forward."""
+    from hydra import compose, initialize_config_dir
+
+    from experiments import cell
+
+    monkeypatch.setenv("PRUNING_CACHE", str(tmp_path / "cache"))
+    calls = {"n": 0}
+
+    def count(module, args, output):
+        if type(module).__name__ == "LlamaDecoderLayer":
+            calls["n"] += 1
+
+    def run(ratio, method="flap", *extra):
+        with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+            cfg = compose("config", overrides=[f"store.dir={tmp_path / 'store'}", "progress=false", "eval=quick",
+                                               f"method={method}", f"pruning.ratio={ratio}",
+                                               "calibration.n_samples=16", *extra])
+        calls["n"] = 0
+        rec = cell.run_cell(cfg)
+        return rec, calls["n"]
+
+    handle = torch.nn.modules.module.register_module_forward_hook(count)
+    try:
+        first, n_first = run(0.1)
+        second, n_second = run(0.2)
+        _, n_eval = run(0.0, "dense", "force=true")     # one evaluation pass of the model, nothing else
+    finally:
+        handle.remove()
+    assert [s["cached"] for s in first["calibration"]["statistics"]] == [False]
+    assert [s["cached"] for s in second["calibration"]["statistics"]] == [True]
+    assert second["calibration"]["cached"] is True          # the calibration ids too
+    calib_pass = 5 * 2      # 5 decoder layers x 2 batches of 8 calibration samples
+    assert n_second == n_eval                               # pruned evaluation only
+    assert n_first == 2 * n_eval + calib_pass               # dense eval + calibration statistics + pruned eval
