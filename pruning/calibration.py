@@ -8,6 +8,7 @@ Sites (where a statistic is taken, per decoder layer; always through the adapter
   ``q_proj``    input of q/k/v (the attention input after its norm)      ``o_proj``    input of o_proj
   ``gate_proj`` input of gate/up (the MLP input after its norm)          ``down_proj`` input of down_proj
   ``block_in``  the residual stream entering the layer                   ``block_out`` the residual stream leaving it
+  ``post_attention_norm``  the residual stream between attention and MLP (the input of that norm; SliceGPT's Q_mid)
 Channel statistics (float64 accumulators, merged per chunk with Chan's parallel update so the variance of a
 constant channel is 0 up to rounding, not a difference of two large sums):
   ``mean``, ``var`` (unbiased, over all calibration tokens), ``sqnorm`` (Σ_t x_tj², i.e. ‖X_j‖²; ``mean_sq`` =
@@ -42,7 +43,7 @@ from pruning.errors import PruningError
 from pruning.models.adapter import ModelAdapter, adapter_for
 
 LINEAR_SITES = ("q_proj", "o_proj", "gate_proj", "down_proj")
-SITES = LINEAR_SITES + ("block_in", "block_out")
+SITES = LINEAR_SITES + ("block_in", "block_out", "post_attention_norm")
 CHANNEL_STATS = ("mean", "var", "sqnorm", "absmean", "xtx")
 BLOCK_STATS = ("block_io",)
 MODES = ("dense", "sequential")

@@ -110,6 +110,11 @@ class ModelAdapter(ABC):
         w = self.widths(layer)
         return w.num_heads // w.num_kv_heads
 
+    @property
+    def is_tied(self) -> bool:
+        """Whether lm_head shares the input embedding matrix (read from the tensors, not the config flag)."""
+        return self.lm_head.weight is self.embed_tokens.weight
+
     def num_params(self) -> int:
         """Unique parameters (tied embeddings counted once)."""
         return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())

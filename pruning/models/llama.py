@@ -9,7 +9,7 @@ from pruning.models.adapter import ADAPTERS, ModelAdapter
 
 @ADAPTERS.register("llama")
 class LlamaAdapter(ModelAdapter):
-    model_types = ("llama", "pruned_llama")
+    model_types = ("llama", "pruned_llama", "sliced_llama")
 
     @property
     def layers(self) -> nn.ModuleList:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-PLAN_KINDS = ("kv_group", "q_head", "mlp")
+PLAN_KINDS = ("kv_group", "q_head", "mlp", "hidden")
+MODEL_WIDE = -1   # the "layer" key of model-wide kinds (hidden channels)
 
 
 @dataclass
@@ -22,6 +23,8 @@ class PrunePlan:
         if kind == "block":
             self.blocks = sorted(set(self.blocks) | {int(u) for u in units})
             return
+        if kind == "hidden":
+            layer = MODEL_WIDE
         if kind not in PLAN_KINDS:
             raise ValueError(f"unknown plan kind {kind!r}")
         cur = set(self.remove.setdefault(kind, {}).get(layer, []))

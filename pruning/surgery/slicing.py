@@ -1,0 +1,236 @@
+"""SliceGPT surgery (METHODS.md §3.6): fold RMSNorm scales into the linears, rotate weights into a new basis and
+slice the residual width, the parameter count in closed form, and the save format of the rotated model.
+
+The model is converted in place into ``SlicedLlamaForCausalLM`` (its own architecture: per-layer residual widths,
+shortcut matrices, weight-free norms), so the cell's model object and adapter stay valid across the surgery.
+Rotations are computed in float64 and cast back to the model's dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pruning.errors import PruningError
+from pruning.models.adapter import adapter_for
+from pruning.surgery.modeling_sliced_llama import RMSN, SlicedLlamaConfig, SlicedLlamaDecoderLayer, \
+    SlicedLlamaForCausalLM
+
+_DROP = ("auto_map", "architectures", "model_type", "transformers_version", "_name_or_path", "_model_name_or_path",
+         "quantization_config", "layer_o_proj_bias", "layer_down_proj_bias")
+
+
+# --------------------------------------------------------------------------------------------------- fusion
+
+
+def _norm_scale(norm: nn.Module) -> torch.Tensor | None:
+    return getattr(norm, "weight", None)
+
+
+def _scale_inputs(linear: nn.Linear, scale: torch.Tensor) -> None:
+    with torch.no_grad():
+        linear.weight.mul_(scale.to(linear.weight.dtype).unsqueeze(0))
+
+
+def check_sliceable(model: nn.Module) -> None:
+    """Reject what this surgery cannot express before any calibration pass."""
+    adapter = adapter_for(model)
+    for i, layer in enumerate(adapter.layers):
+        if any(getattr(adapter, n)(layer).bias is not None for n in ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                     "gate_proj", "up_proj", "down_proj")):
+            raise PruningError(f"SliceGPT: layer {i} has linear biases (e.g. FLAP's compensation), which this "
+                               "surgery does not rotate; slice the unpruned or bias-free model")
+        if len({adapter.q_proj(layer).in_features, adapter.gate_proj(layer).in_features,
+                adapter.o_proj(layer).out_features}) != 1:
+            raise PruningError(f"SliceGPT: layer {i} does not have a uniform residual width")
+
+
+def fuse_norms(model: nn.Module) -> nn.Module:
+    """Fold every RMSNorm scale into the linears it feeds and convert the model into ``SlicedLlamaForCausalLM``
+    with weight-free norms and no shortcuts yet: the function is unchanged and becomes invariant to any
+    orthogonal Q on the residual stream. Tied embeddings are untied (the head absorbs the final norm's scale).
+
+    No embedding-mean subtraction: the official ``fuse_modules`` centres embeddings even for RMSNorm models, which
+    changes the function (METHODS.md §3.6, "A known defect").
+    """
+    if getattr(model.config, "model_type", None) == "sliced_llama":
+        return model
+    check_sliceable(model)
+    adapter = adapter_for(model)
+    mean_dim = getattr(adapter.final_norm, "mean_dim", adapter.embed_tokens.weight.shape[1])
+    if adapter.is_tied:
+        adapter.lm_head.weight = nn.Parameter(adapter.lm_head.weight.detach().clone())
+    for layer in adapter.layers:
+        for norm, lins in ((adapter.input_norm(layer), ("q_proj", "k_proj", "v_proj")),
+                           (adapter.post_attention_norm(layer), ("gate_proj", "up_proj"))):
+            scale = _norm_scale(norm)
+            for name in lins:
+                if scale is not None:
+                    _scale_inputs(getattr(adapter, name)(layer), scale)
+        eps = adapter.input_norm(layer).variance_epsilon
+        layer.input_layernorm = RMSN(mean_dim, eps)
+        layer.post_attention_layernorm = RMSN(mean_dim, adapter.post_attention_norm(layer).variance_epsilon)
+        layer.__class__ = SlicedLlamaDecoderLayer     # same modules; its forward adds the (absent) shortcuts
+        layer.register_parameter("attn_shortcut_Q", None)
+        layer.register_parameter("mlp_shortcut_Q", None)
+    scale = _norm_scale(adapter.final_norm)
+    if scale is not None:
+        _scale_inputs(adapter.lm_head, scale)
+    model.model.norm = RMSN(mean_dim, adapter.final_norm.variance_epsilon)
+    _become_sliced(model, shortcuts=False, mean_dim=mean_dim)
+    return model
+
+
+def _become_sliced(model: nn.Module, shortcuts: bool, mean_dim: int | None = None) -> None:
+    """Swap in the SlicedLlama class and a config read from the current shapes (never from stale fields)."""
+    old = model.config
+    config = sliced_config(model, shortcuts, mean_dim or old.rms_norm_mean_dim)
+    config._attn_implementation = old._attn_implementation
+    model.__class__ = SlicedLlamaForCausalLM
+    model.config = model.model.config = config
+
+
+def sliced_config(model: nn.Module, shortcuts: bool, mean_dim: int) -> SlicedLlamaConfig:
+    adapter = adapter_for(model)
+    base = {k: v for k, v in model.config.to_dict().items() if k not in _DROP
+            and not k.startswith("layer_") and k not in ("rms_norm_mean_dim", "embedding_dim", "shortcuts")}
+    widths = adapter.all_widths()
+    layers = list(adapter.layers)
+    base.update(hidden_size=mean_dim, num_hidden_layers=len(layers), tie_word_embeddings=False,
+                num_attention_heads=widths[0].num_heads, num_key_value_heads=widths[0].num_kv_heads,
+                intermediate_size=widths[0].intermediate_size, head_dim=adapter.head_dim)
+    if base.get("layer_types") is not None:
+        base["layer_types"] = list(base["layer_types"])[: len(layers)]
+    return SlicedLlamaConfig(
+        **base, rms_norm_mean_dim=mean_dim, embedding_dim=adapter.embed_tokens.weight.shape[1], shortcuts=shortcuts,
+        layer_attn_input_dim=[adapter.q_proj(l).in_features for l in layers],
+        layer_mlp_input_dim=[adapter.gate_proj(l).in_features for l in layers],
+        layer_mlp_output_dim=[adapter.down_proj(l).out_features for l in layers],
+        layer_num_attention_heads=[w.num_heads for w in widths],
+        layer_num_key_value_heads=[w.num_kv_heads for w in widths],
+        layer_intermediate_size=[w.intermediate_size for w in widths])
+
+
+def refresh_config(model: nn.Module) -> None:
+    """After rotation/slicing: the config follows the new shapes (shortcuts present)."""
+    _become_sliced(model, shortcuts=True)
+
+
+# ------------------------------------------------------------------------------------------ rotation/slicing
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> nn.Linear:
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=like.weight.device,
+                    dtype=like.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    new.weight.requires_grad_(like.weight.requires_grad)
+    return new
+
+
+def rotate_inputs(linear: nn.Linear, Q: torch.Tensor, width: int) -> nn.Linear:
+    """Input columns into the basis Q (x_rot = x·Q), keeping the leading ``width`` directions: W·Q[:, :width]."""
+    W = linear.weight.detach().double() @ Q[:, :width].to(linear.weight.device, torch.float64)
+    return _linear(W.to(linear.weight.dtype), linear.bias, linear)
+
+
+def rotate_outputs(linear: nn.Linear, Q: torch.Tensor, width: int) -> nn.Linear:
+    """Output rows into the basis Q, keeping ``width`` rows: Q[:, :width]ᵀ·W (bias likewise)."""
+    Qs = Q[:, :width].to(linear.weight.device, torch.float64)
+    W = Qs.T @ linear.weight.detach().double()
+    b = None if linear.bias is None else (linear.bias.detach().double() @ Qs).to(linear.bias.dtype)
+    return _linear(W.to(linear.weight.dtype), b, linear)
+
+
+def rotate_embeddings(model: nn.Module, Q: torch.Tensor, width: int) -> None:
+    emb = adapter_for(model).embed_tokens
+    E = emb.weight.detach().double() @ Q[:, :width].to(emb.weight.device, torch.float64)
+    new = nn.Embedding(E.shape[0], width, emb.padding_idx, device=emb.weight.device, dtype=emb.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(E)
+    model.model.embed_tokens = new
+
+
+def rotate_attention_inputs(layer: nn.Module, Q: torch.Tensor, width: int) -> None:
+    attn = layer.self_attn
+    for name in ("q_proj", "k_proj", "v_proj"):
+        setattr(attn, name, rotate_inputs(getattr(attn, name), Q, width))
+
+
+def rotate_attention_output(layer: nn.Module, Q: torch.Tensor, width: int) -> None:
+    layer.self_attn.o_proj = rotate_outputs(layer.self_attn.o_proj, Q, width)
+
+
+def rotate_mlp_inputs(layer: nn.Module, Q: torch.Tensor, width: int) -> None:
+    for name in ("gate_proj", "up_proj"):
+        setattr(layer.mlp, name, rotate_inputs(getattr(layer.mlp, name), Q, width))
+
+
+def rotate_mlp_output(layer: nn.Module, Q: torch.Tensor, width: int) -> None:
+    layer.mlp.down_proj = rotate_outputs(layer.mlp.down_proj, Q, width)
+
+
+def rotate_head(model: nn.Module, Q: torch.Tensor, width: int) -> None:
+    model.lm_head = rotate_inputs(model.lm_head, Q, width)
+
+
+def set_shortcut(layer: nn.Module, name: str, matrix: torch.Tensor) -> None:
+    """``attn_shortcut_Q`` / ``mlp_shortcut_Q`` (a parameter, so it is counted and saved like any weight)."""
+    dtype = layer.self_attn.o_proj.weight.dtype
+    device = layer.self_attn.o_proj.weight.device
+    setattr(layer, name, nn.Parameter(matrix.detach().to(device, dtype), requires_grad=False))
+
+
+# ------------------------------------------------------------------------------------------------- counting
+
+
+def sliced_num_params(vocab: int, head_dim: int, heads: list[int], kv_heads: list[int], inter: list[int],
+                      attn_in: list[int], mlp_in: list[int], mlp_out: list[int]) -> int:
+    """Closed form of the rotated model's parameters (METHODS.md §1.1 plus §3.6 shortcuts; norms hold none):
+    V·a_0 + Σ_l [a_l·d_h·(H_l+2H_kv,l) + H_l·d_h·m_l + a_l·m_l + 2·I_l·m_l + I_l·o_l + m_l·o_l] + V·o_L."""
+    total = vocab * attn_in[0] + vocab * mlp_out[-1]
+    for h, kv, i, a, m, o in zip(heads, kv_heads, inter, attn_in, mlp_in, mlp_out):
+        total += a * head_dim * (h + 2 * kv) + h * head_dim * m + a * m + 2 * i * m + i * o + m * o
+    return total
+
+
+# ------------------------------------------------------------------------------------------------------ save
+
+
+def save_sliced(model: nn.Module, out_dir: str | Path, tokenizer=None, meta: dict | None = None) -> Path:
+    """Write atomically a directory that reloads with ``AutoModelForCausalLM.from_pretrained`` after
+    ``import pruning`` (registered classes) and with ``trust_remote_code=True`` without it (modeling file +
+    ``auto_map``). A crash leaves either the previous directory or the complete new one."""
+    if getattr(model.config, "model_type", None) != "sliced_llama":
+        raise PruningError("save_sliced expects a SliceGPT-rotated model; use pruning.surgery.save.save_pruned")
+    out_dir = Path(out_dir)
+    config = sliced_config(model, model.config.shortcuts, model.config.rms_norm_mean_dim)
+    with torch.device("meta"):
+        clean = SlicedLlamaForCausalLM(config)
+    clean.load_state_dict(model.state_dict(), strict=True, assign=True)
+    if getattr(model, "generation_config", None) is not None:
+        clean.generation_config = model.generation_config
+    SlicedLlamaConfig.register_for_auto_class()
+    SlicedLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        clean.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if meta is not None:
+            (tmp / "pruning_meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
