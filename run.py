@@ -23,9 +23,18 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     with __import__("pandas").option_context("display.width", 250, "display.max_columns", 50):
         print(one_line_table(record).to_string(index=False))
+        metrics = record["metrics"]
+        if "zeroshot" in metrics:
+            from pruning.eval.zeroshot import zeroshot_table
+
+            print(zeroshot_table(metrics["zeroshot"], metrics.get("dense_zeroshot")).to_string(index=False))
+        if "efficiency" in metrics:
+            from pruning.eval.efficiency import efficiency_table
+
+            print(efficiency_table(metrics["efficiency"], metrics.get("dense_efficiency")).to_string(index=False))
     print(f"record: {record['_store_path']}" + ("  (already complete: skipped; force=true recomputes)"
                                                if record.get("_skipped") else ""))
-    first = next(iter(record["metrics"]["ppl"].values()), None)
+    first = next(iter(record["metrics"].get("ppl", {}).values()), None)
     return None if first is None else float(first["ppl"])
 
 

@@ -30,9 +30,11 @@ def check_output(proc, tmp_path, protocol_max_windows):
                 f"ppl128-lp:ptb:validation{subset}"):
         assert col in header
     assert "stories260k" in row and "magnitude_l2" in row and "292,800 ->" in row
-    records = list((tmp_path / "store" / "records").glob("*.json"))
-    assert len(records) == 1
-    rec = json.loads(records[0].read_text())
+    records = [json.loads(p.read_text()) for p in (tmp_path / "store" / "records").glob("*.json")]
+    assert len(records) == 2                       # the pruned cell and the dense baseline it wrote for reuse
+    rec = next(r for r in records if r["plan"]["meta"].get("method") != "dense")
+    dense_rec = next(r for r in records if r["plan"]["meta"].get("method") == "dense")
+    assert rec["dense_record"] == dense_rec["config_hash"]
     assert rec["params"]["before"] == 292_800 > rec["params"]["after"]
     assert abs(rec["params"]["achieved_ratio"] - 0.2) < 0.01
     for key, res in rec["metrics"]["ppl"].items():

@@ -1,7 +1,7 @@
 """Evaluation: perplexity under named protocols (METHODS.md §1.4); every result carries its protocol.
 
-``evaluate`` is the one entry point the cell calls; each block of the eval config (``ppl``, later ``zeroshot``,
-``efficiency``) adds one block to the result.
+``evaluate`` is the one entry point the cell calls; each block of the eval config (``ppl``, ``zeroshot`` via
+lm-eval, ``efficiency``) adds one block to the result.
 """
 
 from __future__ import annotations
@@ -22,6 +22,14 @@ def check_eval(eval_cfg) -> None:
     """Validate protocols and find their data files before any model is loaded."""
     for p in protocols_from_cfg(eval_cfg.get("ppl", [])):
         data.ppl_source(p.dataset, p.split)
+    if eval_cfg.get("zeroshot") is not None:
+        from pruning.eval.zeroshot import check_zeroshot
+
+        check_zeroshot(eval_cfg.get("zeroshot"))
+    if eval_cfg.get("efficiency") is not None:
+        from pruning.eval.efficiency import EfficiencyConfig
+
+        EfficiencyConfig.from_cfg(eval_cfg.get("efficiency"))
 
 
 def evaluate(model, tokenizer, eval_cfg, device=None, progress: bool = True) -> dict:
@@ -30,4 +38,13 @@ def evaluate(model, tokenizer, eval_cfg, device=None, progress: bool = True) -> 
     if protocols:
         out["ppl"] = {ppl_label(p): perplexity(model, tokenizer, p, device=device, progress=progress)
                       for p in protocols}
+    if eval_cfg.get("zeroshot") is not None:   # lm-eval on the in-memory model (pruning.eval.zeroshot)
+        from pruning.eval.zeroshot import zeroshot
+
+        out["zeroshot"] = zeroshot(model, tokenizer, eval_cfg.get("zeroshot"), device=device, progress=progress)
+    if eval_cfg.get("efficiency") is not None:
+        from pruning.eval.efficiency import efficiency
+
+        out["efficiency"] = efficiency(model, tokenizer, eval_cfg.get("efficiency"), device=device,
+                                       progress=progress)
     return out
