@@ -519,6 +519,8 @@ def cached_statistics(cache, key: dict):
     ``key`` must identify the model weights (the cell passes a content fingerprint); the calibration ids are hashed
     into every lookup, so another calibration set (e.g. NIRVANA's candidate seeds) never hits a wrong entry; only
     the dense mode is cached, because sequential statistics depend on the pruning decisions made on the way.
+    Only what ``collect`` returns is cached: a caller must not rely on side effects of the forward pass (its own
+    hooks would see nothing on a cache hit); such callers use ``sequential``, which is never cached.
     """
     token = _STATS_CACHE.set((cache, dict(key), []))
     try:

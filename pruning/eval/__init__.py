@@ -7,7 +7,8 @@ lm-eval, ``efficiency``) adds one block to the result.
 from __future__ import annotations
 
 from pruning import data
-from pruning.eval.perplexity import PPLProtocol, perplexity, protocols_from_cfg
+from pruning.eval import perplexity as _ppl  # the module: `pruning.eval.perplexity` must stay importable
+from pruning.eval.perplexity import PPLProtocol, protocols_from_cfg
 
 EVAL_VERSION = 1   # bump when a change to the evaluation code changes numbers: cached dense records are then stale
 
@@ -36,7 +37,7 @@ def evaluate(model, tokenizer, eval_cfg, device=None, progress: bool = True) -> 
     out = {}
     protocols = protocols_from_cfg(eval_cfg.get("ppl", []))
     if protocols:
-        out["ppl"] = {ppl_label(p): perplexity(model, tokenizer, p, device=device, progress=progress)
+        out["ppl"] = {ppl_label(p): _ppl.perplexity(model, tokenizer, p, device=device, progress=progress)
                       for p in protocols}
     if eval_cfg.get("zeroshot") is not None:   # lm-eval on the in-memory model (pruning.eval.zeroshot)
         from pruning.eval.zeroshot import zeroshot

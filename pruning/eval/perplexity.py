@@ -177,23 +177,41 @@ def _input_device(model) -> torch.device:
 
 def perplexity(model, tokenizer, protocol: PPLProtocol, device=None, progress: bool = True) -> dict[str, Any]:
     """PPL of ``model`` under ``protocol``; the returned row holds the metrics and every protocol field."""
-    from tqdm.auto import tqdm
-
     ids = _tokenised(tokenizer, protocol)
     win = token_windows(ids, protocol, getattr(tokenizer, "bos_token_id", None))
     n = win.input_ids.shape[0]
     if n == 0:
         raise PruningError(f"PPL protocol {protocol.name!r}: {protocol.dataset}/{protocol.split} has {ids.numel()} "
                            f"tokens, fewer than one window of {protocol.seq_len}")
+    nll_sum, n_scored = window_nll(model, win, protocol.batch_size, device, progress,
+                                   desc=f"ppl {protocol.name} {protocol.dataset}/{protocol.split}")
+    nll_mean = nll_sum / n_scored
+    ppl = math.inf if nll_mean > 700 else math.exp(nll_mean)  # nan stays nan; no OverflowError
+    return {
+        "ppl": ppl,
+        "nll_mean": nll_mean,
+        "n_windows": n,
+        "n_tokens_scored": n_scored,
+        "n_tokens_text": int(ids.numel()),
+        **protocol.to_record(),
+    }
+
+
+def window_nll(model, win: Windows, batch_size: int, device=None, progress: bool = False,
+               desc: str = "ppl") -> tuple[float, int]:
+    """(summed NLL in float64, scored tokens) of ``win``: the one scoring loop, shared by every protocol and by
+    search fitness on held-out calibration windows (Search-LLM)."""
+    from tqdm.auto import tqdm
+
+    n = win.input_ids.shape[0]
     device = torch.device(device) if device is not None else _input_device(model)
-    bs = protocol.batch_size
+    bs = batch_size
     nll_sum, n_scored = 0.0, 0
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for start in tqdm(range(0, n, bs), desc=f"ppl {protocol.name} {protocol.dataset}/{protocol.split}",
-                              unit="batch", disable=not progress):
+            for start in tqdm(range(0, n, bs), desc=desc, unit="batch", disable=not progress):
                 batch = win.input_ids[start : start + bs].to(device)
                 logits = model(input_ids=batch, use_cache=False).logits
                 batch = batch.to(logits.device)  # with device_map the logits live on the last GPU
@@ -206,13 +224,4 @@ def perplexity(model, tokenizer, protocol: PPLProtocol, device=None, progress: b
                 n_scored += nll.numel()
     finally:
         model.train(was_training)
-    nll_mean = nll_sum / n_scored
-    ppl = math.inf if nll_mean > 700 else math.exp(nll_mean)  # nan stays nan; no OverflowError
-    return {
-        "ppl": ppl,
-        "nll_mean": nll_mean,
-        "n_windows": n,
-        "n_tokens_scored": n_scored,
-        "n_tokens_text": int(ids.numel()),
-        **protocol.to_record(),
-    }
+    return nll_sum, n_scored

@@ -86,3 +86,5 @@ class MagnitudeScorer(Scorer):
 
 # Scorer modules register themselves on import (kept last: they import the names above).
 from pruning.importance import activation  # noqa: E402,F401
+from pruning.importance import obs_saliency  # noqa: E402,F401
+from pruning.importance import bip, newton  # noqa: E402,F401

@@ -1,0 +1,101 @@
+"""Global ranking across layers (Numerical Pruning §3.3, METHODS.md §3.7 "Allocation"; LLM-BIP ``global``).
+
+All units of all candidate layers are pooled and removed lowest score first. The scores must already be comparable
+across layers and kinds (Numerical: α-scaled z*; LLM-BIP: importance relative to the block's output norm).
+
+``threshold``:
+- ``param_budget`` (default) [ours]: remove in ascending order while that brings the removed parameters closer to
+  ``pruning.ratio`` × all params, so the achieved fraction lands within one unit of the target.
+- ``unit_count`` (the paper's Eq. 8): ``pruning.ratio`` is read as the paper's ρ, a fraction of *units* (heads +
+  channels over all candidate layers); η = the ρ·N-th lowest score. The parameter fraction achieved is reported.
+
+A layer is never emptied: every set keeps its best unit (query heads: one head per KV group, removed in rounds of
+one head from every group), as in FLAP's adaptive modes (the pooled entries are built by the same helper).
+Feasibility is decided from counts, before scoring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pruning.allocation import Budget, Uniform, check_ratio
+from pruning.allocation.flap import _entries
+from pruning.errors import InfeasibleRatioError, PruningError
+from pruning.structures import StructureSet
+from pruning.surgery.plan import PrunePlan
+
+THRESHOLDS = ("param_budget", "unit_count")
+
+
+def _groups(s: StructureSet) -> int:
+    return int(s.partition.max()) + 1 if s.partition is not None else 1
+
+
+@dataclass
+class GlobalRank:
+    threshold: str = "param_budget"
+    uniform: Uniform = field(default_factory=Uniform)     # candidate layer range only
+
+    def __post_init__(self):
+        if self.threshold not in THRESHOLDS:
+            raise PruningError(f"unknown threshold {self.threshold!r}; choices: {', '.join(THRESHOLDS)}")
+
+    def layers(self, n_layers: int) -> list[int]:
+        return self.uniform.layers(n_layers)
+
+    def budget(self, sets: list[StructureSet], ratio: float, total_params: int) -> Budget:
+        ratio = check_ratio(ratio)
+        if not sets or ratio == 0.0:
+            return Budget(ratio, total_params, 0.0, 0)
+        bad = [s.kind for s in sets if s.kind not in ("kv_group", "q_head", "mlp")]
+        if bad:
+            raise PruningError(f"global ranking pools heads and MLP channels, not {sorted(set(bad))}")
+        if self.threshold == "unit_count":
+            n_units = sum(s.n_units for s in sets)
+            removable = sum(s.n_units - _groups(s) for s in sets)
+            if int(ratio * n_units) > removable:
+                raise InfeasibleRatioError(f"unit_count threshold: removing {ratio} of {n_units} units would empty "
+                                           f"a layer (at most {removable} can go)")
+            est = ratio * sum(s.n_units * s.params_per_unit for s in sets)   # exact value known after ranking
+            return Budget(ratio, total_params, ratio, int(round(est)))
+        max_removed = sum((s.n_units - _groups(s)) * s.params_per_unit for s in sets)
+        if ratio * total_params > max_removed + 1e-9:
+            raise InfeasibleRatioError(
+                f"pruning.ratio={ratio} is infeasible for global ranking: keeping one attention unit and one MLP "
+                f"channel per layer, at most {max_removed / total_params:.4f} of all parameters can be removed")
+        return Budget(ratio, total_params, 0.0, int(round(ratio * total_params)))
+
+    def allocate(self, sets: list[StructureSet], scores: list[torch.Tensor], budget: Budget) -> PrunePlan:
+        plan = PrunePlan()
+        removed = 0
+        if budget.target > 0 and sets:
+            entries = [e for i, (s, sc) in enumerate(zip(sets, scores)) for e in _entries(i, s, sc)]
+            entries.sort(key=lambda e: (e.score, e.set_idx, e.units[0]))
+            if self.threshold == "unit_count":
+                n_max = int(budget.target * sum(s.n_units for s in sets))
+                chosen, n = [], 0
+                for e in entries:
+                    if n + len(e.units) > n_max:
+                        break
+                    chosen.append(e)
+                    n += len(e.units)
+                removed = sum(e.params for e in chosen)
+            else:
+                target = budget.target * budget.total_params
+                best_k, run = 0, 0
+                best = 0
+                for k, e in enumerate(entries, 1):
+                    run += e.params
+                    if abs(run - target) < abs(best - target):
+                        best_k, best = k, run
+                chosen, removed = entries[:best_k], best
+            for e in chosen:
+                plan.add(sets[e.set_idx].kind, sets[e.set_idx].layer, e.units)
+        split: dict[str, int] = {}
+        for kind, per in plan.remove.items():
+            split[kind] = sum(len(v) for v in per.values())
+        plan.meta["allocation"] = {"type": "global_rank", "threshold": self.threshold, "target": budget.target,
+                                   "achieved": removed / budget.total_params, "removed_units": split}
+        return plan

@@ -1,0 +1,67 @@
+"""LLM-BIP (Wu, arXiv 2412.06419; METHODS.md §3.8) as the framework interpretation ``interp_v1`` [ours; NOT the
+paper's formula, which was not available]: block-output importance from one gradient-free forward pass of the dense
+model (``pruning.importance.bip``), no compensation, optional LoRA through ``recovery=lora``.
+
+Recipe: one collector pass over the dense model (``absmean`` at down_proj; its sequential walk without drops,
+because the scorer's head hooks ride on that forward and dense-mode results may come from the sweep cache) -> scores
+-> ``allocation``: ``per_layer`` (default; the cell's uniform allocator: the same fraction of attention units and MLP
+channels in every layer, ranked inside each block) or ``global`` (``GlobalRank`` on importances relative to each
+block's mean output norm) -> plain surgery.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from pruning.allocation import Uniform
+from pruning.allocation.global_rank import GlobalRank
+from pruning.calibration import collect
+from pruning.errors import PruningError
+from pruning.importance.bip import BIPScorer
+from pruning.methods.base import ScoreAndAllocate
+from pruning.models.adapter import adapter_for
+from pruning.surgery.plan import PrunePlan
+
+ALLOCATIONS = ("per_layer", "global")
+
+
+@dataclass
+class LlmBip(ScoreAndAllocate):
+    batch_size: int = 8
+    progress: bool = True
+
+    def prune(self, model: nn.Module, ratio: float, calib=None) -> PrunePlan:
+        sets = self.sets(model)
+        budget = self.allocation.budget(sets, ratio, adapter_for(model).num_params())
+        plan = PrunePlan()
+        if budget.removed_params > 0:
+            if calib is None:
+                raise PruningError("llm_bip needs calibration batches")
+            layers = sorted({s.layer for s in sets})
+            # sequential mode without drops = the dense statistics, from a real forward: dense-mode statistics
+            # may be served from the sweep's statistics cache, and the head hooks must see the activations
+            with self.scorer.recording(model, layers):
+                stats = collect(model, calib, stats={"down_proj": self.scorer.requires}, layers=layers,
+                                mode="sequential", batch_size=self.batch_size, progress=self.progress)
+            self.scorer.bind(stats)
+            plan = self.allocation.allocate(sets, [self.scorer(s) for s in sets], budget)
+            self.scorer.bind(None)
+        plan.meta.update(method=self.name, structures=list(self.structures), target_ratio=ratio,
+                         planned_ratio=plan.meta.get("allocation", {}).get("achieved", budget.achieved),
+                         llm_bip={"variant": self.scorer.variant, "propagate": self.scorer.propagate})
+        return plan
+
+
+def llm_bip(variant: str = "interp_v1", propagate: str = "none", allocation_mode: str = "per_layer",
+            structures=("kv_group", "mlp"), batch_size: int = 8, progress: bool = True,
+            allocation: Uniform | None = None) -> LlmBip:
+    """``allocation`` is the cell's allocator (used as is for ``per_layer``; only its layer range for ``global``)."""
+    if allocation_mode not in ALLOCATIONS:
+        raise PruningError(f"llm_bip.allocation_mode must be one of {ALLOCATIONS}, got {allocation_mode!r}")
+    allocation = allocation or Uniform()
+    scorer = BIPScorer(variant, propagate, relative=allocation_mode == "global")
+    alloc = allocation if allocation_mode == "per_layer" else GlobalRank("param_budget", uniform=allocation)
+    return LlmBip(name="llm_bip", scorer=scorer, structures=list(structures), allocation=alloc,
+                  batch_size=batch_size, progress=progress)
