@@ -29,7 +29,7 @@ def check_output(proc, tmp_path, protocol_max_windows):
     for col in ("model", "method", "target", "achieved", "params", f"ppl128-lp:wikitext2:test{subset}",
                 f"ppl128-lp:ptb:validation{subset}"):
         assert col in header
-    assert "stories260k" in row and "magnitude_l2" in row and "292,800 ->" in row
+    assert "stories260k" in row and "llm_pruner_element1" in row and "292,800 ->" in row
     records = [json.loads(p.read_text()) for p in (tmp_path / "store" / "records").glob("*.json")]
     assert len(records) == 2                       # the pruned cell and the dense baseline it wrote for reuse
     rec = next(r for r in records if r["plan"]["meta"].get("method") != "dense")

@@ -42,7 +42,8 @@ def _removed(sset: StructureSet, p: float) -> int:
     if sset.partition is not None:
         groups = int(sset.partition.max()) + 1
         return count_rule(sset.n_units // groups, p) * groups
-    return count_rule(sset.n_units, p)
+    c = sset.count_channels    # LLM-Pruner: floor((C - int(C(1-p))) / d_h) KV groups with C = H_kv·d_h
+    return count_rule(sset.n_units * c, p) // c
 
 
 def _empties(sset: StructureSet, p: float) -> bool:
@@ -103,9 +104,10 @@ class Uniform:
         if ratio > best_max + 1e-9:
             kinds = sorted({s.kind for s in sets})
             layers = sorted({s.layer for s in sets if s.layer is not None})
+            span = f"layers {layers[0]}..{layers[-1]}" if layers else "the model"   # hidden/block sets: model-wide
             raise InfeasibleRatioError(
-                f"pruning.ratio={ratio} would empty a layer's {'/'.join(kinds)}: uniform allocation over layers "
-                f"{layers[0]}..{layers[-1]} can remove at most {best_max:.4f} of all parameters while keeping at "
+                f"pruning.ratio={ratio} would empty a layer's {'/'.join(kinds)}: uniform allocation over "
+                f"{span} can remove at most {best_max:.4f} of all parameters while keeping at "
                 f"least one unit of each kind per layer")
         p = min(feasible, key=lambda q: (abs(self._params_at(sets, q) / total_params - ratio), q))
         return Budget(ratio, total_params, p, self._params_at(sets, p))

@@ -79,12 +79,15 @@ class MagnitudeScorer(Scorer):
             return torch.cat(per_unit)
         per_member = []
         for m in sset.members:
-            channel = self._elem(m.weight).sum(dim=1 - m.dim)   # one value per row (dim 0) or column (dim 1)
+            channel = self._elem(m.weight)                      # 1-D weights (hidden: norms): per element
+            if channel.dim() == 2:
+                channel = channel.sum(dim=1 - m.dim)            # one value per row (dim 0) or column (dim 1)
             per_member.append(gather_units(channel, m))
         return aggregate(per_member, self.aggregation)
 
 
 # Scorer modules register themselves on import (kept last: they import the names above).
 from pruning.importance import activation  # noqa: E402,F401
+from pruning.importance import ntk, taylor  # noqa: E402,F401
 from pruning.importance import obs_saliency  # noqa: E402,F401
 from pruning.importance import bip, newton  # noqa: E402,F401

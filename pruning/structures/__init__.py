@@ -9,6 +9,9 @@ Kinds:
 - ``q_head``: one query head (q rows, o columns); allocation removes the same count from every KV group.
 - ``mlp``: one SwiGLU channel (gate row, up row, down column).
 - ``block``: a whole decoder layer (members are whole tensors; ``layer`` is None and units are layer indices).
+- ``hidden``: one residual-stream channel of the whole model (LLM-Pruner's channel strategy, METHODS.md §1.1 and
+  §1.2 rule 5): embedding column, every RMSNorm entry, q/k/v/gate/up input column, o/down output row, lm_head
+  column. ``layer`` is None; a tied lm_head is the embedding member itself.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from torch import nn
 
 from pruning.models.adapter import ModelAdapter
 
-KINDS = ("kv_group", "q_head", "mlp", "block")
+KINDS = ("kv_group", "q_head", "mlp", "block", "hidden")
 
 
 @dataclass
@@ -41,6 +44,7 @@ class StructureSet:
     partition: torch.Tensor | None = None   # q_head: KV group of each unit; equal removals per partition
     unit_members: list[list[Member]] = field(default_factory=list)  # block: whole tensors per unit
     unit_layers: list[int] = field(default_factory=list)            # block: the decoder layer of each unit
+    count_channels: int = 1   # channels per unit for the count rule (LLM-Pruner counts a KV group's d_h k rows)
 
 
 def _blocks_of(start: int, n: int, size: int) -> torch.Tensor:
@@ -99,6 +103,29 @@ def blocks(adapter: ModelAdapter, layers: list[int] | None = None) -> StructureS
                         unit_members=unit_members, unit_layers=layers)
 
 
+def hidden_channels(adapter: ModelAdapter) -> StructureSet:
+    """Every residual channel, members in execution order ("first" = embedding, "last" = lm_head)."""
+    d = adapter.embed_tokens.weight.shape[1]
+    idx = torch.arange(d)[:, None]
+    members = [Member("embed_tokens", adapter.embed_tokens.weight, 1, idx)]
+    biases = 0
+    for i, layer in enumerate(adapter.layers):
+        members.append(Member(f"layers.{i}.input_norm", adapter.input_norm(layer).weight, 0, idx))
+        members += [Member(f"layers.{i}.{n}", getattr(adapter, n)(layer).weight, 1, idx)
+                    for n in ("q_proj", "k_proj", "v_proj")]
+        members.append(Member(f"layers.{i}.o_proj", adapter.o_proj(layer).weight, 0, idx))
+        members.append(Member(f"layers.{i}.post_attention_norm", adapter.post_attention_norm(layer).weight, 0, idx))
+        members += [Member(f"layers.{i}.{n}", getattr(adapter, n)(layer).weight, 1, idx)
+                    for n in ("gate_proj", "up_proj")]
+        members.append(Member(f"layers.{i}.down_proj", adapter.down_proj(layer).weight, 0, idx))
+        biases += (adapter.o_proj(layer).bias is not None) + (adapter.down_proj(layer).bias is not None)
+    members.append(Member("final_norm", adapter.final_norm.weight, 0, idx))
+    if adapter.lm_head.weight is not adapter.embed_tokens.weight:
+        members.append(Member("lm_head", adapter.lm_head.weight, 1, idx))
+    per_unit = sum(m.weight.numel() // m.weight.shape[m.dim] for m in members) + biases
+    return StructureSet("hidden", None, d, members, params_per_unit=per_unit)
+
+
 BUILDERS = {"kv_group": kv_groups, "q_head": q_heads, "mlp": mlp_channels}
 
 
@@ -106,6 +133,8 @@ def structure_sets(adapter: ModelAdapter, kind: str, layers: list[int] | None = 
     """All sets of one kind, one per layer (or the single block set)."""
     if kind == "block":
         return [blocks(adapter, layers)]
+    if kind == "hidden":          # model-wide: a layer range does not apply
+        return [hidden_channels(adapter)]
     if kind not in BUILDERS:
         raise ValueError(f"unknown structure kind {kind!r}; choices: {', '.join(KINDS)}")
     layers = range(len(adapter.layers)) if layers is None else layers

@@ -11,7 +11,11 @@ from torch import nn
 
 from pruning.errors import InfeasibleRatioError
 from pruning.models.adapter import ModelAdapter, adapter_for
-from pruning.surgery.plan import PrunePlan
+from pruning.structures import hidden_channels
+from pruning.surgery.modeling_pruned_llama import MeanDimRMSNorm
+from pruning.surgery.plan import MODEL_WIDE, PrunePlan
+
+HIDDEN_NORMS = ("keep_original_dim", "official")   # METHODS.md §1.2 rule 5, ``surgery.hidden_norm``
 
 
 def _channels(blocks: list[int], size: int) -> torch.Tensor:
@@ -57,11 +61,18 @@ def validate_plan(adapter: ModelAdapter, plan: PrunePlan) -> None:
     n_layers = len(adapter.layers)
     for kind, per in plan.remove.items():
         for layer in per:
+            if kind == "hidden" and layer == MODEL_WIDE:
+                continue
             if not 0 <= layer < n_layers:
                 raise ValueError(f"plan names {kind} units in layer {layer}, but the model has {n_layers} layers")
     for i in range(n_layers):
         _attention_keep(adapter, i, plan)
         _mlp_keep(adapter, i, plan)
+    hidden, d = plan.units("hidden", MODEL_WIDE), adapter.embed_tokens.weight.shape[1]
+    if any(not 0 <= c < d for c in hidden):
+        raise ValueError(f"plan names hidden channels outside [0, {d})")
+    if hidden and len(set(hidden)) >= d:
+        raise InfeasibleRatioError(f"the plan removes all {d} hidden channels")
     if any(not 0 <= b < n_layers for b in plan.blocks):
         raise ValueError(f"plan removes blocks {plan.blocks} outside [0, {n_layers})")
     if len(set(plan.blocks)) >= n_layers:
@@ -93,7 +104,7 @@ def _complement(keep: list[int], n: int) -> list[int]:
     return [i for i in range(n) if i not in s]
 
 
-def _edit(model: nn.Module, plan: PrunePlan, remove: bool) -> ModelAdapter:
+def _edit(model: nn.Module, plan: PrunePlan, remove: bool, hidden_norm: str = "keep_original_dim") -> ModelAdapter:
     """Walk the plan once: remove the kept complement's channels, or zero the dropped ones."""
     op = _select if remove else _zero
 
@@ -119,12 +130,21 @@ def _edit(model: nn.Module, plan: PrunePlan, remove: bool) -> ModelAdapter:
             op(adapter.up_proj(layer), 0, c)
             op(adapter.down_proj(layer), 1, c)
         adapter.sync_layer(layer)
+    if plan.units("hidden", MODEL_WIDE):
+        _edit_hidden(model, adapter, plan.units("hidden", MODEL_WIDE), remove, hidden_norm)
     return adapter
 
 
-def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
-    """Physically remove the plan's units (in place) and update each layer's own counts and the config."""
-    adapter = _edit(model, plan, remove=True)
+def apply_plan(model: nn.Module, plan: PrunePlan, hidden_norm: str | None = None) -> nn.Module:
+    """Physically remove the plan's units (in place) and update each layer's own counts and the config.
+
+    ``hidden_norm`` (default: the plan's ``meta["hidden_norm"]``, else keep_original_dim) only matters when hidden
+    channels go: keep_original_dim makes the result equal the masked model, official slices stock RMSNorms.
+    """
+    hidden_norm = hidden_norm or plan.meta.get("hidden_norm", "keep_original_dim")
+    if hidden_norm not in HIDDEN_NORMS:
+        raise ValueError(f"unknown surgery.hidden_norm {hidden_norm!r}; choices: {', '.join(HIDDEN_NORMS)}")
+    adapter = _edit(model, plan, remove=True, hidden_norm=hidden_norm)
     if plan.blocks:
         adapter.set_layers([i for i in range(len(adapter.layers)) if i not in set(plan.blocks)])
     return model
@@ -141,3 +161,53 @@ def mask_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
                 if proj.bias is not None:
                     proj.bias.zero_()
     return model
+
+
+def _edit_hidden(model: nn.Module, adapter: ModelAdapter, drop: list[int], remove: bool, hidden_norm: str) -> None:
+    """Remove (or zero) residual channels in every member of the ``hidden`` structure (METHODS.md §1.2 rule 5).
+
+    keep_original_dim swaps each RMSNorm for a MeanDimRMSNorm that still divides by the width before this pruning,
+    so removal equals masking; a tied lm_head is re-pointed at the sliced embedding so the tie survives.
+    """
+    sset = hidden_channels(adapter)
+    d = sset.n_units
+    tied = adapter.lm_head.weight is adapter.embed_tokens.weight
+    drop_t = torch.tensor(sorted(set(drop)), dtype=torch.long)
+    keep_t = torch.tensor(_complement(sorted(set(drop)), d), dtype=torch.long)
+    owner = {}
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(w, nn.Parameter):
+            owner.setdefault(id(w), mod)       # a tied weight belongs to the embedding (visited first)
+    norms = []
+    for m in sset.members:
+        mod = owner[id(m.weight)]
+        if isinstance(mod, nn.Linear):
+            (_select if remove else _zero)(mod, m.dim, keep_t if remove else drop_t)
+            continue
+        w = mod.weight
+        if not remove:
+            with torch.no_grad():
+                w.index_fill_(m.dim, drop_t.to(w.device), 0.0)
+            continue
+        mod.weight = nn.Parameter(w.data.index_select(m.dim, keep_t.to(w.device)).clone(),
+                                  requires_grad=w.requires_grad)
+        if isinstance(mod, nn.Embedding):
+            mod.embedding_dim = len(keep_t)
+        else:
+            norms.append(mod)
+    if not remove:
+        return
+    if tied:
+        adapter.lm_head.weight = adapter.embed_tokens.weight
+        adapter.lm_head.in_features = len(keep_t)
+    if hidden_norm == "keep_original_dim":
+        names = {id(mod): name for name, mod in model.named_modules()}
+        for mod in norms:
+            mean_dim = getattr(mod, "mean_dim", d)
+            new = MeanDimRMSNorm(len(keep_t), mod.variance_epsilon, mean_dim)
+            new.weight = mod.weight
+            parent, _, child = names[id(mod)].rpartition(".")
+            setattr(model.get_submodule(parent), child, new)
+        model.config.rms_norm_mean_dim = getattr(norms[0], "mean_dim", d) if norms else d
+    model.config.hidden_size = len(keep_t)

@@ -1,4 +1,5 @@
-"""A Llama whose decoder layers keep their own head counts, MLP widths and o/down biases.
+"""A Llama whose decoder layers keep their own head counts, MLP widths and o/down biases, and whose hidden size
+may have been pruned (``rms_norm_mean_dim``: RMSNorm keeps dividing by the original width, METHODS.md §1.2 rule 5).
 
 This file must stand alone (only torch + transformers imports): ``save_pretrained`` copies it next to the weights
 so ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works on a machine without ``pruning``.
@@ -6,9 +7,11 @@ so ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works o
 
 from __future__ import annotations
 
+import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 
 @strict
@@ -21,6 +24,7 @@ class PrunedLlamaConfig(LlamaConfig):
     layer_intermediate_size: list[int] | None = None
     layer_o_proj_bias: list[bool] | None = None
     layer_down_proj_bias: list[bool] | None = None
+    rms_norm_mean_dim: int | None = None   # hidden-pruned: RMSNorm divides by this (the original hidden size)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -69,6 +73,35 @@ def _shape_layer(layer: nn.Module, config: PrunedLlamaConfig, i: int) -> None:
     mlp.down_proj = nn.Linear(inter, d, bias=config.mlp_bias or config.layer_down_proj_bias[i])
 
 
+class MeanDimRMSNorm(LlamaRMSNorm):
+    """RMSNorm over a pruned hidden size that divides Σx² by ``mean_dim`` (the original width), not by the kept
+    width: the physically pruned model then equals the dense model with those channels zeroed (SliceGPT's RMSN)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, mean_dim: int | None = None) -> None:
+        super().__init__(hidden_size, eps)
+        self.mean_dim = int(mean_dim or hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).sum(-1, keepdim=True) / self.mean_dim
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, mean_dim={self.mean_dim}"
+
+
+def _use_mean_dim_norms(model: LlamaForCausalLM, mean_dim: int) -> None:
+    """Swap every RMSNorm for a MeanDimRMSNorm of the same width (weights are loaded afterwards)."""
+    inner = model.model
+    for layer in inner.layers:
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            old = getattr(layer, name)
+            setattr(layer, name, MeanDimRMSNorm(old.weight.shape[0], old.variance_epsilon, mean_dim))
+    inner.norm = MeanDimRMSNorm(inner.norm.weight.shape[0], inner.norm.variance_epsilon, mean_dim)
+
+
 class PrunedLlamaForCausalLM(LlamaForCausalLM):
     config_class = PrunedLlamaConfig
 
@@ -76,4 +109,6 @@ class PrunedLlamaForCausalLM(LlamaForCausalLM):
         super().__init__(config)
         for i, layer in enumerate(self.model.layers):
             _shape_layer(layer, config, i)
+        if config.rms_norm_mean_dim and config.rms_norm_mean_dim != config.hidden_size:
+            _use_mean_dim_norms(self, config.rms_norm_mean_dim)
         self.post_init()

@@ -18,12 +18,12 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pruning.models.adapter import adapter_for
-from pruning.surgery.modeling_pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM
+from pruning.surgery.modeling_pruned_llama import MeanDimRMSNorm, PrunedLlamaConfig, PrunedLlamaForCausalLM
 
 _PER_LAYER = ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_size",
               "layer_o_proj_bias", "layer_down_proj_bias")
 _DROP = ("auto_map", "architectures", "model_type", "transformers_version", "_name_or_path", "_model_name_or_path",
-         "quantization_config") + _PER_LAYER
+         "quantization_config", "rms_norm_mean_dim") + _PER_LAYER
 
 
 def export_config(model: nn.Module) -> LlamaConfig:
@@ -32,22 +32,27 @@ def export_config(model: nn.Module) -> LlamaConfig:
     widths = adapter.all_widths()
     base = {k: v for k, v in model.config.to_dict().items() if k not in _DROP}
     base["num_hidden_layers"] = len(widths)
+    base["tie_word_embeddings"] = adapter.is_tied   # the tensors decide: a surgery that unties them saves two
     if base.get("layer_types") is not None:
         base["layer_types"] = list(base["layer_types"])[: len(widths)]
+    base["hidden_size"] = adapter.embed_tokens.weight.shape[1]     # hidden-channel pruning shrinks it
+    mean_dim = next((m.mean_dim for m in model.modules()           # ...and may keep the norms' original divisor
+                     if isinstance(m, MeanDimRMSNorm) and m.mean_dim != base["hidden_size"]), None)
     heads = [w.num_heads for w in widths]
     kv = [w.num_kv_heads for w in widths]
     inter = [w.intermediate_size for w in widths]
     o_bias = [w.o_proj_bias and not base.get("attention_bias") for w in widths]
     d_bias = [w.down_proj_bias and not base.get("mlp_bias") for w in widths]
     uniform = (len(set(heads)) == 1 and len(set(kv)) == 1 and len(set(inter)) == 1
-               and not any(o_bias) and not any(d_bias) and base["hidden_size"] % heads[0] == 0)
+               and not any(o_bias) and not any(d_bias) and base["hidden_size"] % heads[0] == 0 and mean_dim is None)
     if uniform:
         base.update(num_attention_heads=heads[0], num_key_value_heads=kv[0], intermediate_size=inter[0])
         return LlamaConfig(**base)
     if widths:
         base.update(num_attention_heads=heads[0], num_key_value_heads=kv[0], intermediate_size=inter[0])
     return PrunedLlamaConfig(**base, layer_num_attention_heads=heads, layer_num_key_value_heads=kv,
-                             layer_intermediate_size=inter, layer_o_proj_bias=o_bias, layer_down_proj_bias=d_bias)
+                             layer_intermediate_size=inter, layer_o_proj_bias=o_bias, layer_down_proj_bias=d_bias,
+                             rms_norm_mean_dim=mean_dim)
 
 
 def save_pruned(model: nn.Module, out_dir: str | Path, tokenizer=None, meta: dict | None = None) -> Path:

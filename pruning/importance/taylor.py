@@ -1,0 +1,376 @@
+"""Gradient saliency with bounded memory: LLM-Pruner's Taylor importance (METHODS.md §3.1), and the engine NIRVANA's
+NTK saliency (``pruning.importance.ntk``) reuses with another objective.
+
+Per weight element e with w = weight, g = ∂L/∂w over the whole calibration batch (L = mean token LM cross-entropy,
+labels = inputs) and F = (1/N)·Σ_n g_n² from per-sample gradients (the empirical Fisher, official ``acc_grad``):
+
+    element1         Σ_e |w·g|                 (official ``param_first``, the framework default)
+    element2         Σ_e |w·g − ½·w²·F|        (``param_mix``; first + second order)
+    element2_fisher  Σ_e  w²·F                 (``param_second``)
+    vector           |Σ_e w·g|                 (``vectorize``: abs after summing the row or column)
+
+summed per output row (dim 0) or input column (dim 1) of each structure member, then over a unit's channels, then
+reduced over the group's members with ``aggregate`` (LLM-Pruner ``--grouping_strategy``, default sum).
+
+Why an engine instead of ``loss.backward()`` then reading ``.grad``: the official code keeps every gradient (and
+the Fisher buffer) of the whole model alive, about 6x the weights for LLaMA-7B. Here only the parameters the
+structure sets name get ``requires_grad``; a post-accumulate-grad hook folds each one's gradient into a per-channel
+accumulator (a few floats per row/column) and frees ``.grad`` at once, so no two weight-sized gradients coexist.
+``element2`` needs F element-wise until g is known: F is held for a chunk of parameters at a time (chunk bytes ≤
+``budget``·weight bytes), at the cost of one round of N per-sample passes per chunk. ``micro_batch`` splits the
+full-batch pass too (then a chunk's gradients are held across micro-batches), bounding activation memory as well.
+``element2_fisher`` folds w²·g_n²/N straight from each per-sample pass and needs no buffer at all.
+
+Peak memory of the fit is measured and returned (``fit(...)["memory"]``), see ``peak_memory``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from pruning.errors import PruningError
+from pruning.importance import SCORERS, Scorer, aggregate, gather_units
+from pruning.structures import StructureSet
+
+TAYLOR = ("vector", "element1", "element2", "element2_fisher")
+_SLICE_ELEMS = 1 << 22          # fold large weights in row slices so float64 temporaries stay ≤ 32 MB
+
+
+# ----------------------------------------------------------------------------------------------- memory probe
+
+
+@contextmanager
+def _quiet_fd2():
+    """Kineto prints start/stop banners straight to file descriptor 2; hide them around start/stop only."""
+    try:
+        sys.stderr.flush()
+        saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    except (OSError, ValueError):
+        yield
+        return
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+@contextmanager
+def peak_memory(device: torch.device | str = "cpu"):
+    """Peak bytes of torch tensors allocated *on top of* what was live at entry (weights included at entry).
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: torch's CPU allocator reports every allocation and free to the
+    profiler (``profile_memory=True``); the running sum of those events in time order gives the exact peak of
+    live tensor bytes, which tracemalloc cannot see and RSS blurs with the allocator's caching and the interpreter.
+    Yields a dict filled in on exit: ``peak_extra_bytes``, ``method``.
+    """
+    device = torch.device(device)
+    out: dict = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        yield out
+        torch.cuda.synchronize(device)
+        out.update(peak_extra_bytes=int(torch.cuda.max_memory_allocated(device) - base),
+                   method="torch.cuda.max_memory_allocated")
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    if torch.autograd.profiler._is_profiler_enabled:       # a second kineto session would break the caller's
+        yield out
+        out.update(peak_extra_bytes=None, method="not measured: another torch profiler is active")
+        return
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_fd2():
+        prof.__enter__()
+    try:
+        yield out
+    finally:
+        with _quiet_fd2():
+            prof.__exit__(None, None, None)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    cur = peak = 0
+    for _, nbytes in events:
+        cur += nbytes
+        peak = max(peak, cur)
+    out.update(peak_extra_bytes=int(peak), method="torch.profiler CPU allocator events (running sum of alloc/free)")
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's unique parameters (a tied embedding counted once)."""
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+
+
+# ----------------------------------------------------------------------------------------------------- engine
+
+
+def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy of the batch with labels = inputs (LLM-Pruner's calibration loss)."""
+    return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+
+class GradientScorer(Scorer):
+    """Per-channel gradient saliency, fitted once on a calibration batch and then read per structure set.
+
+    ``fit(model, calib, sets)`` runs the backward passes and returns a meta dict (passes, time, memory); calling
+    the scorer on a set afterwards only gathers and aggregates the stored channel vectors. ``objective(model, ids)``
+    must be a mean over the items of ``ids`` so micro-batches can be weighted by their size.
+    """
+
+    needs_calibration = True
+    variant = "element1"
+
+    def __init__(self, aggregation: str = "sum", micro_batch: int | None = None, budget: float = 0.25):
+        aggregate([torch.zeros(1)], aggregation)   # unknown name -> error now
+        if micro_batch is not None and int(micro_batch) < 1:
+            raise PruningError(f"memory.micro_batch must be a positive int or null, got {micro_batch}")
+        if not float(budget) > 0:
+            raise PruningError(f"memory.budget must be > 0 (a fraction of the weights' bytes), got {budget}")
+        self.aggregation = aggregation
+        self.micro_batch = None if micro_batch is None else int(micro_batch)
+        self.budget = float(budget)
+        self._channels: dict[tuple[int, int], torch.Tensor] = {}
+
+    def objective(self, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        return lm_loss(model, ids)
+
+    # -- reading ---------------------------------------------------------------------------------------------
+    def __call__(self, sset: StructureSet) -> torch.Tensor:
+        if sset.kind == "block":
+            raise PruningError(f"{type(self).__name__} scores heads, MLP channels and hidden channels, not blocks")
+        per_member = []
+        for m in sset.members:
+            ch = self._channels.get((id(m.weight), m.dim))
+            if ch is None:
+                raise PruningError(f"{type(self).__name__} was not fitted on {sset.kind} member {m.name}: call "
+                                   f"fit(model, calib, sets) with the sets to score")
+            per_member.append(gather_units(ch, m))
+        return aggregate(per_member, self.aggregation)
+
+    def channel_scores(self, weight: nn.Parameter, dim: int) -> torch.Tensor:
+        """The fitted per-row (dim 0) or per-column (dim 1) score of one weight (per element for 1-D weights)."""
+        return self._channels[(id(weight), dim)]
+
+    def reset(self) -> None:
+        self._channels = {}
+
+    # -- fitting ---------------------------------------------------------------------------------------------
+    def fit(self, model: nn.Module, calib: torch.Tensor, sets: list[StructureSet]) -> dict:
+        if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.shape[0] < 1 or calib.shape[1] < 2:
+            raise PruningError("gradient scoring needs calibration token ids [n_samples >= 1, seq_len >= 2]; build "
+                               "them with pruning.data.calibration_batches")
+        dims: dict[int, set[int]] = {}
+        params: dict[int, nn.Parameter] = {}
+        for s in sets:
+            for m in (s.members if s.kind != "block" else []):
+                params.setdefault(id(m.weight), m.weight)
+                dims.setdefault(id(m.weight), set()).add(m.dim)
+        if not params:
+            raise PruningError(f"{type(self).__name__}: nothing to score (no structure members)")
+        device = model.get_input_embeddings().weight.device
+        calib = calib.long().to(device)
+        n = calib.shape[0]
+        flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
+        for p, _ in flags.values():
+            p.requires_grad_(False)
+            p.grad = None
+        self._channels = {(pid, d): torch.zeros(params[pid].shape[d], dtype=torch.float64, device=params[pid].device)
+                          for pid in params for d in sorted(dims[pid])}
+        plist = list(params.values())
+        self._stats = {"passes": 0, "state_peak_bytes": 0}
+        self._acc_bytes = sum(t.numel() * 8 for t in self._channels.values())
+        wbytes = weight_bytes(model)
+        was_training = model.training
+        model.eval()
+        t0 = time.perf_counter()
+        try:
+            with peak_memory(device) as mem, torch.enable_grad():
+                chunks = self._run(model, calib, n, plist, dims, wbytes)
+        finally:
+            for p, flag in flags.values():
+                p.grad = None
+                p.requires_grad_(flag)
+            model.train(was_training)
+        if self.variant == "vector":
+            for k in self._channels:
+                self._channels[k] = self._channels[k].abs()
+        peak = mem["peak_extra_bytes"]
+        state = int(self._stats["state_peak_bytes"])
+        return {"scorer": type(self).__name__, "variant": self.variant, "aggregation": self.aggregation,
+                "n_samples": int(n), "seq_len": int(calib.shape[1]), "backward_passes": self._stats["passes"],
+                "chunks": chunks, "micro_batch": self.micro_batch, "seconds": round(time.perf_counter() - t0, 3),
+                "memory": {"method": mem["method"], "weight_bytes": wbytes, "peak_extra_bytes": peak,
+                           "peak_ratio": None if peak is None else round((wbytes + peak) / wbytes, 4),
+                           "state_bytes": state, "state_ratio": round((wbytes + state) / wbytes, 4),
+                           "note": "peak_ratio: all torch tensor bytes at the peak of scoring (weights, activations, "
+                                   "gradients, buffers) / weight bytes, measured. state_ratio: weights + what the "
+                                   "scoring design keeps (gradients alive at once, Fisher buffer, accumulators), "
+                                   "accounted from tensor sizes; activations excluded"}}
+
+    def _state(self, nbytes: int) -> None:
+        self._stats["state_peak_bytes"] = max(self._stats["state_peak_bytes"], self._acc_bytes + int(nbytes))
+
+    def _chunks(self, plist: list[nn.Parameter], per_param: int, wbytes: int) -> list[list[nn.Parameter]]:
+        """Consecutive parameters whose held buffers (``per_param`` fp32 copies each) fit ``budget``·weight bytes."""
+        if per_param == 0:
+            return [plist]
+        cap = self.budget * wbytes
+        chunks, cur, size = [], [], 0
+        for p in plist:
+            b = p.numel() * 4 * per_param
+            if cur and size + b > cap:
+                chunks.append(cur)
+                cur, size = [], 0
+            cur.append(p)
+            size += b
+        return chunks + ([cur] if cur else [])
+
+    def _backward(self, model, ids, weight: float) -> None:
+        out = self.objective(model, ids)
+        if not torch.isfinite(out):
+            raise PruningError(f"gradient scoring objective is not finite ({out.item()}); check the calibration data")
+        (out * weight).backward()
+        self._stats["passes"] += 1
+
+    def _run(self, model, calib, n, plist, dims, wbytes) -> int:
+        fisher = self.variant in ("element2", "element2_fisher")
+        if self.variant == "element2_fisher":          # Σ w²·g_n²/N is linear in g_n²: fold each sample directly
+            return self._pass(model, calib, n, plist, dims, fisher_only=True)
+        per_param = int(self.variant == "element2") + int(self.micro_batch is not None)
+        chunks = self._chunks(plist, per_param, wbytes)
+        for chunk in chunks:
+            fbuf = {}
+            if fisher:
+                fbuf = {id(p): torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in chunk}
+                self._fisher_pass(model, calib, n, chunk, fbuf)
+            self._pass(model, calib, n, chunk, dims, fbuf=fbuf)
+            del fbuf
+        return len(chunks)
+
+    def _fisher_pass(self, model, calib, n, chunk, fbuf) -> None:
+        fbytes = sum(f.numel() * 4 for f in fbuf.values())
+
+        def hook(p):
+            g = p.grad
+            self._state(fbytes + g.numel() * g.element_size())
+            fbuf[id(p)].addcmul_(g.float(), g.float(), value=1.0 / n)
+            p.grad = None
+
+        self._with_hooks(chunk, hook, lambda: [self._backward(model, calib[i:i + 1], 1.0) for i in range(n)])
+
+    def _pass(self, model, calib, n, chunk, dims, fbuf=None, fisher_only=False) -> int:
+        """One full-batch gradient of the chunk (per-sample passes when ``fisher_only``), folded and freed."""
+        fbuf = fbuf or {}
+        fbytes = sum(f.numel() * 4 for f in fbuf.values())
+
+        def fold(p):
+            g = p.grad
+            self._state(fbytes + g.numel() * g.element_size())
+            self._fold(p, g, dims[id(p)], fbuf.get(id(p)), 1.0 / n if fisher_only else None)
+            p.grad = None
+
+        if fisher_only:
+            self._with_hooks(chunk, fold, lambda: [self._backward(model, calib[i:i + 1], 1.0) for i in range(n)])
+            return 1
+        if self.micro_batch is None:
+            self._with_hooks(chunk, fold, lambda: self._backward(model, calib, 1.0))
+            return 1
+        grads_held = sum(p.numel() * 4 for p in chunk)     # .grad accumulates across micro-batches
+        for p in chunk:
+            p.requires_grad_(True)
+        try:
+            for s in range(0, n, self.micro_batch):
+                ids = calib[s:s + self.micro_batch]
+                self._backward(model, ids, ids.shape[0] / n)
+            self._state(fbytes + grads_held)
+            for p in chunk:
+                self._fold(p, p.grad, dims[id(p)], fbuf.get(id(p)), None)
+                p.grad = None
+        finally:
+            for p in chunk:
+                p.requires_grad_(False)
+        return 1
+
+    @staticmethod
+    def _with_hooks(chunk, hook, body) -> None:
+        for p in chunk:
+            p.requires_grad_(True)
+        handles = [p.register_post_accumulate_grad_hook(hook) for p in chunk]
+        try:
+            body()
+        finally:
+            for h in handles:
+                h.remove()
+            for p in chunk:
+                p.requires_grad_(False)
+                p.grad = None
+
+    @torch.no_grad()
+    def _fold(self, p, g, dims, f, fisher_weight) -> None:
+        """Add this weight's per-channel terms to the accumulators, in row slices of bounded size."""
+        if g is None:
+            return
+        rows = p.shape[0]
+        step = max(1, _SLICE_ELEMS // max(1, p[0].numel())) if p.dim() > 1 else rows
+        for s in range(0, rows, step):
+            w = p.detach()[s:s + step].double()
+            gg = g[s:s + step].double()
+            if fisher_weight is not None:                 # element2_fisher: w²·g_n² / N
+                term = (w * gg).square_().mul_(fisher_weight)
+            else:
+                term = w * gg
+                if f is not None:                          # element2: w·g − ½·w²·F
+                    term.sub_(0.5 * w.square() * f[s:s + step].double())
+                if self.variant != "vector":
+                    term.abs_()                            # vector takes |·| after the whole row/column sum
+            for d in dims:
+                acc = self._channels[(id(p), d)]
+                if p.dim() == 1:
+                    acc[s:s + step] += term
+                elif d == 0:
+                    acc[s:s + step] += term.sum(1)
+                else:
+                    acc += term.sum(0)
+
+
+class TaylorScorer(GradientScorer):
+    """LLM-Pruner's Taylor importance; the variant is the class (registered by name in SCORERS)."""
+
+
+@SCORERS.register("element1")
+class Element1(TaylorScorer):
+    variant = "element1"
+
+
+@SCORERS.register("element2")
+class Element2(TaylorScorer):
+    variant = "element2"
+
+
+@SCORERS.register("element2_fisher")
+class Element2Fisher(TaylorScorer):
+    variant = "element2_fisher"
+
+
+@SCORERS.register("vector")
+class Vector(TaylorScorer):
+    variant = "vector"
+
+
+def taylor_scorer(variant: str, **kwargs) -> TaylorScorer:
+    if variant not in TAYLOR:
+        raise PruningError(f"unknown Taylor importance {variant!r}; choices: {', '.join(TAYLOR)}")
+    return SCORERS.get(variant)(**kwargs)
+
+
+__all__ = ["TAYLOR", "GradientScorer", "TaylorScorer", "lm_loss", "peak_memory", "taylor_scorer", "weight_bytes"]

@@ -1,0 +1,112 @@
+"""LLM-Pruner (Ma et al., NeurIPS 2023; METHODS.md §3.1): Taylor importance + LLM-Pruner's local, uniform allocation
+on a layer range + physical surgery. No compensation; recovery is LoRA (``recovery=lora``), off by default.
+
+Strategies:
+- ``block`` (the paper's tables): KV groups (each scored with its *own* g query heads, METHODS.md "GQA scoring
+  quirk") and MLP channels in layers [⌊0.125·L + ½⌋, ⌊0.9375·L + ½⌋): [4, 30) on 32 layers, [1, 5) on the tiny
+  model. Counts follow the official MetaPruner rule on the k_proj root: ⌊(C − int(C(1−p)))/d_h⌋ KV groups with
+  C = H_kv·d_h, and I − int(I(1−p)) MLP channels per layer; p is chosen so the share of all parameters removed
+  is closest to ``pruning.ratio``, or set directly with ``group_ratio`` (paper presets: 0.25).
+- ``channel``: the hidden dimension of the whole model (embedding, every RMSNorm, all projections, lm_head);
+  the layer range does not apply. ``surgery.hidden_norm``: ``keep_original_dim`` (default; RMSNorm keeps dividing
+  by the original width, so the pruned model equals the masked one) or ``official`` (stock RMSNorm over the kept
+  channels, as LLM-Pruner's code does). A tied lm_head stays tied to the sliced embedding.
+
+Importance: ``element1`` (default, official ``param_first``), ``element2`` (``param_mix``), ``element2_fisher``
+(``param_second``), ``vector``, or ``random`` (LLM-Pruner's ``--pruner_type random``, for like-for-like baselines).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from torch import nn
+
+from pruning.allocation import Uniform
+from pruning.errors import PruningError
+from pruning.importance import AGGREGATIONS, RandomScorer
+from pruning.importance.taylor import TAYLOR, GradientScorer, taylor_scorer
+from pruning.methods.base import ScoreAndAllocate
+from pruning.models.adapter import adapter_for
+from pruning.structures import StructureSet
+from pruning.surgery.apply import HIDDEN_NORMS, apply_plan
+from pruning.surgery.plan import PrunePlan
+
+STRATEGIES = {"block": ("kv_group", "mlp"), "channel": ("hidden",)}
+IMPORTANCES = TAYLOR + ("random",)
+LAYER_START_FRAC, LAYER_END_FRAC = 0.125, 0.9375
+
+
+@dataclass
+class LLMPruner(ScoreAndAllocate):
+    importance: str = "element1"
+    strategy: str = "block"
+    hidden_norm: str = "keep_original_dim"
+
+    def sets(self, model: nn.Module) -> list[StructureSet]:
+        sets = super().sets(model)
+        hd = adapter_for(model).head_dim
+        for s in sets:
+            if s.kind == "kv_group":
+                s.count_channels = hd       # the official count rule runs on k_proj's H_kv·d_h channels
+        return sets
+
+    def prune(self, model: nn.Module, ratio: float, calib=None) -> PrunePlan:
+        budget = self.budget(model, ratio)          # an impossible ratio fails before any backward pass
+        fit = isinstance(self.scorer, GradientScorer) and budget.removed_params > 0
+        scoring = None
+        if fit:
+            if calib is None:
+                raise PruningError(f"llm_pruner importance={self.importance} needs calibration token batches")
+            scoring = self.scorer.fit(model, calib, self.sets(model))
+        try:
+            plan = super().prune(model, ratio, calib)
+        finally:
+            if fit:
+                self.scorer.reset()
+        adapter = adapter_for(model)
+        plan.meta.update(importance=self.importance, aggregation=getattr(self.scorer, "aggregation", None),
+                         strategy=self.strategy, layers=self.allocation.layers(len(adapter.layers))
+                         if self.strategy == "block" else "all (hidden dimension)")
+        if self.strategy == "channel":
+            plan.meta.update(hidden_norm=self.hidden_norm, tied_embeddings=adapter.is_tied)
+        if scoring is not None:
+            plan.meta["scoring"] = scoring
+        return plan
+
+    def apply(self, model: nn.Module, plan: PrunePlan, calib=None) -> nn.Module:
+        return apply_plan(model, plan, hidden_norm=self.hidden_norm)
+
+
+def llm_pruner(importance: str = "element1", aggregation: str = "sum", strategy: str = "block",
+               group_ratio: float | None = None, seed: int = 0, memory: dict | None = None,
+               surgery: dict | None = None, allocation: Uniform | None = None) -> LLMPruner:
+    """``allocation`` defaults to LLM-Pruner's layer range; ``group_ratio`` (if set) fixes p on it.
+
+    ``memory``: ``micro_batch`` (null = one backward over all samples, as the official code) and ``budget``
+    (fraction of the weights' bytes a chunk's held gradients/Fisher may take); see ``pruning.importance.taylor``.
+    """
+    if importance not in IMPORTANCES:
+        raise PruningError(f"unknown llm_pruner importance {importance!r}; choices: {', '.join(IMPORTANCES)}")
+    if aggregation not in AGGREGATIONS:
+        raise PruningError(f"unknown llm_pruner aggregation {aggregation!r}; choices: {', '.join(AGGREGATIONS)}")
+    if strategy not in STRATEGIES:
+        raise PruningError(f"unknown llm_pruner strategy {strategy!r}; choices: {', '.join(STRATEGIES)}")
+    hidden_norm = (surgery or {}).get("hidden_norm", "keep_original_dim")
+    if hidden_norm not in HIDDEN_NORMS:
+        raise PruningError(f"unknown surgery.hidden_norm {hidden_norm!r}; choices: {', '.join(HIDDEN_NORMS)}")
+    memory = dict(memory or {})
+    unknown = set(memory) - {"micro_batch", "budget"}
+    if unknown:
+        raise PruningError(f"unknown llm_pruner memory options {sorted(unknown)}; choices: micro_batch, budget")
+    allocation = allocation or Uniform(layer_start_frac=LAYER_START_FRAC, layer_end_frac=LAYER_END_FRAC)
+    if group_ratio is not None:
+        if not 0.0 <= float(group_ratio) < 1.0:
+            raise PruningError(f"llm_pruner group_ratio must be in [0, 1), got {group_ratio}")
+        allocation = dataclasses.replace(allocation, group_ratio=float(group_ratio))
+    scorer = RandomScorer(seed) if importance == "random" else taylor_scorer(importance, aggregation=aggregation,
+                                                                            **memory)
+    name = f"llm_pruner_{importance}" + ("_channel" if strategy == "channel" else "")
+    return LLMPruner(name=name, scorer=scorer, structures=list(STRATEGIES[strategy]), allocation=allocation,
+                     importance=importance, strategy=strategy, hidden_norm=hidden_norm)
