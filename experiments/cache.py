@@ -16,13 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-
-def cache_root() -> Path:
-    """$PRUNING_CACHE, else $XDG_CACHE_HOME/pruning-lab, else ~/.cache/pruning-lab (never inside the repo)."""
-    if os.environ.get("PRUNING_CACHE"):
-        return Path(os.environ["PRUNING_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "pruning-lab"
+from pruning.models.convert import cache_root  # one home for the user cache location
 
 
 def key_hash(key: dict) -> str:

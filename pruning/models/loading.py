@@ -3,29 +3,91 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import torch
 
 import pruning.surgery  # noqa: F401  (registers pruned_llama with the Auto classes)
-from pruning.errors import CheckpointError
+from pruning.errors import CheckpointError, DataError
 from pruning.models.adapter import adapter_class
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 EMBEDDED = {"stories260K": ASSETS / "stories260K"}
+_TRUE = {"1", "on", "yes", "true"}
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def parse_gguf_spec(path: str) -> tuple[str, str | None]:
+    """``gguf:<file>[|hub:<repo id>]`` -> (file, hub id or None)."""
+    spec = path[len("gguf:"):]
+    file, sep, hub = spec.partition("|")
+    if sep and not (hub.startswith("hub:") and hub[4:].strip()):
+        raise CheckpointError(f"bad model path {path!r}: expected gguf:<file>|hub:<repo id>")
+    if not file.endswith(".gguf"):
+        raise CheckpointError(f"bad model path {path!r}: gguf:<file> must name a .gguf file")
+    return file, hub[4:].strip() if sep else None
+
+
+def _resolve_gguf(path: str) -> Path:
+    """A data-root GGUF, converted once into the user cache (pruning.models.convert); else the hub fallback.
+
+    The hub is tried only when the data-root file is absent and the process is not offline; its weights are the
+    original release, not the dequantised GGUF that is this project's reference, so a warning says so.
+    """
+    from pruning import data
+    from pruning.models.convert import cached_conversion
+
+    rel, hub_id = parse_gguf_spec(path)
+    p = Path(rel).expanduser()
+    if not p.is_absolute():
+        root = data.data_root()
+        p = root / rel if root is not None else p
+    if p.is_file():
+        try:
+            return cached_conversion(p)
+        except Exception as e:  # a truncated or foreign .gguf: one line naming the file, not a gguf traceback
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"cannot convert GGUF {p}: {msg}") from e
+    if hub_id is not None and not _offline():
+        from huggingface_hub import snapshot_download
+
+        print(f"[pruning] {p} not found; using the hub checkpoint {hub_id} (its weights are the original release, "
+              f"not the dequantised GGUF this project's numbers use)", file=sys.stderr, flush=True)
+        try:
+            return Path(snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"]))
+        except Exception as e:
+            raise CheckpointError(f"GGUF {p} not found and the hub fallback {hub_id} failed: "
+                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+    msg = str(data._missing(rel, "model GGUF") if not Path(rel).is_absolute() else f"model GGUF: file not found: {p}")
+    if hub_id is not None:
+        msg += (f" Or, on a machine with internet, unset HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE to fall back to the "
+                f"hub model {hub_id}.")
+    raise DataError(msg)
 
 
 def resolve_checkpoint(path: str) -> Path:
-    """``embedded:<name>`` names a checkpoint shipped in the package; anything else is a directory."""
+    """A local checkpoint directory for ``path``.
+
+    ``embedded:<name>``: a checkpoint shipped in the package. ``gguf:<file>[|hub:<repo id>]``: a GGUF file
+    (relative to the data root, or absolute), converted once to a plain checkpoint in the user cache; the hub id
+    is a fallback for machines without the file. Anything else: an HF checkpoint directory.
+    """
     if path.startswith("embedded:"):
         name = path.split(":", 1)[1]
         if name not in EMBEDDED:
             raise CheckpointError(f"unknown embedded checkpoint {name!r}; choices: {', '.join(EMBEDDED)}")
         return EMBEDDED[name]
+    if path.startswith("gguf:"):
+        return _resolve_gguf(path)
     p = Path(path).expanduser()
     if not p.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {p} (give a local HF checkpoint directory, "
-                              f"or embedded:stories260K)")
+                              f"embedded:stories260K, or gguf:<file under the data root>)")
     return p
 
 
