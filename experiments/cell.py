@@ -36,7 +36,6 @@ from pruning.eval import EVAL_VERSION, check_eval, evaluate
 from pruning.models import load_model
 from pruning.models.loading import resolve_checkpoint
 from pruning.surgery.save import save_pruned
-from pruning.surgery.slicing import save_sliced
 
 DENSE = "pruning.methods.baselines.dense"
 CALIB_SAMPLER_VERSION = 1
@@ -196,8 +195,7 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
 
     if run_dir is not None and cfg.get("save_model"):
         with timer("save"):
-            save = save_sliced if model.config.model_type == "sliced_llama" else save_pruned
-            extra["saved_model"] = str(save(model, Path(run_dir) / "pruned_model", tokenizer,
+            extra["saved_model"] = str(save_pruned(model, Path(run_dir) / "pruned_model", tokenizer,
                                             meta={"config_hash": config_hash(resolved), "plan": plan.to_dict()}))
     timer["total"] = time.perf_counter() - t_start
     record = make_record(

@@ -20,7 +20,8 @@ from pruning.errors import InfeasibleRatioError, PruningError
 from pruning.methods.slicegpt import Dims, pca, rotate_and_slice, slicegpt
 from pruning.models import load_model
 from pruning.surgery.modeling_sliced_llama import RMSN
-from pruning.surgery.slicing import fuse_norms, save_sliced
+from pruning.surgery.save import save_pruned
+from pruning.surgery.slicing import fuse_norms
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -190,7 +191,7 @@ def test_save_reload_both_ways(stories, stories_text_ids, calib, tmp_path):
     method = slicegpt(slicing=0.25, progress=False)
     method.apply(model, method.prune(model, 0.0, calib), calib)
     ref = logits(model, stories_text_ids)
-    out = save_sliced(model, tmp_path / "sliced", tok, meta={"note": "test"})
+    out = save_pruned(model, tmp_path / "sliced", tok, meta={"note": "test"})   # dispatches to save_sliced
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "sliced_llama" and cfg["tie_word_embeddings"] is False
     assert cfg["layer_mlp_output_dim"] == [48, 48, 48, 48, 64] and cfg["rms_norm_mean_dim"] == 64

@@ -56,7 +56,13 @@ def export_config(model: nn.Module) -> LlamaConfig:
 
 
 def save_pruned(model: nn.Module, out_dir: str | Path, tokenizer=None, meta: dict | None = None) -> Path:
-    """Write atomically: a crash leaves either the previous directory or the complete new one."""
+    """Write atomically: a crash leaves either the previous directory or the complete new one.
+
+    SliceGPT-rotated models (``sliced_llama``) have their own format: they are handed to ``save_sliced``."""
+    if getattr(model.config, "model_type", None) == "sliced_llama":
+        from pruning.surgery.slicing import save_sliced
+
+        return save_sliced(model, out_dir, tokenizer, meta)
     out_dir = Path(out_dir)
     config = export_config(model)
     is_plain = type(config) is LlamaConfig
@@ -71,6 +77,12 @@ def save_pruned(model: nn.Module, out_dir: str | Path, tokenizer=None, meta: dic
     if not is_plain:
         PrunedLlamaConfig.register_for_auto_class()
         PrunedLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    return write_checkpoint(clean, out_dir, tokenizer, meta)
+
+
+def write_checkpoint(clean: nn.Module, out_dir: str | Path, tokenizer=None, meta: dict | None = None) -> Path:
+    """``save_pretrained`` into a temp dir beside ``out_dir``, then rename: a crash leaves the old dir or the new."""
+    out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:

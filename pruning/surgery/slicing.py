@@ -8,9 +8,6 @@ Rotations are computed in float64 and cast back to the model's dtype.
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +15,7 @@ from torch import nn
 
 from pruning.errors import PruningError
 from pruning.models.adapter import adapter_for
+from pruning.surgery.save import write_checkpoint
 from pruning.surgery.modeling_sliced_llama import RMSN, SlicedLlamaConfig, SlicedLlamaDecoderLayer, \
     SlicedLlamaForCausalLM
 
@@ -210,7 +208,6 @@ def save_sliced(model: nn.Module, out_dir: str | Path, tokenizer=None, meta: dic
     ``auto_map``). A crash leaves either the previous directory or the complete new one."""
     if getattr(model.config, "model_type", None) != "sliced_llama":
         raise PruningError("save_sliced expects a SliceGPT-rotated model; use pruning.surgery.save.save_pruned")
-    out_dir = Path(out_dir)
     config = sliced_config(model, model.config.shortcuts, model.config.rms_norm_mean_dim)
     with torch.device("meta"):
         clean = SlicedLlamaForCausalLM(config)
@@ -219,18 +216,4 @@ def save_sliced(model: nn.Module, out_dir: str | Path, tokenizer=None, meta: dic
         clean.generation_config = model.generation_config
     SlicedLlamaConfig.register_for_auto_class()
     SlicedLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        clean.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if meta is not None:
-            (tmp / "pruning_meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return write_checkpoint(clean, out_dir, tokenizer, meta)
