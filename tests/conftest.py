@@ -17,6 +17,16 @@ from pruning import data  # noqa: E402
 STORIES = "embedded:stories260K"
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny-model passes are dominated by thread start-up; on a shared 2-core box one thread is far faster.
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def stories_text_ids():
     """A fixed real batch: TinyStories-like text plus WikiText, so both in- and out-of-domain tokens are checked."""

@@ -18,13 +18,7 @@ from pruning.surgery.apply import apply_plan
 from pruning.surgery.plan import PrunePlan
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Timings single-threaded: stable on a shared 2-core machine, and the tiny model gains nothing from two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def closed_form(d, V, dh, seq, layers):

@@ -20,12 +20,7 @@ from pruning.surgery.apply import mask_plan
 ATTN_MLP = 5 * (4 * 3072 + 172 * 192)     # stories260K: L·(H_kv·P_a + I·P_m) = 226,560
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

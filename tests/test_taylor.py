@@ -16,13 +16,7 @@ from pruning.structures import structure_sets
 LAYERS = [1, 2, 3, 4]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model's passes are dominated by thread start-up; on a shared 2-core box one thread is ~100x faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,14 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 ZS = "zeroshot"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """stories260K's matmuls gain nothing from a second thread, and an oversubscribed 2-core machine makes two
-    spinning threads many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 # METHODS.md §1.5 table
 COUNTS = {"boolq": 3270, "piqa": 1838, "hellaswag": 10042, "winogrande": 1267, "arc_easy": 2376,
           "arc_challenge": 1172, "openbookqa": 500}

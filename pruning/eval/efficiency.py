@@ -34,12 +34,13 @@ import gc
 import re
 import statistics
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from pruning.errors import PruningError
+from pruning.eval.blocks import config_block
 from pruning.models.adapter import adapter_for
 
 MIB = 2 ** 20
@@ -64,22 +65,7 @@ class EfficiencyConfig:
 
     @classmethod
     def from_cfg(cls, block: Any) -> "EfficiencyConfig":
-        try:
-            from omegaconf import DictConfig, OmegaConf
-
-            if isinstance(block, DictConfig):
-                block = OmegaConf.to_container(block, resolve=True)
-        except ImportError:  # pragma: no cover
-            pass
-        if isinstance(block, EfficiencyConfig):
-            return block
-        if not isinstance(block, dict):
-            raise PruningError(f"eval.efficiency must be a mapping, got {type(block).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(block) - known)
-        if unknown:
-            raise PruningError(f"eval.efficiency: unknown keys {unknown}; allowed: {sorted(known)}")
-        return cls(**block)
+        return config_block(cls, block, "eval.efficiency")
 
 
 # ----------------------------------------------------------------------------------------------------- MACs

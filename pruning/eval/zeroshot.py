@@ -30,12 +30,13 @@ import logging
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pruning import data
 from pruning.errors import PruningError
+from pruning.eval.blocks import config_block
 from pruning.eval.tasks import TASKS
 
 TASK_ORDER = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
@@ -88,22 +89,7 @@ class ZeroShotConfig:
     @classmethod
     def from_cfg(cls, block: Any) -> "ZeroShotConfig":
         """From the Hydra ``eval.zeroshot`` node (or a plain dict); unknown keys are an error, not ignored."""
-        try:
-            from omegaconf import DictConfig, OmegaConf
-
-            if isinstance(block, DictConfig):
-                block = OmegaConf.to_container(block, resolve=True)
-        except ImportError:  # pragma: no cover - omegaconf is a core dependency
-            pass
-        if isinstance(block, ZeroShotConfig):
-            return block
-        if not isinstance(block, dict):
-            raise PruningError(f"eval.zeroshot must be a mapping, got {type(block).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(block) - known)
-        if unknown:
-            raise PruningError(f"eval.zeroshot: unknown keys {unknown}; allowed: {sorted(known)}")
-        return cls(**block)
+        return config_block(cls, block, "eval.zeroshot")
 
 
 def task_files(name: str) -> dict[str, Path]:
