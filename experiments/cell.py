@@ -35,6 +35,7 @@ from pruning.calibration import cached_statistics
 from pruning.eval import EVAL_VERSION, check_eval, evaluate
 from pruning.models import load_model
 from pruning.models.loading import resolve_checkpoint
+from pruning.runtime import check_device, resolve_dtype, seed_everything
 from pruning.surgery.save import save_pruned
 
 DENSE = "pruning.methods.baselines.dense"
@@ -49,9 +50,7 @@ def set_threads(threads: int | None) -> int:
 
 
 def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    return check_device(name)          # auto -> cuda when present; cuda on a CPU-only machine -> one clear error
 
 
 class Timer(dict):
@@ -79,14 +78,17 @@ def dense_config(resolved: dict) -> dict:
     return d
 
 
-def cell_config(cfg: DictConfig) -> dict:
+def cell_config(cfg: DictConfig, uses_calibration: bool = True) -> dict:
     """The resolved config that identifies a cell, with content fingerprints so a changed checkpoint or eval
-    code makes a new cell instead of silently reusing an old number."""
+    code makes a new cell instead of silently reusing an old number. A method that reads no calibration data
+    (magnitude, random) has no calibration in its identity, so a calibration-seed sweep runs it once."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["model"]["fingerprint"] = dir_fingerprint(resolve_checkpoint(cfg.model.path))
     resolved["eval"]["version"] = EVAL_VERSION
     if resolved["method"].get("_target_") == DENSE:
         resolved = dense_config(resolved)
+    elif not uses_calibration:
+        resolved.pop("calibration", None)
     return resolved
 
 
@@ -113,8 +115,9 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     ratio = check_ratio(cfg.pruning.ratio)
     check_eval(cfg.eval)                      # unknown protocol keys / missing data files fail before loading
     set_threads(cfg.get("threads"))
-    torch.manual_seed(int(cfg.seed))
+    seed_everything(cfg.seed)                 # random, numpy, torch: the one place (pruning.runtime)
     device = pick_device(cfg.device)
+    dtype = resolve_dtype(cfg.model.dtype, device, cfg.model.get("device_map"))   # e.g. float16 on CPU -> error
     progress = bool(cfg.get("progress", True))
     recovery_cfg = cfg.get("recovery")
     recovering = recovery_cfg is not None and recovery_cfg.get("name", "none") != "none"
@@ -124,7 +127,8 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         check_recovery(recovery_cfg)
     store = ResultsStore(cfg.store.dir) if cfg.store.dir else ResultsStore()
 
-    resolved = cell_config(cfg)
+    method = build_method(cfg)                # cheap (no model yet); it decides whether calibration is identity
+    resolved = cell_config(cfg, uses_calibration=method.needs_calibration)
     is_dense = resolved["method"]["_target_"] == DENSE
     ratio = 0.0 if is_dense else ratio
     done = store.get(config_hash(resolved))
@@ -135,10 +139,9 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     dense_record = None if (is_dense or cfg.get("force", False)) else store.get(config_hash(dense_resolved))
 
     with timer("load"):
-        model, tokenizer, adapter = load_model(cfg.model.path, cfg.model.dtype, cfg.model.get("device_map"))
+        model, tokenizer, adapter = load_model(cfg.model.path, dtype, cfg.model.get("device_map"))
         if cfg.model.get("device_map") is None:
             model.to(device)
-    method = build_method(cfg)
     budget = method.budget(model, ratio)      # impossible ratio -> clear error before any scoring
 
     calib, calib_cached = None, None
@@ -177,7 +180,8 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     extra = {"plan": plan.to_dict(), "widths": [w.as_dict() for w in adapter.all_widths()],
              "dense_record": None if is_dense else config_hash(dense_resolved)}
     if not is_dense:
-        extra["calibration"] = dict(resolved["calibration"], used=method.needs_calibration, cached=calib_cached,
+        extra["calibration"] = dict(resolved.get("calibration", {}), used=method.needs_calibration,
+                                    cached=calib_cached,
                                     statistics=stats_log,
                                     source=str(data.calibration_source(cfg.calibration.dataset))
                                     if method.needs_calibration else None)

@@ -110,6 +110,15 @@ def _plain_config(cfg: Any) -> dict:
     return plain
 
 
+def _drop_progress(value):
+    """Progress bars change no number: a method's `progress: ${progress}` copy is not identity either."""
+    if isinstance(value, Mapping):
+        return {k: _drop_progress(v) for k, v in value.items() if k != "progress"}
+    if isinstance(value, list):
+        return [_drop_progress(v) for v in value]
+    return value
+
+
 def config_hash(cfg: Mapping) -> str:
     """Identity of a cell: same semantic config, same hash, whichever store, logger or machine ran it.
 
@@ -118,7 +127,7 @@ def config_hash(cfg: Mapping) -> str:
     type for the same override text, so this only matters for hand-built configs.
     """
     plain = _plain_config(cfg)
-    semantic = {k: v for k, v in plain.items() if k not in NON_SEMANTIC}
+    semantic = _drop_progress({k: v for k, v in plain.items() if k not in NON_SEMANTIC})
     text = json.dumps(semantic, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 

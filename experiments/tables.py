@@ -232,7 +232,7 @@ def _identity_leaves(record: Mapping) -> dict[tuple, str]:
     leaves = _flat_config(cfg)
     if isinstance(model, Mapping):   # the model is its own row key; its variants (dtype, fingerprint) still count
         leaves.update({("model",) + k: v for k, v in _flat_config(model).items() if k != ("name",)})
-    return {k: v for k, v in leaves.items() if k and k[-1] != "seed"}
+    return {k: v for k, v in leaves.items() if k and k[-1] not in ("seed", "progress")}
 
 
 def _fmt_leaf(value: str) -> str:
@@ -266,6 +266,16 @@ def _variant_labels(records: Sequence[Mapping], bases: Sequence[str]) -> list[st
     return labels
 
 
+def seed_key(record: Mapping) -> str | None:
+    """What makes two runs of one row repeats: the run seed, plus the calibration seed when calibration was read
+    (a calibration-seed sweep at one run seed is n repeats, not one overwritten cell)."""
+    cfg = record.get("config") or {}
+    if cfg.get("seed") is None:
+        return None
+    calib = record.get("calibration") or {}
+    return f"{cfg['seed']}/{calib.get('seed')}" if calib.get("used") else str(cfg["seed"])
+
+
 def observations(records: Iterable[Mapping]) -> pd.DataFrame:
     """Long format: one row per metric value of every record and phase (pruned, dense, prerecovery).
 
@@ -288,7 +298,7 @@ def observations(records: Iterable[Mapping]) -> pd.DataFrame:
         rec_name = _recovery(rec)
         suffix = f" [{variant}]" if variant else ""
         common = {"config_hash": rec.get("config_hash"), "created": rec.get("created"), "model": model,
-                  "params_before": params.get("before"), "seed": cfg.get("seed")}
+                  "params_before": params.get("before"), "seed": seed_key(rec)}
         metrics = rec.get("metrics") or {}
         blocks: dict[str, dict[str, Any]] = {"pruned": {}, "dense": {}, "prerecovery": {}}
         for name, block in metrics.items():
@@ -307,7 +317,7 @@ def observations(records: Iterable[Mapping]) -> pd.DataFrame:
                 ident = dict(method=label, base_method=base, anchor_method=anchor_method(rec, recovered),
                              ratio=ratio, paper_ratio=paper_ratio(rec),
                              achieved=float(achieved) if is_number(achieved) else None,
-                             params_after=params.get("after"), seed=cfg.get("seed"))
+                             params_after=params.get("after"), seed=seed_key(rec))
             for head, block in heads.items():
                 for row in _block_rows(head, block):
                     rows.append({**common, **ident, "phase": phase, "dataset": None, "split": None, **row})
@@ -369,6 +379,12 @@ TABLES: dict[str, TableSpec] = {
         notes=("PPL: ppl2048-sg (WikiText-2 test, 2048-token windows, mean of per-window NLL). Zero-shot: SliceGPT's "
                "5 tasks (acc_norm: PIQA, HellaSwag, ARC-e, ARC-c; acc: WinoGrande), %. SliceGPT's ratio is the sliced "
                "fraction of the hidden size, not of the parameters.", RATIO_NOTE)),
+    "ratio_sweep": TableSpec(
+        name="ratio_sweep", title="Every method by pruning ratio: WikiText-2 and PTB PPL (seq 128)",
+        paper=(), blocks=(), anchor_model="LLaMA-7B", ppl=(W2_128, PTB_128),
+        notes=("PPL: ppl128-lp (WikiText-2 test, PTB validation, 128-token windows, one BOS). n = calibration seeds "
+               "(methods that read no calibration data run once). Published numbers: see the paper tables.",
+               RATIO_NOTE)),
     "flap_lm": TableSpec(
         name="flap_lm", title="FLAP language-modelling table: WikiText-2 PPL (seq 128) by pruning ratio",
         paper=("FLAP",), blocks=("D1",), anchor_model="LLaMA-7B", ppl=(W2_128,), layout="ratio_pivot",
