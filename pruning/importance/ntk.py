@@ -18,10 +18,13 @@ from pruning.importance import SCORERS
 from pruning.importance.taylor import GradientScorer
 
 
-def output_objective(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def output_objective_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """f = mean_{b,v} max_t logits[b, t, v] (a mean over the batch, so micro-batches weight by size)."""
-    logits = model(input_ids=ids, use_cache=False).logits
     return logits.float().max(dim=1).values.mean()
+
+
+def output_objective(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return output_objective_from_logits(model(input_ids=ids, use_cache=False).logits)
 
 
 @SCORERS.register("ntk")
@@ -30,11 +33,12 @@ class NTKScorer(GradientScorer):
 
     variant = "element1"
 
-    def __init__(self, micro_batch: int | None = None, budget: float = 0.25):
-        super().__init__("sum", micro_batch, budget)
+    def __init__(self, micro_batch: int | None = None, budget: float = 0.25, layerwise: bool = False,
+                 offload: bool = False, device: str | None = None):
+        super().__init__("sum", micro_batch, budget, layerwise, offload, device)
 
-    def objective(self, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        return output_objective(model, ids)
+    def logits_objective(self, model: nn.Module, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return output_objective_from_logits(logits)
 
 
 @torch.no_grad()

@@ -20,6 +20,8 @@ accumulator (a few floats per row/column) and frees ``.grad`` at once, so no two
 ``budget``·weight bytes), at the cost of one round of N per-sample passes per chunk. ``micro_batch`` splits the
 full-batch pass too (then a chunk's gradients are held across micro-batches), bounding activation memory as well.
 ``element2_fisher`` folds w²·g_n²/N straight from each per-sample pass and needs no buffer at all.
+``layerwise`` runs every one of those backward passes one decoder layer's graph at a time (``pruning.importance.
+layerwise``): activation memory of one layer instead of all, the same gradients, the same folding hooks.
 
 Peak memory of the fit is measured and returned (``fit(...)["memory"]``), see ``peak_memory``.
 """
@@ -36,9 +38,12 @@ from torch import nn
 
 from pruning.errors import PruningError
 from pruning.importance import SCORERS, Scorer, aggregate, gather_units
+from pruning.importance.layerwise import backward_layerwise, execution_device, placement
+from pruning.runtime import FP16_CPU
 from pruning.structures import StructureSet
 
 TAYLOR = ("vector", "element1", "element2", "element2_fisher")
+MEMORY_OPTIONS = ("micro_batch", "budget", "layerwise", "offload", "device")   # the ``method.memory`` block
 _SLICE_ELEMS = 1 << 22          # fold large weights in row slices so float64 temporaries stay ≤ 32 MB
 
 
@@ -114,9 +119,37 @@ def weight_bytes(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------------------------------- engine
 
 
+def lm_loss_from_logits(model: nn.Module, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The model's own causal-LM loss (HF ``loss_function``, what ``model(labels=ids).loss`` computes), taken on
+    logits so the layer-wise engine can apply it to logits it rebuilt from the last hidden state."""
+    return model.loss_function(logits=logits, labels=ids, vocab_size=model.config.vocab_size)
+
+
 def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Mean token cross-entropy of the batch with labels = inputs (LLM-Pruner's calibration loss)."""
-    return model(input_ids=ids, labels=ids, use_cache=False).loss
+    return lm_loss_from_logits(model, model(input_ids=ids, use_cache=False).logits, ids)
+
+
+def check_memory_options(micro_batch=None, budget=0.25, layerwise=False, offload=False, device=None) -> None:
+    """``method.memory`` settings, checked before any pass (the factories call this through the scorer)."""
+    if micro_batch is not None and (isinstance(micro_batch, bool) or int(micro_batch) < 1):
+        raise PruningError(f"memory.micro_batch must be a positive int or null, got {micro_batch}")
+    if not float(budget) > 0:
+        raise PruningError(f"memory.budget must be > 0 (a fraction of the weights' bytes), got {budget}")
+    for name, v in (("layerwise", layerwise), ("offload", offload)):
+        if not isinstance(v, bool):
+            raise PruningError(f"memory.{name} must be true or false, got {v!r}")
+    if (offload or device is not None) and not layerwise:
+        raise PruningError("memory.offload and memory.device apply to layer-wise scoring: set memory.layerwise: "
+                           "true")
+    if device is not None:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise PruningError(f"memory.device {device!r} is not a torch device: {e}") from e
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise PruningError(f"memory.device={device!r} but CUDA is not available on this machine; use null "
+                               "(score where the model is)")
 
 
 class GradientScorer(Scorer):
@@ -130,19 +163,27 @@ class GradientScorer(Scorer):
     needs_calibration = True
     variant = "element1"
 
-    def __init__(self, aggregation: str = "sum", micro_batch: int | None = None, budget: float = 0.25):
+    def __init__(self, aggregation: str = "sum", micro_batch: int | None = None, budget: float = 0.25,
+                 layerwise: bool = False, offload: bool = False, device: str | None = None):
         aggregate([torch.zeros(1)], aggregation)   # unknown name -> error now
-        if micro_batch is not None and int(micro_batch) < 1:
-            raise PruningError(f"memory.micro_batch must be a positive int or null, got {micro_batch}")
-        if not float(budget) > 0:
-            raise PruningError(f"memory.budget must be > 0 (a fraction of the weights' bytes), got {budget}")
+        check_memory_options(micro_batch, budget, layerwise, offload, device)
         self.aggregation = aggregation
         self.micro_batch = None if micro_batch is None else int(micro_batch)
         self.budget = float(budget)
+        self.layerwise, self.offload = layerwise, offload
+        self.device = None if device is None else torch.device(device)
         self._channels: dict[tuple[int, int], torch.Tensor] = {}
+        self._hold: set[int] = set()          # layer-wise: ids whose gradient is incomplete (tied, head chunks)
+        self._held: dict[int, int] = {}       # their gradient bytes, for the state accounting
 
     def objective(self, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        return lm_loss(model, ids)
+        """The scalar whose gradient is scored; a mean over the items of ``ids``."""
+        return self.logits_objective(model, model(input_ids=ids, use_cache=False).logits, ids)
+
+    def logits_objective(self, model: nn.Module, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The objective as a function of the logits (the layer-wise engine rebuilds them from the last hidden
+        state, so both engines score the same function)."""
+        return lm_loss_from_logits(model, logits, ids)
 
     # -- reading ---------------------------------------------------------------------------------------------
     def __call__(self, sset: StructureSet) -> torch.Tensor:
@@ -177,7 +218,14 @@ class GradientScorer(Scorer):
                 dims.setdefault(id(m.weight), set()).add(m.dim)
         if not params:
             raise PruningError(f"{type(self).__name__}: nothing to score (no structure members)")
-        device = model.get_input_embeddings().weight.device
+        device = execution_device(model, self.device) if self.layerwise else model.get_input_embeddings().weight.device
+        if any(p.device.type == "meta" for p in params.values()):
+            raise PruningError("gradient scoring needs the weights in memory, but some are on the meta device "
+                               "(accelerate offloading from a device_map with cpu/disk entries); load with a GPU-only "
+                               "device_map, or load on the CPU and set method.memory.layerwise=true "
+                               "method.memory.device=cuda")
+        if device.type == "cpu" and any(p.dtype == torch.float16 for p in params.values()):
+            raise PruningError(FP16_CPU)
         calib = calib.long().to(device)
         n = calib.shape[0]
         flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
@@ -188,13 +236,15 @@ class GradientScorer(Scorer):
                           for pid in params for d in sorted(dims[pid])}
         plist = list(params.values())
         self._stats = {"passes": 0, "state_peak_bytes": 0}
+        self._hold, self._held = set(), {}
         self._acc_bytes = sum(t.numel() * 8 for t in self._channels.values())
         wbytes = weight_bytes(model)
         was_training = model.training
         model.eval()
         t0 = time.perf_counter()
         try:
-            with peak_memory(device) as mem, torch.enable_grad():
+            with placement(model, self.device if self.layerwise else None), peak_memory(device) as mem, \
+                    torch.enable_grad():
                 chunks = self._run(model, calib, n, plist, dims, wbytes)
         finally:
             for p, flag in flags.values():
@@ -209,6 +259,8 @@ class GradientScorer(Scorer):
         return {"scorer": type(self).__name__, "variant": self.variant, "aggregation": self.aggregation,
                 "n_samples": int(n), "seq_len": int(calib.shape[1]), "backward_passes": self._stats["passes"],
                 "chunks": chunks, "micro_batch": self.micro_batch, "seconds": round(time.perf_counter() - t0, 3),
+                "layerwise": self.layerwise, "offload": self.offload,
+                "device": None if self.device is None else str(self.device),
                 "memory": {"method": mem["method"], "weight_bytes": wbytes, "peak_extra_bytes": peak,
                            "peak_ratio": None if peak is None else round((wbytes + peak) / wbytes, 4),
                            "state_bytes": state, "state_ratio": round((wbytes + state) / wbytes, 4),
@@ -218,7 +270,8 @@ class GradientScorer(Scorer):
                                    "accounted from tensor sizes; activations excluded"}}
 
     def _state(self, nbytes: int) -> None:
-        self._stats["state_peak_bytes"] = max(self._stats["state_peak_bytes"], self._acc_bytes + int(nbytes))
+        held = sum(self._held.values())
+        self._stats["state_peak_bytes"] = max(self._stats["state_peak_bytes"], self._acc_bytes + int(nbytes) + held)
 
     def _chunks(self, plist: list[nn.Parameter], per_param: int, wbytes: int) -> list[list[nn.Parameter]]:
         """Consecutive parameters whose held buffers (``per_param`` fp32 copies each) fit ``budget``·weight bytes."""
@@ -236,10 +289,17 @@ class GradientScorer(Scorer):
         return chunks + ([cur] if cur else [])
 
     def _backward(self, model, ids, weight: float) -> None:
-        out = self.objective(model, ids)
-        if not torch.isfinite(out):
-            raise PruningError(f"gradient scoring objective is not finite ({out.item()}); check the calibration data")
-        (out * weight).backward()
+        def checked(out):
+            if not torch.isfinite(out):
+                raise PruningError(f"gradient scoring objective is not finite ({out.item()}); check the "
+                                   "calibration data")
+            return out * weight
+
+        if self.layerwise:
+            backward_layerwise(model, ids, lambda logits, chunk: checked(self.logits_objective(model, logits, chunk)),
+                               self._hold, offload=self.offload, device=self.device)
+        else:
+            checked(self.objective(model, ids)).backward()
         self._stats["passes"] += 1
 
     def _run(self, model, calib, n, plist, dims, wbytes) -> int:
@@ -263,7 +323,8 @@ class GradientScorer(Scorer):
         def hook(p):
             g = p.grad
             self._state(fbytes + g.numel() * g.element_size())
-            fbuf[id(p)].addcmul_(g.float(), g.float(), value=1.0 / n)
+            f, g = fbuf[id(p)], g.float().to(fbuf[id(p)].device)
+            f.addcmul_(g, g, value=1.0 / n)
             p.grad = None
 
         self._with_hooks(chunk, hook, lambda: [self._backward(model, calib[i:i + 1], 1.0) for i in range(n)])
@@ -301,11 +362,17 @@ class GradientScorer(Scorer):
                 p.requires_grad_(False)
         return 1
 
-    @staticmethod
-    def _with_hooks(chunk, hook, body) -> None:
+    def _with_hooks(self, chunk, hook, body) -> None:
+        def gated(p):                 # a gradient still missing a segment's share (layer-wise, tied) is not folded yet
+            if id(p) in self._hold:
+                self._held[id(p)] = p.grad.numel() * p.grad.element_size()
+                return
+            self._held.pop(id(p), None)
+            hook(p)
+
         for p in chunk:
             p.requires_grad_(True)
-        handles = [p.register_post_accumulate_grad_hook(hook) for p in chunk]
+        handles = [p.register_post_accumulate_grad_hook(gated) for p in chunk]
         try:
             body()
         finally:
@@ -324,23 +391,23 @@ class GradientScorer(Scorer):
         step = max(1, _SLICE_ELEMS // max(1, p[0].numel())) if p.dim() > 1 else rows
         for s in range(0, rows, step):
             w = p.detach()[s:s + step].double()
-            gg = g[s:s + step].double()
+            gg = g[s:s + step].double().to(w.device)
             if fisher_weight is not None:                 # element2_fisher: w²·g_n² / N
                 term = (w * gg).square_().mul_(fisher_weight)
             else:
                 term = w * gg
                 if f is not None:                          # element2: w·g − ½·w²·F
-                    term.sub_(0.5 * w.square() * f[s:s + step].double())
+                    term.sub_(0.5 * w.square() * f[s:s + step].double().to(w.device))
                 if self.variant != "vector":
                     term.abs_()                            # vector takes |·| after the whole row/column sum
             for d in dims:
                 acc = self._channels[(id(p), d)]
                 if p.dim() == 1:
-                    acc[s:s + step] += term
+                    acc[s:s + step] += term.to(acc.device)
                 elif d == 0:
-                    acc[s:s + step] += term.sum(1)
+                    acc[s:s + step] += term.sum(1).to(acc.device)
                 else:
-                    acc += term.sum(0)
+                    acc += term.sum(0).to(acc.device)
 
 
 class TaylorScorer(GradientScorer):
@@ -373,4 +440,5 @@ def taylor_scorer(variant: str, **kwargs) -> TaylorScorer:
     return SCORERS.get(variant)(**kwargs)
 
 
-__all__ = ["TAYLOR", "GradientScorer", "TaylorScorer", "lm_loss", "peak_memory", "taylor_scorer", "weight_bytes"]
+__all__ = ["MEMORY_OPTIONS", "TAYLOR", "GradientScorer", "TaylorScorer", "check_memory_options", "lm_loss",
+           "lm_loss_from_logits", "peak_memory", "taylor_scorer", "weight_bytes"]

@@ -26,7 +26,7 @@ from torch import nn
 from pruning.allocation import Uniform
 from pruning.errors import PruningError
 from pruning.importance import AGGREGATIONS, RandomScorer
-from pruning.importance.taylor import TAYLOR, GradientScorer, taylor_scorer
+from pruning.importance.taylor import MEMORY_OPTIONS, TAYLOR, GradientScorer, check_memory_options, taylor_scorer
 from pruning.methods.base import ScoreAndAllocate
 from pruning.models.adapter import adapter_for
 from pruning.structures import StructureSet
@@ -84,8 +84,9 @@ def llm_pruner(importance: str = "element1", aggregation: str = "sum", strategy:
                surgery: dict | None = None, allocation: Uniform | None = None) -> LLMPruner:
     """``allocation`` defaults to LLM-Pruner's layer range; ``group_ratio`` (if set) fixes p on it.
 
-    ``memory``: ``micro_batch`` (null = one backward over all samples, as the official code) and ``budget``
-    (fraction of the weights' bytes a chunk's held gradients/Fisher may take); see ``pruning.importance.taylor``.
+    ``memory``: ``micro_batch`` (null = one backward over all samples, as the official code), ``budget``
+    (fraction of the weights' bytes a chunk's held gradients/Fisher may take), ``layerwise`` (backward one decoder
+    layer at a time; same scores), ``offload`` / ``device`` (layer-wise only); see ``pruning.importance.taylor``.
     """
     if importance not in IMPORTANCES:
         raise PruningError(f"unknown llm_pruner importance {importance!r}; choices: {', '.join(IMPORTANCES)}")
@@ -97,9 +98,11 @@ def llm_pruner(importance: str = "element1", aggregation: str = "sum", strategy:
     if hidden_norm not in HIDDEN_NORMS:
         raise PruningError(f"unknown surgery.hidden_norm {hidden_norm!r}; choices: {', '.join(HIDDEN_NORMS)}")
     memory = dict(memory or {})
-    unknown = set(memory) - {"micro_batch", "budget"}
+    unknown = set(memory) - set(MEMORY_OPTIONS)
     if unknown:
-        raise PruningError(f"unknown llm_pruner memory options {sorted(unknown)}; choices: micro_batch, budget")
+        raise PruningError(f"unknown llm_pruner memory options {sorted(unknown)}; choices: {', '.join(MEMORY_OPTIONS)}")
+    if importance == "random":
+        check_memory_options(**memory)         # checked even when unused, so a typo'd value never passes silently
     allocation = allocation or Uniform(layer_start_frac=LAYER_START_FRAC, layer_end_frac=LAYER_END_FRAC)
     if group_ratio is not None:
         if not 0.0 <= float(group_ratio) < 1.0:

@@ -23,6 +23,7 @@ from torch import nn
 from pruning.allocation.nirvana import NirvanaAllocation
 from pruning.errors import PruningError
 from pruning.importance.ntk import NTKScorer, kl_to_reference, next_token_logprobs
+from pruning.importance.taylor import MEMORY_OPTIONS
 from pruning.methods.base import ScoreAndAllocate
 from pruning.surgery.apply import apply_plan
 from pruning.surgery.plan import PrunePlan
@@ -97,8 +98,9 @@ def nirvana(gamma: float = 3.36, round_to: int = 8, sparsity: float | None = Non
         raise PruningError(f"unknown nirvana kl_select options {sorted(unknown)}; choices: {', '.join(KL_DEFAULTS)}")
     kl.update(kl_select or {})
     memory = dict(memory or {})
-    if set(memory) - {"micro_batch", "budget"}:
-        raise PruningError(f"unknown nirvana memory options {sorted(memory)}; choices: micro_batch, budget")
+    if set(memory) - set(MEMORY_OPTIONS):
+        raise PruningError(f"unknown nirvana memory options {sorted(set(memory) - set(MEMORY_OPTIONS))}; choices: "
+                           f"{', '.join(MEMORY_OPTIONS)}")
     try:
         alloc = NirvanaAllocation(gamma=float(gamma), round_to=int(round_to), sparsity=sparsity)
     except (TypeError, ValueError) as e:

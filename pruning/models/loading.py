@@ -104,8 +104,13 @@ def read_config(ckpt: Path):
         raise CheckpointError(f"corrupt checkpoint config {cfg_file}: {str(e).splitlines()[0]}") from e
 
 
-def load_model(path: str, dtype: str = "float32", device_map: str | dict | None = None):
-    """Return (model, tokenizer, adapter). ``device_map`` (e.g. "auto") spreads big models over several GPUs."""
+def load_model(path: str, dtype: str | torch.dtype = "float32", device_map: str | dict | None = None):
+    """Return (model, tokenizer, adapter). ``device_map`` (e.g. "auto") spreads big models over several GPUs;
+    ``dtype`` and ``device_map`` go to ``from_pretrained`` as given, after the checks of ``pruning.runtime``."""
+    from pruning.runtime import map_uses_gpu, normalize_device_map, torch_dtype
+
+    device_map = normalize_device_map(device_map)      # a GPU named on a CPU-only machine: one line, nothing read
+    dtype = torch_dtype(dtype, on_gpu=map_uses_gpu(device_map))
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -117,7 +122,7 @@ def load_model(path: str, dtype: str = "float32", device_map: str | dict | None 
     if not weights:
         raise CheckpointError(f"corrupt checkpoint {ckpt}: no *.safetensors or *.bin weight files")
     try:
-        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=getattr(torch, dtype), device_map=device_map)
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, device_map=device_map)
     except Exception as e:  # safetensors/pickle/shape errors all mean the files on disk are unusable
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"corrupt checkpoint {ckpt}: {msg}") from e

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Reproduces everything in results/: the CPU size of every experiment preset on SmolLM2-135M (the table model) and
+# stories260K (the quick one), then the tables and the report, from the records in results/store.
+#   bash scripts/reference_runs.sh            # all (hours on 2 CPU cores; finished cells are store hits)
+#   bash scripts/reference_runs.sh tables     # only re-render tables + report from the committed records
+# SmolLM2's ratio sweep runs at 20% and 50% only (CPU budget); stories260K runs every ratio 10-50%.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-disabled}
+PY=${PYTHON:-python}
+STORE=results/store
+run() { "$PY" run.py -m "$@" store.dir=$STORE progress=false; }
+
+if [[ "${1:-all}" != tables ]]; then
+  "$PY" run.py experiment=ratio_sweep method=dense store.dir=$STORE progress=false   # dense once, before 2 parallel jobs
+  run experiment=ratio_sweep pruning.ratio=0.2,0.5          # SmolLM2-135M
+  run experiment=llm_pruner_table1
+  run experiment=ratio_sweep model=stories260k
+  run experiment=llm_pruner_table1 model=stories260k
+  run experiment=flap_table model=stories260k
+  run experiment=slicegpt_table model=stories260k
+  run experiment=search_llm_table2 model=stories260k
+  run experiment=flap_table
+  run experiment=slicegpt_table
+  run experiment=search_llm_table2
+fi
+"$PY" -m experiments.tables --store $STORE --all --out results/
+"$PY" -m experiments.report --store $STORE --out results/report.html --screenshot results/report.png
