@@ -51,6 +51,8 @@ CASES = {
     "unsupported_arch": (lambda t: [f"model.path={unsupported_checkpoint(t)}"], {},
                          ["model_type='gpt2'", "supported families", "llama"]),
     "corrupt_checkpoint": (lambda t: [f"model.path={corrupt_checkpoint(t)}"], {}, ["corrupt checkpoint"]),
+    "hub_model_offline": (lambda t: ["model=qwen25_7b"], {"HF_HUB_CACHE": "EMPTY"},
+                          ["hub model Qwen/Qwen2.5-7B", "offline", "PRUNING_MODEL_PATH"]),
 }
 
 
@@ -60,6 +62,9 @@ def test_bad_input_one_line_no_record(case, tmp_path):
     if env.get("PRUNING_DATA") == "EMPTY":
         (tmp_path / "empty").mkdir()
         env = {"PRUNING_DATA": str(tmp_path / "empty")}
+    if env.get("HF_HUB_CACHE") == "EMPTY":           # no cached copy, whatever this machine's HF cache holds
+        (tmp_path / "hf").mkdir()
+        env = {"HF_HUB_CACHE": str(tmp_path / "hf")}
     proc, lines, records = run_cli(make_args(tmp_path), tmp_path, env)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), lines

@@ -43,7 +43,7 @@ from pruning.surgery.compensation import removed_inputs
 from pruning.surgery.plan import PrunePlan
 
 ATTN_UNITS = ("kv_group",)
-PRESETS = ("paper", "code", "quick")
+PRESETS = ("paper", "code", "quick", "init")   # labels; init = generations 0 (the saliency start alone)
 ADMM_DEFAULTS = {"enabled": True, "rho": 1.0, "iterations": 30, "precondition": True, "damping": 0.0,
                  "projection": "kept"}
 FITNESS_DEFAULTS = {"n_windows": 5, "batch_size": 8}

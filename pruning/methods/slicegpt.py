@@ -8,7 +8,8 @@ Split between the two method calls (the cell's ``prune`` -> ``apply``):
   [d′, d) as kind ``hidden``, *in the rotated (PCA) basis*: it is replayed only through ``SliceGPT.apply``, never
   by ``apply_plan`` (which would cut original channels).
 - ``apply`` fuses the norms, computes the rotations on the calibration batches and rotates/slices every weight.
-  The model becomes ``SlicedLlamaForCausalLM`` in place; save it with ``pruning.surgery.slicing.save_sliced``.
+  The model becomes its family's ``Sliced<Family>ForCausalLM`` in place; save it with
+  ``pruning.surgery.slicing.save_sliced``.
 
 Rotations, as the official ``rotate_and_slice_sequential``: Q_0 from the embedding output; per layer, Q_mid from the
 residual between attention and MLP (the input of ``post_attention_norm``) with the layer's inputs already rotated
@@ -109,7 +110,8 @@ class SliceGPT:
         dims = self.dims(model, width)
         return slicing.sliced_num_params(adapter.embed_tokens.weight.shape[0], adapter.head_dim,
                                          [x.num_heads for x in w], [x.num_kv_heads for x in w],
-                                         [x.intermediate_size for x in w], dims.attn_in, dims.mlp_in, dims.mlp_out)
+                                         [x.intermediate_size for x in w], dims.attn_in, dims.mlp_in, dims.mlp_out,
+                                         fixed=slicing.fixed_params(model))
 
     def width_for(self, model: nn.Module, ratio: float) -> int:
         """d′: from ``slicing`` (floor((1−s)·d), rounded down to the interval, as the official code), else the
@@ -206,7 +208,7 @@ def rotate_and_slice(model: nn.Module, calib: torch.Tensor, dims: Dims, orient=l
     adapter = adapter_for(model)
     layers = list(adapter.layers)
     L = len(layers)
-    if model.config.model_type != "sliced_llama" or model.config.shortcuts:
+    if not slicing.is_sliced(model) or model.config.shortcuts:
         raise PruningError("rotate_and_slice expects a norm-fused, not yet rotated model (slicing.fuse_norms)")
     emb = collect(model, calib, {"block_in": ("xtx",)}, layers=[0], mode="dense", batch_size=batch_size,
                   progress=progress)
@@ -280,7 +282,7 @@ def _hidden(model: nn.Module) -> int:
 
 
 def _check_model(model: nn.Module) -> None:
-    if getattr(model.config, "model_type", None) == "sliced_llama":
+    if slicing.is_sliced(model):
         raise PruningError("this model is already SliceGPT-rotated; slice the original model instead")
     slicing.check_sliceable(model)
 

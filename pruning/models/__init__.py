@@ -1,7 +1,11 @@
-"""Model families: adapters (where things are) and loading."""
+"""Model families: adapters (where things are) and loading. One short module per family."""
 
-from pruning.models.adapter import ADAPTERS, LayerWidths, ModelAdapter, adapter_class, adapter_for
+from pruning.models.adapter import ADAPTERS, LayerWidths, ModelAdapter, adapter_class, adapter_for, family_types
 from pruning.models.llama import LlamaAdapter
+from pruning.models.mistral import MistralAdapter
+from pruning.models.qwen2 import Qwen2Adapter
+from pruning.models.qwen3 import Qwen3Adapter
 from pruning.models.loading import load_model
 
-__all__ = ["ADAPTERS", "LayerWidths", "ModelAdapter", "LlamaAdapter", "adapter_class", "adapter_for", "load_model"]
+__all__ = ["ADAPTERS", "LayerWidths", "ModelAdapter", "LlamaAdapter", "MistralAdapter", "Qwen2Adapter",
+           "Qwen3Adapter", "adapter_class", "adapter_for", "family_types", "load_model"]

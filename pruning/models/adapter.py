@@ -31,9 +31,15 @@ class LayerWidths:
         return asdict(self)
 
 
+def family_types(family: str) -> tuple[str, ...]:
+    """The model_types of one family: its own and our two save formats (``pruned_<family>``, ``sliced_<family>``)."""
+    return family, f"pruned_{family}", f"sliced_{family}"
+
+
 class ModelAdapter(ABC):
     """Base adapter for decoder-only models with pre-norm attention + gated MLP blocks."""
 
+    family: str = ""                     # the base model_type; keys the save formats' class table
     model_types: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module):
@@ -136,9 +142,9 @@ def adapter_class(config) -> type[ModelAdapter]:
         cls = ADAPTERS.get(name)
         if model_type in cls.model_types:
             return cls
-    supported = sorted({t for n in ADAPTERS.names() for t in ADAPTERS.get(n).model_types})
     raise UnsupportedModelError(
-        f"no adapter for architecture model_type={model_type!r}; supported families: {', '.join(supported)}"
+        f"no adapter for architecture model_type={model_type!r}; supported families: "
+        f"{', '.join(ADAPTERS.names())} (and their pruned_*/sliced_* save formats)"
     )
 
 

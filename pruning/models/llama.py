@@ -1,15 +1,17 @@
-"""Llama family adapter: Llama 1/2/3, Vicuna and our saved pruned-Llama format (GQA aware)."""
+"""Llama family adapter: Llama 1/2/3 (Llama-3's GQA and RoPE scaling are config), Vicuna, and our pruned/sliced
+save formats (GQA aware). Mistral, Qwen2 and Qwen3 put their modules in the same places and subclass it."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from pruning.models.adapter import ADAPTERS, ModelAdapter
+from pruning.models.adapter import ADAPTERS, ModelAdapter, family_types
 
 
 @ADAPTERS.register("llama")
 class LlamaAdapter(ModelAdapter):
-    model_types = ("llama", "pruned_llama", "sliced_llama")
+    family = "llama"
+    model_types = family_types("llama")
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -29,7 +31,8 @@ class LlamaAdapter(ModelAdapter):
 
     @property
     def head_dim(self) -> int:
-        return self.config.head_dim
+        """From the attention module: Qwen2's config has no head_dim field (it derives hidden_size // heads)."""
+        return self.attn(self.layers[0]).head_dim
 
     def attn(self, layer):
         return layer.self_attn

@@ -70,12 +70,27 @@ def _resolve_gguf(path: str) -> Path:
     raise DataError(msg)
 
 
+def _resolve_hub(hub_id: str) -> Path:
+    """A hub checkpoint (the GPU-sized model configs): the local HF cache, downloaded once when online."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    try:
+        return Path(snapshot_download(hub_id, allow_patterns=patterns, local_files_only=_offline()))
+    except Exception as e:
+        how = ("this machine is offline (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE) and the HF cache has no copy"
+               if _offline() else str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        raise CheckpointError(f"hub model {hub_id}: {how}; give a local checkpoint with PRUNING_MODEL_PATH=<dir> "
+                              f"or model.path=<dir>") from e
+
+
 def resolve_checkpoint(path: str) -> Path:
     """A local checkpoint directory for ``path``.
 
     ``embedded:<name>``: a checkpoint shipped in the package. ``gguf:<file>[|hub:<repo id>]``: a GGUF file
     (relative to the data root, or absolute), converted once to a plain checkpoint in the user cache; the hub id
-    is a fallback for machines without the file. Anything else: an HF checkpoint directory.
+    is a fallback for machines without the file. ``hub:<repo id>``: the HF cache (downloaded when online).
+    Anything else: an HF checkpoint directory.
     """
     if path.startswith("embedded:"):
         name = path.split(":", 1)[1]
@@ -84,6 +99,8 @@ def resolve_checkpoint(path: str) -> Path:
         return EMBEDDED[name]
     if path.startswith("gguf:"):
         return _resolve_gguf(path)
+    if path.startswith("hub:"):
+        return _resolve_hub(path[4:].strip())
     p = Path(path).expanduser()
     if not p.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {p} (give a local HF checkpoint directory, "

@@ -2,7 +2,9 @@
 
 A ``StructureSet`` is every unit of one kind in one layer. Each ``Member`` says which channels of one weight belong
 to each unit, as an index tensor ``[n_units, k]`` along ``dim`` (0 = rows/outputs, 1 = columns/inputs). Scorers
-reduce members to one score per unit; surgery and masking remove or zero exactly these channels.
+reduce members to one score per unit; surgery and masking remove or zero exactly these channels. A bias entry is
+part of its projection's row (``Member.bias``: Qwen2's q/k/v biases): it leaves with the row and counts in the
+unit's parameters; scorers read the weights only, as the papers do.
 
 Kinds:
 - ``kv_group``: one KV head with its g query heads (k, v, q rows; o columns). Keeps the q/kv ratio.
@@ -32,6 +34,14 @@ class Member:
     weight: nn.Parameter
     dim: int | None               # 0 rows, 1 columns, None = whole tensor (blocks)
     index: torch.Tensor | None    # [n_units, k] channel indices along dim
+    bias: nn.Parameter | None = None   # rows (dim 0) only: entry r leaves with row r (Qwen2's q/k/v biases)
+
+    @property
+    def params_per_unit(self) -> int:
+        """Weights (and bias entries) one unit owns in this member."""
+        k = self.index.shape[1]
+        per_channel = self.weight.numel() // self.weight.shape[self.dim]
+        return k * per_channel + (k if self.bias is not None else 0)
 
 
 @dataclass
@@ -52,20 +62,29 @@ def _blocks_of(start: int, n: int, size: int) -> torch.Tensor:
     return (torch.arange(start, start + n)[:, None] * size + torch.arange(size)[None, :]).long()
 
 
+def _rows(name: str, linear: nn.Linear, index: torch.Tensor) -> Member:
+    return Member(name, linear.weight, 0, index, linear.bias)
+
+
+def _unit_params(members: list[Member]) -> int:
+    """Params one unit removes: 2(g+1)·d·d_h for a KV group, 2·d·d_h per query head, 3·d per MLP channel
+    (METHODS.md §1.1), plus its bias entries ((g+2)·d_h resp. d_h with Qwen2's q/k/v biases)."""
+    return sum(m.params_per_unit for m in members)
+
+
 def kv_groups(adapter: ModelAdapter, layer_idx: int) -> StructureSet:
     layer = adapter.layers[layer_idx]
     w, hd = adapter.widths(layer), adapter.head_dim
     g = w.num_heads // w.num_kv_heads
     kv_idx = _blocks_of(0, w.num_kv_heads, hd)
     q_idx = _blocks_of(0, w.num_kv_heads, g * hd)   # a group's g query heads are contiguous (HF repeat_kv)
-    d = adapter.config.hidden_size
     members = [
-        Member("q_proj", adapter.q_proj(layer).weight, 0, q_idx),
-        Member("k_proj", adapter.k_proj(layer).weight, 0, kv_idx),
-        Member("v_proj", adapter.v_proj(layer).weight, 0, kv_idx),
+        _rows("q_proj", adapter.q_proj(layer), q_idx),
+        _rows("k_proj", adapter.k_proj(layer), kv_idx),
+        _rows("v_proj", adapter.v_proj(layer), kv_idx),
         Member("o_proj", adapter.o_proj(layer).weight, 1, q_idx),
     ]
-    return StructureSet("kv_group", layer_idx, w.num_kv_heads, members, params_per_unit=2 * (g + 1) * d * hd)
+    return StructureSet("kv_group", layer_idx, w.num_kv_heads, members, params_per_unit=_unit_params(members))
 
 
 def q_heads(adapter: ModelAdapter, layer_idx: int) -> StructureSet:
@@ -74,12 +93,12 @@ def q_heads(adapter: ModelAdapter, layer_idx: int) -> StructureSet:
     g = w.num_heads // w.num_kv_heads
     q_idx = _blocks_of(0, w.num_heads, hd)
     members = [
-        Member("q_proj", adapter.q_proj(layer).weight, 0, q_idx),
+        _rows("q_proj", adapter.q_proj(layer), q_idx),
         Member("o_proj", adapter.o_proj(layer).weight, 1, q_idx),
     ]
     partition = torch.arange(w.num_heads) // g
-    d = adapter.config.hidden_size
-    return StructureSet("q_head", layer_idx, w.num_heads, members, params_per_unit=2 * d * hd, partition=partition)
+    return StructureSet("q_head", layer_idx, w.num_heads, members, params_per_unit=_unit_params(members),
+                        partition=partition)
 
 
 def mlp_channels(adapter: ModelAdapter, layer_idx: int) -> StructureSet:
@@ -87,11 +106,11 @@ def mlp_channels(adapter: ModelAdapter, layer_idx: int) -> StructureSet:
     n = adapter.widths(layer).intermediate_size
     idx = torch.arange(n)[:, None]
     members = [
-        Member("gate_proj", adapter.gate_proj(layer).weight, 0, idx),
-        Member("up_proj", adapter.up_proj(layer).weight, 0, idx),
+        _rows("gate_proj", adapter.gate_proj(layer), idx),
+        _rows("up_proj", adapter.up_proj(layer), idx),
         Member("down_proj", adapter.down_proj(layer).weight, 1, idx),
     ]
-    return StructureSet("mlp", layer_idx, n, members, params_per_unit=3 * adapter.config.hidden_size)
+    return StructureSet("mlp", layer_idx, n, members, params_per_unit=_unit_params(members))
 
 
 def blocks(adapter: ModelAdapter, layers: list[int] | None = None) -> StructureSet:

@@ -1,11 +1,11 @@
-"""Physical surgery on pruned structures, and the save format that reloads heterogeneous widths."""
+"""Physical surgery on pruned structures, and the save formats that reload heterogeneous widths: one pruned and
+one sliced config/model pair per model family, registered with the Auto classes here."""
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from pruning.surgery.modeling_pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM
-from pruning.surgery.modeling_sliced_llama import SlicedLlamaConfig, SlicedLlamaForCausalLM
+from pruning.surgery.modeling_pruned_llama import PRUNED
+from pruning.surgery.modeling_sliced_llama import SLICED
 
-AutoConfig.register(PrunedLlamaConfig.model_type, PrunedLlamaConfig, exist_ok=True)
-AutoModelForCausalLM.register(PrunedLlamaConfig, PrunedLlamaForCausalLM, exist_ok=True)
-AutoConfig.register(SlicedLlamaConfig.model_type, SlicedLlamaConfig, exist_ok=True)
-AutoModelForCausalLM.register(SlicedLlamaConfig, SlicedLlamaForCausalLM, exist_ok=True)
+for _config, _model in [*PRUNED.values(), *((s.config, s.model) for s in SLICED.values())]:
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    AutoModelForCausalLM.register(_config, _model, exist_ok=True)

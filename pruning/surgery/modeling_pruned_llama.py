@@ -1,5 +1,13 @@
-"""A Llama whose decoder layers keep their own head counts, MLP widths and o/down biases, and whose hidden size
-may have been pruned (``rms_norm_mean_dim``: RMSNorm keeps dividing by the original width, METHODS.md §1.2 rule 5).
+"""LLaMA-family models (Llama 1/2/3, Mistral, Qwen2/2.5, Qwen3) whose decoder layers keep their own head counts,
+MLP widths and o/down biases, and whose hidden size may have been pruned (``rms_norm_mean_dim``: RMSNorm keeps
+dividing by the original width, METHODS.md §1.2 rule 5).
+
+One config/model pair per family, made by ``pruned_family`` from that family's own transformers classes, so the
+family's attention (Qwen2's q/k/v biases, Qwen3's q_norm/k_norm, Mistral's sliding window, Llama-3's RoPE scaling)
+is used as is and only the layer widths differ: model_type ``pruned_<family>`` (``pruned_llama``,
+``pruned_qwen2``, ...). A new family is one ``FAMILIES`` row plus the module-level names of its classes at the end
+of this file and of modeling_sliced_llama.py (``auto_map`` finds classes by name), and its adapter in
+pruning/models.
 
 This file must stand alone (only torch + transformers imports): ``save_pretrained`` copies it next to the weights
 so ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works on a machine without ``pruning``.
@@ -7,28 +15,64 @@ so ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
-from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
+from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
 
 
-@strict
-class PrunedLlamaConfig(LlamaConfig):
-    """LlamaConfig plus one entry per decoder layer; the global head/width fields describe layer 0's original shape."""
+class Family(NamedTuple):
+    config: type
+    model: type
+    layer: type
 
-    model_type = "pruned_llama"
+
+FAMILIES = {   # the family name is the base model_type; pruning.models has one adapter per entry
+    "llama": Family(LlamaConfig, LlamaForCausalLM, LlamaDecoderLayer),
+    "mistral": Family(MistralConfig, MistralForCausalLM, MistralDecoderLayer),
+    "qwen2": Family(Qwen2Config, Qwen2ForCausalLM, Qwen2DecoderLayer),
+    "qwen3": Family(Qwen3Config, Qwen3ForCausalLM, Qwen3DecoderLayer),
+}
+
+PER_LAYER = ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_size",
+             "layer_o_proj_bias", "layer_down_proj_bias")
+
+
+def family_name(model_type: str) -> str:
+    """``pruned_qwen2`` / ``sliced_qwen2`` / ``qwen2`` -> ``qwen2``."""
+    for prefix in ("pruned_", "sliced_"):
+        if model_type.startswith(prefix):
+            return model_type[len(prefix):]
+    return model_type
+
+
+@dataclass(kw_only=True, repr=False)
+class PerLayerWidths:
+    """Fields added to a family config (placed before it in the MRO); the global head/width fields describe
+    layer 0's original shape. ``head_dim`` is explicit because heads and hidden size no longer fix it (Qwen2's
+    config has no such field and would derive it from hidden_size / heads)."""
+
+    head_dim: int | None = None
     layer_num_attention_heads: list[int] | None = None
     layer_num_key_value_heads: list[int] | None = None
     layer_intermediate_size: list[int] | None = None
-    layer_o_proj_bias: list[bool] | None = None
+    layer_o_proj_bias: list[bool] | None = None    # biases beyond the family's own (FLAP's compensation)
     layer_down_proj_bias: list[bool] | None = None
     rms_norm_mean_dim: int | None = None   # hidden-pruned: RMSNorm divides by this (the original hidden size)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         n = self.num_hidden_layers
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
         if self.layer_num_attention_heads is None:
             self.layer_num_attention_heads = [self.num_attention_heads] * n
         if self.layer_num_key_value_heads is None:
@@ -36,16 +80,14 @@ class PrunedLlamaConfig(LlamaConfig):
         if self.layer_intermediate_size is None:
             self.layer_intermediate_size = [self.intermediate_size] * n
         if self.layer_o_proj_bias is None:
-            self.layer_o_proj_bias = [bool(self.attention_bias)] * n
+            self.layer_o_proj_bias = [False] * n
         if self.layer_down_proj_bias is None:
-            self.layer_down_proj_bias = [bool(self.mlp_bias)] * n
+            self.layer_down_proj_bias = [False] * n
 
     def validate_architecture(self):
-        """Per-layer checks replace LlamaConfig's hidden_size % heads rule, which an explicit head_dim makes moot."""
+        """Per-layer checks replace the family's hidden_size % heads rule, which an explicit head_dim makes moot."""
         n = self.num_hidden_layers
-        lists = ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_size",
-                 "layer_o_proj_bias", "layer_down_proj_bias")
-        for name in lists:
+        for name in PER_LAYER:
             value = getattr(self, name)
             if value is not None and len(value) != n:
                 raise ValueError(f"{name} has {len(value)} entries for {n} layers")
@@ -55,27 +97,32 @@ class PrunedLlamaConfig(LlamaConfig):
                 raise ValueError(f"layer {i}: {h} query heads cannot share {k} KV heads evenly")
 
 
-def _shape_layer(layer: nn.Module, config: PrunedLlamaConfig, i: int) -> None:
+def _linear(old: nn.Linear, n_in: int, n_out: int, extra_bias: bool = False) -> nn.Linear:
+    """A projection of the new widths with the family's own bias choice (read from the freshly built one)."""
+    return nn.Linear(n_in, n_out, bias=old.bias is not None or bool(extra_bias))
+
+
+def _shape_layer(layer: nn.Module, config, i: int) -> None:
     """Give decoder layer ``i`` the widths the config records for it (weights are loaded afterwards)."""
     attn, mlp = layer.self_attn, layer.mlp
     d, hd = config.hidden_size, config.head_dim
     h, kv = config.layer_num_attention_heads[i], config.layer_num_key_value_heads[i]
     inter = config.layer_intermediate_size[i]
-    qkv_bias = config.attention_bias
-    attn.q_proj = nn.Linear(d, h * hd, bias=qkv_bias)
-    attn.k_proj = nn.Linear(d, kv * hd, bias=qkv_bias)
-    attn.v_proj = nn.Linear(d, kv * hd, bias=qkv_bias)
-    attn.o_proj = nn.Linear(h * hd, d, bias=qkv_bias or config.layer_o_proj_bias[i])
+    attn.q_proj = _linear(attn.q_proj, d, h * hd)
+    attn.k_proj = _linear(attn.k_proj, d, kv * hd)
+    attn.v_proj = _linear(attn.v_proj, d, kv * hd)
+    attn.o_proj = _linear(attn.o_proj, h * hd, d, config.layer_o_proj_bias[i])
     attn.num_key_value_groups = h // kv
     mlp.intermediate_size = inter
-    mlp.gate_proj = nn.Linear(d, inter, bias=config.mlp_bias)
-    mlp.up_proj = nn.Linear(d, inter, bias=config.mlp_bias)
-    mlp.down_proj = nn.Linear(inter, d, bias=config.mlp_bias or config.layer_down_proj_bias[i])
+    mlp.gate_proj = _linear(mlp.gate_proj, d, inter)
+    mlp.up_proj = _linear(mlp.up_proj, d, inter)
+    mlp.down_proj = _linear(mlp.down_proj, inter, d, config.layer_down_proj_bias[i])
 
 
 class MeanDimRMSNorm(LlamaRMSNorm):
     """RMSNorm over a pruned hidden size that divides Σx² by ``mean_dim`` (the original width), not by the kept
-    width: the physically pruned model then equals the dense model with those channels zeroed (SliceGPT's RMSN)."""
+    width: the physically pruned model then equals the dense model with those channels zeroed (SliceGPT's RMSN).
+    The same computation as every family's RMSNorm (Mistral, Qwen2 and Qwen3 copy Llama's)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, mean_dim: int | None = None) -> None:
         super().__init__(hidden_size, eps)
@@ -92,8 +139,9 @@ class MeanDimRMSNorm(LlamaRMSNorm):
         return f"{super().extra_repr()}, mean_dim={self.mean_dim}"
 
 
-def _use_mean_dim_norms(model: LlamaForCausalLM, mean_dim: int) -> None:
-    """Swap every RMSNorm for a MeanDimRMSNorm of the same width (weights are loaded afterwards)."""
+def _use_mean_dim_norms(model: nn.Module, mean_dim: int) -> None:
+    """Swap every residual-stream RMSNorm for a MeanDimRMSNorm of the same width (weights are loaded afterwards).
+    Qwen3's q_norm/k_norm act on head_dim, which hidden pruning leaves alone."""
     inner = model.model
     for layer in inner.layers:
         for name in ("input_layernorm", "post_attention_layernorm"):
@@ -102,13 +150,27 @@ def _use_mean_dim_norms(model: LlamaForCausalLM, mean_dim: int) -> None:
     inner.norm = MeanDimRMSNorm(inner.norm.weight.shape[0], inner.norm.variance_epsilon, mean_dim)
 
 
-class PrunedLlamaForCausalLM(LlamaForCausalLM):
-    config_class = PrunedLlamaConfig
+def pruned_family(name: str, family: Family) -> tuple[type, type]:
+    """(config class, model class) of ``pruned_<name>``, subclasses of the family's own."""
+    stem = family.model.__name__[: -len("ForCausalLM")]
+    config_cls = strict(type(f"Pruned{stem}Config", (PerLayerWidths, family.config),
+                             {"model_type": f"pruned_{name}", "__module__": __name__}))
 
-    def __init__(self, config: PrunedLlamaConfig):
-        super().__init__(config)
+    def __init__(self, config) -> None:
+        family.model.__init__(self, config)
         for i, layer in enumerate(self.model.layers):
             _shape_layer(layer, config, i)
         if config.rms_norm_mean_dim and config.rms_norm_mean_dim != config.hidden_size:
             _use_mean_dim_norms(self, config.rms_norm_mean_dim)
         self.post_init()
+
+    model_cls = type(f"Pruned{stem}ForCausalLM", (family.model,),
+                     {"config_class": config_cls, "__init__": __init__, "__module__": __name__})
+    return config_cls, model_cls
+
+
+PRUNED = {name: pruned_family(name, fam) for name, fam in FAMILIES.items()}
+PrunedLlamaConfig, PrunedLlamaForCausalLM = PRUNED["llama"]
+PrunedMistralConfig, PrunedMistralForCausalLM = PRUNED["mistral"]
+PrunedQwen2Config, PrunedQwen2ForCausalLM = PRUNED["qwen2"]
+PrunedQwen3Config, PrunedQwen3ForCausalLM = PRUNED["qwen3"]

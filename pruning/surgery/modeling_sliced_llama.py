@@ -1,28 +1,41 @@
-"""SliceGPT's rotated Llama (METHODS.md §3.6): weight-free RMSNorms that divide by the original width, per-layer
-residual widths, and shortcut matrices Q_lᵀ·Q_{l+1} on the residual path where consecutive bases differ.
+"""SliceGPT's rotated LLaMA-family model (METHODS.md §3.6): weight-free RMSNorms that divide by the original width,
+per-layer residual widths, and shortcut matrices Q_lᵀ·Q_{l+1} on the residual path where consecutive bases differ.
 
 Per layer l the residual stream enters with width ``a_l`` (``layer_attn_input_dim``), is carried into the MLP's
 basis by ``attn_shortcut_Q`` [a_l, m_l] and leaves through ``mlp_shortcut_Q`` [m_l, o_l]:
     h = x·S_attn + Attn(RMSN(x));  y = h·S_mlp + MLP(RMSN(h)).
 The norm scales were folded into the following linears, so the norms hold no weights and the embeddings and
-lm_head are never tied. This file must stand alone (torch + transformers only): ``save_pretrained`` copies it next
-to the weights so ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works without ``pruning``.
+lm_head are never tied. One config/layer/model triple per family of ``modeling_pruned_llama.FAMILIES``
+(model_type ``sliced_<family>``), built on the family's own classes: rotation changes only the residual basis, so
+Qwen2's q/k/v biases (rows of outputs that do not live in the residual stream) and Qwen3's q_norm/k_norm (over
+head_dim) are kept as they are.
+
+This file must stand alone (torch + transformers + its sibling modeling_pruned_llama.py, which
+``save_pretrained`` copies with it): ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works
+without ``pruning``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+from .modeling_pruned_llama import FAMILIES, Family
+
+SLICED_PER_LAYER = ("layer_attn_input_dim", "layer_mlp_input_dim", "layer_mlp_output_dim",
+                    "layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_size")
 
 
-@strict
-class SlicedLlamaConfig(LlamaConfig):
-    """LlamaConfig (original hidden_size, layer 0's original head/MLP counts) plus the sliced widths per layer."""
+@dataclass(kw_only=True, repr=False)
+class SlicedWidths:
+    """Fields added to a family config: the original hidden_size and layer 0's original head/MLP counts stay in
+    the family's fields; the sliced widths are per layer."""
 
-    model_type = "sliced_llama"
+    head_dim: int | None = None
     rms_norm_mean_dim: int | None = None           # the norms divide Σx² by this (the original hidden size)
     embedding_dim: int | None = None               # width of the embeddings = layer 0's attention input
     layer_attn_input_dim: list[int] | None = None  # a_l
@@ -37,6 +50,8 @@ class SlicedLlamaConfig(LlamaConfig):
         super().__post_init__(**kwargs)
         n, d = self.num_hidden_layers, self.hidden_size
         self.tie_word_embeddings = False
+        if self.head_dim is None:
+            self.head_dim = d // self.num_attention_heads
         self.rms_norm_mean_dim = self.rms_norm_mean_dim or d
         self.embedding_dim = self.embedding_dim or d
         for name, default in (("layer_attn_input_dim", d), ("layer_mlp_input_dim", d), ("layer_mlp_output_dim", d),
@@ -48,8 +63,7 @@ class SlicedLlamaConfig(LlamaConfig):
 
     def validate_architecture(self):
         n = self.num_hidden_layers
-        for name in ("layer_attn_input_dim", "layer_mlp_input_dim", "layer_mlp_output_dim",
-                     "layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_size"):
+        for name in SLICED_PER_LAYER:
             value = getattr(self, name)
             if value is not None and len(value) != n:
                 raise ValueError(f"{name} has {len(value)} entries for {n} layers")
@@ -86,23 +100,30 @@ class RMSN(nn.Module):
         return f"mean_dim={self.mean_dim}, eps={self.variance_epsilon}"
 
 
-class SlicedLlamaDecoderLayer(LlamaDecoderLayer):
-    def __init__(self, config: SlicedLlamaConfig, layer_idx: int):
+def _linear(old: nn.Linear, n_in: int, n_out: int) -> nn.Linear:
+    """New widths, the family's own bias choice (read from the freshly built projection)."""
+    return nn.Linear(n_in, n_out, bias=old.bias is not None)
+
+
+class SlicedLayer(nn.Module):
+    """Mixin placed before a family's decoder layer: sliced widths, weight-free norms and the shortcuts."""
+
+    def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
         i, hd = layer_idx, config.head_dim
         a, m, o = config.layer_attn_input_dim[i], config.layer_mlp_input_dim[i], config.layer_mlp_output_dim[i]
         h, kv, inter = (config.layer_num_attention_heads[i], config.layer_num_key_value_heads[i],
                         config.layer_intermediate_size[i])
         attn, mlp = self.self_attn, self.mlp
-        attn.q_proj = nn.Linear(a, h * hd, bias=config.attention_bias)
-        attn.k_proj = nn.Linear(a, kv * hd, bias=config.attention_bias)
-        attn.v_proj = nn.Linear(a, kv * hd, bias=config.attention_bias)
-        attn.o_proj = nn.Linear(h * hd, m, bias=config.attention_bias)
+        attn.q_proj = _linear(attn.q_proj, a, h * hd)
+        attn.k_proj = _linear(attn.k_proj, a, kv * hd)
+        attn.v_proj = _linear(attn.v_proj, a, kv * hd)
+        attn.o_proj = _linear(attn.o_proj, h * hd, m)
         attn.num_key_value_groups = h // kv
         mlp.intermediate_size = inter
-        mlp.gate_proj = nn.Linear(m, inter, bias=config.mlp_bias)
-        mlp.up_proj = nn.Linear(m, inter, bias=config.mlp_bias)
-        mlp.down_proj = nn.Linear(inter, o, bias=config.mlp_bias)
+        mlp.gate_proj = _linear(mlp.gate_proj, m, inter)
+        mlp.up_proj = _linear(mlp.up_proj, m, inter)
+        mlp.down_proj = _linear(mlp.down_proj, inter, o)
         self.input_layernorm = RMSN(config.rms_norm_mean_dim, config.rms_norm_eps)
         self.post_attention_layernorm = RMSN(config.rms_norm_mean_dim, config.rms_norm_eps)
         if config.shortcuts:
@@ -128,22 +149,49 @@ class SlicedLlamaDecoderLayer(LlamaDecoderLayer):
         return residual + hidden_states
 
 
-class SlicedLlamaForCausalLM(LlamaForCausalLM):
-    config_class = SlicedLlamaConfig
-    _tied_weights_keys = {}
+class SlicedModel(nn.Module):
+    """Mixin placed before a family's ForCausalLM: sliced embeddings/head, sliced layers, weight-free final norm."""
 
-    def __init__(self, config: SlicedLlamaConfig):
+    _tied_weights_keys = {}
+    _sliced_layer: type
+
+    def __init__(self, config):
         super().__init__(config)
         inner = self.model
         inner.embed_tokens = nn.Embedding(config.vocab_size, config.embedding_dim, inner.padding_idx)
-        inner.layers = nn.ModuleList(SlicedLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        inner.layers = nn.ModuleList(self._sliced_layer(config, i) for i in range(config.num_hidden_layers))
         inner.norm = RMSN(config.rms_norm_mean_dim, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.head_input_dim, config.vocab_size, bias=False)
         self.post_init()
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, SlicedLlamaDecoderLayer) and module.attn_shortcut_Q is not None:
+        if isinstance(module, SlicedLayer) and module.attn_shortcut_Q is not None:
             with torch.no_grad():   # identity-like start; real checkpoints overwrite it
                 module.attn_shortcut_Q.copy_(torch.eye(*module.attn_shortcut_Q.shape))
                 module.mlp_shortcut_Q.copy_(torch.eye(*module.mlp_shortcut_Q.shape))
+
+
+class Sliced(NamedTuple):
+    """The classes of one family's sliced format."""
+
+    config: type
+    layer: type
+    model: type
+
+
+def sliced_family(name: str, family: Family) -> Sliced:
+    stem = family.model.__name__[: -len("ForCausalLM")]
+    config_cls = strict(type(f"Sliced{stem}Config", (SlicedWidths, family.config),
+                             {"model_type": f"sliced_{name}", "__module__": __name__}))
+    layer_cls = type(f"Sliced{stem}DecoderLayer", (SlicedLayer, family.layer), {"__module__": __name__})
+    model_cls = type(f"Sliced{stem}ForCausalLM", (SlicedModel, family.model),
+                     {"config_class": config_cls, "_sliced_layer": layer_cls, "__module__": __name__})
+    return Sliced(config_cls, layer_cls, model_cls)
+
+
+SLICED = {name: sliced_family(name, fam) for name, fam in FAMILIES.items()}
+SlicedLlamaConfig, SlicedLlamaDecoderLayer, SlicedLlamaForCausalLM = SLICED["llama"]
+SlicedMistralConfig, SlicedMistralDecoderLayer, SlicedMistralForCausalLM = SLICED["mistral"]
+SlicedQwen2Config, SlicedQwen2DecoderLayer, SlicedQwen2ForCausalLM = SLICED["qwen2"]
+SlicedQwen3Config, SlicedQwen3DecoderLayer, SlicedQwen3ForCausalLM = SLICED["qwen3"]

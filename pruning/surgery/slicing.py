@@ -1,9 +1,10 @@
 """SliceGPT surgery (METHODS.md §3.6): fold RMSNorm scales into the linears, rotate weights into a new basis and
 slice the residual width, the parameter count in closed form, and the save format of the rotated model.
 
-The model is converted in place into ``SlicedLlamaForCausalLM`` (its own architecture: per-layer residual widths,
-shortcut matrices, weight-free norms), so the cell's model object and adapter stay valid across the surgery.
-Rotations are computed in float64 and cast back to the model's dtype.
+The model is converted in place into its family's ``Sliced<Family>ForCausalLM`` (its own architecture: per-layer
+residual widths, shortcut matrices, weight-free norms), so the cell's model object and adapter stay valid across
+the surgery. Rotations are computed in float64 and cast back to the model's dtype. Only the residual stream is
+rotated: q/k/v biases (Qwen2) and per-head norms (Qwen3's q_norm/k_norm) act on head outputs and stay as they are.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from torch import nn
 from pruning.errors import PruningError
 from pruning.models.adapter import adapter_for
 from pruning.surgery.save import write_checkpoint
-from pruning.surgery.modeling_sliced_llama import RMSN, SlicedLlamaConfig, SlicedLlamaDecoderLayer, \
-    SlicedLlamaForCausalLM
+from pruning.surgery.modeling_pruned_llama import PER_LAYER
+from pruning.surgery.modeling_sliced_llama import RMSN, SLICED, SLICED_PER_LAYER, SlicedWidths
 
 _DROP = ("auto_map", "architectures", "model_type", "transformers_version", "_name_or_path", "_model_name_or_path",
-         "quantization_config", "layer_o_proj_bias", "layer_down_proj_bias")
+         "quantization_config", "rms_norm_mean_dim", "embedding_dim", "shortcuts") + PER_LAYER + SLICED_PER_LAYER
 
 
 # --------------------------------------------------------------------------------------------------- fusion
@@ -35,28 +36,32 @@ def _scale_inputs(linear: nn.Linear, scale: torch.Tensor) -> None:
         linear.weight.mul_(scale.to(linear.weight.dtype).unsqueeze(0))
 
 
+def is_sliced(model: nn.Module) -> bool:
+    return str(getattr(model.config, "model_type", "")).startswith("sliced_")
+
+
 def check_sliceable(model: nn.Module) -> None:
-    """Reject what this surgery cannot express before any calibration pass."""
+    """Reject what this surgery cannot express before any calibration pass. q/k/v biases are fine: their rows are
+    head outputs, only the weights' input columns are rotated."""
     adapter = adapter_for(model)
     for i, layer in enumerate(adapter.layers):
-        if any(getattr(adapter, n)(layer).bias is not None for n in ("q_proj", "k_proj", "v_proj", "o_proj",
-                                                                     "gate_proj", "up_proj", "down_proj")):
-            raise PruningError(f"SliceGPT: layer {i} has linear biases (e.g. FLAP's compensation), which this "
-                               "surgery does not rotate; slice the unpruned or bias-free model")
+        if any(getattr(adapter, n)(layer).bias is not None for n in ("o_proj", "gate_proj", "up_proj", "down_proj")):
+            raise PruningError(f"SliceGPT: layer {i} has o/gate/up/down biases (e.g. FLAP's compensation), which "
+                               "this surgery does not rotate; slice the unpruned or bias-free model")
         if len({adapter.q_proj(layer).in_features, adapter.gate_proj(layer).in_features,
                 adapter.o_proj(layer).out_features}) != 1:
             raise PruningError(f"SliceGPT: layer {i} does not have a uniform residual width")
 
 
 def fuse_norms(model: nn.Module) -> nn.Module:
-    """Fold every RMSNorm scale into the linears it feeds and convert the model into ``SlicedLlamaForCausalLM``
+    """Fold every RMSNorm scale into the linears it feeds and convert the model into its family's sliced class
     with weight-free norms and no shortcuts yet: the function is unchanged and becomes invariant to any
     orthogonal Q on the residual stream. Tied embeddings are untied (the head absorbs the final norm's scale).
 
     No embedding-mean subtraction: the official ``fuse_modules`` centres embeddings even for RMSNorm models, which
     changes the function (METHODS.md §3.6, "A known defect").
     """
-    if getattr(model.config, "model_type", None) == "sliced_llama":
+    if is_sliced(model):
         return model
     check_sliceable(model)
     adapter = adapter_for(model)
@@ -73,7 +78,7 @@ def fuse_norms(model: nn.Module) -> nn.Module:
         eps = adapter.input_norm(layer).variance_epsilon
         layer.input_layernorm = RMSN(mean_dim, eps)
         layer.post_attention_layernorm = RMSN(mean_dim, adapter.post_attention_norm(layer).variance_epsilon)
-        layer.__class__ = SlicedLlamaDecoderLayer     # same modules; its forward adds the (absent) shortcuts
+        layer.__class__ = SLICED[adapter.family].layer   # same modules; its forward adds the (absent) shortcuts
         layer.register_parameter("attn_shortcut_Q", None)
         layer.register_parameter("mlp_shortcut_Q", None)
     scale = _norm_scale(adapter.final_norm)
@@ -85,18 +90,17 @@ def fuse_norms(model: nn.Module) -> nn.Module:
 
 
 def _become_sliced(model: nn.Module, shortcuts: bool, mean_dim: int | None = None) -> None:
-    """Swap in the SlicedLlama class and a config read from the current shapes (never from stale fields)."""
+    """Swap in the family's sliced class and a config read from the current shapes (never from stale fields)."""
     old = model.config
     config = sliced_config(model, shortcuts, mean_dim or old.rms_norm_mean_dim)
     config._attn_implementation = old._attn_implementation
-    model.__class__ = SlicedLlamaForCausalLM
+    model.__class__ = SLICED[adapter_for(model).family].model
     model.config = model.model.config = config
 
 
-def sliced_config(model: nn.Module, shortcuts: bool, mean_dim: int) -> SlicedLlamaConfig:
+def sliced_config(model: nn.Module, shortcuts: bool, mean_dim: int) -> SlicedWidths:
     adapter = adapter_for(model)
-    base = {k: v for k, v in model.config.to_dict().items() if k not in _DROP
-            and not k.startswith("layer_") and k not in ("rms_norm_mean_dim", "embedding_dim", "shortcuts")}
+    base = {k: v for k, v in model.config.to_dict().items() if k not in _DROP}
     widths = adapter.all_widths()
     layers = list(adapter.layers)
     base.update(hidden_size=mean_dim, num_hidden_layers=len(layers), tie_word_embeddings=False,
@@ -104,7 +108,7 @@ def sliced_config(model: nn.Module, shortcuts: bool, mean_dim: int) -> SlicedLla
                 intermediate_size=widths[0].intermediate_size, head_dim=adapter.head_dim)
     if base.get("layer_types") is not None:
         base["layer_types"] = list(base["layer_types"])[: len(layers)]
-    return SlicedLlamaConfig(
+    return SLICED[adapter.family].config(
         **base, rms_norm_mean_dim=mean_dim, embedding_dim=adapter.embed_tokens.weight.shape[1], shortcuts=shortcuts,
         layer_attn_input_dim=[adapter.q_proj(l).in_features for l in layers],
         layer_mlp_input_dim=[adapter.gate_proj(l).in_features for l in layers],
@@ -189,11 +193,23 @@ def set_shortcut(layer: nn.Module, name: str, matrix: torch.Tensor) -> None:
 # ------------------------------------------------------------------------------------------------- counting
 
 
+def fixed_params(model: nn.Module) -> int:
+    """Parameters that rotation and slicing leave as they are: attention parameters other than the four
+    projection weights, i.e. q/k/v biases (Qwen2) and per-head norms (Qwen3's q_norm/k_norm)."""
+    adapter = adapter_for(model)
+    total = 0
+    for layer in adapter.layers:
+        moving = {id(getattr(adapter, n)(layer).weight) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        total += sum(p.numel() for p in adapter.attn(layer).parameters() if id(p) not in moving)
+    return total
+
+
 def sliced_num_params(vocab: int, head_dim: int, heads: list[int], kv_heads: list[int], inter: list[int],
-                      attn_in: list[int], mlp_in: list[int], mlp_out: list[int]) -> int:
+                      attn_in: list[int], mlp_in: list[int], mlp_out: list[int], fixed: int = 0) -> int:
     """Closed form of the rotated model's parameters (METHODS.md §1.1 plus §3.6 shortcuts; norms hold none):
-    V·a_0 + Σ_l [a_l·d_h·(H_l+2H_kv,l) + H_l·d_h·m_l + a_l·m_l + 2·I_l·m_l + I_l·o_l + m_l·o_l] + V·o_L."""
-    total = vocab * attn_in[0] + vocab * mlp_out[-1]
+    V·a_0 + Σ_l [a_l·d_h·(H_l+2H_kv,l) + H_l·d_h·m_l + a_l·m_l + 2·I_l·m_l + I_l·o_l + m_l·o_l] + V·o_L + fixed
+    (``fixed_params``: q/k/v biases, q/k norms)."""
+    total = vocab * attn_in[0] + vocab * mlp_out[-1] + fixed
     for h, kv, i, a, m, o in zip(heads, kv_heads, inter, attn_in, mlp_in, mlp_out):
         total += a * head_dim * (h + 2 * kv) + h * head_dim * m + a * m + 2 * i * m + i * o + m * o
     return total
@@ -206,14 +222,15 @@ def save_sliced(model: nn.Module, out_dir: str | Path, tokenizer=None, meta: dic
     """Write atomically a directory that reloads with ``AutoModelForCausalLM.from_pretrained`` after
     ``import pruning`` (registered classes) and with ``trust_remote_code=True`` without it (modeling file +
     ``auto_map``). A crash leaves either the previous directory or the complete new one."""
-    if getattr(model.config, "model_type", None) != "sliced_llama":
+    if not is_sliced(model):
         raise PruningError("save_sliced expects a SliceGPT-rotated model; use pruning.surgery.save.save_pruned")
     config = sliced_config(model, model.config.shortcuts, model.config.rms_norm_mean_dim)
+    classes = SLICED[adapter_for(model).family]
     with torch.device("meta"):
-        clean = SlicedLlamaForCausalLM(config)
+        clean = classes.model(config)
     clean.load_state_dict(model.state_dict(), strict=True, assign=True)
     if getattr(model, "generation_config", None) is not None:
         clean.generation_config = model.generation_config
-    SlicedLlamaConfig.register_for_auto_class()
-    SlicedLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    classes.config.register_for_auto_class()
+    classes.model.register_for_auto_class("AutoModelForCausalLM")
     return write_checkpoint(clean, out_dir, tokenizer, meta)
