@@ -9,7 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from pruning.errors import PruningError
+from pruning.errors import InfeasibleCalibrationError, PruningError
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -20,6 +20,10 @@ def main(cfg: DictConfig) -> float | None:
         record = run_cell(cfg, run_dir=HydraConfig.get().runtime.output_dir)
     except PruningError as e:
         print(f"error: {e}", file=sys.stderr)
+        if "optuna" in str(HydraConfig.get().sweeper.get("_target_", "")):   # a study's trial:
+            if isinstance(e, InfeasibleCalibrationError):
+                return float("inf")   # a shape the data cannot fill scores worst, so TPE learns to avoid it
+            raise                     # any other error: the study records the trial as FAIL and goes on
         sys.exit(2)
     with __import__("pandas").option_context("display.width", 250, "display.max_columns", 50):
         print(one_line_table(record).to_string(index=False))

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from experiments import tables as T
+from experiments.adapruner import study_sections
 from experiments.store import ResultsStore, _name as store_name, records_table
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
@@ -323,7 +324,8 @@ def render(records: Sequence[Mapping], store_label: str = "") -> tuple[str, int]
         for title, fn in (("Perplexity vs pruning ratio", lambda: ppl_figures(obs, colors)),
                           ("Zero-shot average vs pruning ratio", lambda: zeroshot_figures(obs, colors)),
                           ("Kept width per layer", lambda: width_figures(records, colors)),
-                          ("Efficiency vs quality", lambda: efficiency_figures(obs, colors))):
+                          ("Efficiency vs quality", lambda: efficiency_figures(obs, colors)),
+                          *study_sections(records)):     # AdaPruner studies, when the store has one
             try:
                 figures.append((title, fn()))
             except Exception as exc:   # a broken plot must not cost the rest of the report
@@ -433,9 +435,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--screenshot", type=Path, default=None,
                         help="also save a PNG of the rendered page (headless Chromium), e.g. docs/report.png")
     parser.add_argument("--window-size", default="1400,2400", help="screenshot size WIDTH,HEIGHT in pixels")
+    parser.add_argument("--ppl-png", type=Path, default=None, metavar="DIR",
+                        help="also write each model's PPL-vs-ratio figure as DIR/ppl_vs_ratio_<model>.png")
     args = parser.parse_args(argv)
     path, n = write_report(args.store, args.out)
     print(f"wrote {path} ({n} plots)")
+    if args.ppl_png is not None:
+        records = ResultsStore(args.store).records()
+        obs = T.observations(records)
+        args.ppl_png.mkdir(parents=True, exist_ok=True)
+        for title, data, _ in ppl_figures(obs, _Colors(obs["method"].unique())):
+            out = args.ppl_png / f"ppl_vs_ratio_{title.split(':')[0]}.png"
+            out.write_bytes(base64.b64decode(data))
+            print(f"wrote {out}")
     if args.screenshot is not None:
         w, h = (int(x) for x in args.window_size.split(","))
         print(f"wrote {screenshot(path, args.screenshot, w, h)}")

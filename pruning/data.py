@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 import pruning
-from pruning.errors import DataError, PruningError
+from pruning.errors import DataError, InfeasibleCalibrationError, PruningError
 
 ASSETS = Path(pruning.__file__).parent / "assets"
 EMBEDDED = ASSETS / "data"
@@ -33,13 +33,21 @@ PPL_FILES: dict[tuple[str, str], str] = {
     ("wikitext2", "test"): "ppl/wikitext2_raw/test.jsonl",
     ("ptb", "validation"): "ppl/ptb/ptb.valid.txt",
     ("ptb", "test"): "ppl/ptb/ptb.test.txt",
+    ("c4", "heldout"): "calib/c4/c4_validation_2k.parquet",   # C4_HELDOUT_DOCS: search objectives (AdaPruner)
 }
 PPL_EMBEDDED: dict[tuple[str, str], str] = {("wikitext2", "test"): "wikitext2_test.jsonl.gz"}
 
 CALIB_FILES: dict[str, str] = {
     "c4": "calib/c4/c4_validation_2k.parquet",
     "alpaca": "calib/alpaca/alpaca_200.json",
+    "c4_search": "calib/c4/c4_validation_2k.parquet",   # the c4 documents outside C4_HELDOUT_DOCS
 }
+# A block of C4 documents that a search (AdaPruner, METHODS.md §3.10) scores candidates on, as PPL text
+# ("c4"/"heldout"), so that the objective never saw its calibration data. Search calibration uses "c4_search", the
+# other documents (a fresh draw sequence over 1,800 documents). Plain "c4" keeps all 2,000 documents on purpose:
+# excluding the block there would change every existing c4 draw sequence that ever reached it (e.g. 128 x 128,
+# seed 0 draws document 1977 third), so results already in stores would no longer reproduce.
+C4_HELDOUT_DOCS = range(1800, 2000)
 CALIB_EMBEDDED: dict[str, str] = {"c4": "c4_validation_256.jsonl.gz"}
 # Names people will try that are deliberately refused, with the reason.
 CALIB_REFUSED: dict[str, str] = {
@@ -127,6 +135,8 @@ def _read_jsonl(path: Path) -> list[dict]:
 def ppl_text(dataset: str, split: str) -> str:
     """The exact string the papers tokenise for PPL (METHODS.md §1.4); any byte difference changes the number."""
     path = ppl_source(dataset, split)
+    if (dataset, split) == ("c4", "heldout"):
+        return "\n\n".join(c4_documents(path, C4_HELDOUT_DOCS))
     if dataset == "wikitext2":
         # HF rows, empty rows included; the join reproduces "\n\n".join(ds["test"]["text"]).
         return "\n\n".join(r["text"] for r in _read_jsonl(path))
@@ -198,13 +208,22 @@ def calibration_texts(dataset: str) -> list[str]:
     if path.name.endswith(".jsonl.gz"):
         return [r["text"] for r in _read_jsonl(path)]
     if dataset == "c4":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path, columns=["text"]).column("text").to_pylist()
+        return c4_documents(path)
+    if dataset == "c4_search":
+        held = set(C4_HELDOUT_DOCS)
+        return [t for i, t in enumerate(c4_documents(path)) if i not in held]
     if dataset == "alpaca":
         with open(path, encoding="utf-8") as f:
             return [_alpaca_text(r) for r in json.load(f)]
     raise AssertionError(dataset)  # pragma: no cover
+
+
+def c4_documents(path: Path, rows: range | None = None) -> list[str]:
+    """The C4 parquet's ``text`` column in file order (optionally only ``rows``)."""
+    import pyarrow.parquet as pq
+
+    docs = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+    return docs if rows is None else docs[rows.start:rows.stop]
 
 
 def _tokenizer_key(tokenizer) -> tuple:
@@ -245,7 +264,7 @@ def calibration_batches(
         return sum(len(ids) >= seq_len for ids in cache.values())
 
     def too_few() -> PruningError:
-        return PruningError(
+        return InfeasibleCalibrationError(
             f"calibration dataset {dataset!r} has only {qualifying()} of {n_docs} documents with >= {seq_len} "
             f"tokens, fewer than n_samples={n_samples}; lower calibration n_samples or seq_len"
         )

@@ -19,3 +19,7 @@ class CheckpointError(PruningError):
 
 class InfeasibleRatioError(PruningError):
     """The requested ratio cannot be met without emptying a layer (or is outside [0, 1))."""
+
+
+class InfeasibleCalibrationError(PruningError):
+    """The calibration data cannot fill n_samples x seq_len (too few long documents); a search scores it as +inf."""
