@@ -7,6 +7,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from pruning.errors import InfeasibleCalibrationError, PruningError
@@ -24,6 +25,9 @@ def main(cfg: DictConfig) -> float | None:
             if isinstance(e, InfeasibleCalibrationError):
                 return float("inf")   # a shape the data cannot fill scores worst, so TPE learns to avoid it
             raise                     # any other error: the study records the trial as FAIL and goes on
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            return None               # one impossible cell of a sweep (e.g. a ratio a method cannot reach) is
+                                      # reported and writes no record; the other cells still run
         sys.exit(2)
     with __import__("pandas").option_context("display.width", 250, "display.max_columns", 50):
         print(one_line_table(record).to_string(index=False))
