@@ -14,6 +14,8 @@ run() { "$PY" run.py -m "$@" store.dir=$STORE progress=false; }
 if [[ "${1:-all}" != tables ]]; then
   "$PY" run.py experiment=ratio_sweep method=dense store.dir=$STORE progress=false   # dense once, before 2 parallel jobs
   run experiment=ratio_sweep pruning.ratio=0.2,0.5          # SmolLM2-135M
+  "$PY" run.py experiment=ratio_sweep method=llm_pruner pruning.ratio=0.2 calibration.seed=0 recovery=lora_cpu \
+      store.dir=$STORE progress=false                     # "LoRA recovers" on the ratio-sweep protocol
   run experiment=llm_pruner_table1
   run experiment=ratio_sweep model=stories260k
   run experiment=llm_pruner_table1 model=stories260k
@@ -25,4 +27,4 @@ if [[ "${1:-all}" != tables ]]; then
   run experiment=search_llm_table2
 fi
 "$PY" -m experiments.tables --store $STORE --all --out results/
-"$PY" -m experiments.report --store $STORE --out results/report.html --screenshot results/report.png
+"$PY" -m experiments.report --store $STORE --out results/report.html --screenshot results/report.png --ppl-png results/
