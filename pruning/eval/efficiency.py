@@ -5,6 +5,7 @@ heterogeneous per-layer widths after surgery are counted as they are), for one f
 tokens at batch 1:
 
     per layer   sum over q,k,v,o,gate,up,down of in_features * out_features   (per token)
+              + the SliceGPT shortcut matrices' sizes, when the layer has them  (per token)
               + 2 * H_l * d_h * seq_len                                       (per token: Q K^T and A V over the
                                                                                full seq_len x seq_len score matrix,
                                                                                as dense attention kernels compute it)
@@ -78,6 +79,9 @@ def count_macs(model, seq_len: int) -> dict[str, Any]:
     per_layer = []
     for layer in adapter.layers:
         proj = sum(getattr(adapter, p)(layer).in_features * getattr(adapter, p)(layer).out_features for p in _PROJ)
+        # SliceGPT's residual shortcut matrices (a x m, m x o) are matmuls on every token too
+        shortcuts = (getattr(layer, "attn_shortcut_Q", None), getattr(layer, "mlp_shortcut_Q", None))
+        proj += sum(q.numel() for q in shortcuts if q is not None)
         heads = adapter.widths(layer).num_heads
         attn = 2 * heads * hd * seq_len
         per_layer.append({"projections_per_token": proj, "attention_per_token": attn})
@@ -138,27 +142,29 @@ def _prefill(model, ids):
     return model(input_ids=ids, use_cache=True)
 
 
-def time_prefill(model, ids: torch.Tensor) -> float:
+def time_prefill(model, ids: torch.Tensor, clock=time.perf_counter) -> float:
+    """``clock``: wall time by default; any clock whose readings subtract (benchmarks/bench_latency.py also reads
+    process CPU time at the same points, which a shared machine's descheduling does not inflate)."""
     device = ids.device
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     _prefill(model, ids)
     _sync(device)
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
-def time_decode(model, ids: torch.Tensor, steps: int) -> float:
+def time_decode(model, ids: torch.Tensor, steps: int, clock=time.perf_counter) -> float:
     """Seconds per decoded token: ``steps`` greedy single-token steps with the KV cache after prefilling ``ids``."""
     out = _prefill(model, ids)
     past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
     device = ids.device
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(steps):
         out = model(input_ids=nxt.to(device), past_key_values=past, use_cache=True)
         past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
     _sync(device)
-    return (time.perf_counter() - t0) / steps
+    return (clock() - t0) / steps
 
 
 # ------------------------------------------------------------------------------------------------- memory
