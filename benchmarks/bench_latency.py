@@ -205,7 +205,7 @@ def markdown(result: dict) -> str:
                          f"| {ratio} | {cpu} | {mr} | {ok} |")
     lines += ["", f"Sanity PPL of each timed model (first {PPL_WINDOWS} ppl128-lp WikiText-2 windows, not a result): "
               + ", ".join(f"{n} {result['models'][n]['sanity_ppl']:.2f}" for n in ["dense", *names]) + ".",
-              "Raw numbers: `results/bench_latency.json`.", ""]
+              f"Raw numbers: `{result['json']}`.", ""]
     return "\n".join(lines)
 
 
@@ -278,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": command,
     }
     args.out.mkdir(parents=True, exist_ok=True)
+    js = (args.out / "bench_latency.json").resolve()
+    result["json"] = str(js.relative_to(REPO)) if js.is_relative_to(REPO) else str(js)
     (args.out / "bench_latency.json").write_text(json.dumps(result, indent=1) + "\n")
     md = markdown(result)
     (args.out / "bench_latency.md").write_text(md)
