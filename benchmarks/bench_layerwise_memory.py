@@ -31,11 +31,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_taylor_memory import model_path  # noqa: E402
+from benchmarks.bench_taylor_memory import loaded_models  # noqa: E402
 from pruning import data  # noqa: E402
 from pruning.importance.taylor import TAYLOR, taylor_scorer, weight_bytes  # noqa: E402
 from pruning.methods.llm_pruner import llm_pruner  # noqa: E402
-from pruning.models import load_model  # noqa: E402
 
 MB = 2 ** 20
 
@@ -57,16 +56,7 @@ def measure(model, calib, sets, variant: str, layerwise: bool) -> tuple[dict, to
 def run(models: list[str], shapes: list[str], variants: list[str], threads: int) -> list[dict]:
     torch.set_num_threads(threads)
     rows = []
-    for name in models:
-        path = model_path(name)
-        if path is None:
-            print(f"[skip] {name}: conf/model/{name}.yaml not found", file=sys.stderr)
-            continue
-        try:
-            model, tok, adapter = load_model(path)
-        except Exception as e:          # e.g. the GGUF is not in this data root
-            print(f"[skip] {name}: {e}", file=sys.stderr)
-            continue
+    for name, model, tok, adapter in loaded_models(models):
         wb = weight_bytes(model)
         sets = llm_pruner().sets(model)
         layers = sorted({s.layer for s in sets})

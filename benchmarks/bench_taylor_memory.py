@@ -52,6 +52,21 @@ def model_path(name: str) -> str | None:
     return str(OmegaConf.load(cfg_file).model.path)
 
 
+def loaded_models(names):
+    """(name, model, tokenizer, adapter) for each model that this machine has; the others are skipped with a line."""
+    for name in names:
+        path = model_path(name)
+        if path is None:
+            print(f"[skip] {name}: conf/model/{name}.yaml not found", file=sys.stderr)
+            continue
+        try:
+            model, tok, adapter = load_model(path)
+        except Exception as e:          # e.g. the GGUF is not in this data root
+            print(f"[skip] {name}: {e}", file=sys.stderr)
+            continue
+        yield name, model, tok, adapter
+
+
 def official_style(model, calib, variant: str) -> dict:
     """hf_prune.py's order: (element2*) per-sample passes into acc_grad, then one batch backward; all kept."""
     device = model.get_input_embeddings().weight.device
@@ -82,16 +97,7 @@ def official_style(model, calib, variant: str) -> dict:
 def run(models: list[str], variants: list[str], n_samples: int, seq_len: int, threads: int) -> list[dict]:
     torch.set_num_threads(threads)
     rows = []
-    for name in models:
-        path = model_path(name)
-        if path is None:
-            print(f"[skip] {name}: conf/model/{name}.yaml not found", file=sys.stderr)
-            continue
-        try:
-            model, tok, adapter = load_model(path)
-        except Exception as e:          # e.g. the GGUF is not in this data root
-            print(f"[skip] {name}: {e}", file=sys.stderr)
-            continue
+    for name, model, tok, adapter in loaded_models(models):
         calib = data.calibration_batches(tok, "c4", n_samples, seq_len, 42, progress=False)
         wb = weight_bytes(model)
         with torch.no_grad():
