@@ -396,16 +396,23 @@ class LayerStep:
     adapter: ModelAdapter
     drops: dict[str, torch.Tensor] = field(default_factory=dict)
     skip: bool = False
+    read_only: bool = False     # sequential(prunes=False): the outputs were computed with the statistics
 
     def drop(self, plan) -> None:
         from pruning.surgery.compensation import removed_inputs
 
+        if self.read_only and (self.layer in plan.blocks or removed_inputs(self.adapter, plan, self.layer)):
+            raise PruningError("this sequential pass was opened with prunes=False; open it with prunes=True to "
+                               "prune between layers")
         if self.layer in plan.blocks:
             self.skip = True
         for site, idx in removed_inputs(self.adapter, plan, self.layer).items():
             self.drop_inputs(site, idx)
 
     def drop_inputs(self, site: str, channels) -> None:
+        if self.read_only:
+            raise PruningError("this sequential pass was opened with prunes=False; open it with prunes=True to "
+                               "prune between layers")
         if site not in ("o_proj", "down_proj"):
             raise PruningError(f"only o_proj/down_proj inputs can be dropped, got {site!r}")
         idx = torch.as_tensor(channels, dtype=torch.long).reshape(-1)
@@ -489,7 +496,7 @@ def _sequential_steps(model, adapter: ModelAdapter, ids: torch.Tensor, spec: _Sp
                 _run_layer(layer, buf, kwargs_list, spec.batch_size, write=not interactive)
             finally:
                 _remove(handles)
-            step = LayerStep(i, stats, adapter)
+            step = LayerStep(i, stats, adapter, read_only=not interactive)
             yield step
             if not interactive:
                 continue
@@ -563,12 +570,15 @@ def collect(model: nn.Module, calib: torch.Tensor, stats=("mean", "var"), sites=
 
 def sequential(model: nn.Module, calib: torch.Tensor, stats=("sqnorm",), sites=("o_proj", "down_proj"),
                layers=None, batch_size: int = 8, progress: bool = True,
-               block_last_output: str = "raw") -> Iterator[LayerStep]:
+               block_last_output: str = "raw", prunes: bool = True) -> Iterator[LayerStep]:
     """Layer-by-layer statistics on inputs produced by the (possibly already pruned) layers below.
 
     ``for step in sequential(model, calib, ...): ...score step.stats, prune layer step.layer...`` — the request is
     validated here, before the first forward pass. Only one layer's activations for the calibration set are kept.
+    ``prunes=False`` streams the dense statistics one layer at a time for a caller that only reads them: each layer
+    runs once instead of twice (its outputs are computed with its statistics, so a drop raises and an in-place
+    weight edit would not reach the layers below).
     """
     adapter = adapter_for(model)
     spec, ids = _parse(adapter, calib, stats, sites, layers, batch_size, block_last_output, progress)
-    return _sequential_steps(model, adapter, ids, spec, True)
+    return _sequential_steps(model, adapter, ids, spec, prunes)

@@ -98,9 +98,23 @@ def test_sequential_equals_dense_on_unpruned_model(calib):
     dense = collect(model, calib, mode="dense", **req)
     seq = collect(model, calib, mode="sequential", **req)
     steps = {s.layer: s.stats for s in sequential(model, calib, **req)}   # interactive pass, nothing pruned
+    read_only = {s.layer: s.stats for s in sequential(model, calib, prunes=False, **req)}   # one run per layer
     assert seq.mode == "sequential"
     _assert_same(dense, seq)
     _assert_same(dense.layers, steps)
+    _assert_same(dense.layers, read_only)
+
+
+def test_read_only_pass_refuses_drops(calib):
+    model, _, _ = load_model(STORIES)
+    plan = random(seed=0).prune(model, 0.2)
+    steps = sequential(model, calib, stats=("sqnorm",), batch_size=4, progress=False, prunes=False)
+    step = next(steps)
+    with pytest.raises(PruningError, match="prunes=True"):
+        step.drop(plan)
+    with pytest.raises(PruningError, match="prunes=True"):
+        step.drop_inputs("down_proj", [0])
+    step.drop(PrunePlan())        # nothing of this layer: allowed
 
 
 def test_layer_subset_matches_full_run(calib):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from pruning.allocation import Budget, Uniform
+from pruning.errors import PruningError
 from pruning.importance import Scorer
 from pruning.models.adapter import adapter_for
 from pruning.structures import KINDS, StructureSet, structure_sets
@@ -44,16 +45,22 @@ class ScoreAndAllocate:
         return self.allocation.budget(self.sets(model), ratio, adapter_for(model).num_params())
 
     def prune(self, model: nn.Module, ratio: float, calib=None) -> PrunePlan:
+        """Budget from shapes, then ``select`` (skipped when nothing is removed); the plan's meta says what the
+        allocator achieved after rounding to whole units."""
         sets = self.sets(model)
-        budget = self.allocation.budget(sets, ratio, adapter_for(model).num_params())
-        if budget.removed_params == 0:
-            plan = PrunePlan()
-        else:
-            scores = [self.scorer(s) for s in sets]
-            plan = self.allocation.allocate(sets, scores, budget)
+        budget = self.budget(model, ratio)
+        plan = PrunePlan()
+        if budget.removed_params > 0:
+            if calib is None and self.needs_calibration:
+                raise PruningError(f"{self.name} needs calibration batches")
+            plan = self.select(model, sets, budget, calib)
         plan.meta.update(method=self.name, structures=list(self.structures), target_ratio=ratio,
-                         planned_ratio=budget.achieved)
+                         planned_ratio=(plan.meta.get("allocation") or {}).get("achieved", budget.achieved))
         return plan
+
+    def select(self, model: nn.Module, sets: list[StructureSet], budget: Budget, calib) -> PrunePlan:
+        """Score every set and allocate the budget; methods with statistics passes override this."""
+        return self.allocation.allocate(sets, [self.scorer(s) for s in sets], budget)
 
     def apply(self, model: nn.Module, plan: PrunePlan, calib=None) -> nn.Module:
         """Surgery plus the method's compensation; the baselines have none."""

@@ -14,15 +14,15 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from pruning.allocation import Uniform
+from pruning.allocation import Budget, Uniform
 from pruning.allocation.flap import FlapAllocation
 from pruning.calibration import collect
 from pruning.errors import PruningError
 from pruning.importance.activation import FluctuationScorer
 from pruning.methods.base import ScoreAndAllocate
-from pruning.models.adapter import adapter_for
 from pruning.surgery.apply import apply_plan, mask_plan
 from pruning.surgery.compensation import SURGERY, bias_compensation
+from pruning.structures import StructureSet
 from pruning.surgery.plan import PrunePlan
 
 
@@ -44,26 +44,17 @@ class Flap(ScoreAndAllocate):
         self.allocation.bias_params = model.config.hidden_size if self.bias else 0
         return super().sets(model)
 
-    def prune(self, model: nn.Module, ratio: float, calib=None) -> PrunePlan:
-        sets = self.sets(model)
-        budget = self.allocation.budget(sets, ratio, adapter_for(model).num_params())
-        if budget.removed_params == 0:
-            plan = PrunePlan()
-        else:
-            if calib is None:
-                raise PruningError("flap needs calibration batches")
-            want = tuple(dict.fromkeys(self.scorer.requires + (("mean",) if self.bias else ())))
-            stats = collect(model, calib, stats=want, sites=("o_proj", "down_proj"),
-                            layers=sorted({s.layer for s in sets}), mode="dense", batch_size=self.batch_size,
-                            progress=self.progress)
-            self.scorer.bind(stats)
-            scores = [self.allocation.unit_scores(s, self.scorer.channel_scores(s)) for s in sets]
-            plan = self.allocation.allocate(sets, scores, budget)
-            self.scorer.bind(None)
-            if self.bias:   # keep only the means (what apply needs), keyed by (layer, site)
-                self._means = {(i, site): st.mean for i, ls in stats.layers.items() for site, st in ls.sites.items()}
-        plan.meta.update(method=self.name, structures=list(self.structures), target_ratio=ratio,
-                         planned_ratio=plan.meta.get("allocation", {}).get("achieved", budget.achieved))
+    def select(self, model: nn.Module, sets: list[StructureSet], budget: Budget, calib) -> PrunePlan:
+        want = tuple(dict.fromkeys(self.scorer.requires + (("mean",) if self.bias else ())))
+        stats = collect(model, calib, stats=want, sites=("o_proj", "down_proj"),
+                        layers=sorted({s.layer for s in sets}), mode="dense", batch_size=self.batch_size,
+                        progress=self.progress)
+        self.scorer.bind(stats)
+        scores = [self.allocation.unit_scores(s, self.scorer.channel_scores(s)) for s in sets]
+        plan = self.allocation.allocate(sets, scores, budget)
+        self.scorer.bind(None)
+        if self.bias:   # keep only the means (what apply needs), keyed by (layer, site)
+            self._means = {(i, site): st.mean for i, ls in stats.layers.items() for site, st in ls.sites.items()}
         return plan
 
     def apply(self, model: nn.Module, plan: PrunePlan, calib=None) -> nn.Module:

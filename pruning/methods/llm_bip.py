@@ -15,13 +15,13 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from pruning.allocation import Uniform
+from pruning.allocation import Budget, Uniform
 from pruning.allocation.global_rank import GlobalRank
 from pruning.calibration import collect
 from pruning.errors import PruningError
 from pruning.importance.bip import BIPScorer
 from pruning.methods.base import ScoreAndAllocate
-from pruning.models.adapter import adapter_for
+from pruning.structures import StructureSet
 from pruning.surgery.plan import PrunePlan
 
 ALLOCATIONS = ("per_layer", "global")
@@ -32,25 +32,21 @@ class LlmBip(ScoreAndAllocate):
     batch_size: int = 8
     progress: bool = True
 
+    def select(self, model: nn.Module, sets: list[StructureSet], budget: Budget, calib) -> PrunePlan:
+        layers = sorted({s.layer for s in sets})
+        # sequential mode without drops = the dense statistics, from a real forward: dense-mode statistics
+        # may be served from the sweep's statistics cache, and the head hooks must see the activations
+        with self.scorer.recording(model, layers):
+            stats = collect(model, calib, stats={"down_proj": self.scorer.requires}, layers=layers,
+                            mode="sequential", batch_size=self.batch_size, progress=self.progress)
+        self.scorer.bind(stats)
+        plan = self.allocation.allocate(sets, [self.scorer(s) for s in sets], budget)
+        self.scorer.bind(None)
+        return plan
+
     def prune(self, model: nn.Module, ratio: float, calib=None) -> PrunePlan:
-        sets = self.sets(model)
-        budget = self.allocation.budget(sets, ratio, adapter_for(model).num_params())
-        plan = PrunePlan()
-        if budget.removed_params > 0:
-            if calib is None:
-                raise PruningError("llm_bip needs calibration batches")
-            layers = sorted({s.layer for s in sets})
-            # sequential mode without drops = the dense statistics, from a real forward: dense-mode statistics
-            # may be served from the sweep's statistics cache, and the head hooks must see the activations
-            with self.scorer.recording(model, layers):
-                stats = collect(model, calib, stats={"down_proj": self.scorer.requires}, layers=layers,
-                                mode="sequential", batch_size=self.batch_size, progress=self.progress)
-            self.scorer.bind(stats)
-            plan = self.allocation.allocate(sets, [self.scorer(s) for s in sets], budget)
-            self.scorer.bind(None)
-        plan.meta.update(method=self.name, structures=list(self.structures), target_ratio=ratio,
-                         planned_ratio=plan.meta.get("allocation", {}).get("achieved", budget.achieved),
-                         llm_bip={"variant": self.scorer.variant, "propagate": self.scorer.propagate})
+        plan = super().prune(model, ratio, calib)
+        plan.meta["llm_bip"] = {"variant": self.scorer.variant, "propagate": self.scorer.propagate}
         return plan
 
 

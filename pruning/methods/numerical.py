@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from pruning.allocation import Uniform
+from pruning.allocation import Budget, Uniform
 from pruning.allocation.global_rank import GlobalRank
 from pruning.calibration import sequential
 from pruning.errors import PruningError
 from pruning.importance.newton import NewtonScorer
 from pruning.methods.base import ScoreAndAllocate
-from pruning.models.adapter import adapter_for
+from pruning.structures import StructureSet
 from pruning.surgery.apply import apply_plan
 from pruning.surgery.obs import COMP_INPUTS, obs_compensation
 from pruning.surgery.plan import PrunePlan
@@ -43,35 +43,31 @@ class Numerical(ScoreAndAllocate):
         if not float(self.comp_damp) >= 0:
             raise PruningError(f"numerical.comp_damp must be >= 0, got {self.comp_damp}")
 
+    def select(self, model: nn.Module, sets: list[StructureSet], budget: Budget, calib) -> PrunePlan:
+        prunable = sum(s.n_units * s.params_per_unit for s in sets)
+        self.scorer.rho = budget.p if self.allocation.threshold == "unit_count" \
+            else budget.removed_params / prunable
+        keep_dense = self.compensate and self.comp_inputs == "dense"
+        self._xtx = {} if keep_dense else None
+        scores = {}
+        for step in sequential(model, calib, stats=self.scorer.requires, sites=("o_proj", "down_proj"),
+                               layers=sorted({s.layer for s in sets}), batch_size=self.batch_size,
+                               progress=self.progress, prunes=False):
+            self.scorer.bind({step.layer: step.stats})      # no drop: these are the dense statistics
+            for i, s in enumerate(sets):
+                if s.layer == step.layer:
+                    scores[i] = self.scorer(s)
+            if keep_dense:
+                self._xtx.update({(step.layer, k): st.xtx for k, st in step.stats.sites.items()})
+        self.scorer.bind(None)
+        plan = self.allocation.allocate(sets, [scores[i] for i in range(len(sets))], budget)
+        plan.meta["newton_rho"] = self.scorer.rho
+        return plan
+
     def prune(self, model: nn.Module, ratio: float, calib=None) -> PrunePlan:
-        sets = self.sets(model)
-        budget = self.allocation.budget(sets, ratio, adapter_for(model).num_params())
-        plan = PrunePlan()
-        if budget.removed_params > 0:
-            if calib is None:
-                raise PruningError("numerical needs calibration batches")
-            prunable = sum(s.n_units * s.params_per_unit for s in sets)
-            self.scorer.rho = budget.p if self.allocation.threshold == "unit_count" \
-                else budget.removed_params / prunable
-            keep_dense = self.compensate and self.comp_inputs == "dense"
-            self._xtx = {} if keep_dense else None
-            scores = {}
-            for step in sequential(model, calib, stats=self.scorer.requires, sites=("o_proj", "down_proj"),
-                                   layers=sorted({s.layer for s in sets}), batch_size=self.batch_size,
-                                   progress=self.progress):
-                self.scorer.bind({step.layer: step.stats})      # no drop: these are the dense statistics
-                for i, s in enumerate(sets):
-                    if s.layer == step.layer:
-                        scores[i] = self.scorer(s)
-                if keep_dense:
-                    self._xtx.update({(step.layer, k): st.xtx for k, st in step.stats.sites.items()})
-            self.scorer.bind(None)
-            plan = self.allocation.allocate(sets, [scores[i] for i in range(len(sets))], budget)
-            plan.meta["newton_rho"] = self.scorer.rho
-        plan.meta.update(method=self.name, structures=list(self.structures), target_ratio=ratio,
-                         planned_ratio=plan.meta.get("allocation", {}).get("achieved", budget.achieved),
-                         compensation={"obs": self.compensate, "comp_inputs": self.comp_inputs,
-                                       "comp_damp": self.comp_damp})
+        plan = super().prune(model, ratio, calib)
+        plan.meta["compensation"] = {"obs": self.compensate, "comp_inputs": self.comp_inputs,
+                                     "comp_damp": self.comp_damp}
         return plan
 
     def apply(self, model: nn.Module, plan: PrunePlan, calib=None) -> nn.Module:

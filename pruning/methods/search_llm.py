@@ -115,7 +115,7 @@ class SearchLLM(ScoreAndAllocate):
         """Saliency per (kind, layer), one layer's XᵀX at a time (sequential mode without pruning = dense)."""
         out = {}
         for step in sequential(model, stats_ids, stats=self.scorer.requires, layers=sorted({s.layer for s in sets}),
-                               batch_size=self.batch_size, progress=self.progress):
+                               batch_size=self.batch_size, progress=self.progress, prunes=False):
             self.scorer.bind({step.layer: step.stats})
             for s in sets:
                 if s.layer == step.layer:

@@ -18,6 +18,7 @@ from pruning.errors import InfeasibleRatioError, PruningError
 from pruning.importance.activation import BlockInfluenceScorer
 from pruning.methods.base import ScoreAndAllocate
 from pruning.models.adapter import adapter_for
+from pruning.structures import StructureSet
 from pruning.surgery.plan import PrunePlan
 
 
@@ -56,23 +57,20 @@ class ShortGPT(ScoreAndAllocate):
         b.target = ratio
         return b
 
+    def select(self, model: nn.Module, sets: list[StructureSet], budget: Budget, calib) -> PrunePlan:
+        last = LAST_BLOCK_OUTPUT[1] if self.last_block == "hf_hidden_states" else LAST_BLOCK_OUTPUT[0]
+        stats = collect(model, calib, stats=("block_io",), sites=(), layers=sets[0].unit_layers, mode="dense",
+                        batch_size=self.batch_size, progress=self.progress, block_last_output=last)
+        self.scorer.bind(stats)
+        scores = [self.scorer(s) for s in sets]
+        plan = self.allocation.allocate(sets, scores, budget)
+        self.scorer.bind(None)
+        plan.meta["block_influence"] = {int(l): float(v) for l, v in zip(sets[0].unit_layers, scores[0])}
+        return plan
+
     def prune(self, model: nn.Module, ratio: float, calib=None) -> PrunePlan:
-        sets = self.sets(model)
-        budget = self.budget(model, ratio)
-        plan = PrunePlan()
-        if budget.removed_params > 0:
-            if calib is None:
-                raise PruningError("shortgpt needs calibration batches")
-            last = LAST_BLOCK_OUTPUT[1] if self.last_block == "hf_hidden_states" else LAST_BLOCK_OUTPUT[0]
-            stats = collect(model, calib, stats=("block_io",), sites=(), layers=sets[0].unit_layers, mode="dense",
-                            batch_size=self.batch_size, progress=self.progress, block_last_output=last)
-            self.scorer.bind(stats)
-            scores = [self.scorer(s) for s in sets]
-            plan = self.allocation.allocate(sets, scores, budget)
-            self.scorer.bind(None)
-            plan.meta["block_influence"] = {int(l): float(v) for l, v in zip(sets[0].unit_layers, scores[0])}
-        plan.meta.update(method=self.name, structures=list(self.structures), target_ratio=ratio,
-                         planned_ratio=budget.achieved, n_blocks=len(plan.blocks))
+        plan = super().prune(model, ratio, calib)
+        plan.meta["n_blocks"] = len(plan.blocks)
         return plan
 
 

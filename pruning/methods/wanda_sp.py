@@ -12,12 +12,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from pruning.allocation import Uniform
+from pruning.allocation import Budget, Uniform
 from pruning.calibration import sequential
-from pruning.errors import PruningError
 from pruning.importance.activation import WandaScorer
 from pruning.methods.base import ScoreAndAllocate
-from pruning.models.adapter import adapter_for
+from pruning.structures import StructureSet
 from pruning.surgery.plan import PrunePlan
 
 
@@ -26,27 +25,20 @@ class WandaSP(ScoreAndAllocate):
     batch_size: int = 8
     progress: bool = True
 
-    def prune(self, model: nn.Module, ratio: float, calib=None) -> PrunePlan:
-        sets = self.sets(model)
-        budget = self.allocation.budget(sets, ratio, adapter_for(model).num_params())
+    def select(self, model: nn.Module, sets: list[StructureSet], budget: Budget, calib) -> PrunePlan:
         plan = PrunePlan()
-        if budget.removed_params > 0:
-            if calib is None:
-                raise PruningError("wanda_sp needs calibration batches")
-            for step in sequential(model, calib, stats=self.scorer.requires, sites=("o_proj", "down_proj"),
-                                   layers=sorted({s.layer for s in sets}), batch_size=self.batch_size,
-                                   progress=self.progress):
-                layer_sets = [s for s in sets if s.layer == step.layer]
-                self.scorer.bind({step.layer: step.stats})
-                layer_plan = self.allocation.allocate(layer_sets, [self.scorer(s) for s in layer_sets], budget)
-                for kind, per in layer_plan.remove.items():
-                    for layer, units in per.items():
-                        plan.add(kind, layer, units)
-                plan.meta["allocation"] = layer_plan.meta.get("allocation")
-                step.drop(layer_plan)
-            self.scorer.bind(None)
-        plan.meta.update(method=self.name, structures=list(self.structures), target_ratio=ratio,
-                         planned_ratio=budget.achieved)
+        for step in sequential(model, calib, stats=self.scorer.requires, sites=("o_proj", "down_proj"),
+                               layers=sorted({s.layer for s in sets}), batch_size=self.batch_size,
+                               progress=self.progress):
+            layer_sets = [s for s in sets if s.layer == step.layer]
+            self.scorer.bind({step.layer: step.stats})
+            layer_plan = self.allocation.allocate(layer_sets, [self.scorer(s) for s in layer_sets], budget)
+            for kind, per in layer_plan.remove.items():
+                for layer, units in per.items():
+                    plan.add(kind, layer, units)
+            plan.meta["allocation"] = layer_plan.meta.get("allocation")
+            step.drop(layer_plan)
+        self.scorer.bind(None)
         return plan
 
 
