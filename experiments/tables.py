@@ -535,6 +535,45 @@ class PaperTable:
                         for s, b in zip(self.frame["source"], self.frame["block"])]
         return df.to_csv(index=False)
 
+    def summary(self, ratios: Sequence[float]) -> str:
+        """The README view of a rows table: per model, one row per method of ours (recovery variants left out),
+        each PPL column at each ratio as "mean ± std" and n, methods ordered by their first column at the first
+        ratio (best first), the dense value in the heading."""
+        f = self.frame
+        ours = f[(f["source"] == "ours") & ~f["method"].astype(str).str.contains(r"\+\w+$")]
+        out = []
+        for model, g in ours.groupby("model", sort=True):
+            cols = [c for c in self.value_columns if g[c].notna().any()]
+            names = [c.split(" [")[0] for c in cols]       # the subset goes to the heading when it is shared
+            short = {c: n if names.count(n) == 1 else c for c, n in zip(cols, names)}
+            dense = g[g["method"] == "dense"]
+            head = ", ".join(f"{short[c]} {dense.iloc[0][c]:.2f}" for c in cols) if len(dense) else "not run"
+            out += [f"**{model}** (dense: {head}; n = calibration seeds)", "",
+                    "| method | " + " | ".join(f"{100 * r:g}%: {short[c]}" if j < len(cols) else f"{100 * r:g}%: n"
+                                             for r in ratios for j, c in enumerate(cols + ["n"])) + " |",
+                    "|---" * (1 + len(ratios) * (len(cols) + 1)) + "|"]
+            g = g[g["method"] != "dense"]
+
+            def cell(method, ratio):
+                hit = g[(g["method"] == method) & ((g["ratio"] - ratio).abs() < 1e-9)]
+                return None if hit.empty else hit.index[0]
+
+            def rank(method):
+                i = cell(method, ratios[0])
+                return (i is None, 0.0 if i is None else float(f.loc[i, cols[0]]), method)
+            for method in sorted(dict.fromkeys(g["method"]), key=rank):
+                parts = [str(method)]
+                for r in ratios:
+                    i = cell(method, r)
+                    for c in cols:
+                        v, sd = (None, None) if i is None else (f.loc[i, c], self.std.loc[i, c])
+                        parts.append("–" if v is None or pd.isna(v) else
+                                     f"{v:,.1f}" + ("" if pd.isna(sd) else f" ± {sd:,.1f}"))
+                    parts.append("–" if i is None else str(int(f.loc[i, "n"])))
+                out.append("| " + " | ".join(parts) + " |")
+            out.append("")
+        return "\n".join(out)
+
     def write(self, out_dir: str | Path, formats: Sequence[str] = ("md", "tex", "csv")) -> list[Path]:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -739,6 +778,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--format", default="md,tex,csv", help="comma list of md, tex, csv")
     parser.add_argument("--published", choices=("matched", "all", "none"), default="matched",
                         help="published rows: for our (method, ratio) pairs (default), the whole paper table, or none")
+    parser.add_argument("--summary", metavar="RATIOS", default=None,
+                        help="print (and write <table>_summary.md) the README view of each rows table at these "
+                             "comma-separated ratios, e.g. 0.2,0.5")
     args = parser.parse_args(argv)
     if not args.table and not args.all:
         parser.error("give --table NAME (repeatable) or --all")
@@ -761,6 +803,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         paths = table.write(args.out, formats)
         print(table.to_markdown())
+        if args.summary and table.spec.layout == "rows":
+            text = table.summary([float(r) for r in args.summary.split(",")])
+            paths.append(args.out / f"{name}_summary.md")
+            paths[-1].write_text(text, encoding="utf-8")
+            print(text)
         print("wrote " + ", ".join(str(p) for p in paths) + "\n")
     if missing:
         obs = observations(records)

@@ -27,4 +27,5 @@ if [[ "${1:-all}" != tables ]]; then
   run experiment=search_llm_table2
 fi
 "$PY" -m experiments.tables --store $STORE --all --out results/
+"$PY" -m experiments.tables --store $STORE --table ratio_sweep --summary 0.2,0.5 --out results/   # the README view
 "$PY" -m experiments.report --store $STORE --out results/report.html --screenshot results/report.png --ppl-png results/

@@ -227,6 +227,30 @@ def test_writers_and_cli(store, tmp_path):
     assert T.main(["--store", str(tmp_path / "empty"), "--all", "--out", str(out)]) == 1
 
 
+def test_summary_view_pivots_ratios_with_seed_counts(store, tmp_path):
+    recs = _records(store)
+    table = T.build_table(ResultsStore(store).records(), "ratio_sweep")
+    text = table.summary([0.2, 0.4])
+    lines = text.splitlines()
+    head = lines[2].strip("| ").split(" | ")
+    assert head[:2] == ["method", "20%: WikiText-2"] and "20%: n" in head and "40%: WikiText-2" in head
+    assert "20%: PTB [first 4 windows]" in head        # two PTB subsets in this store: the heading names each
+    col = {h: i for i, h in enumerate(head)}
+    mag = next(ln for ln in lines if ln.startswith("| magnitude_l2 |")).strip("| ").split(" | ")
+    w2_20 = _find(recs, "magnitude_l2", 0.2)["metrics"]["ppl"][LP]["ppl"]
+    w2_40 = _find(recs, "magnitude_l2", 0.4)["metrics"]["ppl"][LP]["ppl"]
+    assert mag[col["20%: WikiText-2"]] == f"{w2_20:,.1f}" and mag[col["20%: n"]] == "1"
+    assert mag[col["40%: WikiText-2"]] == f"{w2_40:,.1f}"
+    rnd = next(ln for ln in lines if ln.startswith("| random [structures=kv_group+mlp] |")).strip("| ").split(" | ")
+    assert " ± " in rnd[col["20%: WikiText-2"]] and rnd[col["20%: n"]] == "2" and rnd[col["40%: n"]] == "–"
+    body = [ln.split(" | ")[1] for ln in lines[4:] if ln.startswith("| ")]
+    values = [float(v.split(" ± ")[0].replace(",", "")) for v in body]
+    assert values == sorted(values)                                       # best first
+    out = tmp_path / "summary"
+    assert T.main(["--store", str(store), "--table", "ratio_sweep", "--summary", "0.2,0.4", "--out", str(out)]) == 0
+    assert (out / "ratio_sweep_summary.md").read_text() == text
+
+
 @pytest.mark.slow
 def test_zero_shot_columns_follow_each_papers_metric(tmp_path, monkeypatch):
     """Real lm-eval runs (first 4 docs per task) of dense and pruned stories260K; the tables pick acc or acc_norm
