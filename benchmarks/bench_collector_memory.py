@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pruning.calibration import collect  # noqa: E402
 from pruning.models import load_model  # noqa: E402
+from benchmarks import run_main  # noqa: E402
 
 
 def peak_bytes(fn) -> tuple[int, object]:
@@ -90,4 +91,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

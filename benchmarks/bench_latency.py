@@ -43,6 +43,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pruning.errors import PruningError  # noqa: E402
+from benchmarks import run_main  # noqa: E402
 
 TARGET = 0.6
 PPL_WINDOWS = 8      # a sanity PPL of each timed model on the first ppl128-lp windows (not a result, a smoke check)
@@ -288,8 +289,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except PruningError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

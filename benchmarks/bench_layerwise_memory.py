@@ -35,6 +35,7 @@ from benchmarks.bench_taylor_memory import loaded_models  # noqa: E402
 from pruning import data  # noqa: E402
 from pruning.importance.taylor import TAYLOR, taylor_scorer, weight_bytes  # noqa: E402
 from pruning.methods.llm_pruner import llm_pruner  # noqa: E402
+from benchmarks import run_main  # noqa: E402
 
 MB = 2 ** 20
 
@@ -136,4 +137,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

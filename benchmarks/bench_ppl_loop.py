@@ -32,6 +32,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from pruning.data import ppl_text  # noqa: E402
 from pruning.eval.perplexity import PPLProtocol, perplexity, token_windows  # noqa: E402
 from pruning.models import load_model  # noqa: E402
+from benchmarks import run_main  # noqa: E402
 
 TARGET = 1.15
 
@@ -138,4 +139,4 @@ Raw numbers: `results/bench_ppl_loop.json`.
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

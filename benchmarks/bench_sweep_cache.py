@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pruning.errors import PruningError  # noqa: E402
+from benchmarks import run_main  # noqa: E402
 
 SKIPPED = "already complete: skipped"
 
@@ -234,8 +235,4 @@ def markdown(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except PruningError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

@@ -39,6 +39,7 @@ from pruning import data  # noqa: E402
 from pruning.importance.taylor import TAYLOR, lm_loss, peak_memory, taylor_scorer, weight_bytes  # noqa: E402
 from pruning.methods.llm_pruner import llm_pruner  # noqa: E402
 from pruning.models import load_model  # noqa: E402
+from benchmarks import run_main  # noqa: E402
 
 
 def model_path(name: str) -> str | None:
@@ -145,4 +146,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

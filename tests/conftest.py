@@ -85,3 +85,26 @@ def wikitext_rows() -> list[str]:
         with gzip.open(data.ASSETS / "data/wikitext2_test.jsonl.gz", "rt", encoding="utf-8") as f:
             lines = f.read().splitlines()
     return [json.loads(line)["text"] for line in lines]
+
+
+def site_inputs(model, ids, sites=("o_proj", "down_proj")) -> dict[tuple[int, str], torch.Tensor]:
+    """Inputs of the named q_proj/o_proj/gate_proj/down_proj modules and each block's input/output ("block_in",
+    "block_out") over the whole set, float64 [N, D], from plain torch hooks (independent of pruning.calibration)."""
+    got, handles = {}, []
+    for i, layer in enumerate(model.model.layers):
+        mods = {"q_proj": layer.self_attn.q_proj, "o_proj": layer.self_attn.o_proj,
+                "gate_proj": layer.mlp.gate_proj, "down_proj": layer.mlp.down_proj}
+        for name in sites:
+            if name in mods:
+                handles.append(mods[name].register_forward_pre_hook(
+                    lambda m, a, key=(i, name): got.setdefault(key, []).append(a[0].detach())))
+        if "block_in" in sites or "block_out" in sites:
+            def block(m, args, out, i=i):
+                got.setdefault((i, "block_in"), []).append(args[0].detach())
+                got.setdefault((i, "block_out"), []).append((out[0] if isinstance(out, tuple) else out).detach())
+            handles.append(layer.register_forward_hook(block))
+    with torch.no_grad():
+        model(ids)
+    for h in handles:
+        h.remove()
+    return {k: torch.cat(v).reshape(-1, v[0].shape[-1]).double() for k, v in got.items() if k[1] in sites}

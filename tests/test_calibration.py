@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import STORIES
+from conftest import STORIES, site_inputs
 from pruning import data
 from pruning.calibration import collect, sequential
 from pruning.errors import PruningError
@@ -29,32 +29,13 @@ def calib():
     return data.calibration_batches(tok, "c4", 6, 32, 0, progress=False)
 
 
-def captured_inputs(model, ids) -> dict[tuple[int, str], np.ndarray]:
-    """Every site's activations over the whole set, captured with plain torch hooks (no pruning code)."""
-    got: dict[tuple[int, str], list] = {}
-    handles = []
-    for i, layer in enumerate(model.model.layers):
-        mods = {"q_proj": layer.self_attn.q_proj, "o_proj": layer.self_attn.o_proj,
-                "gate_proj": layer.mlp.gate_proj, "down_proj": layer.mlp.down_proj}
-        for name, mod in mods.items():
-            handles.append(mod.register_forward_pre_hook(
-                lambda m, a, key=(i, name): got.setdefault(key, []).append(a[0].detach())))
-        def block(m, args, out, i=i):
-            got.setdefault((i, "block_in"), []).append(args[0].detach())
-            got.setdefault((i, "block_out"), []).append(out.detach())
 
-        handles.append(layer.register_forward_hook(block))
-    with torch.no_grad():
-        model(ids)
-    for h in handles:
-        h.remove()
-    return {k: torch.cat(v).reshape(-1, v[0].shape[-1]).double().numpy() for k, v in got.items()}
 
 
 def test_channel_stats_equal_numpy(calib):
     model, _, _ = load_model(STORIES)
     st = collect(model, calib, stats=ALL, sites=SITES, batch_size=4, progress=False)
-    ref = captured_inputs(model, calib)
+    ref = _captured(model, calib)
     assert st.n_tokens == 6 * 32 and set(st) == set(range(5))
     for (i, site), x in ref.items():
         s = st[i][site]
@@ -220,10 +201,15 @@ def test_per_site_requests(stories, calib):
     model, _, _ = stories
     st = collect(model, calib, stats={"down_proj": ("xtx",), "block_in": ("mean",), "block_io": True},
                  layers=[1], progress=False)
-    ref = captured_inputs(model, calib)
+    ref = _captured(model, calib)
     np.testing.assert_allclose(st[1]["down_proj"].xtx.numpy(), ref[(1, "down_proj")].T @ ref[(1, "down_proj")],
                                rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(st[1]["block_in"].mean.numpy(), ref[(1, "block_in")].mean(0), rtol=1e-10)
     assert st[1].block is not None and set(st[1].sites) == {"down_proj", "block_in"}
     with pytest.raises(PruningError, match="'mean' was not collected"):
         st[1]["down_proj"].mean
+
+
+def _captured(model, ids) -> dict[tuple[int, str], np.ndarray]:
+    return {k: v.numpy() for k, v in site_inputs(model, ids, ("q_proj", "o_proj", "gate_proj", "down_proj",
+                                                               "block_in", "block_out")).items()}

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import STORIES, logits
+from conftest import STORIES, logits, site_inputs
 from pruning import data
 from pruning.allocation.flap import FlapAllocation, standardize
 from pruning.calibration import collect
@@ -36,24 +36,13 @@ def calib():
     return data.calibration_batches(tok, "c4", 8, 32, 0, progress=False)
 
 
-def proj_inputs(model, ids) -> dict[tuple[int, str], np.ndarray]:
-    """o_proj / down_proj inputs over the set, from plain torch hooks (independent of pruning.calibration)."""
-    got, handles = {}, []
-    for i, layer in enumerate(model.model.layers):
-        for name, mod in (("o_proj", layer.self_attn.o_proj), ("down_proj", layer.mlp.down_proj)):
-            handles.append(mod.register_forward_pre_hook(
-                lambda m, a, key=(i, name): got.setdefault(key, []).append(a[0].detach())))
-    with torch.no_grad():
-        model(ids)
-    for h in handles:
-        h.remove()
-    return {k: torch.cat(v).reshape(-1, v[0].shape[-1]).double().numpy() for k, v in got.items()}
+
 
 
 @pytest.mark.parametrize("metric", ["WIFV", "IFV", "WIFN"])
 def test_fluctuation_equals_numpy(stories, calib, metric):
     model, _, adapter = stories
-    x = proj_inputs(model, calib)
+    x = {k: v.numpy() for k, v in site_inputs(model, calib).items()}
     scorer = FluctuationScorer(metric).bind(collect(model, calib, stats=FluctuationScorer(metric).requires,
                                                     progress=False))
     for layer in (0, 3):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import STORIES, logits
+from conftest import STORIES, logits, site_inputs
 from pruning import data
 from pruning.allocation.global_rank import GlobalRank
 from pruning.calibration import collect
@@ -38,18 +38,7 @@ def calib():
     return data.calibration_batches(tok, "c4", 8, 32, 0, progress=False)   # 256 tokens > I = 172
 
 
-def proj_inputs(model, ids) -> dict[tuple[int, str], torch.Tensor]:
-    """o_proj / down_proj inputs (float64 [N, D]) from plain torch hooks, independent of pruning.calibration."""
-    got, handles = {}, []
-    for i, layer in enumerate(model.model.layers):
-        for name, mod in (("o_proj", layer.self_attn.o_proj), ("down_proj", layer.mlp.down_proj)):
-            handles.append(mod.register_forward_pre_hook(
-                lambda m, a, key=(i, name): got.setdefault(key, []).append(a[0].detach())))
-    with torch.no_grad():
-        model(ids)
-    for h in handles:
-        h.remove()
-    return {k: torch.cat(v).reshape(-1, v[0].shape[-1]).double() for k, v in got.items()}
+
 
 
 def weight(model, layer, site):
@@ -66,7 +55,7 @@ def objective(x, w_hf, z, lam, r):
 @pytest.mark.parametrize("site", ["o_proj", "down_proj"])
 def test_newton_gradient_and_step(stories, calib, site):
     model, _, _ = stories
-    x = proj_inputs(model, calib)[(2, site)]
+    x = site_inputs(model, calib)[(2, site)]
     w = weight(model, 2, site)
     a = hadamard_hessian(w, x.T @ x)
     d, rho, lam = a.shape[0], 0.3, 0.7
@@ -89,7 +78,7 @@ def test_newton_gradient_and_step(stories, calib, site):
 
 def test_scorer_equals_numpy_closed_form(stories, calib):
     model, _, adapter = stories
-    xs = proj_inputs(model, calib)
+    xs = site_inputs(model, calib)
     scorer = NewtonScorer(damp=0.01, rho=0.25).bind(collect(model, calib, stats=("xtx",), progress=False))
     for layer in (0, 4):
         for kind in ("kv_group", "q_head", "mlp"):
@@ -137,7 +126,7 @@ def test_bad_options_fail_fast():
 
 def test_obs_equals_lstsq_and_paper_formula(stories, calib):
     model, _, _ = stories
-    xs = proj_inputs(model, calib)
+    xs = site_inputs(model, calib)
     gen = torch.Generator().manual_seed(3)
     for site in ("o_proj", "down_proj"):
         x, w = xs[(2, site)], weight(model, 2, site)
@@ -168,7 +157,7 @@ def test_compensation_per_layer_never_worse(calib):
     meth = numerical(comp_inputs="dense", progress=False)
     plan = meth.prune(base, 0.2, calib)
     assert plan.meta["allocation"]["achieved"] == pytest.approx(0.2, abs=200 / 292_800)
-    dense_x = proj_inputs(base, calib)
+    dense_x = site_inputs(base, calib)
     dense_w = {k: weight(base, *k).clone() for k in dense_x}
     comp, _, _ = load_model(STORIES, dtype="float64")
     obs_compensation(comp, plan, calib, comp_inputs="dense", progress=False, surgery=False)
