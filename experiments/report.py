@@ -80,12 +80,13 @@ class _Colors:
 
 
 def _mean_std(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
-    """Seeds -> mean and std per group; the newest record wins for a repeated (group, seed)."""
+    """Seeds -> mean, std, min and max per group; the newest record wins for a repeated (group, seed)."""
     df = df.sort_values("created", kind="stable")
     seed = df["seed"].astype(object).where(df["seed"].notna(), "none").astype(str)
     df = df.assign(_seed=seed).groupby([*by, "_seed"], dropna=False, sort=False).tail(1)
     g = df.groupby(by, dropna=False, sort=True)
-    return pd.DataFrame({"mean": g["value"].mean(), "std": g["value"].std(ddof=1), "n": g["value"].size(),
+    return pd.DataFrame({"mean": g["value"].mean(), "std": g["value"].std(ddof=1), "min": g["value"].min(),
+                         "max": g["value"].max(), "n": g["value"].size(),
                          "achieved": g["achieved"].mean()}).reset_index()
 
 
@@ -97,7 +98,7 @@ def _panel_grid(n: int, ncols: int = 2):
 def _line_panels(obs: pd.DataFrame, model: str, keys: list[str], title_of, ylabel: str, colors: _Colors,
                  logy: bool, suptitle: str):
     nrows, ncols = _panel_grid(len(keys))
-    fig = _figure(6.4 * ncols, 4.2 * nrows)
+    fig = _figure(6.4 * ncols + 3.0, 4.2 * nrows)
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     for ax, key in zip(axes, keys):
         sub = obs[obs["key"] == key]
@@ -108,18 +109,27 @@ def _line_panels(obs: pd.DataFrame, model: str, keys: list[str], title_of, ylabe
             color, marker = colors(method)
             g = g.sort_values("ratio")
             x = g["achieved"].where(g["achieved"].notna(), g["ratio"])   # blocks and heads overshoot the target
-            ax.errorbar(x, g["mean"], yerr=g["std"].fillna(0), color=color, marker=marker, ms=5,
-                        capsize=3, lw=1.6, label=method)
+            # bars span the seeds' min..max: honest on a log axis, where mean - std can fall below zero
+            bars = [(g["mean"] - g["min"]).clip(lower=0), (g["max"] - g["mean"]).clip(lower=0)]
+            ax.errorbar(x, g["mean"], yerr=bars, color=color, marker=marker, ms=5, capsize=3, lw=1.6, label=method)
+        title = title_of(key)
         if len(dense):
             d = _mean_std(dense, ["key"])["mean"].iloc[0]
-            ax.axhline(d, color="black", ls="--", lw=1.2, label=f"dense ({d:.4g})")
-        ax.set_title(title_of(key), fontsize=10)
+            ax.axhline(d, color="black", ls="--", lw=1.2, label="dense")
+            title += f"; dense {d:.4g}"
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("achieved ratio (fraction of all parameters removed)")
         ax.set_ylabel(ylabel)
         if logy and len(sub) and (sub["value"] > 0).all():
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
+    handles = {}
+    for ax in axes[:len(keys)]:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    if handles:     # one legend beside the panels, where it hides no data
+        fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=8,
+                   title="method (bars: min-max over calibration seeds)", title_fontsize=8)
     for ax in axes[len(keys):]:
         ax.set_visible(False)
     fig.suptitle(suptitle, fontsize=12)
