@@ -401,18 +401,19 @@ class LayerStep:
     def drop(self, plan) -> None:
         from pruning.surgery.compensation import removed_inputs
 
-        if self.read_only and (self.layer in plan.blocks or removed_inputs(self.adapter, plan, self.layer)):
-            raise PruningError("this sequential pass was opened with prunes=False; open it with prunes=True to "
-                               "prune between layers")
         if self.layer in plan.blocks:
+            self._check_writable()
             self.skip = True
         for site, idx in removed_inputs(self.adapter, plan, self.layer).items():
             self.drop_inputs(site, idx)
 
-    def drop_inputs(self, site: str, channels) -> None:
+    def _check_writable(self) -> None:
         if self.read_only:
             raise PruningError("this sequential pass was opened with prunes=False; open it with prunes=True to "
                                "prune between layers")
+
+    def drop_inputs(self, site: str, channels) -> None:
+        self._check_writable()
         if site not in ("o_proj", "down_proj"):
             raise PruningError(f"only o_proj/down_proj inputs can be dropped, got {site!r}")
         idx = torch.as_tensor(channels, dtype=torch.long).reshape(-1)

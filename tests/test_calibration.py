@@ -98,6 +98,19 @@ def test_read_only_pass_refuses_drops(calib):
     step.drop(PrunePlan())        # nothing of this layer: allowed
 
 
+def test_read_only_pass_runs_each_layer_once(calib):
+    model, _, _ = load_model(STORIES)
+    calls = {True: 0, False: 0}
+    for prunes in (True, False):
+        handle = model.model.layers[1].register_forward_hook(
+            lambda m, a, o, prunes=prunes: calls.__setitem__(prunes, calls[prunes] + 1))
+        for _ in sequential(model, calib, stats=("sqnorm",), batch_size=4, progress=False, prunes=prunes):
+            pass
+        handle.remove()
+    n_batches = -(-calib.shape[0] // 4)
+    assert calls == {True: 2 * n_batches, False: n_batches}
+
+
 def test_layer_subset_matches_full_run(calib):
     model, _, _ = load_model(STORIES)
     full = collect(model, calib, stats=("var",), progress=False)
