@@ -32,6 +32,7 @@ from experiments.store import ResultsStore
 from pruning import data
 from pruning.allocation import check_ratio
 from pruning.calibration import cached_statistics
+from pruning.errors import PruningError
 from pruning.eval import EVAL_VERSION, check_eval, evaluate
 from pruning.models import load_model
 from pruning.models.loading import resolve_checkpoint
@@ -109,10 +110,24 @@ def calibration(cfg: DictConfig, tokenizer, model_fingerprint: str, progress: bo
                                               progress=progress))
 
 
+def operating_point(method, ratio) -> tuple[float | None, dict | None]:
+    """Which setting defines the cell: ``pruning.ratio`` (share of ALL params) or the method's native knob
+    (METHODS.md §1.3). Both at once would make the record claim a ratio the method did not use."""
+    op = method.operating_point()
+    if op is not None:
+        if ratio is not None:
+            raise PruningError(f"{op} sets the operating point of this cell, so pruning.ratio={ratio} would not be "
+                               f"used; pass pruning.ratio=null (or drop {op.knob})")
+        return None, op.as_dict()
+    if ratio is None and method.name != "dense":
+        knob = f" or set {method.native_knob}" if method.native_knob else ""
+        raise PruningError(f"pruning.ratio is null: set it (share of all parameters removed){knob}")
+    return (None if ratio is None else check_ratio(ratio)), None
+
+
 def run_cell(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     timer = Timer()
     t_start = time.perf_counter()
-    ratio = check_ratio(cfg.pruning.ratio)
     check_eval(cfg.eval)                      # unknown protocol keys / missing data files fail before loading
     set_threads(cfg.get("threads"))
     seed_everything(cfg.seed)                 # random, numpy, torch: the one place (pruning.runtime)
@@ -128,6 +143,7 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     store = ResultsStore(cfg.store.dir) if cfg.store.dir else ResultsStore()
 
     method = build_method(cfg)                # cheap (no model yet); it decides whether calibration is identity
+    ratio, op = operating_point(method, cfg.pruning.ratio)
     resolved = cell_config(cfg, uses_calibration=method.needs_calibration)
     is_dense = resolved["method"]["_target_"] == DENSE
     ratio = 0.0 if is_dense else ratio
@@ -172,9 +188,9 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     with timer("surgery"):
         method.apply(model, plan, calib)
     params_after = adapter.num_params()
-    with timer("eval_pruned"):
-        pruned = evaluate(model, tokenizer, cfg.eval, device=device, progress=progress) \
-            if not plan.is_empty() else dense
+    with timer("eval_pruned"):                # also for an empty plan: apply may still change weights (SliceGPT
+        pruned = dense if is_dense else evaluate(model, tokenizer, cfg.eval, device=device,   # at 0% rotates)
+                                                 progress=progress)
 
     metrics = {} if is_dense else {f"dense_{k}": v for k, v in dense.items()}
     extra = {"plan": plan.to_dict(), "widths": [w.as_dict() for w in adapter.all_widths()],
@@ -206,7 +222,7 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         resolved,
         metrics=metrics,
         params={"before": params_before, "after": params_after, "achieved_ratio": 1 - params_after / params_before,
-                "target_ratio": ratio, "planned_ratio": budget.achieved},
+                "target_ratio": ratio, "operating_point": op, "planned_ratio": budget.achieved},
         timings=dict(timer),
         extra=extra,
     )
@@ -228,8 +244,10 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
 def one_line_table(record: dict) -> pd.DataFrame:
     """The row a person wants after a run: PPL dense -> pruned per protocol, params and achieved ratio."""
     cfg, params = record["config"], record["params"]
+    op = params.get("operating_point")
     row = {"model": cfg["model"]["name"], "method": record["plan"]["meta"].get("method", "dense"),
-           "target": params["target_ratio"], "achieved": round(params["achieved_ratio"], 4),
+           "target": f"{op['knob'].removeprefix('method.')}={op['value']:g}" if op else params["target_ratio"],
+           "achieved": round(params["achieved_ratio"], 4),
            "params": f"{params['before']:,} -> {params['after']:,}"}
     metrics = record["metrics"]
     for key, res in metrics.get("ppl", {}).items():

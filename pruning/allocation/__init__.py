@@ -16,10 +16,12 @@ from pruning.structures import StructureSet
 from pruning.surgery.plan import PrunePlan
 
 
-def check_ratio(ratio: float) -> float:
+def check_ratio(ratio: float | None, name: str = "pruning.ratio") -> float:
+    if ratio is None:
+        raise InfeasibleRatioError(f"{name} is null and no native ratio knob of the method is set; set {name}")
     ratio = float(ratio)
     if not 0.0 <= ratio < 1.0:
-        raise InfeasibleRatioError(f"pruning.ratio must be in [0, 1), got {ratio}")
+        raise InfeasibleRatioError(f"{name} must be in [0, 1), got {ratio}")
     return ratio
 
 
@@ -32,22 +34,33 @@ def layer_range(n_layers: int, start_frac: float, end_frac: float,
     return list(range(s, e))
 
 
+COUNT_RULES = ("llm_pruner", "floor")
+
+
 def count_rule(n_units: int, p: float) -> int:
-    """Units removed at fraction p: C - int(C(1-p)), LLM-Pruner's MetaPruner rule."""
+    """Units removed at fraction p: C - int(C(1-p)), LLM-Pruner's MetaPruner rule (rounds the removal up)."""
     return n_units - int(n_units * (1.0 - p))
 
 
-def _removed(sset: StructureSet, p: float) -> int:
-    """Units of one set removed at fraction p (query heads: the same number from every KV group)."""
+def floor_rule(n_units: int, p: float) -> int:
+    """Units removed at fraction p: int(p·n), the FLAP repository's rule (``sorted[int(ratio·n)]``, rounds down)."""
+    return int(n_units * p + 1e-9)
+
+
+def _removed(sset: StructureSet, p: float, rule: str = "llm_pruner") -> int:
+    """Units of one set removed at fraction p under a count rule.
+
+    llm_pruner: attention units are counted on their root's channels, floor((C - int(C(1-p))) / d_h) with
+    C = units·d_h (``count_channels``), as LLM-Pruner's consecutive groups; query heads come off every KV group
+    equally. floor: int(p·n) units of each kind per layer (FLAP's code).
+    """
+    if rule == "floor":
+        return floor_rule(sset.n_units, p)
     if sset.partition is not None:
         groups = int(sset.partition.max()) + 1
         return count_rule(sset.n_units // groups, p) * groups
     c = sset.count_channels    # LLM-Pruner: floor((C - int(C(1-p))) / d_h) KV groups with C = H_kv·d_h
     return count_rule(sset.n_units * c, p) // c
-
-
-def _empties(sset: StructureSet, p: float) -> bool:
-    return _removed(sset, p) >= sset.n_units
 
 
 @dataclass
@@ -75,31 +88,40 @@ class Uniform:
     layer_start: int | None = None
     layer_end: int | None = None
     group_ratio: float | None = None   # set p directly (paper presets, e.g. LLM-Pruner 0.25)
+    count_rule: str = "llm_pruner"     # llm_pruner (C - int(C(1-p)) on root channels) | floor (int(p·n), FLAP repo)
+
+    def __post_init__(self):
+        if self.count_rule not in COUNT_RULES:
+            raise InfeasibleRatioError(f"unknown count_rule {self.count_rule!r}; choices: {', '.join(COUNT_RULES)}")
 
     def layers(self, n_layers: int) -> list[int]:
         return layer_range(n_layers, self.layer_start_frac, self.layer_end_frac, self.layer_start, self.layer_end)
 
-    def _params_at(self, sets: list[StructureSet], p: float) -> int:
-        return sum(_removed(s, p) * s.params_per_unit for s in sets)
+    def removed(self, sset: StructureSet, p: float) -> int:
+        return _removed(sset, p, self.count_rule)
 
-    def budget(self, sets: list[StructureSet], ratio: float, total_params: int) -> Budget:
-        """Choose p from counts alone, so an impossible ratio fails before any scoring."""
-        ratio = check_ratio(ratio)
-        if not sets or ratio == 0.0 and self.group_ratio is None:
-            return Budget(ratio, total_params, 0.0, 0)
+    def _params_at(self, sets: list[StructureSet], p: float) -> int:
+        return sum(self.removed(s, p) * s.params_per_unit for s in sets)
+
+    def budget(self, sets: list[StructureSet], ratio: float | None, total_params: int) -> Budget:
+        """Choose p from counts alone, so an impossible ratio fails before any scoring; ``group_ratio`` (the
+        native knob) fixes p and ``ratio`` is then not read."""
         if self.group_ratio is not None:
             p = float(self.group_ratio)
-            bad = [s for s in sets if _empties(s, p)]
+            bad = [s for s in sets if self.removed(s, p) >= s.n_units]
             if bad:
                 raise InfeasibleRatioError(f"group_ratio={p} would remove every {bad[0].kind} unit of layer "
                                            f"{bad[0].layer}")
             return Budget(ratio, total_params, p, self._params_at(sets, p))
+        ratio = check_ratio(ratio)
+        if not sets or ratio == 0.0:
+            return Budget(ratio, total_params, 0.0, 0)
         # candidate p values: every breakpoint where some set's removed count changes
         cands = {0.0}
         for s in sets:
             n = s.n_units // (int(s.partition.max()) + 1) if s.partition is not None else s.n_units
             cands.update((k / n) + 1e-12 for k in range(n))
-        feasible = sorted(p for p in cands if p < 1.0 and not any(_empties(s, p) for s in sets))
+        feasible = sorted(p for p in cands if p < 1.0 and not any(self.removed(s, p) >= s.n_units for s in sets))
         best_max = self._params_at(sets, feasible[-1]) / total_params
         if ratio > best_max + 1e-9:
             kinds = sorted({s.kind for s in sets})
@@ -115,7 +137,7 @@ class Uniform:
     def allocate(self, sets: list[StructureSet], scores: list[torch.Tensor], budget: Budget) -> PrunePlan:
         plan = PrunePlan()
         for sset, score in zip(sets, scores):
-            n = _removed(sset, budget.p)
+            n = self.removed(sset, budget.p)
             if n == 0:
                 continue
             if sset.partition is not None:   # lowest m heads inside every KV group
@@ -130,6 +152,6 @@ class Uniform:
                 if sset.kind == "block":
                     lowest = [sset.unit_layers[u] for u in lowest]
                 plan.add(sset.kind, sset.layer, lowest)
-        plan.meta["allocation"] = {"type": "uniform", "p": budget.p, "target": budget.target,
-                                   "achieved": budget.achieved}
+        plan.meta["allocation"] = {"type": "uniform", "p": budget.p, "count_rule": self.count_rule,
+                                   "target": budget.target, "achieved": budget.achieved}
         return plan

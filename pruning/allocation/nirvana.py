@@ -59,8 +59,10 @@ class NirvanaAllocation:
     def layers(self, n_layers: int) -> list[int]:
         return list(range(n_layers))        # every layer is eligible (the code parses but ignores layer ranges)
 
-    def budget(self, sets: list[StructureSet], ratio: float, total_params: int) -> NirvanaBudget:
-        ratio = check_ratio(ratio)
+    def budget(self, sets: list[StructureSet], ratio: float | None, total_params: int) -> NirvanaBudget:
+        """``sparsity`` (the native knob) or ``ratio`` (share of all params; not read when sparsity is set)."""
+        if self.sparsity is None:
+            ratio = check_ratio(ratio)
         h_kv, p_a = _totals(sets, "kv_group")
         inter, p_m = _totals(sets, "mlp")
         if not h_kv or not inter:
@@ -78,7 +80,7 @@ class NirvanaAllocation:
         if n_a > max_a or n_m > max_m:
             scale = min(max_a / n_a_f if n_a_f else math.inf, max_m * r / n_a_f if n_a_f else math.inf)
             raise InfeasibleRatioError(
-                f"pruning.ratio={ratio}{f' (sparsity={self.sparsity})' if self.sparsity is not None else ''} "
+                f"{f'sparsity={self.sparsity}' if self.sparsity is not None else f'pruning.ratio={ratio}'} "
                 f"asks nirvana for {n_a} KV groups and {n_m} MLP neurons, but with gamma={self.gamma} every layer "
                 f"must keep one KV group and {self.round_to} neurons: at most {scale * b / total_params:.4f} of all "
                 f"parameters can go")

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from pruning.errors import PruningError
-from pruning.importance import SCORERS, Scorer, aggregate, gather_units
+from pruning.importance import GQA_FOLDS, SCORERS, Scorer, aggregate, group_scores
 from pruning.importance.layerwise import backward_layerwise, execution_device, placement
 from pruning.runtime import FP16_CPU
 from pruning.structures import StructureSet
@@ -164,10 +164,12 @@ class GradientScorer(Scorer):
     variant = "element1"
 
     def __init__(self, aggregation: str = "sum", micro_batch: int | None = None, budget: float = 0.25,
-                 layerwise: bool = False, offload: bool = False, device: str | None = None):
+                 layerwise: bool = False, offload: bool = False, device: str | None = None, gqa_fold: str = "own"):
         aggregate([torch.zeros(1)], aggregation)   # unknown name -> error now
         check_memory_options(micro_batch, budget, layerwise, offload, device)
-        self.aggregation = aggregation
+        if gqa_fold not in GQA_FOLDS:
+            raise PruningError(f"unknown gqa_fold {gqa_fold!r}; choices: {', '.join(GQA_FOLDS)}")
+        self.aggregation, self.gqa_fold = aggregation, gqa_fold
         self.micro_batch = None if micro_batch is None else int(micro_batch)
         self.budget = float(budget)
         self.layerwise, self.offload = layerwise, offload
@@ -195,8 +197,8 @@ class GradientScorer(Scorer):
             if ch is None:
                 raise PruningError(f"{type(self).__name__} was not fitted on {sset.kind} member {m.name}: call "
                                    f"fit(model, calib, sets) with the sets to score")
-            per_member.append(gather_units(ch, m))
-        return aggregate(per_member, self.aggregation)
+            per_member.append(ch)
+        return group_scores(sset, per_member, self.aggregation, self.gqa_fold)
 
     def channel_scores(self, weight: nn.Parameter, dim: int) -> torch.Tensor:
         """The fitted per-row (dim 0) or per-column (dim 1) score of one weight (per element for 1-D weights)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
@@ -15,9 +15,27 @@ from pruning.surgery.apply import apply_plan
 from pruning.surgery.plan import PrunePlan
 
 
+@dataclass(frozen=True)
+class OperatingPoint:
+    """A paper's own ratio knob (METHODS.md §1.3), set instead of ``pruning.ratio``: then it defines the cell, and
+    the record still reports the achieved fraction of all parameters beside it."""
+
+    knob: str       # the config key, e.g. "method.group_ratio"
+    value: float
+    meaning: str    # what the number counts, in the paper's terms
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return f"{self.knob}={self.value:g}"
+
+
 @dataclass
 class ScoreAndAllocate:
     """A method that ranks units with one scorer and spreads the ratio with one allocator."""
+
+    native_knob = None          # the config key of the paper's own ratio knob, if the method has one
 
     name: str
     scorer: Scorer | None
@@ -34,6 +52,10 @@ class ScoreAndAllocate:
     @property
     def needs_calibration(self) -> bool:
         return bool(self.scorer is not None and self.scorer.needs_calibration)
+
+    def operating_point(self) -> OperatingPoint | None:
+        """The native knob's setting when one is set (then ``prune``/``budget`` ignore ``ratio``), else None."""
+        return None
 
     def sets(self, model: nn.Module) -> list[StructureSet]:
         adapter = adapter_for(model)

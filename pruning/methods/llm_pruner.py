@@ -25,9 +25,9 @@ from torch import nn
 
 from pruning.allocation import Uniform
 from pruning.errors import PruningError
-from pruning.importance import AGGREGATIONS, RandomScorer
+from pruning.importance import AGGREGATIONS, GQA_FOLDS, RandomScorer
 from pruning.importance.taylor import MEMORY_OPTIONS, TAYLOR, GradientScorer, check_memory_options, taylor_scorer
-from pruning.methods.base import ScoreAndAllocate
+from pruning.methods.base import OperatingPoint, ScoreAndAllocate
 from pruning.models.adapter import adapter_for
 from pruning.structures import StructureSet
 from pruning.surgery.apply import HIDDEN_NORMS, apply_plan
@@ -38,19 +38,26 @@ IMPORTANCES = TAYLOR + ("random",)
 LAYER_START_FRAC, LAYER_END_FRAC = 0.125, 0.9375
 
 
+GROUP_RATIO_MEANING = ("LLM-Pruner --pruning_ratio p: in every layer of the range, floor((C - int(C(1-p))) / d_h) KV "
+                       "groups (C = k_proj channels) and I - int(I(1-p)) MLP channels are removed")
+
+
+def group_ratio_point(allocation) -> OperatingPoint | None:
+    """LLM-Pruner's own knob (also its random / L2 baselines, which run through the same MetaPruner)."""
+    p = getattr(allocation, "group_ratio", None)
+    return None if p is None else OperatingPoint("method.group_ratio", float(p), GROUP_RATIO_MEANING)
+
+
 @dataclass
 class LLMPruner(ScoreAndAllocate):
+    native_knob = "method.group_ratio"
+
     importance: str = "element1"
     strategy: str = "block"
     hidden_norm: str = "keep_original_dim"
 
-    def sets(self, model: nn.Module) -> list[StructureSet]:
-        sets = super().sets(model)
-        hd = adapter_for(model).head_dim
-        for s in sets:
-            if s.kind == "kv_group":
-                s.count_channels = hd       # the official count rule runs on k_proj's H_kv·d_h channels
-        return sets
+    def operating_point(self) -> OperatingPoint | None:
+        return group_ratio_point(self.allocation)
 
     def prune(self, model: nn.Module, ratio: float, calib=None) -> PrunePlan:
         budget = self.budget(model, ratio)          # an impossible ratio fails before any backward pass
@@ -67,6 +74,7 @@ class LLMPruner(ScoreAndAllocate):
                 self.scorer.reset()
         adapter = adapter_for(model)
         plan.meta.update(importance=self.importance, aggregation=getattr(self.scorer, "aggregation", None),
+                         gqa_fold=getattr(self.scorer, "gqa_fold", None),
                          strategy=self.strategy, layers=self.allocation.layers(len(adapter.layers))
                          if self.strategy == "block" else "all (hidden dimension)")
         if self.strategy == "channel":
@@ -80,7 +88,7 @@ class LLMPruner(ScoreAndAllocate):
 
 
 def llm_pruner(importance: str = "element1", aggregation: str = "sum", strategy: str = "block",
-               group_ratio: float | None = None, seed: int = 0, memory: dict | None = None,
+               group_ratio: float | None = None, gqa_fold: str = "own", seed: int = 0, memory: dict | None = None,
                surgery: dict | None = None, allocation: Uniform | None = None) -> LLMPruner:
     """``allocation`` defaults to LLM-Pruner's layer range; ``group_ratio`` (if set) fixes p on it.
 
@@ -108,8 +116,10 @@ def llm_pruner(importance: str = "element1", aggregation: str = "sum", strategy:
         if not 0.0 <= float(group_ratio) < 1.0:
             raise PruningError(f"llm_pruner group_ratio must be in [0, 1), got {group_ratio}")
         allocation = dataclasses.replace(allocation, group_ratio=float(group_ratio))
+    if gqa_fold not in GQA_FOLDS:
+        raise PruningError(f"unknown llm_pruner gqa_fold {gqa_fold!r}; choices: {', '.join(GQA_FOLDS)}")
     scorer = RandomScorer(seed) if importance == "random" else taylor_scorer(importance, aggregation=aggregation,
-                                                                            **memory)
+                                                                            gqa_fold=gqa_fold, **memory)
     name = f"llm_pruner_{importance}" + ("_channel" if strategy == "channel" else "")
     return LLMPruner(name=name, scorer=scorer, structures=list(STRATEGIES[strategy]), allocation=allocation,
                      importance=importance, strategy=strategy, hidden_norm=hidden_norm)

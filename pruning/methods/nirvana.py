@@ -24,7 +24,7 @@ from pruning.allocation.nirvana import NirvanaAllocation
 from pruning.errors import PruningError
 from pruning.importance.ntk import NTKScorer, kl_to_reference, next_token_logprobs
 from pruning.importance.taylor import MEMORY_OPTIONS
-from pruning.methods.base import ScoreAndAllocate
+from pruning.methods.base import OperatingPoint, ScoreAndAllocate
 from pruning.surgery.apply import apply_plan
 from pruning.surgery.plan import PrunePlan
 
@@ -36,9 +36,17 @@ Sampler = Callable[[str, int, int, int], torch.Tensor]   # (dataset, n_samples, 
 
 @dataclass
 class Nirvana(ScoreAndAllocate):
+    native_knob = "method.sparsity"
+
     kl_select: dict = field(default_factory=lambda: dict(KL_DEFAULTS))
     sampler: Sampler | None = None
     calibration: dict | None = None          # the run's calibration config: dataset, n_samples, seq_len, seed
+
+    def operating_point(self) -> OperatingPoint | None:
+        s = self.allocation.sparsity
+        return None if s is None else OperatingPoint(
+            "method.sparsity", float(s), "NIRVANA sparsity: share of attention+MLP parameters removed (embeddings "
+            "and lm_head excluded), split between KV groups and MLP neurons by gamma")
 
     def bind_sampler(self, sampler: Sampler, calibration: dict) -> None:
         """Give the method a way to draw more calibration sets (the cell calls this with the run's tokenizer)."""

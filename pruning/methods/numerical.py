@@ -20,7 +20,7 @@ from pruning.allocation.global_rank import GlobalRank
 from pruning.calibration import sequential
 from pruning.errors import PruningError
 from pruning.importance.newton import NewtonScorer
-from pruning.methods.base import ScoreAndAllocate
+from pruning.methods.base import OperatingPoint, ScoreAndAllocate
 from pruning.structures import StructureSet
 from pruning.surgery.apply import apply_plan
 from pruning.surgery.obs import COMP_INPUTS, obs_compensation
@@ -29,6 +29,9 @@ from pruning.surgery.plan import PrunePlan
 
 @dataclass
 class Numerical(ScoreAndAllocate):
+    native_knob = "method.unit_ratio"
+
+    unit_ratio: float | None = None   # native knob: the paper's ρ (Eq. 8), a fraction of units, not of params
     compensate: bool = True
     comp_inputs: str = "sequential"
     comp_damp: float = 0.01
@@ -42,6 +45,14 @@ class Numerical(ScoreAndAllocate):
             raise PruningError(f"numerical.comp_inputs must be one of {COMP_INPUTS}, got {self.comp_inputs!r}")
         if not float(self.comp_damp) >= 0:
             raise PruningError(f"numerical.comp_damp must be >= 0, got {self.comp_damp}")
+
+    def operating_point(self) -> OperatingPoint | None:
+        return None if self.unit_ratio is None else OperatingPoint(
+            "method.unit_ratio", float(self.unit_ratio), "Numerical Pruning ρ (paper Eq. 8): fraction of units "
+            "(attention units + MLP channels over all layers) pruned; η is the ρ·N-th lowest score")
+
+    def budget(self, model: nn.Module, ratio: float | None) -> Budget:
+        return super().budget(model, ratio if self.unit_ratio is None else self.unit_ratio)
 
     def select(self, model: nn.Module, sets: list[StructureSet], budget: Budget, calib) -> PrunePlan:
         prunable = sum(s.n_units * s.params_per_unit for s in sets)
@@ -64,7 +75,7 @@ class Numerical(ScoreAndAllocate):
         plan.meta["newton_rho"] = self.scorer.rho
         return plan
 
-    def prune(self, model: nn.Module, ratio: float, calib=None) -> PrunePlan:
+    def prune(self, model: nn.Module, ratio: float | None, calib=None) -> PrunePlan:
         plan = super().prune(model, ratio, calib)
         plan.meta["compensation"] = {"obs": self.compensate, "comp_inputs": self.comp_inputs,
                                      "comp_damp": self.comp_damp}
@@ -79,18 +90,21 @@ class Numerical(ScoreAndAllocate):
 
 
 def numerical(lam: float | str = "inf", damp: float = 0.01, alpha: str | float = "paper", newton_iters: int = 1,
-              project_box: bool = False, threshold: str = "param_budget", compensate: bool = True,
+              project_box: bool = False, unit_ratio: float | None = None, compensate: bool = True,
               comp_inputs: str = "sequential", comp_damp: float = 0.01, structures=("kv_group", "mlp"),
               batch_size: int = 8, progress: bool = True, allocation: Uniform | None = None,
               **kwargs) -> Numerical:
     """``allocation`` (the cell's config) supplies only the candidate layer range; the split across layers and
-    kinds comes from the global ranking. λ may be given as ``lambda`` (the config key; a Python keyword)."""
+    kinds comes from the global ranking: the paper's unit-count threshold (Eq. 8) when the native ``unit_ratio``
+    is set, else the parameter budget of ``pruning.ratio`` [ours]. λ may be given as ``lambda`` (the config key;
+    a Python keyword)."""
     if "lambda" in kwargs:
         lam = kwargs.pop("lambda")
     if kwargs:
         raise PruningError(f"unknown numerical options {sorted(kwargs)}")
     return Numerical(name="numerical", scorer=NewtonScorer(lam, damp, alpha, newton_iters, project_box),
                      structures=list(structures),
-                     allocation=GlobalRank(threshold=threshold, uniform=allocation or Uniform()),
-                     compensate=compensate, comp_inputs=comp_inputs, comp_damp=comp_damp, batch_size=batch_size,
+                     allocation=GlobalRank(threshold="param_budget" if unit_ratio is None else "unit_count",
+                                           uniform=allocation or Uniform()),
+                     unit_ratio=None if unit_ratio is None else float(unit_ratio), compensate=compensate, comp_inputs=comp_inputs, comp_damp=comp_damp, batch_size=batch_size,
                      progress=progress)

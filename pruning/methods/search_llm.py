@@ -35,7 +35,7 @@ from pruning.calibration import sequential
 from pruning.errors import PruningError
 from pruning.eval.perplexity import Windows, window_nll
 from pruning.importance.obs_saliency import OBSSaliencyScorer
-from pruning.methods.base import ScoreAndAllocate
+from pruning.methods.base import OperatingPoint, ScoreAndAllocate
 from pruning.models.adapter import adapter_for
 from pruning.surgery.admm import PROJECTIONS, admm_reform, output_error
 from pruning.surgery.apply import apply_plan
@@ -52,8 +52,11 @@ HISTORY_FILE = "search_llm_history.json"
 
 @dataclass
 class SearchLLM(ScoreAndAllocate):
+    native_knob = "method.inheriting_ratio"
+
     allocation: EvolutionarySearch = field(default_factory=EvolutionarySearch)
     preset: str = "paper"
+    inheriting_ratio: float | None = None   # native knob: share of ALL params kept (paper's "80%" = 20% removed)
     attn_unit: str = "kv_group"
     admm: dict = field(default_factory=lambda: dict(ADMM_DEFAULTS))
     fitness: dict = field(default_factory=lambda: dict(FITNESS_DEFAULTS))
@@ -66,6 +69,8 @@ class SearchLLM(ScoreAndAllocate):
             raise PruningError(f"search_llm attn_unit {self.attn_unit!r} is not implemented (choices: "
                                f"{', '.join(ATTN_UNITS)}; head_dim needs the RoPE pair rule, METHODS.md §1.2)")
         super().__post_init__()
+        if self.inheriting_ratio is not None and not 0.0 < float(self.inheriting_ratio) <= 1.0:
+            raise PruningError(f"search_llm inheriting_ratio must be in (0, 1], got {self.inheriting_ratio}")
         if self.preset not in PRESETS:
             raise PruningError(f"search_llm preset must be one of {PRESETS}, got {self.preset!r}")
         unknown = sorted(set(self.admm) - set(ADMM_DEFAULTS)) + sorted(set(self.fitness) - set(FITNESS_DEFAULTS))
@@ -86,18 +91,28 @@ class SearchLLM(ScoreAndAllocate):
     def needs_calibration(self) -> bool:
         return True
 
+    def operating_point(self) -> OperatingPoint | None:
+        i = self.inheriting_ratio
+        return None if i is None else OperatingPoint(
+            "method.inheriting_ratio", float(i), "Search-LLM inheriting ratio: share of ALL parameters kept "
+            "(embeddings, norms and lm_head included, as get_sampled_params_numel); 1 - i is removed")
+
+    def _target(self, ratio: float | None) -> float | None:
+        """The removed share of all params: the same quantity as pruning.ratio, so the knob is 1 - ratio."""
+        return ratio if self.inheriting_ratio is None else round(1.0 - float(self.inheriting_ratio), 12)
+
     # ------------------------------------------------------------------------------------------------ budget
 
-    def _space(self, model: nn.Module, ratio: float):
+    def _space(self, model: nn.Module, ratio: float | None):
         adapter = adapter_for(model)
         blocks = [sum(p.numel() for p in layer.parameters()) for layer in adapter.layers]
-        return self.allocation.space(self.sets(model), ratio, adapter.num_params(), blocks)
+        return self.allocation.space(self.sets(model), self._target(ratio), adapter.num_params(), blocks)
 
-    def budget(self, model: nn.Module, ratio: float):
+    def budget(self, model: nn.Module, ratio: float | None):
         """Feasibility from the search bounds (counts only); ``removed_params``: the uniform initial subnet's."""
         adapter = adapter_for(model)
         blocks = [sum(p.numel() for p in layer.parameters()) for layer in adapter.layers]
-        return self.allocation.budget(self.sets(model), ratio, adapter.num_params(), blocks)
+        return self.allocation.budget(self.sets(model), self._target(ratio), adapter.num_params(), blocks)
 
     def _split(self, calib: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(statistics samples, held-out fitness samples): the last n_windows rows are the fitness set."""
@@ -123,8 +138,9 @@ class SearchLLM(ScoreAndAllocate):
         self.scorer.bind(None)
         return out
 
-    def prune(self, model: nn.Module, ratio: float, calib=None) -> PrunePlan:
+    def prune(self, model: nn.Module, ratio: float | None, calib=None) -> PrunePlan:
         sp = self._space(model, ratio)                    # infeasible ratio / bad settings fail here
+        ratio = self._target(ratio)
         if sp.target == 0.0:
             plan = PrunePlan()
             plan.meta.update(method=self.name, target_ratio=ratio, planned_ratio=0.0)
@@ -225,8 +241,9 @@ class SearchLLM(ScoreAndAllocate):
         return apply_plan(model, plan)
 
 
-def search_llm(preset: str = "paper", attn_unit: str = "kv_group", search: dict | None = None,
-               fitness: dict | None = None, admm: dict | None = None, saliency_damp: float = 0.01,
+def search_llm(preset: str = "paper", attn_unit: str = "kv_group", inheriting_ratio: float | None = None,
+               search: dict | None = None, fitness: dict | None = None, admm: dict | None = None,
+               saliency_damp: float = 0.01,
                batch_size: int = 8, seed: int = 0, progress: bool = True, run_dir: str | None = None,
                allocation=None) -> SearchLLM:
     """``allocation`` (the cell's uniform/layer-range config) is accepted and ignored: the search is the
@@ -239,5 +256,6 @@ def search_llm(preset: str = "paper", attn_unit: str = "kv_group", search: dict 
         raise PruningError(f"unknown search_llm search keys {unknown}; choices: {sorted(known)}")
     evo = EvolutionarySearch(**(search or {}), seed=seed, progress=progress)
     return SearchLLM(name="search_llm", scorer=OBSSaliencyScorer(saliency_damp), structures=[attn_unit, "mlp"],
-                     allocation=evo, preset=preset, attn_unit=attn_unit, admm=dict(admm or {}),
+                     allocation=evo, preset=preset, attn_unit=attn_unit, inheriting_ratio=inheriting_ratio,
+                     admm=dict(admm or {}),
                      fitness=dict(fitness or {}), batch_size=batch_size, progress=progress, run_dir=run_dir)

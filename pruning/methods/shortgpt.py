@@ -16,7 +16,7 @@ from pruning.allocation import Budget, Uniform, check_ratio
 from pruning.calibration import LAST_BLOCK_OUTPUT, collect
 from pruning.errors import InfeasibleRatioError, PruningError
 from pruning.importance.activation import BlockInfluenceScorer
-from pruning.methods.base import ScoreAndAllocate
+from pruning.methods.base import OperatingPoint, ScoreAndAllocate
 from pruning.models.adapter import adapter_for
 from pruning.structures import StructureSet
 from pruning.surgery.plan import PrunePlan
@@ -24,7 +24,9 @@ from pruning.surgery.plan import PrunePlan
 
 @dataclass
 class ShortGPT(ScoreAndAllocate):
-    n_blocks: int | None = None       # override: remove exactly this many blocks (ShortGPT's n_prune_layers)
+    native_knob = "method.n_blocks"
+
+    n_blocks: int | None = None       # native knob: remove exactly this many blocks (ShortGPT's n_prune_layers)
     last_block: str = "raw"           # raw | hf_hidden_states (the official code's final-norm quirk)
     batch_size: int = 8
     progress: bool = True
@@ -38,7 +40,12 @@ class ShortGPT(ScoreAndAllocate):
         if self.n_blocks is not None and int(self.n_blocks) < 0:
             raise PruningError(f"shortgpt n_blocks must be >= 0, got {self.n_blocks}")
 
-    def budget(self, model: nn.Module, ratio: float) -> Budget:
+    def operating_point(self) -> OperatingPoint | None:
+        return None if self.n_blocks is None else OperatingPoint(
+            "method.n_blocks", int(self.n_blocks), "ShortGPT n_prune_layers: decoder blocks removed (lowest Block "
+            "Influence first)")
+
+    def budget(self, model: nn.Module, ratio: float | None) -> Budget:
         sets = self.sets(model)
         total = adapter_for(model).num_params()
         (blocks,) = sets

@@ -34,12 +34,12 @@ from torch import nn
 from pruning.allocation import Budget, check_ratio
 from pruning.calibration import ChannelStats, collect, sequential
 from pruning.errors import InfeasibleRatioError, PruningError
+from pruning.methods.base import OperatingPoint
 from pruning.models.adapter import adapter_for
 from pruning.surgery import slicing
 from pruning.surgery.plan import PrunePlan
 
 ORIENTATIONS = ("pca", "random")
-RATIO_MODES = ("params", "slicing")
 
 
 def pca(xtx: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +72,6 @@ class Dims:
 class SliceGPT:
     name: str = "slicegpt"
     slicing: float | None = None       # native knob: fraction of the hidden dim sliced (paper --sparsity)
-    ratio_mode: str = "params"         # params: d′ whose achieved param fraction is closest to pruning.ratio
     round_interval: int = 8            # d′ is a multiple of this (official --round-interval)
     slice_head: bool = False           # also slice lm_head's input (official do_slice_head, default False)
     orientation: str = "pca"           # pca | random (official run_slicegpt default; same function)
@@ -82,18 +81,20 @@ class SliceGPT:
     progress: bool = True
 
     def __post_init__(self):
-        if self.ratio_mode not in RATIO_MODES:
-            raise PruningError(f"slicegpt ratio_mode must be one of {RATIO_MODES}, got {self.ratio_mode!r}")
         if self.orientation not in ORIENTATIONS:
             raise PruningError(f"slicegpt orientation must be one of {ORIENTATIONS}, got {self.orientation!r}")
         if not isinstance(self.round_interval, int) or self.round_interval < 1:
             raise PruningError(f"slicegpt round_interval must be a positive int, got {self.round_interval!r}")
         if self.slicing is not None and not 0.0 <= float(self.slicing) < 1.0:
             raise PruningError(f"slicegpt slicing must be in [0, 1), got {self.slicing}")
-        if self.ratio_mode == "slicing" and self.slicing is None:
-            raise PruningError("slicegpt ratio_mode=slicing needs method.slicing")
 
     needs_calibration = True
+    native_knob = "method.slicing"
+
+    def operating_point(self) -> OperatingPoint | None:
+        return None if self.slicing is None else OperatingPoint(
+            "method.slicing", float(self.slicing), "SliceGPT --sparsity: fraction of the hidden dimension sliced, "
+            "d' = floor((1 - s)·d) rounded down to round_interval; MLP widths are kept and shortcuts added")
 
     # ------------------------------------------------------------------------------------------- planning
     def dims(self, model: nn.Module, width: int) -> Dims:
@@ -133,14 +134,14 @@ class SliceGPT:
                                        f"narrowest width d′={grid[0]} removes {best:.4f} of all parameters")
         return min(grid, key=lambda w: (abs(achieved[w] - ratio), -w))
 
-    def budget(self, model: nn.Module, ratio: float) -> Budget:
+    def budget(self, model: nn.Module, ratio: float | None) -> Budget:
         _check_model(model)
         total = adapter_for(model).num_params()
         width = self.width_for(model, ratio)
         return Budget(target=ratio, total_params=total, p=1 - width / _hidden(model),
                       removed_params=total - self.params_at(model, width))
 
-    def prune(self, model: nn.Module, ratio: float, calib=None) -> PrunePlan:
+    def prune(self, model: nn.Module, ratio: float | None, calib=None) -> PrunePlan:
         budget = self.budget(model, ratio)
         d = _hidden(model)
         width = self.width_for(model, ratio)
@@ -149,7 +150,6 @@ class SliceGPT:
         plan.meta.update(method=self.name, target_ratio=ratio, planned_ratio=budget.achieved, hidden_size=d,
                          sliced_hidden_size=width, slicing=1 - width / d, slice_head=self.slice_head,
                          round_interval=self.round_interval, orientation=self.orientation, damp=self.damp,
-                         ratio_mode="slicing" if self.slicing is not None else self.ratio_mode,
                          params_closed_form=self.params_at(model, width),
                          tied_embeddings="untied" if adapter_for(model).is_tied else "were not tied",
                          basis="hidden ids are directions of the PCA basis; replay with SliceGPT.apply only")
@@ -287,11 +287,11 @@ def _check_model(model: nn.Module) -> None:
     slicing.check_sliceable(model)
 
 
-def slicegpt(slicing: float | None = None, ratio_mode: str = "params", round_interval: int = 8,
+def slicegpt(slicing: float | None = None, round_interval: int = 8,
              slice_head: bool = False, orientation: str = "pca", damp: float = 0.01, seed: int = 0,
              batch_size: int = 8, progress: bool = True, allocation=None) -> SliceGPT:
     """Factory for ``conf/method/slicegpt.yaml``. ``allocation`` is accepted and ignored: SliceGPT's allocation
     is its constant sliced width d′ (ConstSlicingScheduler), chosen from the ratio here."""
-    return SliceGPT(slicing=slicing, ratio_mode=ratio_mode, round_interval=int(round_interval),
+    return SliceGPT(slicing=slicing, round_interval=int(round_interval),
                     slice_head=bool(slice_head), orientation=orientation, damp=float(damp), seed=int(seed),
                     batch_size=int(batch_size), progress=bool(progress))

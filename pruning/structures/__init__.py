@@ -54,7 +54,7 @@ class StructureSet:
     partition: torch.Tensor | None = None   # q_head: KV group of each unit; equal removals per partition
     unit_members: list[list[Member]] = field(default_factory=list)  # block: whole tensors per unit
     unit_layers: list[int] = field(default_factory=list)            # block: the decoder layer of each unit
-    count_channels: int = 1   # channels per unit for the count rule (LLM-Pruner counts a KV group's d_h k rows)
+    count_channels: int = 1   # root channels per unit for LLM-Pruner's count rule (a KV group: its d_h k_proj rows)
 
 
 def _blocks_of(start: int, n: int, size: int) -> torch.Tensor:
@@ -84,7 +84,8 @@ def kv_groups(adapter: ModelAdapter, layer_idx: int) -> StructureSet:
         _rows("v_proj", adapter.v_proj(layer), kv_idx),
         Member("o_proj", adapter.o_proj(layer).weight, 1, q_idx),
     ]
-    return StructureSet("kv_group", layer_idx, w.num_kv_heads, members, params_per_unit=_unit_params(members))
+    return StructureSet("kv_group", layer_idx, w.num_kv_heads, members, params_per_unit=_unit_params(members),
+                        count_channels=hd)
 
 
 def q_heads(adapter: ModelAdapter, layer_idx: int) -> StructureSet:
