@@ -106,9 +106,44 @@ def anchor_method(record: Mapping, recovered: bool = True) -> str:
     return f"{base}+{rec}" if (recovered and rec) else str(base)
 
 
+# The native knobs (METHODS.md §1.3) by config key; a record made before the knob was recorded is read from its config.
+NATIVE_KNOBS = ("group_ratio", "attn_mlp_ratio", "sparsity", "slicing", "n_blocks", "inheriting_ratio", "unit_ratio")
+LLAMA_7B = {"d": 4096, "heads": 32, "d_h": 128, "inter": 11008, "layers": (4, 30), "params": 6_738_415_616}
+
+
+def record_operating_point(record: Mapping) -> dict | None:
+    """{knob, value, meaning} when a native knob defined the cell, None when pruning.ratio did."""
+    params = record.get("params") or {}
+    if "operating_point" in params:
+        return params["operating_point"]
+    mcfg = (record.get("config") or {}).get("method") or {}
+    for knob in NATIVE_KNOBS:
+        if isinstance(mcfg, Mapping) and is_number(mcfg.get(knob)):
+            return {"knob": f"method.{knob}", "value": float(mcfg[knob]), "meaning": None}
+    return None
+
+
+def llm_pruner_paper_ratio(p: float) -> float:
+    """The share of LLaMA-7B's parameters LLM-Pruner's --pruning_ratio p removes on layers [4, 30): its papers
+    label rows by this (p = 0.25 removes 19.52%, the "20%" row; METHODS.md §3.1)."""
+    m = LLAMA_7B
+    n_layers = m["layers"][1] - m["layers"][0]
+    kv_channels = m["heads"] * m["d_h"]
+    heads = (kv_channels - int(kv_channels * (1 - p))) // m["d_h"]
+    channels = m["inter"] - int(m["inter"] * (1 - p))
+    return n_layers * (heads * 4 * m["d"] * m["d_h"] + channels * 3 * m["d"]) / m["params"]
+
+
 def paper_ratio(record: Mapping) -> float | None:
-    """The ratio to match against a paper's label: `plan.meta.paper_ratio` (set by presets that use a method's
-    native knob, METHODS.md §1.3), else the target ratio."""
+    """The ratio a paper prints for this cell: from the native knob by each paper's convention (METHODS.md §1.3),
+    else `plan.meta.paper_ratio`, else the target share of all parameters."""
+    op = record_operating_point(record)
+    if op is not None:
+        knob, v = op["knob"].removeprefix("method."), float(op["value"])
+        label = {"group_ratio": lambda: round(llm_pruner_paper_ratio(v), 2), "inheriting_ratio": lambda: 1 - v,
+                 "n_blocks": lambda: None}.get(knob, lambda: v)()
+        if label is not None:
+            return round(label, 6)
     meta = ((record.get("plan") or {}).get("meta") or {})
     for value in (meta.get("paper_ratio"), (record.get("params") or {}).get("target_ratio"),
                   ((record.get("config") or {}).get("pruning") or {}).get("ratio")):
@@ -117,12 +152,33 @@ def paper_ratio(record: Mapping) -> float | None:
     return None
 
 
+def setting_label(record: Mapping) -> str:
+    """What set the cell, short: "group_ratio=0.25", or "" when pruning.ratio did."""
+    op = record_operating_point(record)
+    return "" if op is None else f"{op['knob'].removeprefix('method.')}={float(op['value']):g}"
+
+
+def calibration_label(record: Mapping) -> str | None:
+    """The calibration a cell read, as a caption states it: sampler, dataset (and the paper's, when substituted),
+    shape and seed; None when the method read none. Records older than the samplers used LLM-Pruner's."""
+    c = record.get("calibration") or {}
+    if not c.get("used"):
+        return None
+    ds = c.get("dataset")
+    if c.get("paper_dataset") and c["paper_dataset"] != ds:
+        ds = f"{ds} for {c['paper_dataset']}"
+    join = f", join {json.dumps(c['join'])}" if c.get("join") is not None else ""
+    order = f", {c['order']} order" if c.get("order") not in (None, "random") else ""
+    return (f"{c.get('sampler') or 'llm_pruner'} sampler{join}{order}, {ds} {c.get('n_samples')}x{c.get('seq_len')}"
+            f", seed {c.get('seed')}")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Observations: one long-format row per (record, phase, metric value). Tables and the report both read these.
 
 OBS_COLUMNS = ("config_hash", "created", "model", "method", "base_method", "anchor_method", "ratio", "paper_ratio",
-               "achieved", "params_before", "params_after", "seed", "phase", "kind", "protocol", "dataset", "split",
-               "limit", "task", "metric", "value", "key", "protocol_ok", "note")
+               "setting", "calibration", "achieved", "params_before", "params_after", "seed", "phase", "kind",
+               "protocol", "dataset", "split", "limit", "task", "metric", "value", "key", "protocol_ok", "note")
 
 
 def _ppl_fields(key: str, entry: Mapping) -> dict:
@@ -228,6 +284,8 @@ def _identity_leaves(record: Mapping) -> dict[tuple, str]:
     calib_used = (record.get("calibration") or {}).get("used")
     if not calib_used:
         cfg.pop("calibration", None)
+    if isinstance(cfg.get("method"), Mapping):   # a native knob is the row's `setting` column, not a variant
+        cfg["method"] = {k: v for k, v in cfg["method"].items() if k not in NATIVE_KNOBS}
     model = cfg.pop("model", None)
     leaves = _flat_config(cfg)
     if isinstance(model, Mapping):   # the model is its own row key; its variants (dtype, fingerprint) still count
@@ -310,12 +368,14 @@ def observations(records: Iterable[Mapping]) -> pd.DataFrame:
         for phase, heads in blocks.items():
             if phase == "dense":
                 ident = dict(method="dense", base_method="dense", anchor_method="dense", ratio=0.0, paper_ratio=0.0,
-                             achieved=0.0, params_after=params.get("before"), seed=None)
+                             setting=None, calibration=None, achieved=0.0, params_after=params.get("before"),
+                             seed=None)
             else:
                 recovered = phase == "pruned" and rec_name is not None
                 label = base + (f"+{rec_name}" if recovered else "") + suffix
                 ident = dict(method=label, base_method=base, anchor_method=anchor_method(rec, recovered),
-                             ratio=ratio, paper_ratio=paper_ratio(rec),
+                             ratio=ratio, paper_ratio=paper_ratio(rec), setting=setting_label(rec),
+                             calibration=calibration_label(rec),
                              achieved=float(achieved) if is_number(achieved) else None,
                              params_after=params.get("after"), seed=seed_key(rec))
             for head, block in heads.items():
@@ -349,12 +409,27 @@ class TableSpec:
     avg_header: str | None = None
     layout: str = "rows"            # rows: method x ratio; ratio_pivot: ratios as columns (one PPL column)
     notes: tuple[str, ...] = ()
+    cells: str = "native"           # native: cells set by each paper's own knob | ratio: set by pruning.ratio
 
 
 W2_128 = PPLCol("WikiText-2", "ppl128-lp", "wikitext2", "test")
 PTB_128 = PPLCol("PTB", "ppl128-lp", "ptb", "validation")
 RATIO_NOTE = ("ratio: ours = fraction of all parameters removed (target; achieved beside it); published = the "
               "paper's own label, whose meaning differs per paper (METHODS.md §1.3).")
+NATIVE_NOTE = ("ratio: the paper's own row label; setting: the native knob that defined our cell (its meaning "
+               "below), as the paper's code reads it; achieved: the share of ALL our model's parameters removed.")
+KNOB_MEANINGS = {
+    "group_ratio": "LLM-Pruner --pruning_ratio p: floor of the KV-group share and p of the MLP channels removed in "
+                   "every layer of [4, 30) (scaled to depth); on LLaMA-7B p = 0.25 removes 19.52% of the parameters, "
+                   "the papers' \"20%\" row",
+    "attn_mlp_ratio": "FLAP / Wanda-SP --pruning_ratio: share of attention+MLP weights as their code counts them "
+                      "(query heads weighed as MHA heads; int(p·n) units per kind and layer in the uniform modes)",
+    "slicing": "SliceGPT --sparsity: fraction of the hidden dimension sliced",
+    "sparsity": "NIRVANA sparsity: share of attention+MLP parameters",
+    "n_blocks": "ShortGPT: decoder blocks removed",
+    "inheriting_ratio": "Search-LLM inheriting ratio r: share of all parameters kept; the row label is 1 - r",
+    "unit_ratio": "Numerical Pruning rho (Eq. 8): fraction of units (heads + MLP channels) pruned",
+}
 
 TABLES: dict[str, TableSpec] = {
     "llm_pruner_t1": TableSpec(
@@ -363,7 +438,7 @@ TABLES: dict[str, TableSpec] = {
         avg_header="Average",
         notes=("PPL: ppl128-lp (WikiText-2 test, PTB validation, 128-token windows, one BOS). Zero-shot: zs-lp, "
                "0-shot, % (acc: BoolQ, PIQA, WinoGrande, ARC-e; acc_norm: HellaSwag, ARC-c, OBQA); Average = plain "
-               "mean of the 7.", RATIO_NOTE)),
+               "mean of the 7.", NATIVE_NOTE)),
     "search_llm_t2": TableSpec(
         name="search_llm_t2", title="Search-LLM Table 2: PPL (seq 2048) and 7-task zero-shot accuracy by ratio",
         paper=("Search-LLM",), blocks=("B1",), anchor_model="LLaMA-7B",
@@ -371,29 +446,31 @@ TABLES: dict[str, TableSpec] = {
         zs=ZS_LP, avg_header="Average",
         notes=("PPL: ppl2048-sl (WikiText-2 test, PTB validation, 2048-token windows, one BOS). Zero-shot: zs-lp as in "
                "LLM-Pruner Table 1. Search-LLM labels its rows by inheriting ratio r; written here as 1 - r.",
-               RATIO_NOTE)),
+               NATIVE_NOTE)),
     "slicegpt_t1": TableSpec(
         name="slicegpt_t1", title="SliceGPT main table: WikiText-2 PPL (seq 2048) and 5-task zero-shot average",
         paper=("SliceGPT",), blocks=("E1",), anchor_model="LLaMA-2-7B",
         ppl=(PPLCol("WikiText-2", "ppl2048-sg", "wikitext2", "test"),), zs=ZS_SG, avg_header="Avg (5)",
         notes=("PPL: ppl2048-sg (WikiText-2 test, 2048-token windows, mean of per-window NLL). Zero-shot: SliceGPT's "
                "5 tasks (acc_norm: PIQA, HellaSwag, ARC-e, ARC-c; acc: WinoGrande), %. SliceGPT's ratio is the sliced "
-               "fraction of the hidden size, not of the parameters.", RATIO_NOTE)),
+               "fraction of the hidden size, not of the parameters.", NATIVE_NOTE)),
     "ratio_sweep": TableSpec(
         name="ratio_sweep", title="Every method by pruning ratio: WikiText-2 and PTB PPL (seq 128)",
         paper=(), blocks=(), anchor_model="LLaMA-7B", ppl=(W2_128, PTB_128),
         notes=("PPL: ppl128-lp (WikiText-2 test, PTB validation, 128-token windows, one BOS). n = calibration seeds "
-               "(methods that read no calibration data run once). Published numbers: see the paper tables.",
-               RATIO_NOTE)),
+               "(methods that read no calibration data run once). The common axis of this table is pruning.ratio, "
+               "the share of ALL parameters removed, for every method (not the papers' own knobs; those are in the "
+               "paper tables). Published numbers: see the paper tables.", RATIO_NOTE), cells="ratio"),
     "flap_lm": TableSpec(
         name="flap_lm", title="FLAP language-modelling table: WikiText-2 PPL (seq 128) by pruning ratio",
         paper=("FLAP",), blocks=("D1",), anchor_model="LLaMA-7B", ppl=(W2_128,), layout="ratio_pivot",
-        notes=("PPL: ppl128-lp on WikiText-2 test. Columns are pruning ratios; 0 is the dense model.", RATIO_NOTE)),
+        notes=("PPL: ppl128-lp on WikiText-2 test. Columns are the papers' ratio labels; 0 is the dense model.",
+               NATIVE_NOTE)),
     "flap_zs": TableSpec(
         name="flap_zs", title="FLAP zero-shot table: 7-task zero-shot accuracy",
         paper=("FLAP",), blocks=("D2",), anchor_model="LLaMA-7B", zs=ZS_LP, avg_header="Average",
         notes=("Zero-shot: zs-lp, 0-shot, % (acc: BoolQ, PIQA, WinoGrande, ARC-e; acc_norm: HellaSwag, ARC-c, OBQA).",
-               RATIO_NOTE)),
+               NATIVE_NOTE)),
 }
 
 
@@ -464,6 +541,7 @@ class PaperTable:
     value_columns: list[str]
     sources: dict[str, str]
     excluded: list[str] = field(default_factory=list)
+    provenance: list[str] = field(default_factory=list)    # knob meanings and calibration, read from the records
 
     @property
     def n_ours(self) -> int:
@@ -494,6 +572,8 @@ class PaperTable:
                     else:
                         text = fmt_ratio(v) if col == "ratio" else f"{v:.4f}"
                     out.iat[i, out.columns.get_loc(col)] = text
+            if "setting" in out.columns and (published or not isinstance(self.frame.iloc[i]["setting"], str)):
+                out.iat[i, out.columns.get_loc("setting")] = ""
             if "n" in out.columns:
                 n = self.frame.iloc[i]["n"]
                 out.iat[i, out.columns.get_loc("n")] = "" if pd.isna(n) else str(int(n))
@@ -502,7 +582,7 @@ class PaperTable:
         return out.drop(columns=["block"])
 
     def footnotes(self) -> list[str]:
-        notes = list(self.spec.notes)
+        notes = list(self.spec.notes) + list(self.provenance)
         notes += [f"published ({b}): {s}" for b, s in self.sources.items()]
         notes += [f"excluded: {e}" for e in self.excluded]
         return notes
@@ -646,14 +726,18 @@ def build_table(records: Iterable[Mapping] | pd.DataFrame, spec: TableSpec | str
     obs = records if isinstance(records, pd.DataFrame) else observations(records)
     excluded = sorted({f"{m} {k}: {n}" for m, k, n, ok in zip(obs["method"], obs["key"], obs["note"],
                                                               obs["protocol_ok"]) if not ok and n})
-    cells = _assign_columns(obs, spec)
-    id_cols = ["model", "method", "anchor_method", "ratio"]
+    obs = obs.assign(setting=obs["setting"].fillna("").astype(str))
+    native = obs["setting"] != ""
+    keep = (obs["phase"] == "dense") | (native if spec.cells == "native" else ~native)
+    cells = _assign_columns(obs[keep], spec)
+    id_cols = ["model", "method", "anchor_method", "ratio"] + (["setting"] if spec.cells == "native" else [])
 
     if spec.layout == "ratio_pivot":
         cells = cells.assign(protocol_label=[f"{p}" + limit_suffix(lim, "ppl") for p, lim in
                                              zip(cells["protocol"], cells["limit"])])
         cells = cells.assign(column=[_ratio_header(r) for r in cells["ratio"]])
         id_cols = ["model", "method", "anchor_method", "protocol_label"]
+    provenance = _provenance_notes(cells, spec)
 
     ours_rows: list[dict] = []
     ours_std: list[dict] = []
@@ -716,6 +800,8 @@ def build_table(records: Iterable[Mapping] | pd.DataFrame, spec: TableSpec | str
                                                     key=_ratio_sort)
     if spec.layout == "ratio_pivot":
         lead = ["model", "method", "protocol_label", "n", "source", "block"]
+    elif spec.cells == "native":
+        lead = ["model", "method", "ratio", "setting", "achieved", "n", "source", "block"]
     else:
         lead = ["model", "method", "ratio", "achieved", "n", "source", "block"]
     frame = pd.DataFrame(all_rows, columns=[*lead, *value_cols, "anchor_method", "_paper_ratio"])
@@ -729,11 +815,29 @@ def build_table(records: Iterable[Mapping] | pd.DataFrame, spec: TableSpec | str
         frame = frame.rename(columns={"protocol_label": "protocol"})
     used_blocks = sorted(set(frame.loc[frame["source"] == "published", "block"]))
     srcs = anchors_mod.sources(anchors[anchors["block"].isin(used_blocks)]) if used_blocks else {}
-    return PaperTable(spec, frame, std, printed, value_cols, srcs, excluded)
+    return PaperTable(spec, frame, std, printed, value_cols, srcs, excluded, provenance)
 
 
-_ID_KEYS = {"model", "method", "anchor_method", "ratio", "achieved", "n", "source", "block", "_paper_ratio",
-            "protocol_label"}
+def _provenance_notes(cells: pd.DataFrame, spec: TableSpec) -> list[str]:
+    """Caption lines built from the records themselves: what each native knob means, and which calibration
+    (sampler, data, shape, seeds) each method of ours read, so a row can be put beside the paper's."""
+    ours = cells[cells["phase"] != "dense"]
+    notes = []
+    knobs = sorted({str(x).split("=")[0] for x in ours["setting"].dropna() if str(x)})
+    notes += [f"setting {k}: {KNOB_MEANINGS.get(k, 'native knob')}" for k in knobs]
+    calib: dict[str, set] = {}
+    for m, c, seed in zip(ours["base_method"], ours["calibration"], ours["seed"]):
+        if isinstance(c, str):
+            calib.setdefault(f"{m}: {c.rsplit(', seed', 1)[0]}", set()).add(str(seed).split("/")[-1])
+    notes += [f"calibration, {k} (calibration seeds {', '.join(sorted(v))})" for k, v in sorted(calib.items())]
+    no_calib = sorted({m for m, c in zip(ours["base_method"], ours["calibration"]) if not isinstance(c, str)})
+    if no_calib:
+        notes.append(f"no calibration data read: {', '.join(no_calib)}")
+    return notes
+
+
+_ID_KEYS = {"model", "method", "anchor_method", "ratio", "setting", "achieved", "n", "source", "block",
+            "_paper_ratio", "protocol_label"}
 
 
 def _ratio_header(r: float) -> str:

@@ -96,7 +96,8 @@ def test_different_seed_gives_different_random_plan(stories):
 def test_uniform_budget_follows_count_rule_and_reports_achieved(stories):
     model, _, adapter = stories
     budget = magnitude().budget(model, 0.2)
-    per_layer = count_rule(4, budget.p) * 3072 + count_rule(172, budget.p) * 192
+    # LLM-Pruner's rule: KV groups counted on k_proj's 4·8 channels, rounded down to whole heads
+    per_layer = count_rule(4 * 8, budget.p) // 8 * 3072 + count_rule(172, budget.p) * 192
     assert budget.removed_params == 5 * per_layer
     assert abs(budget.achieved - 0.2) < 0.01       # closest achievable, reported exactly
 

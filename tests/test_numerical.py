@@ -117,7 +117,7 @@ def test_global_param_budget_within_one_unit(stories):
 
 
 def test_bad_options_fail_fast():
-    for kw in ({"lam": -1.0}, {"comp_inputs": "online"}, {"threshold": "median"}, {"damp": -0.1},
+    for kw in ({"lam": -1.0}, {"comp_inputs": "online"}, {"unit_ratio": 1.5}, {"damp": -0.1},
                {"alpha": "huge"}, {"bogus": 1}):
         with pytest.raises(PruningError):
             numerical(**kw)

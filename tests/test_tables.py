@@ -25,6 +25,8 @@ LP = f"ppl128-lp:wikitext2:test[:{W} windows]"
 LP_PTB = f"ppl128-lp:ptb:validation[:{W} windows]"
 SMALL = ["eval=quick", f"eval.ppl.0.max_windows={W}", f"eval.ppl.1.max_windows={W}"]
 SL = ["eval=ppl2048", "eval.ppl.0.max_windows=1", "eval.ppl.1.max_windows=1"]
+NATIVE = ["pruning.ratio=null"]           # paper tables hold cells set by each paper's own knob (group_ratio here:
+P20, P39, P31 = 0.25, 0.5, 0.4            # LLM-Pruner's p; on LLaMA-7B it removes 19.52%, 39.04%, 30.59% -> labels)
 
 
 def run_cells(store: Path, cells: list[list[str]]) -> None:
@@ -44,16 +46,21 @@ def store(tmp_path_factory) -> Path:
         mp.setenv("PRUNING_CACHE", str(root / "cache"))
         run_cells(root / "store", [
             [*SMALL, "method=dense"],
-            [*SMALL, "method=magnitude", "pruning.ratio=0.2"],                  # anchor id l2 (A1 has it at 0.20)
-            [*SMALL, "method=magnitude_l1", "pruning.ratio=0.2"],               # no anchor
+            [*SMALL, "method=magnitude", *NATIVE, f"method.group_ratio={P20}"],   # anchor id l2 (A1 has it at 0.20)
+            [*SMALL, "method=magnitude_l1", *NATIVE, f"method.group_ratio={P20}"],   # no anchor
+            [*SMALL, "method=magnitude", *NATIVE, f"method.group_ratio={P39}"],
+            [*SMALL, "method=random", *NATIVE, f"method.group_ratio={P20}", "seed=0"],
+            [*SMALL, "method=random", *NATIVE, f"method.group_ratio={P20}", "seed=1"],
+            [*SMALL, "method=random", *NATIVE, f"method.group_ratio={P20}", "method.structures=[block]"],
+            # a user mistake: the protocol name says ppl128-lp but the windows are 64 tokens long
+            ["eval=quick", "eval.ppl.0.max_windows=4", "eval.ppl.1.max_windows=4", "eval.ppl.0.seq_len=64",
+             "eval.ppl.0.stride=64", "method=magnitude", *NATIVE, f"method.group_ratio={P31}"],
+            [*SL, "method=magnitude", *NATIVE, f"method.group_ratio={P20}"],    # Search-LLM's seq-2048 protocol
+            # the cross-method sweep's cells: pruning.ratio, the share of all parameters
+            [*SMALL, "method=magnitude", "pruning.ratio=0.2"],
             [*SMALL, "method=magnitude", "pruning.ratio=0.4"],
             [*SMALL, "method=random", "pruning.ratio=0.2", "seed=0"],
             [*SMALL, "method=random", "pruning.ratio=0.2", "seed=1"],
-            [*SMALL, "method=random", "pruning.ratio=0.2", "method.structures=[block]"],
-            # a user mistake: the protocol name says ppl128-lp but the windows are 64 tokens long
-            ["eval=quick", "eval.ppl.0.max_windows=4", "eval.ppl.1.max_windows=4", "eval.ppl.0.seq_len=64",
-             "eval.ppl.0.stride=64", "method=magnitude", "pruning.ratio=0.3"],
-            [*SL, "method=magnitude", "pruning.ratio=0.2"],                     # Search-LLM's seq-2048 protocol
         ])
     return root / "store"
 
@@ -62,9 +69,12 @@ def _records(store: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((store / "records").glob("*.json"))]
 
 
-def _find(records, method, ratio, seed=0, structures=None, eval_len=128):
+def _find(records, method, ratio=None, seed=0, structures=None, eval_len=128, group_ratio=None):
+    """One record by method and either pruning.ratio (``ratio``) or LLM-Pruner's knob (``group_ratio``)."""
     hits = [r for r in records if r["plan"]["meta"].get("method") == method
-            and math.isclose(r["params"]["target_ratio"], ratio) and r["config"]["seed"] == seed
+            and (r["params"]["target_ratio"] is None if ratio is None else
+                 math.isclose(r["params"]["target_ratio"] or -1, ratio))
+            and r["config"]["method"].get("group_ratio") == group_ratio and r["config"]["seed"] == seed
             and r["config"]["eval"]["ppl"][0]["seq_len"] == eval_len
             and (structures is None or r["config"]["method"].get("structures") == structures)]
     assert len(hits) == 1, [(r["plan"]["meta"], r["config_hash"]) for r in hits]
@@ -125,17 +135,23 @@ def test_llm_pruner_table_values_are_the_records_values(store):
     recs = _records(store)
     table = T.build_table(ResultsStore(store).records(), "llm_pruner_t1")
     wt, ptb = f"WikiText-2 [first {W} windows]", f"PTB [first {W} windows]"
-    mag = _find(recs, "magnitude_l2", 0.2)
-    row = _row(table, "magnitude_l2", 0.2)
+    mag = _find(recs, "magnitude_l2", group_ratio=P20)
+    row = _row(table, "magnitude_l2", 0.2)                 # the paper's label for p = 0.25
     assert row[wt] == mag["metrics"]["ppl"][LP]["ppl"] and row[ptb] == mag["metrics"]["ppl"][LP_PTB]["ppl"]
     assert row["achieved"] == pytest.approx(mag["params"]["achieved_ratio"]) and row["n"] == 1
+    assert row["setting"] == "group_ratio=0.25"
+    assert mag["params"]["operating_point"]["knob"] == "method.group_ratio"
+    # cells set by pruning.ratio belong to the ratio sweep, never to a paper table
+    assert not (table.frame["setting"] == "").any() or set(table.frame.loc[table.frame["setting"] == "", "method"]) \
+        <= {"dense"}
+    assert any(n.startswith("setting group_ratio: LLM-Pruner --pruning_ratio") for n in table.footnotes())
     dense = _row(table, "dense", 0.0)
     assert dense[wt] == mag["metrics"]["dense_ppl"][LP]["ppl"]
     # the window-limited numbers never enter the full-test columns, which only the published rows fill
     ours = table.frame[table.frame["source"] == "ours"]
     assert ours["WikiText-2"].isna().all() and ours["PTB"].isna().all()
     # seeds: mean and sample std of the two random runs
-    vals = [_find(recs, "random", 0.2, seed=s, structures=["kv_group", "mlp"])["metrics"]["ppl"][LP]["ppl"]
+    vals = [_find(recs, "random", group_ratio=P20, seed=s, structures=["kv_group", "mlp"])["metrics"]["ppl"][LP]["ppl"]
             for s in (0, 1)]
     rnd = table.frame[(table.frame["method"].str.startswith("random")) & table.frame["method"].str.contains(
         "kv_group") & (table.frame["source"] == "ours")]
@@ -177,13 +193,14 @@ def test_protocol_mismatch_and_other_protocols_are_kept_out(store):
     recs = _records(store)
     t1 = T.build_table(ResultsStore(store).records(), "llm_pruner_t1")
     # the seq_len=64 entry that calls itself ppl128-lp is excluded (and listed), its PTB entry is fine
-    bad = [r for r in recs if r["config"]["eval"]["ppl"][0]["seq_len"] == 64][0]
-    row = _row(t1, "magnitude_l2", 0.3)
+    (bad,) = [r for r in recs if r["config"]["eval"]["ppl"][0]["seq_len"] == 64
+              and r["plan"]["meta"].get("method") != "dense"]
+    row = _row(t1, "magnitude_l2", 0.31)
     assert pd.isna(row.get("WikiText-2 [first 4 windows]"))
     assert row["PTB [first 4 windows]"] == bad["metrics"]["ppl"]["ppl128-lp:ptb:validation[:4 windows]"]["ppl"]
     assert any("seq_len=64" in e for e in t1.excluded)
     # seq-2048 numbers go to Search-LLM's table only
-    sl = _find(recs, "magnitude_l2", 0.2, eval_len=2048)
+    sl = _find(recs, "magnitude_l2", group_ratio=P20, eval_len=2048)
     t2 = T.build_table(ResultsStore(store).records(), "search_llm_t2")
     r2 = _row(t2, "magnitude_l2", 0.2)
     assert r2["WikiText-2 [first 1 windows]"] == sl["metrics"]["ppl"]["ppl2048-sl:wikitext2:test[:1 windows]"]["ppl"]
@@ -198,8 +215,8 @@ def test_flap_pivot_has_ratios_as_columns(store):
     ours = t.frame[(t.frame["method"] == "magnitude_l2") & (t.frame["source"] == "ours")
                    & (t.frame["protocol"] == f"ppl128-lp [first {W} windows]")]
     assert len(ours) == 1
-    assert ours.iloc[0]["20%"] == _find(recs, "magnitude_l2", 0.2)["metrics"]["ppl"][LP]["ppl"]
-    assert ours.iloc[0]["40%"] == _find(recs, "magnitude_l2", 0.4)["metrics"]["ppl"][LP]["ppl"]
+    assert ours.iloc[0]["20%"] == _find(recs, "magnitude_l2", group_ratio=P20)["metrics"]["ppl"][LP]["ppl"]
+    assert ours.iloc[0]["39%"] == _find(recs, "magnitude_l2", group_ratio=P39)["metrics"]["ppl"][LP]["ppl"]
     dense_pub = t.frame[(t.frame["method"] == "dense") & (t.frame["source"] == "published")]
     assert list(dense_pub["dense"]) == [float(_anchor_value("D1", "dense", 0.0, "wikitext2", "ppl128-lp"))]
 
@@ -234,7 +251,7 @@ def test_summary_view_pivots_ratios_with_seed_counts(store, tmp_path):
     lines = text.splitlines()
     head = lines[2].strip("| ").split(" | ")
     assert head[:2] == ["method", "20%: WikiText-2"] and "20%: n" in head and "40%: WikiText-2" in head
-    assert "20%: PTB [first 4 windows]" in head        # two PTB subsets in this store: the heading names each
+    assert "group_ratio" not in text                    # paper-knob cells stay out of the cross-method sweep
     col = {h: i for i, h in enumerate(head)}
     mag = next(ln for ln in lines if ln.startswith("| magnitude_l2 |")).strip("| ").split(" | ")
     w2_20 = _find(recs, "magnitude_l2", 0.2)["metrics"]["ppl"][LP]["ppl"]
@@ -257,7 +274,7 @@ def test_zero_shot_columns_follow_each_papers_metric(tmp_path, monkeypatch):
     per task as each paper did, in percent, and average the papers' way."""
     monkeypatch.setenv("PRUNING_CACHE", str(tmp_path / "cache"))
     zs = ["eval=zeroshot7_quick", "eval.zeroshot.limit=4", "eval.ppl.0.max_windows=2", "eval.ppl.1.max_windows=2"]
-    run_cells(tmp_path / "store", [[*zs, "method=magnitude", "pruning.ratio=0.3"]])
+    run_cells(tmp_path / "store", [[*zs, "method=magnitude", *NATIVE, f"method.group_ratio={P31}"]])
     (rec,) = [r for r in _records(tmp_path / "store") if r["plan"]["meta"]["method"] != "dense"]
     records = ResultsStore(tmp_path / "store").records()
     lp = {"boolq": ("BoolQ", "acc"), "piqa": ("PIQA", "acc"), "hellaswag": ("HellaSwag", "acc_norm"),
@@ -265,7 +282,7 @@ def test_zero_shot_columns_follow_each_papers_metric(tmp_path, monkeypatch):
           "arc_challenge": ("ARC-c", "acc_norm"), "openbookqa": ("OBQA", "acc_norm")}
     t1 = T.build_table(records, "llm_pruner_t1")
     for method, block in (("magnitude_l2", rec["metrics"]["zeroshot"]), ("dense", rec["metrics"]["dense_zeroshot"])):
-        row = _row(t1, method, 0.3 if method != "dense" else 0.0)
+        row = _row(t1, method, 0.31 if method != "dense" else 0.0)
         expect = {h: 100 * block[task][m] for task, (h, m) in lp.items()}
         for header, value in expect.items():
             assert row[f"{header} [limit 4]"] == pytest.approx(value, abs=1e-9)
@@ -275,7 +292,7 @@ def test_zero_shot_columns_follow_each_papers_metric(tmp_path, monkeypatch):
     sg = {"piqa": ("PIQA", "acc_norm"), "hellaswag": ("HellaSwag", "acc_norm"), "winogrande": ("WinoGrande", "acc"),
           "arc_easy": ("ARC-e", "acc_norm"), "arc_challenge": ("ARC-c", "acc_norm")}
     t_sg = T.build_table(records, "slicegpt_t1")
-    row = _row(t_sg, "magnitude_l2", 0.3)
+    row = _row(t_sg, "magnitude_l2", 0.31)
     block = rec["metrics"]["zeroshot"]
     assert row["Avg (5) [limit 4]"] == pytest.approx(statistics.mean(100 * block[t][m] for t, (_, m) in sg.items()))
     assert "BoolQ [limit 4]" not in t_sg.value_columns
@@ -283,10 +300,10 @@ def test_zero_shot_columns_follow_each_papers_metric(tmp_path, monkeypatch):
 
 def test_anchor_ids_of_our_methods(store):
     recs = _records(store)
-    assert T.anchor_method(_find(recs, "magnitude_l2", 0.2)) == "l2"
-    assert T.anchor_method(_find(recs, "random", 0.2, structures=["kv_group", "mlp"])) == "random"
+    assert T.anchor_method(_find(recs, "magnitude_l2", group_ratio=P20)) == "l2"
+    assert T.anchor_method(_find(recs, "random", group_ratio=P20, structures=["kv_group", "mlp"])) == "random"
     # removing whole decoder layers at random is not the papers' random baseline: no published row beside it
-    block = _find(recs, "random", 0.2, structures=["block"])
+    block = _find(recs, "random", group_ratio=P20, structures=["block"])
     assert T.anchor_method(block) == "random[block]"
     table = T.build_table(ResultsStore(store).records(), "llm_pruner_t1")
     order = list(zip(table.frame["method"], table.frame["source"]))

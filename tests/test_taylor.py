@@ -123,19 +123,28 @@ def test_vector_at_most_element1_and_element2_differs(f64):
 
 
 def test_aggregations_reduce_the_member_scores(f64):
+    """The official order (LLM-Pruner TaylorImportance): each member's per-channel scores are aligned onto the
+    root's d_h channels (a group's g query heads summed channel by channel), reduced over the members per channel,
+    then summed over the head's channels; "first" is the root k_proj, "last" o_proj."""
     model, _, adapter, calib = f64
     (kv,) = structure_sets(adapter, "kv_group", [2])
     g = plain_grads(model, calib)
     params = dict(model.named_parameters())
-    per_member = torch.tensor([[(params[n].detach()[sel] * g[n][sel]).abs().sum().item()
-                                for n, sel, _ in unit_members(adapter, "kv_group", 2, u)] for u in range(4)],
-                              dtype=torch.float64)                     # [unit, member] in execution order
-    expect = {"sum": per_member.sum(1), "mean": per_member.mean(1), "max": per_member.max(1).values,
-              "prod": per_member.prod(1), "first": per_member[:, 0], "last": per_member[:, -1]}
+    hd = adapter.head_dim
+
+    def per_channel(n, sel, red):   # |w·g| summed over each row (red=1) or column (red=0), folded onto d_h
+        return (params[n].detach()[sel] * g[n][sel]).abs().sum(red).reshape(-1, hd).sum(0)
+
+    per = torch.stack([torch.stack([per_channel(*m) for m in unit_members(adapter, "kv_group", 2, u)])
+                       for u in range(4)])                              # [unit, member (q, k, v, o), d_h]
+    expect = {"sum": per.sum(1), "mean": per.mean(1), "max": per.max(1).values, "prod": per.prod(1),
+              "first": per[:, 1], "last": per[:, 3]}
     for how, ref in expect.items():
         sc = taylor_scorer("element1", aggregation=how)
         sc.fit(model, calib, [kv])
-        torch.testing.assert_close(sc(kv), ref, rtol=1e-9, atol=0)
+        torch.testing.assert_close(sc(kv), ref.sum(-1), rtol=1e-9, atol=0, msg=how)
+    per_unit = per.sum(-1)                         # members summed over channels first: differs for max and prod
+    assert not torch.allclose(per.max(1).values.sum(-1), per_unit.max(1).values)
 
 
 def test_zero_unit_scores_zero_for_every_variant(stories):

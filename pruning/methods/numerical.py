@@ -102,6 +102,8 @@ def numerical(lam: float | str = "inf", damp: float = 0.01, alpha: str | float =
         lam = kwargs.pop("lambda")
     if kwargs:
         raise PruningError(f"unknown numerical options {sorted(kwargs)}")
+    if unit_ratio is not None and not 0.0 <= float(unit_ratio) < 1.0:
+        raise PruningError(f"numerical unit_ratio must be in [0, 1), got {unit_ratio}")
     return Numerical(name="numerical", scorer=NewtonScorer(lam, damp, alpha, newton_iters, project_box),
                      structures=list(structures),
                      allocation=GlobalRank(threshold="param_budget" if unit_ratio is None else "unit_count",

@@ -20,8 +20,10 @@ the pass runs, the inter-layer buffer stays in the original d-dim basis (like th
 enters through x·Q_in[:, :a], and Q_in is known only once the previous recompute is complete, i.e. at the layer's
 first call, so its input rotation happens lazily there. Output rotations are applied after the pass.
 
-Differences from the official code, on purpose: no embedding-mean subtraction for RMSNorm models (function-changing
-defect, METHODS.md §3.6); ``orientation: pca`` by default (deterministic; ``random`` gives the same function).
+Differences from the official code, on purpose: no embedding-mean subtraction for RMSNorm models by default
+(function-changing defect, METHODS.md §3.6; ``fusion: official`` restores it, and then the official numbers are
+reproduced to 4 decimals on stories260K, tests/test_parity.py); ``orientation: pca`` by default (deterministic;
+``random`` gives the same function).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from pruning.surgery import slicing
 from pruning.surgery.plan import PrunePlan
 
 ORIENTATIONS = ("pca", "random")
+FUSIONS = ("exact", "official")
 
 
 def pca(xtx: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,6 +78,7 @@ class SliceGPT:
     round_interval: int = 8            # d′ is a multiple of this (official --round-interval)
     slice_head: bool = False           # also slice lm_head's input (official do_slice_head, default False)
     orientation: str = "pca"           # pca | random (official run_slicegpt default; same function)
+    fusion: str = "exact"              # exact | official (centres the embeddings: not exact for RMSNorm models)
     damp: float = 0.01
     seed: int = 0                      # orientation=random only
     batch_size: int = 8
@@ -83,6 +87,8 @@ class SliceGPT:
     def __post_init__(self):
         if self.orientation not in ORIENTATIONS:
             raise PruningError(f"slicegpt orientation must be one of {ORIENTATIONS}, got {self.orientation!r}")
+        if self.fusion not in FUSIONS:
+            raise PruningError(f"slicegpt fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if not isinstance(self.round_interval, int) or self.round_interval < 1:
             raise PruningError(f"slicegpt round_interval must be a positive int, got {self.round_interval!r}")
         if self.slicing is not None and not 0.0 <= float(self.slicing) < 1.0:
@@ -150,6 +156,7 @@ class SliceGPT:
         plan.meta.update(method=self.name, target_ratio=ratio, planned_ratio=budget.achieved, hidden_size=d,
                          sliced_hidden_size=width, slicing=1 - width / d, slice_head=self.slice_head,
                          round_interval=self.round_interval, orientation=self.orientation, damp=self.damp,
+                         fusion=self.fusion,
                          params_closed_form=self.params_at(model, width),
                          tied_embeddings="untied" if adapter_for(model).is_tied else "were not tied",
                          basis="hidden ids are directions of the PCA basis; replay with SliceGPT.apply only")
@@ -163,7 +170,7 @@ class SliceGPT:
             raise PruningError("slicegpt needs calibration batches")
         width = int(plan.meta["sliced_hidden_size"])
         dims = self.dims(model, width)
-        slicing.fuse_norms(model)
+        slicing.fuse_norms(model, center_embeddings=self.fusion == "official")
         bases = rotate_and_slice(model, calib, dims, self._orient, damp=self.damp, batch_size=self.batch_size,
                                  progress=self.progress)
         plan.meta["kept_variance"] = bases["kept_variance"]   # the record shows how much each slice threw away
@@ -288,10 +295,12 @@ def _check_model(model: nn.Module) -> None:
 
 
 def slicegpt(slicing: float | None = None, round_interval: int = 8,
-             slice_head: bool = False, orientation: str = "pca", damp: float = 0.01, seed: int = 0,
+             slice_head: bool = False, orientation: str = "pca", fusion: str = "exact", damp: float = 0.01,
+             seed: int = 0,
              batch_size: int = 8, progress: bool = True, allocation=None) -> SliceGPT:
     """Factory for ``conf/method/slicegpt.yaml``. ``allocation`` is accepted and ignored: SliceGPT's allocation
     is its constant sliced width d′ (ConstSlicingScheduler), chosen from the ratio here."""
     return SliceGPT(slicing=slicing, round_interval=int(round_interval),
-                    slice_head=bool(slice_head), orientation=orientation, damp=float(damp), seed=int(seed),
+                    slice_head=bool(slice_head), orientation=orientation, fusion=fusion, damp=float(damp),
+                    seed=int(seed),
                     batch_size=int(batch_size), progress=bool(progress))

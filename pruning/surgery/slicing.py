@@ -53,13 +53,14 @@ def check_sliceable(model: nn.Module) -> None:
             raise PruningError(f"SliceGPT: layer {i} does not have a uniform residual width")
 
 
-def fuse_norms(model: nn.Module) -> nn.Module:
+def fuse_norms(model: nn.Module, center_embeddings: bool = False) -> nn.Module:
     """Fold every RMSNorm scale into the linears it feeds and convert the model into its family's sliced class
     with weight-free norms and no shortcuts yet: the function is unchanged and becomes invariant to any
     orthogonal Q on the residual stream. Tied embeddings are untied (the head absorbs the final norm's scale).
 
-    No embedding-mean subtraction: the official ``fuse_modules`` centres embeddings even for RMSNorm models, which
-    changes the function (METHODS.md §3.6, "A known defect").
+    ``center_embeddings`` reproduces the official ``fuse_modules``, which subtracts each embedding row's mean even
+    for RMSNorm models: that changes the function (METHODS.md §3.6, "A known defect"), so it is off by default and
+    exists for parity with the official numbers.
     """
     if is_sliced(model):
         return model
@@ -68,6 +69,10 @@ def fuse_norms(model: nn.Module) -> nn.Module:
     mean_dim = getattr(adapter.final_norm, "mean_dim", adapter.embed_tokens.weight.shape[1])
     if adapter.is_tied:
         adapter.lm_head.weight = nn.Parameter(adapter.lm_head.weight.detach().clone())
+    if center_embeddings:
+        w = adapter.embed_tokens.weight
+        with torch.no_grad():
+            w.copy_((w.double() - w.double().mean(dim=-1, keepdim=True)).to(w.dtype))
     for layer in adapter.layers:
         for norm, lins in ((adapter.input_norm(layer), ("q_proj", "k_proj", "v_proj")),
                            (adapter.post_attention_norm(layer), ("gate_proj", "up_proj"))):
