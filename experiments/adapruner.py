@@ -1,25 +1,23 @@
 """AdaPruner studies (METHODS.md §3.10): a Hydra sweeper on optuna's ask/tell API, the final cell, the history.
 
-``python run.py -m experiment=adapruner`` runs :class:`StudySweeper` (registered with Hydra as
-``hydra_plugins.adapruner_sweeper.AdaPrunerSweeper``: Hydra instantiates sweepers only from that namespace). It
-asks TPE for ``n_jobs`` trials at a time, runs each through Hydra's configured launcher (basic, joblib_local,
-slurm_local) as an ordinary store cell (``method=adapruner eval=adapruner_objective`` + the sampled values), and
-tells optuna the objective. The rest is optuna's own machinery:
+``python run.py -m experiment=adapruner`` runs :class:`StudySweeper` (registered as
+``hydra_plugins.adapruner_sweeper.AdaPrunerSweeper``: Hydra instantiates sweepers only from that namespace). It asks
+TPE for ``n_jobs`` trials at a time, runs them through Hydra's configured launcher (basic, joblib_local,
+slurm_local), each an ordinary store cell (``method=adapruner eval=adapruner_objective`` + the sampled values), and
+tells optuna the objectives. The rest is optuna's own:
 
-- Resume: the study lives in its storage (``create_study(load_if_exists=True)``), and a re-run asks only the
-  trials still missing from ``n_trials``, so a finished trial is never re-run. TPE's seed is ``seed`` + the trials
-  already asked: fixed, yet a resumed study does not replay its first random proposals.
-- A killed driver: each running trial keeps optuna's heartbeat. At start, ``fail_stale_trials`` marks a trial whose
-  heartbeat stopped FAIL, and ``RetryHeartbeatStaleTrialCallback`` enqueues its parameters again; the retry is a
-  store hit when the cell had finished. A FAIL that was retried does not count towards ``n_trials``.
-- A shape the calibration data cannot fill (``InfeasibleCalibrationError``: alpaca has 90 records of >= 256
-  tokens, so 128 x 256 is impossible) is PRUNED. TPE ranks PRUNED trials after every COMPLETE one, so it learns to
-  avoid the corner; it ignores FAIL trials, and kept proposing this corner when they were FAIL. Pruning stores no
-  fake objective (+inf would be a COMPLETE value in best-trial queries, plots and the dashboard), and optuna's
-  constraints API needs an objective value that an infeasible trial does not have. Any other error is FAIL and
-  the study goes on.
+- Resume: ``create_study(load_if_exists=True)``; a re-run asks only the trials missing from ``n_trials``. TPE's seed
+  is ``seed`` + the trials already asked: fixed, yet a resumed study does not replay its first proposals.
+- A killed driver: running trials keep optuna's heartbeat; at start ``fail_stale_trials`` marks the stale ones FAIL
+  and ``RetryHeartbeatStaleTrialCallback`` queues their parameters again (a store hit if the cell had finished).
+  A retried FAIL does not count towards ``n_trials``.
+- A shape the calibration data cannot fill (``InfeasibleCalibrationError``; alpaca has 90 records of >= 256 tokens)
+  is PRUNED. TPE ranks PRUNED trials after every COMPLETE one, so it learns to avoid the corner (it ignores FAIL
+  trials, and kept proposing it when they were FAIL). Unlike +inf, no fake objective reaches best-trial queries,
+  plots or the dashboard; optuna's constraints API would need an objective value the trial does not have. Any
+  other error is FAIL, and the study goes on.
 - Then the argmin over COMPLETE trials is pruned for real as an ordinary cell with the final eval (and optional
-  LoRA), in the driver whatever the launcher; its record carries the study's history (``record["study"]``).
+  LoRA), in the driver whatever the launcher; its record carries the study (``record["study"]``).
 """
 
 from __future__ import annotations
@@ -74,8 +72,6 @@ def search_space(config: DictConfig, task_overrides: list[str]) -> dict:
         else:
             raise PruningError(f"{o.input_line}: a study searches choice(...) or interval(...) values, "
                                f"e.g. int(interval(0, 999))")
-    if not space:
-        raise PruningError("the study has nothing to search: hydra.sweeper.params is empty")
     datasets = space["calibration.dataset"].choices if "calibration.dataset" in space else [config.calibration.dataset]
     bad = sorted({str(v) for v in datasets} & set(OVERLAPS_OBJECTIVE))
     if bad:   # every trial would be refused; say so once, before anything runs
@@ -132,26 +128,14 @@ def trial_overrides(task_overrides: list[str], params: dict) -> list[str]:
     return [*_value_overrides(task_overrides, set(params)), *(f"{k}={v}" for k, v in params.items())]
 
 
-def trial_config(config_name: str, task_overrides: list[str], params: dict) -> DictConfig:
-    from hydra import compose
-
-    return compose(config_name=config_name, overrides=trial_overrides(task_overrides, params))
-
-
 class StudySweeper(Sweeper):
-    """``hydra.sweeper`` of conf/experiment/adapruner.yaml. ``final``: the final cell's ``eval`` and ``recovery``
-    presets and extra ``overrides``."""
+    """``hydra.sweeper`` of conf/experiment/adapruner.yaml (``params`` is read by :func:`search_space`; ``final``:
+    the final cell's ``eval`` and ``recovery`` presets and extra ``overrides``)."""
 
-    def __init__(self, study_name: str, storage: str, n_trials: int, n_jobs: int = 1, seed: int = 0,
-                 heartbeat_interval: int = 10, params: Any = None, final: Any = None) -> None:
-        if not storage or not study_name:
-            raise PruningError("the adapruner study needs hydra.sweeper.storage (sqlite:///...) and study_name, "
-                               "so that it can resume")
-        self.study_name, self.storage, self.n_trials, self.n_jobs = study_name, storage, int(n_trials), int(n_jobs)
-        self.seed, self.heartbeat_interval = int(seed), int(heartbeat_interval)
-        final = final or {}
-        self.final = {"eval": final.get("eval", "ppl128"), "recovery": final.get("recovery", "none"),
-                      "overrides": list(final.get("overrides") or [])}
+    def __init__(self, study_name: str, storage: str, n_trials: int, n_jobs: int, seed: int, heartbeat_interval: int,
+                 params: Any, final: Any) -> None:
+        self.study_name, self.storage, self.n_trials, self.n_jobs = study_name, storage, n_trials, n_jobs
+        self.seed, self.heartbeat_interval, self.final = seed, heartbeat_interval, final
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         from hydra.core.plugins import Plugins
@@ -162,19 +146,20 @@ class StudySweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> None:
         import optuna
-        from optuna.storages._heartbeat import get_heartbeat_thread   # optuna's own, as study.optimize uses it
+        from optuna.storages._heartbeat import get_heartbeat_thread   # the thread study.optimize runs per trial
 
         space = search_space(self.config, arguments)
-        with warnings.catch_warnings():   # heartbeat, stale-trial retry and fail_stale_trials are "experimental";
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)    # and study.ask warns that
-            warnings.filterwarnings("ignore", "Heartbeat of storage is supposed")   # only optimize() beats: here
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)   # heartbeat, stale-trial retry
+            warnings.filterwarnings("ignore", "Heartbeat of storage is supposed")  # ask(): we run the heartbeat
             study, storage = self.open_study()
             job_idx = 0
             while (missing := self.n_trials - len(counted_trials(study))) > 0:
                 with contextlib.ExitStack() as heartbeats:
-                    batch = [study.ask(space) for _ in range(min(self.n_jobs, missing))]
-                    for t in batch:
-                        heartbeats.enter_context(get_heartbeat_thread(t._trial_id, storage))
+                    batch = []
+                    for _ in range(min(self.n_jobs, missing)):
+                        batch.append(study.ask(space))
+                        heartbeats.enter_context(get_heartbeat_thread(batch[-1]._trial_id, storage))
                     overrides = [trial_overrides(arguments, t.params) for t in batch]
                     self.validate_batch_is_legal(overrides)
                     for trial, ret in zip(batch, self.launcher.launch(overrides, initial_job_idx=job_idx)):
@@ -223,8 +208,7 @@ class StudySweeper(Sweeper):
         config_name = self.config.hydra.job.config_name or "config"
         final_overrides = [*_value_overrides(arguments, set(best.params), trial_only=True),
                            *(f"{k}={v}" for k, v in best.params.items()),
-                           f"eval={self.final['eval']}", f"recovery={self.final['recovery']}",
-                           *self.final["overrides"]]
+                           f"eval={self.final.eval}", f"recovery={self.final.recovery}", *self.final.overrides]
         summary = study_summary(study, self.storage, config_name, arguments, self.n_trials, self.seed)
         summary["final_overrides"] = final_overrides
         log.info(f"AdaPruner best trial #{best.number}: objective {best.value:.4f} with {best.params}")
@@ -269,6 +253,8 @@ def _iso(when) -> str | None:
 def study_summary(study, storage: str, config_name: str, task_overrides: list[str], n_trials: int | None,
                   seed: int | None) -> dict:
     """The study as plain data: per trial its state, objective, parameters and store cell (config hash)."""
+    from hydra import compose
+
     from experiments.cell import cell_config
     from experiments.record import config_hash
     from pruning.eval import ppl_label
@@ -280,7 +266,7 @@ def study_summary(study, storage: str, config_name: str, task_overrides: list[st
                "datetime_start": _iso(t.datetime_start), "datetime_complete": _iso(t.datetime_complete),
                "config_hash": None}
         if t.state.name == "COMPLETE":
-            cfg = trial_config(config_name, task_overrides, t.params)
+            cfg = compose(config_name=config_name, overrides=trial_overrides(task_overrides, t.params))
             row["config_hash"] = config_hash(cell_config(cfg))
             objective = objective or ppl_label(protocols_from_cfg(cfg.eval.ppl)[0])
         trials.append(row)
