@@ -410,6 +410,46 @@ def test_shape_the_data_cannot_fill_is_pruned_not_failed(tmp_path):
     assert set(hist.loc[hist["seq_len"] == 256, "state"]) == {"INFEASIBLE"}
 
 
+@pytest.mark.slow
+def test_a_second_driver_on_a_running_study_stops(tmp_path):
+    """A trial whose heartbeat is live belongs to a running driver: a second driver waits out the grace period,
+    then refuses, and leaves the trial alone; once that heartbeat stops, the trial is failed and queued again."""
+    import threading
+
+    import optuna
+    from optuna.storages import RDBStorage
+
+    from experiments.adapruner import StudySweeper, counted_trials
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    with pytest.warns(optuna.exceptions.ExperimentalWarning):
+        storage = RDBStorage(url, heartbeat_interval=1)
+    study = optuna.create_study(storage=storage, study_name="s")
+    trial = study.ask({"x": optuna.distributions.IntDistribution(0, 9)})
+    stop = threading.Event()
+
+    def beat():   # the other driver
+        while not stop.wait(0.5):
+            storage.record_heartbeat(trial._trial_id)
+
+    other = threading.Thread(target=beat)
+    storage.record_heartbeat(trial._trial_id)
+    other.start()
+    sweeper = StudySweeper(study_name="s", storage=url, n_trials=1, n_jobs=1, seed=0, heartbeat_interval=1,
+                           params=None, final=None)
+    t0 = time.time()
+    try:
+        with pytest.raises(PruningError, match=r"trials \[0\] have a live heartbeat"):
+            sweeper.open_study()
+    finally:
+        stop.set()
+        other.join()
+    assert time.time() - t0 >= 4 and study.trials[0].state.name == "RUNNING"
+    again, _ = sweeper.open_study()                        # the heartbeat stopped: FAIL, and the same x queued
+    states = [(t.number, t.state.name, t.params) for t in again.trials]
+    assert states == [(0, "FAIL", trial.params), (1, "WAITING", trial.params)] and counted_trials(again) == []
+
+
 # --------------------------------------------------------------------------------------------- optuna-dashboard
 
 
