@@ -35,8 +35,7 @@ from typing import Any
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig
 
-from pruning.errors import InfeasibleCalibrationError, PruningError
-
+# pruning (torch) and optuna are imported where used: Hydra imports this module at every start (hydra_plugins)
 log = logging.getLogger(__name__)
 
 SEARCH_KEYS = ("calibration.dataset", "calibration.n_samples", "calibration.seq_len", "calibration.seed",
@@ -54,6 +53,7 @@ def search_space(config: DictConfig, task_overrides: list[str]) -> dict:
     from hydra.core.override_parser.types import IntervalSweep
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
+    from pruning.errors import PruningError
     from pruning.eval.perplexity import protocols_from_cfg
     from pruning.methods.adapruner import OVERLAPS_OBJECTIVE
 
@@ -172,20 +172,23 @@ class StudySweeper(Sweeper):
         import optuna
         from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 
+        from pruning.errors import PruningError
+
         if self.storage.startswith("sqlite:///"):
             Path(self.storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         storage = RDBStorage(self.storage, heartbeat_interval=self.heartbeat_interval,
                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
         study = optuna.create_study(storage=storage, study_name=self.study_name, direction="minimize",
                                     load_if_exists=True)
-        running = optuna.trial.TrialState.RUNNING,
+        def running() -> list[int]:
+            return [t.number for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))]
+
         fail_stale_trials(study)
-        if study.get_trials(states=running):   # a driver stopped less than the grace period ago, or one is alive
-            log.info(f"waiting {2 * self.heartbeat_interval + 2} s for the heartbeat of trials "
-                     f"{[t.number for t in study.get_trials(states=running)]} to go stale")
+        if running():   # a driver stopped less than the grace period (2 heartbeats) ago, or one is still alive
+            log.info(f"waiting {2 * self.heartbeat_interval + 2} s for the heartbeat of trials {running()} to stop")
             time.sleep(2 * self.heartbeat_interval + 2)
             fail_stale_trials(study)
-        if alive := [t.number for t in study.get_trials(states=running)]:
+        if alive := running():
             raise PruningError(f"study {self.study_name!r} ({self.storage}): trials {alive} have a live heartbeat, "
                                f"so another driver is running this study")
         study.sampler = optuna.samplers.TPESampler(seed=self.seed + len(study.trials))
@@ -199,6 +202,7 @@ class StudySweeper(Sweeper):
 
         from experiments.cell import one_line_table, run_cell
         from experiments.store import ResultsStore
+        from pruning.errors import PruningError
 
         best = best_trial(study)
         sweep_dir = Path(self.config.hydra.sweep.dir)
@@ -233,6 +237,8 @@ class StudySweeper(Sweeper):
 def tell(study, trial, ret) -> None:
     """A launched trial's outcome: its objective (COMPLETE), PRUNED for a shape the data cannot fill, else FAIL."""
     from optuna.trial import TrialState
+
+    from pruning.errors import InfeasibleCalibrationError
 
     try:
         value = float(ret.return_value)   # re-raises the job's exception (run.py re-raises inside a study)
