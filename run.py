@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from pruning.errors import InfeasibleCalibrationError, PruningError
+from pruning.errors import PruningError
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -21,10 +21,8 @@ def main(cfg: DictConfig) -> float | None:
         record = run_cell(cfg, run_dir=HydraConfig.get().runtime.output_dir)
     except PruningError as e:
         print(f"error: {e}", file=sys.stderr)
-        if "optuna" in str(HydraConfig.get().sweeper.get("_target_", "")):   # a study's trial:
-            if isinstance(e, InfeasibleCalibrationError):
-                return float("inf")   # a shape the data cannot fill scores worst, so TPE learns to avoid it
-            raise                     # any other error: the study records the trial as FAIL and goes on
+        if "AdaPrunerSweeper" in str(HydraConfig.get().sweeper.get("_target_", "")):   # a study's trial:
+            raise                     # the study records it PRUNED (infeasible calibration) or FAIL, and goes on
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             return None               # one impossible cell of a sweep (e.g. a ratio a method cannot reach) is
                                       # reported and writes no record; the other cells still run

@@ -1,39 +1,41 @@
-"""AdaPruner studies (METHODS.md §3.10): resume, final cell, history plot.
+"""AdaPruner studies (METHODS.md §3.10): a Hydra sweeper on optuna's ask/tell API, the final cell, the history.
 
-Hydra's optuna sweeper asks, launches and tells the trials; each trial is an ordinary store cell
-(``method=adapruner eval=adapruner_objective`` + the sampled calibration/importance/aggregation). This module is the
-Hydra callback ``hydra.callbacks.adapruner`` of ``conf/experiment/adapruner.yaml``:
+``python run.py -m experiment=adapruner`` runs :class:`StudySweeper` (registered as
+``hydra_plugins.adapruner_sweeper.AdaPrunerSweeper``: Hydra instantiates sweepers only from that namespace). It asks
+TPE for ``n_jobs`` trials at a time, runs them through Hydra's configured launcher (basic, joblib_local,
+slurm_local), each an ordinary store cell (``method=adapruner eval=adapruner_objective`` + the sampled values), and
+tells optuna the objectives. The rest is optuna's own:
 
-- ``on_multirun_start`` (driver, before the sweeper exists): the stock sweeper runs ``n_trials`` *new* trials per
-  invocation. We lower its ``n_trials`` to the finished trials (COMPLETE or FAIL) still missing in the sqlite study,
-  so re-running an interrupted command finishes the same study and never re-runs a finished trial, and we offset
-  the TPE seed by the trials already asked (the same seed would otherwise replay the first random proposals).
-  A trial left RUNNING by a killed
-  driver becomes COMPLETE if its cell reached the store (the sweeper tells a batch only when all of it ran), else it
-  stays RUNNING, does not count, and a new trial replaces it.
-- A shape the calibration data cannot fill (alpaca has 90 records of >= 256 tokens, so 128 x 256 is impossible) is a
-  COMPLETE trial with objective +inf (run.py returns it for InfeasibleCalibrationError): TPE ignores FAIL trials and,
-  its marginals being good, kept proposing that corner; +inf teaches it to avoid it.
-- ``on_multirun_end`` (driver): argmin of the objective over COMPLETE trials, then that configuration as an ordinary
-  cell with the final eval (and optional recovery) through ``run_cell``, in the driver process whatever the launcher
-  (under ``slurm_local`` the trials are SLURM jobs, the final cell is not). The study's history goes into the final
-  record (``record["study"]``), which is what the HTML report plots.
+- Resume: ``create_study(load_if_exists=True)``; a re-run asks only the trials missing from ``n_trials``. TPE's seed
+  is ``seed`` + the trials already asked: fixed, yet a resumed study does not replay its first proposals.
+- A killed driver: running trials keep optuna's heartbeat; at start ``fail_stale_trials`` marks the stale ones FAIL
+  and ``RetryHeartbeatStaleTrialCallback`` queues their parameters again (a store hit if the cell had finished).
+  A retried FAIL does not count towards ``n_trials``.
+- A shape the calibration data cannot fill (``InfeasibleCalibrationError``; alpaca has 90 records of >= 256 tokens)
+  is PRUNED. TPE ranks PRUNED trials after every COMPLETE one, so it learns to avoid the corner (it ignores FAIL
+  trials, and kept proposing it when they were FAIL). Unlike +inf, no fake objective reaches best-trial queries,
+  plots or the dashboard; optuna's constraints API would need an objective value the trial does not have. Any
+  other error is FAIL, and the study goes on.
+- Then the argmin over COMPLETE trials is pruned for real as an ordinary cell with the final eval (and optional
+  LoRA), in the driver whatever the launcher; its record carries the study (``record["study"]``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, open_dict, read_write
+from hydra.plugins.sweeper import Sweeper
+from omegaconf import DictConfig
 
-from pruning.errors import PruningError
-
+# pruning (torch) and optuna are imported where used: Hydra imports this module at every start (hydra_plugins)
 log = logging.getLogger(__name__)
 
 SEARCH_KEYS = ("calibration.dataset", "calibration.n_samples", "calibration.seq_len", "calibration.seed",
@@ -43,42 +45,65 @@ SEARCH_KEYS = ("calibration.dataset", "calibration.n_samples", "calibration.seq_
 # --------------------------------------------------------------------------------------------------- the study
 
 
-def _sqlite_path(storage: str) -> Path | None:
-    return Path(storage[len("sqlite:///"):]) if storage.startswith("sqlite:///") else None
+def search_space(config: DictConfig, task_overrides: list[str]) -> dict:
+    """The study's distributions: ``hydra.sweeper.params``, then the command line (a sweep such as
+    ``choice(4,8)`` replaces a dimension, a plain value fixes it). Refuses, before anything runs, a space or
+    objective that would break the study's invariants (METHODS.md §3.10)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import IntervalSweep
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from pruning.errors import PruningError
+    from pruning.eval.perplexity import protocols_from_cfg
+    from pruning.methods.adapruner import OVERLAPS_OBJECTIVE
+
+    parser = OverridesParser.create()
+    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+    space: dict = {}
+    for o in parser.parse_overrides(params) + parser.parse_overrides(task_overrides):
+        key = o.get_key_element()
+        if not o.is_sweep_override():
+            space.pop(key, None)
+        elif o.is_choice_sweep():
+            space[key] = CategoricalDistribution(list(o.sweep_iterator()))
+        elif o.is_interval_sweep() and isinstance(iv := o.value(), IntervalSweep):
+            ints = isinstance(iv.start, int) and isinstance(iv.end, int)
+            space[key] = (IntDistribution if ints else FloatDistribution)(iv.start, iv.end, log="log" in iv.tags)
+        else:
+            raise PruningError(f"{o.input_line}: a study searches choice(...) or interval(...) values, "
+                               f"e.g. int(interval(0, 999))")
+    datasets = space["calibration.dataset"].choices if "calibration.dataset" in space else [config.calibration.dataset]
+    bad = sorted({str(v) for v in datasets} & set(OVERLAPS_OBJECTIVE))
+    if bad:   # every trial would be refused; say so once, before anything runs
+        raise PruningError(f"calibration.dataset {bad} overlaps the objective documents; use "
+                           f"{OVERLAPS_OBJECTIVE[bad[0]]}")
+    texts = {(p.dataset, p.split) for p in protocols_from_cfg(config.eval.get("ppl", []))}
+    if texts != {("c4", "heldout")}:   # the objective must never be a test text (invariant 2)
+        raise PruningError(f"the study's objective must be the held-out C4 block (eval=adapruner_objective), got "
+                           f"{sorted(texts)}; the final cell's eval is hydra.sweeper.final.eval")
+    if config.get("recovery") is not None and config.recovery.get("name", "none") != "none":
+        raise PruningError("trials are scored without recovery; LoRA on the final cell is "
+                           "hydra.sweeper.final.recovery=lora (not recovery=...)")
+    return space
 
 
-def load_study(storage: str, study_name: str):
-    """The stored study, or None when the storage has no study of that name yet."""
-    import optuna
+def counted_trials(study) -> list:
+    """The trials that count towards ``n_trials``: finished (COMPLETE, PRUNED, FAIL), except a FAIL that optuna
+    retried after its driver died."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
 
-    path = _sqlite_path(storage)
-    if path is not None and not path.is_file():
-        return None
-    try:
-        return optuna.load_study(study_name=study_name, storage=storage)
-    except KeyError:
-        return None
-
-
-def complete_trials(study) -> list:
-    import optuna
-
-    return [] if study is None else study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-
-
-def finished_trials(study) -> list:
-    """The trials that count towards n_trials: COMPLETE, PRUNED or FAIL (optuna's ``is_finished``)."""
-    return [] if study is None else [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+    retried = {n for t in study.trials for n in Retry.retry_history(t)}
+    return [t for t in study.trials if t.state.is_finished() and t.number not in retried]
 
 
 def best_trial(study):
-    """argmin of the objective over COMPLETE trials (ties: the earlier trial); None if none has a finite value."""
-    done = [t for t in complete_trials(study) if t.value is not None and math.isfinite(t.value)]
+    """argmin of the objective over COMPLETE trials (ties: the earlier trial); None if there is none."""
+    done = [t for t in study.trials if t.state.name == "COMPLETE" and math.isfinite(t.value)]
     return min(done, key=lambda t: (t.value, t.number)) if done else None
 
 
 # Command-line overrides of these groups shape the trials (e.g. a shorter objective), not the final cell, whose
-# eval/recovery come from the callback's own settings; hydra.* never changes a cell.
+# eval/recovery come from hydra.sweeper.final; hydra.* never changes a cell.
 TRIAL_ONLY = ("eval", "recovery", "hydra")
 
 
@@ -98,131 +123,101 @@ def _value_overrides(task_overrides: list[str], drop: set[str], trial_only: bool
     return out
 
 
-def trial_config(config_name: str, task_overrides: list[str], params: dict) -> DictConfig:
-    """The cell a trial with ``params`` runs: the command line's value overrides plus the sampled values."""
-    from hydra import compose
-
-    return compose(config_name=config_name, overrides=[*_value_overrides(task_overrides, set(params)),
-                                                      *(f"{k}={v}" for k, v in params.items())])
+def trial_overrides(task_overrides: list[str], params: dict) -> list[str]:
+    """The overrides of the cell a trial with ``params`` runs: the command line's values plus the sampled ones."""
+    return [*_value_overrides(task_overrides, set(params)), *(f"{k}={v}" for k, v in params.items())]
 
 
-def trial_record(cfg: DictConfig) -> dict | None:
-    """The store's complete record of a trial's cell, if any (what run.py would return as a store hit)."""
-    from experiments.cell import cell_config
-    from experiments.record import config_hash
-    from experiments.store import ResultsStore
+class StudySweeper(Sweeper):
+    """``hydra.sweeper`` of conf/experiment/adapruner.yaml (``params`` is read by :func:`search_space`; ``final``:
+    the final cell's ``eval`` and ``recovery`` presets and extra ``overrides``)."""
 
-    store = ResultsStore(cfg.store.dir) if cfg.store.dir else ResultsStore()
-    return store.get(config_hash(cell_config(cfg)))
+    def __init__(self, study_name: str, storage: str, n_trials: int, n_jobs: int, seed: int, heartbeat_interval: int,
+                 params: Any, final: Any) -> None:
+        self.study_name, self.storage, self.n_trials, self.n_jobs = study_name, storage, n_trials, n_jobs
+        self.seed, self.heartbeat_interval, self.final = seed, heartbeat_interval, final
 
+    def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
+        from hydra.core.plugins import Plugins
 
-def _search_values(config: DictConfig, key: str) -> list[Any]:
-    """Every value ``key`` can take in this study (sweeper params and command line)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+        self.hydra_context, self.config = hydra_context, config
+        self.launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context,
+                                                                task_function=task_function, config=config)
 
-    lines = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
-    lines += list(config.hydra.overrides.task)
-    out: list[Any] = []
-    for o in OverridesParser.create().parse_overrides(lines):
-        if o.get_key_element() == key:
-            out += list(o.sweep_string_iterator()) if o.is_choice_sweep() else [o.value()]
-    return out
-
-
-class AdaPrunerStudy(Callback):
-    """``eval`` / ``recovery``: the final cell's presets; ``overrides``: more overrides for the final cell only."""
-
-    def __init__(self, eval: str = "ppl128", recovery: str = "none", overrides: list[str] | None = None,
-                 run_final: bool = True) -> None:
-        self.eval, self.recovery = eval, recovery
-        self.overrides = list(overrides or [])
-        self.run_final = run_final
-        self.base_seed: int | None = None
-        self.n_trials: int | None = None
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from pruning.eval.perplexity import protocols_from_cfg
-        from pruning.methods.adapruner import OVERLAPS_OBJECTIVE
-
-        sw = config.hydra.sweeper
-        if "optuna" not in str(sw.get("_target_", "")):
-            raise PruningError("the adapruner study needs hydra/sweeper=optuna (conf/experiment/adapruner.yaml)")
-        storage, name = sw.storage, sw.study_name
-        if not storage or not name:
-            raise PruningError("the adapruner study needs hydra.sweeper.storage (sqlite:///...) and study_name, "
-                               "so that it can resume")
-        bad = sorted({str(v) for v in _search_values(config, "calibration.dataset")} & set(OVERLAPS_OBJECTIVE))
-        if bad:   # every trial would be refused; say so once, before anything runs
-            raise PruningError(f"calibration.dataset {bad} overlaps the objective documents; use "
-                               f"{OVERLAPS_OBJECTIVE[bad[0]]}")
-        texts = {(p.dataset, p.split) for p in protocols_from_cfg(config.eval.get("ppl", []))}
-        if texts != {("c4", "heldout")}:   # the objective must never be a test text (invariant 2)
-            raise PruningError(f"the study's objective must be the held-out C4 block (eval=adapruner_objective), got "
-                               f"{sorted(texts)}; the final cell's eval is hydra.callbacks.adapruner.eval")
-        if config.get("recovery") is not None and config.recovery.get("name", "none") != "none":
-            raise PruningError("trials are scored without recovery; LoRA on the final cell is "
-                               "hydra.callbacks.adapruner.recovery=lora (not recovery=...)")
-        path = _sqlite_path(storage)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        # the sweeper writes optimization_results.yaml there even when a finished study launches no job
-        Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
-        study = load_study(storage, name)
-        if study is not None:
-            self.recover_interrupted(study, config, kwargs.get("config_name") or "config")
-        n_done = len(finished_trials(study))
-        n_asked = 0 if study is None else len(study.trials)
-        self.n_trials = int(sw.n_trials)
-        remaining = max(0, self.n_trials - n_done)
-        with read_write(sw), open_dict(sw):
-            sw.n_trials = remaining
-            if sw.sampler.get("seed") is not None:
-                self.base_seed = int(sw.sampler.seed)
-                sw.sampler.seed = self.base_seed + n_asked
-        log.info(f"AdaPruner study {name!r} ({storage}): {n_done}/{self.n_trials} trials finished, {n_asked} asked "
-                 f"before; running {remaining} more")
-
-    @staticmethod
-    def recover_interrupted(study, config: DictConfig, config_name: str) -> None:
-        """A RUNNING trial left by a killed driver (the sweeper tells a batch only after all of it ran) is COMPLETE
-        with the stored value if its cell finished; otherwise it stays RUNNING (a SLURM job may still finish it;
-        the next invocation looks again) and is replaced, as it does not count as finished."""
+    def sweep(self, arguments: list[str]) -> None:
         import optuna
+        from optuna.storages._heartbeat import get_heartbeat_thread   # the thread study.optimize runs per trial
 
-        task = list(config.hydra.overrides.task)
-        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            rec = trial_record(trial_config(config_name, task, t.params)) if t.params else None
-            ppl = next(iter(rec["metrics"].get("ppl", {}).values()), None) if rec else None
-            if ppl is not None:
-                study.tell(t.number, float(ppl["ppl"]))          # exactly what run.py returned for this cell
-                log.info(f"trial {t.number} was interrupted after its cell finished: COMPLETE from the store")
-            else:
-                log.info(f"trial {t.number} was interrupted before its cell finished: left RUNNING, replaced")
+        space = search_space(self.config, arguments)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)   # heartbeat, stale-trial retry
+            warnings.filterwarnings("ignore", "Heartbeat of storage is supposed")  # ask(): we run the heartbeat
+            study, storage = self.open_study()
+            job_idx = 0
+            while (missing := self.n_trials - len(counted_trials(study))) > 0:
+                with contextlib.ExitStack() as heartbeats:
+                    batch = []
+                    for _ in range(min(self.n_jobs, missing)):
+                        batch.append(study.ask(space))
+                        heartbeats.enter_context(get_heartbeat_thread(batch[-1]._trial_id, storage))
+                    overrides = [trial_overrides(arguments, t.params) for t in batch]
+                    self.validate_batch_is_legal(overrides)
+                    for trial, ret in zip(batch, self.launcher.launch(overrides, initial_job_idx=job_idx)):
+                        tell(study, trial, ret)
+                job_idx += len(batch)
+        self.run_final(study, arguments)
 
-    def on_multirun_end(self, config: DictConfig, config_name: str | None = None, **kwargs: Any) -> None:
-        if not self.run_final:
-            return
-        sw = config.hydra.sweeper
-        study = load_study(sw.storage, sw.study_name)
-        best = best_trial(study)
-        if best is None:
-            raise PruningError(f"AdaPruner study {sw.study_name!r} has no COMPLETE trial with a finite objective; "
-                               f"see the trials' logs under {config.hydra.sweep.dir}")
-        task = list(config.hydra.overrides.task)
-        final_overrides = [*_value_overrides(task, set(best.params), trial_only=True),
-                           *(f"{k}={v}" for k, v in best.params.items()),
-                           f"eval={self.eval}", f"recovery={self.recovery}", *self.overrides]
-        summary = study_summary(study, sw.storage, config_name or "config", task, self.n_trials, self.base_seed)
-        summary["final_overrides"] = final_overrides
-        log.info(f"AdaPruner best trial #{best.number}: objective {best.value:.4f} with {best.params}")
+    def open_study(self):
+        """The stored study (created on first use), its stale trials failed and queued again, TPE seeded."""
+        import optuna
+        from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 
+        from pruning.errors import PruningError
+
+        if self.storage.startswith("sqlite:///"):
+            Path(self.storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        storage = RDBStorage(self.storage, heartbeat_interval=self.heartbeat_interval,
+                             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
+        study = optuna.create_study(storage=storage, study_name=self.study_name, direction="minimize",
+                                    load_if_exists=True)
+        def running() -> list[int]:
+            return [t.number for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))]
+
+        fail_stale_trials(study)
+        if running():   # a driver stopped less than the grace period (2 heartbeats) ago, or one is still alive
+            log.info(f"waiting {2 * self.heartbeat_interval + 2} s for the heartbeat of trials {running()} to stop")
+            time.sleep(2 * self.heartbeat_interval + 2)
+            fail_stale_trials(study)
+        if alive := running():
+            raise PruningError(f"study {self.study_name!r} ({self.storage}): trials {alive} have a live heartbeat, "
+                               f"so another driver is running this study")
+        study.sampler = optuna.samplers.TPESampler(seed=self.seed + len(study.trials))
+        log.info(f"AdaPruner study {self.study_name!r} ({self.storage}): {len(counted_trials(study))}/"
+                 f"{self.n_trials} trials finished, {len(study.trials)} asked before")
+        return study, storage
+
+    def run_final(self, study, arguments: list[str]) -> None:
+        """The best configuration as an ordinary cell with the final eval, its record carrying the study."""
         from hydra import compose
 
         from experiments.cell import one_line_table, run_cell
         from experiments.store import ResultsStore
+        from pruning.errors import PruningError
 
-        cfg = compose(config_name=config_name or "config", overrides=final_overrides)
-        run_dir = Path(config.hydra.sweep.dir) / "final"
+        best = best_trial(study)
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        if best is None:
+            raise PruningError(f"AdaPruner study {self.study_name!r} has no COMPLETE trial; see the trials' logs "
+                               f"under {sweep_dir}")
+        config_name = self.config.hydra.job.config_name or "config"
+        final_overrides = [*_value_overrides(arguments, set(best.params), trial_only=True),
+                           *(f"{k}={v}" for k, v in best.params.items()),
+                           f"eval={self.final.eval}", f"recovery={self.final.recovery}", *self.final.overrides]
+        summary = study_summary(study, self.storage, config_name, arguments, self.n_trials, self.seed)
+        summary["final_overrides"] = final_overrides
+        log.info(f"AdaPruner best trial #{best.number}: objective {best.value:.4f} with {best.params}")
+        cfg = compose(config_name=config_name, overrides=final_overrides)
+        run_dir = sweep_dir / "final"
         record = run_cell(cfg, run_dir=run_dir)
         record = {k: v for k, v in record.items() if not k.startswith("_")}
         record["study"] = summary
@@ -239,6 +234,24 @@ class AdaPrunerStudy(Callback):
         print(f"final record: {path}")
 
 
+def tell(study, trial, ret) -> None:
+    """A launched trial's outcome: its objective (COMPLETE), PRUNED for a shape the data cannot fill, else FAIL."""
+    from optuna.trial import TrialState
+
+    from pruning.errors import InfeasibleCalibrationError
+
+    try:
+        value = float(ret.return_value)   # re-raises the job's exception (run.py re-raises inside a study)
+    except InfeasibleCalibrationError as e:
+        trial.set_user_attr("infeasible", str(e))
+        study.tell(trial, state=TrialState.PRUNED)
+    except Exception as e:               # any other error fails this trial, not the study
+        trial.set_user_attr("error", f"{type(e).__name__}: {e}")
+        study.tell(trial, state=TrialState.FAIL)
+    else:
+        study.tell(trial, value)
+
+
 def _iso(when) -> str | None:
     return None if when is None else when.isoformat()
 
@@ -246,6 +259,8 @@ def _iso(when) -> str | None:
 def study_summary(study, storage: str, config_name: str, task_overrides: list[str], n_trials: int | None,
                   seed: int | None) -> dict:
     """The study as plain data: per trial its state, objective, parameters and store cell (config hash)."""
+    from hydra import compose
+
     from experiments.cell import cell_config
     from experiments.record import config_hash
     from pruning.eval import ppl_label
@@ -257,7 +272,7 @@ def study_summary(study, storage: str, config_name: str, task_overrides: list[st
                "datetime_start": _iso(t.datetime_start), "datetime_complete": _iso(t.datetime_complete),
                "config_hash": None}
         if t.state.name == "COMPLETE":
-            cfg = trial_config(config_name, task_overrides, t.params)
+            cfg = compose(config_name=config_name, overrides=trial_overrides(task_overrides, t.params))
             row["config_hash"] = config_hash(cell_config(cfg))
             objective = objective or ppl_label(protocols_from_cfg(cfg.eval.ppl)[0])
         trials.append(row)
@@ -279,7 +294,9 @@ def history_table(summary: dict):
     for t in summary["trials"]:
         if t["state"] == "COMPLETE" and t["value"] is not None:
             best = min(best, t["value"])
-        state = "INFEASIBLE" if t["state"] == "COMPLETE" and t["value"] == math.inf else t["state"]
+        # PRUNED: a shape the data cannot fill; records written before optuna 4 stored it as COMPLETE with +inf
+        infeasible = t["state"] == "PRUNED" or (t["state"] == "COMPLETE" and t["value"] == math.inf)
+        state = "INFEASIBLE" if infeasible else t["state"]
         rows.append({"trial": t["number"], "state": state, "objective": t["value"],
                      "best_so_far": best if math.isfinite(best) else None,
                      **{k.split(".")[-1]: t["params"].get(k) for k in SEARCH_KEYS}})
@@ -314,7 +331,7 @@ def study_figures(records) -> list[tuple[str, str, str]]:
         ax.step(ok["trial"], ok["best_so_far"], where="post", color="#d62728", label="best so far")
         bad = df[df["state"] != "COMPLETE"]
         for i, (n, state) in enumerate(zip(bad["trial"], bad["state"])):
-            label = None if i else "infeasible (+inf) / failed / interrupted"
+            label = None if i else "infeasible / failed / interrupted"
             ax.axvline(n, color="#999999" if state == "INFEASIBLE" else "#e377c2", lw=0.8, ls=":", label=label)
         ax.set_xlabel("trial")
         ax.xaxis.get_major_locator().set_params(integer=True)
@@ -333,29 +350,3 @@ def study_figures(records) -> list[tuple[str, str, str]]:
                    if len(bad) else ""))
         out.append((f"AdaPruner optimisation history: {summary['name']}", _png(fig), note))
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m experiments.adapruner --storage sqlite:///runs/studies/X.db --study X``: the trial table."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m experiments.adapruner", description=main.__doc__)
-    p.add_argument("--storage", required=True)
-    p.add_argument("--study", required=True)
-    args = p.parse_args(argv)
-    study = load_study(args.storage, args.study)
-    if study is None:
-        print(f"error: no study {args.study!r} in {args.storage}")
-        return 2
-    rows = [{"trial": t.number, "state": t.state.name, "objective": t.value, **t.params} for t in study.trials]
-    import pandas as pd
-
-    with pd.option_context("display.width", 250, "display.max_columns", 50):
-        print(pd.DataFrame(rows).to_string(index=False))
-    best = best_trial(study)
-    print("best:", None if best is None else f"trial {best.number} objective {best.value} {best.params}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

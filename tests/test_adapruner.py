@@ -1,7 +1,8 @@
 """AdaPruner (issue 12; METHODS.md §3.10 invariants 1-4): the objective block is disjoint from every calibration pool
 a study draws from and from the test texts; a trial is an ordinary cell; a study resumes from its sqlite storage
-without re-running finished trials and ends with exactly n_trials; the best configuration is the argmin over
-COMPLETE trials and reproduces its objective bit for bit as an ordinary cell."""
+without re-running finished trials and ends with exactly n_trials, also after its driver was killed (optuna's
+heartbeat and stale-trial retry); the best configuration is the argmin over COMPLETE trials and reproduces its
+objective bit for bit as an ordinary cell; optuna-dashboard reads the study (issue 24)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -35,11 +38,11 @@ STUDY = ["experiment=adapruner", "threads=1", "progress=false", "eval.ppl.0.max_
          "calibration.n_samples=choice(4,8)", "calibration.seq_len=choice(32,64)",
          "method.importance=choice(vector,element1)"]
 OBJECTIVE = "ppl128-lp:c4:heldout[:32 windows]"
-FINAL_TEST = ["hydra.callbacks.adapruner.eval=quick",
-              'hydra.callbacks.adapruner.overrides=["eval.ppl.0.max_windows=8","eval.ppl.1.max_windows=8"]']
+FINAL_TEST = ["hydra.sweeper.final.eval=quick",
+              'hydra.sweeper.final.overrides=["eval.ppl.0.max_windows=8","eval.ppl.1.max_windows=8"]']
 FINAL_LABELS = ["ppl128-lp:wikitext2:test[:8 windows]", "ppl128-lp:ptb:validation[:8 windows]"]
-FINAL_CHEAP = ["hydra.callbacks.adapruner.eval=adapruner_objective",
-               'hydra.callbacks.adapruner.overrides=["eval.ppl.0.max_windows=16"]']
+FINAL_CHEAP = ["hydra.sweeper.final.eval=adapruner_objective",
+               'hydra.sweeper.final.overrides=["eval.ppl.0.max_windows=16"]']
 
 
 def sha(text: str) -> str:
@@ -130,22 +133,34 @@ def _study_config(tmp_path, *overrides):
 
 
 def test_study_refuses_leaky_objective_pool_and_trial_recovery_before_running(tmp_path):
-    from experiments.adapruner import AdaPrunerStudy
+    from optuna.distributions import CategoricalDistribution, IntDistribution
 
-    cfg = _study_config(tmp_path)
-    AdaPrunerStudy(run_final=False).on_multirun_start(cfg)    # the preset's own space is accepted
-    assert (tmp_path / "s.db").parent.is_dir()
+    from experiments.adapruner import search_space
+
+    def space(cfg, *sweeps):   # compose() takes no sweep syntax; the sweeper gets it with the task overrides
+        return search_space(cfg, [*cfg.hydra.overrides.task, *sweeps])
+
+    got = space(_study_config(tmp_path))                       # the preset's own space is accepted
+    assert got["calibration.seed"] == IntDistribution(0, 999)
+    assert got["calibration.n_samples"] == CategoricalDistribution([10, 32, 64, 128])
+    assert list(got) == ["calibration.dataset", "calibration.n_samples", "calibration.seq_len", "calibration.seed",
+                         "method.importance", "method.aggregation"]
+    got = space(_study_config(tmp_path, "calibration.dataset=alpaca"), "calibration.seq_len=choice(64,256)")
+    assert "calibration.dataset" not in got                    # a plain value fixes a key, a sweep replaces it
+    assert got["calibration.seq_len"] == CategoricalDistribution([64, 256])
     with pytest.raises(PruningError, match="overlaps the objective"):    # on the command line
-        AdaPrunerStudy().on_multirun_start(_study_config(tmp_path, "calibration.dataset=c4"))
+        space(_study_config(tmp_path, "calibration.dataset=c4"))
     cfg = _study_config(tmp_path)
     with read_write(cfg), open_dict(cfg):                                 # in the search space
         cfg.hydra.sweeper.params["calibration.dataset"] = "choice(c4_search, c4)"
     with pytest.raises(PruningError, match="overlaps the objective"):
-        AdaPrunerStudy().on_multirun_start(cfg)
+        space(cfg)
     with pytest.raises(PruningError, match="held-out C4 block"):          # the objective on a test text
-        AdaPrunerStudy().on_multirun_start(_study_config(tmp_path, "eval=ppl128"))
-    with pytest.raises(PruningError, match="hydra.callbacks.adapruner.recovery=lora"):
-        AdaPrunerStudy().on_multirun_start(_study_config(tmp_path, "recovery=lora"))
+        space(_study_config(tmp_path, "eval=ppl128"))
+    with pytest.raises(PruningError, match="hydra.sweeper.final.recovery=lora"):
+        space(_study_config(tmp_path, "recovery=lora"))
+    with pytest.raises(PruningError, match="choice"):                     # a range is not a distribution
+        space(_study_config(tmp_path), "calibration.seed=range(0,4)")
     assert not (tmp_path / "s.db").exists()                 # nothing was created or run
 
 
@@ -174,6 +189,24 @@ def sql_trials(db: Path) -> list[tuple[int, str, float | None]]:
     with sqlite3.connect(db) as con:
         return con.execute("SELECT t.number, t.state, v.value FROM trials t LEFT JOIN trial_values v "
                            "ON v.trial_id = t.trial_id ORDER BY t.number").fetchall()
+
+
+def sql_retried(db: Path) -> dict[int, int]:
+    """Retry trial number -> the trial it repeats (optuna's stale-trial retry stores ``failed_trial``)."""
+    with sqlite3.connect(db) as con:
+        return {n: json.loads(v) for n, v in con.execute(
+            "SELECT t.number, a.value_json FROM trials t JOIN trial_system_attributes a ON a.trial_id = t.trial_id "
+            "WHERE a.key = 'failed_trial'")}
+
+
+def sql_params(db: Path) -> dict[int, dict[str, float]]:
+    """Trial number -> its parameters (optuna's internal representation)."""
+    out: dict[int, dict[str, float]] = {}
+    with sqlite3.connect(db) as con:
+        for n, name, value in con.execute("SELECT t.number, p.param_name, p.param_value FROM trials t "
+                                          "JOIN trial_params p ON p.trial_id = t.trial_id"):
+            out.setdefault(n, {})[name] = value
+    return out
 
 
 def records(store: Path) -> dict[str, dict]:
@@ -205,7 +238,9 @@ def job_dirs(sweep: Path) -> list[str]:
 def check_final(tmp: Path, n_trials: int, final_eval: list[str]) -> dict:
     """Invariants 3-4 on the stored study: n_trials COMPLETE trials, the final cell is their argmin."""
     rows = sql_trials(tmp / "study.db")
-    assert len([s for _, s, _ in rows if s in ("COMPLETE", "FAIL", "PRUNED")]) == n_trials   # finished trials
+    retried = set(sql_retried(tmp / "study.db").values())     # a killed trial that optuna ran again
+    assert len([s for n, s, _ in rows if s in ("COMPLETE", "FAIL", "PRUNED") and n not in retried]) == n_trials
+    assert {s for n, s, _ in rows if n in retried} <= {"FAIL"}
     done = [(n, v) for n, s, v in rows if s == "COMPLETE"]
     assert done                                      # (the test space has no infeasible shape: every trial runs)
     best_number = min(done, key=lambda nv: (nv[1], nv[0]))[0]
@@ -226,9 +261,17 @@ def check_final(tmp: Path, n_trials: int, final_eval: list[str]) -> dict:
     return final
 
 
+@pytest.fixture(scope="module")
+def small_study(tmp_path_factory) -> Path:
+    """A 2-trial study run once for the module (the resume test extends it to 3 trials)."""
+    tmp = tmp_path_factory.mktemp("study")
+    run_study(tmp, "sweep1", 2, *FINAL_CHEAP)
+    return tmp
+
+
 @needs_root
-def test_study_resumes_without_rerunning_finished_trials(tmp_path, monkeypatch, capsys):
-    run_study(tmp_path, "sweep1", 2, *FINAL_CHEAP)
+def test_study_resumes_without_rerunning_finished_trials(small_study, tmp_path, monkeypatch):
+    tmp_path, fresh = small_study, tmp_path
     first = {h: (r["created"], (tmp_path / "store" / "records" / f"{h}.json").stat().st_mtime_ns)
              for h, r in trial_records(tmp_path / "store").items()}
     assert len(first) == 2 and [s for _, s, _ in sql_trials(tmp_path / "study.db")] == ["COMPLETE"] * 2
@@ -243,7 +286,7 @@ def test_study_resumes_without_rerunning_finished_trials(tmp_path, monkeypatch, 
     assert len(after) == 3 and f"final record: {tmp_path / 'store'}" in out
 
     # the history the report plots: best-so-far is the running minimum of the stored objectives
-    from experiments.adapruner import history_table, main
+    from experiments.adapruner import history_table
     from experiments.report import render
 
     values = [v for _, _, v in sql_trials(tmp_path / "study.db")]
@@ -253,8 +296,6 @@ def test_study_resumes_without_rerunning_finished_trials(tmp_path, monkeypatch, 
     page, _ = render(list(records(tmp_path / "store").values()))
     assert f"AdaPruner optimisation history: {final['study']['name']}" in page
     assert f"best trial {final['study']['best']['number']}: objective {final['study']['best']['value']:.4f}" in page
-    assert main(["--storage", f"sqlite:///{tmp_path / 'study.db'}", "--study", final["study"]["name"]]) == 0
-    assert f"best: trial {final['study']['best']['number']}" in capsys.readouterr().out
 
     # Invariants 1 and 4: the best trial's configuration as an ordinary cell (fresh store, nothing cached) is the
     # same cell (config hash), with the same plan and the same objective to the last bit.
@@ -263,12 +304,12 @@ def test_study_resumes_without_rerunning_finished_trials(tmp_path, monkeypatch, 
     from experiments.cell import run_cell
     from pruning.eval.perplexity import clear_token_cache
 
-    monkeypatch.setenv("PRUNING_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PRUNING_CACHE", str(fresh / "cache"))
     clear_token_cache()
     best = final["study"]["best"]
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["method=adapruner", "eval=adapruner_objective", "eval.ppl.0.max_windows=32",
-                                           f"store.dir={tmp_path / 'fresh'}", "progress=false",
+                                           f"store.dir={fresh / 'store'}", "progress=false",
                                            *(f"{k}={v}" for k, v in best["params"].items())])
     rec = run_cell(cfg)
     trial = after[best["config_hash"]]
@@ -281,10 +322,12 @@ def test_study_resumes_without_rerunning_finished_trials(tmp_path, monkeypatch, 
 
 @needs_root
 @pytest.mark.slow
-def test_killed_study_resumes_and_recovers_the_finished_trial(tmp_path):
-    """kill -9 the driver after the first trial's cell is stored (the sweeper tells a batch only at its end, so
-    both trials of the batch are RUNNING in sqlite); the re-run marks the stored one COMPLETE from the store."""
-    cmd = study_cmd(tmp_path, "sweep1", 3, *FINAL_TEST)
+def test_killed_study_resumes_and_retries_the_lost_trials(tmp_path):
+    """kill -9 the driver after the first trial's cell is stored (optuna is told a batch at its end, so both
+    trials of the batch are RUNNING in sqlite). The re-run waits for their heartbeat to go stale, optuna marks them
+    FAIL and queues their parameters again; the stored one comes back as a store hit, untouched."""
+    beat = "hydra.sweeper.heartbeat_interval=1"
+    cmd = study_cmd(tmp_path, "sweep1", 3, beat, *FINAL_TEST)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 600
@@ -296,15 +339,25 @@ def test_killed_study_resumes_and_recovers_the_finished_trial(tmp_path):
     proc.wait()
     stored = {h: (tmp_path / "store" / "records" / f"{h}.json").stat().st_mtime_ns
               for h in trial_records(tmp_path / "store")}
-    assert 1 <= len(stored) <= 2 and "COMPLETE" not in {s for _, s, _ in sql_trials(tmp_path / "study.db")}
-    run_study(tmp_path, "sweep2", 3, *FINAL_TEST)
+    assert 1 <= len(stored) <= 2 and {s for _, s, _ in sql_trials(tmp_path / "study.db")} == {"RUNNING"}
+    killed = {n: p for n, p in sql_params(tmp_path / "study.db").items()}
+    assert len(killed) == 2
+    t0 = time.time()
+    run_study(tmp_path, "sweep2", 3, beat, *FINAL_TEST)
     final = check_final(tmp_path, 3, FINAL_LABELS)
-    recovered = [t for t in final["study"]["trials"] if t["config_hash"] in stored]
-    assert recovered and all(t["state"] == "COMPLETE" for t in recovered)
-    for h, mtime in stored.items():
+    states = {n: s for n, s, _ in sql_trials(tmp_path / "study.db")}
+    retries = sql_retried(tmp_path / "study.db")
+    assert sorted(retries.values()) == sorted(killed) and all(states[n] == "FAIL" for n in killed)
+    params = sql_params(tmp_path / "study.db")
+    assert all(params[r] == killed[k] for r, k in retries.items())     # the same configuration again
+    trials = {t["number"]: t for t in final["study"]["trials"]}
+    assert all(trials[r]["state"] == "COMPLETE" for r in retries)
+    assert {trials[r]["config_hash"] for r in retries} >= set(stored)   # the stored cell is one of the retries
+    for h, mtime in stored.items():                                      # ... and was not recomputed
         assert (tmp_path / "store" / "records" / f"{h}.json").stat().st_mtime_ns == mtime
-    # new trials only replace what was lost: recovered + launched now == 3
-    assert len(recovered) + len(job_dirs(tmp_path / "sweep2")) == 3
+    # the two retries and one new trial: 3 counted trials, 3 jobs, no fourth
+    assert len(job_dirs(tmp_path / "sweep2")) == 3 and len(states) == 5
+    assert time.time() - t0 > 2                                          # it waited for the grace period
 
 
 @needs_root
@@ -334,17 +387,113 @@ def test_study_with_local_slurm_launcher(tmp_path):
 
 @needs_root
 @pytest.mark.slow
-def test_shape_the_data_cannot_fill_scores_inf_not_fail(tmp_path):
-    """alpaca has 90 records of >= 256 tokens: 128 x 256 is a COMPLETE trial with +inf (TPE learns from it), no
-    store record, never the best; 128 x 64 is evaluated normally."""
+def test_shape_the_data_cannot_fill_is_pruned_not_failed(tmp_path):
+    """alpaca has 90 records of >= 256 tokens: 128 x 256 is a PRUNED trial (TPE ranks it after every COMPLETE
+    one and learns to avoid it), no value, no store record, never the best; 128 x 64 is evaluated normally."""
     run_study(tmp_path, "sweep", 4, "calibration.dataset=alpaca", "calibration.n_samples=128",
               "calibration.seq_len=choice(64,256)", *FINAL_CHEAP)
     study = final_record(tmp_path / "store")["study"]
     shapes = {t["number"]: t["params"]["calibration.seq_len"] for t in study["trials"]}
     assert sorted(set(shapes.values())) == [64, 256]                       # both kinds were asked (seed 0)
     for number, state, value in sql_trials(tmp_path / "study.db"):
-        assert state == "COMPLETE"
-        assert (value == math.inf) == (shapes[number] == 256)
+        assert (state, value is None) == (("PRUNED", True) if shapes[number] == 256 else ("COMPLETE", False))
+    with sqlite3.connect(tmp_path / "study.db") as con:
+        reasons = [json.loads(v) for (v,) in con.execute("SELECT value_json FROM trial_user_attributes "
+                                                          "WHERE key = 'infeasible'")]
+    assert len(reasons) == list(shapes.values()).count(256) and all("256" in r for r in reasons)
     trials = trial_records(tmp_path / "store")
     assert all(t["config"]["calibration"]["seq_len"] == 64 for t in trials.values()) and trials
     assert study["best"]["params"]["calibration.seq_len"] == 64
+    from experiments.adapruner import history_table
+
+    hist = history_table(study)
+    assert set(hist.loc[hist["seq_len"] == 256, "state"]) == {"INFEASIBLE"}
+
+
+@pytest.mark.slow
+def test_a_second_driver_on_a_running_study_stops(tmp_path):
+    """A trial whose heartbeat is live belongs to a running driver: a second driver waits out the grace period,
+    then refuses, and leaves the trial alone; once that heartbeat stops, the trial is failed and queued again."""
+    import threading
+
+    import optuna
+    from optuna.storages import RDBStorage
+
+    from experiments.adapruner import StudySweeper, counted_trials
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    with pytest.warns(optuna.exceptions.ExperimentalWarning):
+        storage = RDBStorage(url, heartbeat_interval=1)
+    study = optuna.create_study(storage=storage, study_name="s")
+    trial = study.ask({"x": optuna.distributions.IntDistribution(0, 9)})
+    stop = threading.Event()
+
+    def beat():   # the other driver
+        while not stop.wait(0.5):
+            storage.record_heartbeat(trial._trial_id)
+
+    other = threading.Thread(target=beat)
+    storage.record_heartbeat(trial._trial_id)
+    other.start()
+    sweeper = StudySweeper(study_name="s", storage=url, n_trials=1, n_jobs=1, seed=0, heartbeat_interval=1,
+                           params=None, final=None)
+    t0 = time.time()
+    try:
+        with pytest.raises(PruningError, match=r"trials \[0\] have a live heartbeat"):
+            sweeper.open_study()
+    finally:
+        stop.set()
+        other.join()
+    assert time.time() - t0 >= 4 and study.trials[0].state.name == "RUNNING"
+    again, _ = sweeper.open_study()                        # the heartbeat stopped: FAIL, and the same x queued
+    states = [(t.number, t.state.name, t.params) for t in again.trials]
+    assert states == [(0, "FAIL", trial.params), (1, "WAITING", trial.params)] and counted_trials(again) == []
+
+
+# --------------------------------------------------------------------------------------------- optuna-dashboard
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@needs_root
+def test_optuna_dashboard_reads_the_study(small_study):
+    """optuna-dashboard (the optuna extra) serves the study's sqlite file: its page, and its API lists the study
+    with the trials and best trial that sqlite holds."""
+    exe = shutil.which("optuna-dashboard", path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.skip("optuna-dashboard is not installed (pip install -e '.[optuna]')")
+    db = small_study / "study.db"
+    rows = sql_trials(db)
+    port = free_port()
+    proc = subprocess.Popen([exe, f"sqlite:///{db}", "--host", "127.0.0.1", "--port", str(port), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/api/studies", timeout=5) as r:
+                    studies = json.load(r)["study_summaries"]
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, proc.communicate()[0] if proc.poll() else ""
+                time.sleep(0.3)
+        with urllib.request.urlopen(f"{base}/dashboard", timeout=10) as r:
+            assert r.status == 200 and "<title>Optuna Dashboard</title>" in r.read().decode()
+        (study,) = studies
+        assert study["study_name"].startswith("adapruner-stories260k-p0.2")
+        with urllib.request.urlopen(f"{base}/api/studies/{study['study_id']}", timeout=10) as r:
+            detail = json.load(r)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert [(t["number"], t["state"].upper(), (t.get("values") or [None])[0]) for t in detail["trials"]] == rows
+    best = min((v, n) for n, s, v in rows if s == "COMPLETE")[1]
+    assert [t["number"] for t in detail["best_trials"]] == [best]
+    assert {p["name"] for p in detail["trials"][0]["params"]} == {"calibration.dataset", "calibration.n_samples",
+                                                                  "calibration.seq_len", "calibration.seed",
+                                                                  "method.importance", "method.aggregation"}
