@@ -227,18 +227,19 @@ def test_seed_summary_keeps_spread_and_sampling_apart(records):
 
 # ------------------------------------------------------------------------------ coverage on a known answer
 #
-# M simulated datasets from a known distribution, one 90% interval each. If the interval had exactly 90% coverage,
-# the number of intervals holding the truth would be Binomial(M, 0.9): at M = 1000 its sd is 0.0095, so we accept
-# 0.9 ± 0.03 (over 3 sd). The simulation is seeded, so the test is deterministic; the tolerance is what a
-# correct 90% interval would pass with probability > 0.997 for any seed. (The percentile bootstrap at n = 40
-# undercovers by about a point, which this tolerance allows.)
+# M simulated datasets from a known distribution, one 90% interval each; the share of intervals holding the truth
+# is Binomial(M, c) / M for the interval's true coverage c, with sd 0.0095 at M = 1000 and c = 0.9. The percentile
+# bootstrap's c is a little below nominal for few units: for a mean of n units it is about
+# P(|t_{n-1}| < z_0.95 * sqrt((n-1)/n)) = 0.888 at n = 40 and 0.898 at n = 200. We accept [0.86, 0.93]: more than
+# 3 sd around c for both, and a wrong interval (e.g. a 80% or a 95% one, or resampling the wrong units) fails.
+# Measured: PPL 0.895, paired PPL 0.877, accuracy average 0.910. Seeded, so deterministic.
 
 M, LEVEL, B = 1000, 0.9, 400
 
 
 def _coverage(hits) -> float:
     c = float(np.mean(hits))
-    assert abs(c - LEVEL) <= 0.03, c
+    assert 0.86 <= c <= 0.93, c
     return c
 
 
