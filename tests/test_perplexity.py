@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import root_file
+from experiments.persample import window_values
 from pruning.errors import PruningError
 from pruning.eval import perplexity as P
 from pruning.eval.perplexity import PPLProtocol, perplexity, protocols_from_cfg, token_windows
@@ -27,6 +29,7 @@ def plain_ppl(model, stream: list[int], L: int, n_max: int, stride: int | None =
     body = L if bos is None else L - 1
     stride = stride or body
     total, count, k = 0.0, 0, 0
+    per_window = []   # (NLL sum, scored tokens) of each window
     while k < n_max and k * stride + body <= len(stream):
         window = stream[k * stride : k * stride + body]
         if bos is not None:
@@ -35,18 +38,27 @@ def plain_ppl(model, stream: list[int], L: int, n_max: int, stride: int | None =
         with torch.no_grad():
             logp = torch.nn.functional.log_softmax(model(x).logits[0].double(), dim=-1)
         first = 1 if k == 0 else max(1, L - stride)
+        window_nll = 0.0
         for j in range(first, L):
-            total -= logp[j - 1, window[j]].item()
-            count += 1
+            window_nll -= logp[j - 1, window[j]].item()
+        per_window.append((window_nll, L - first))
+        total += window_nll
+        count += L - first
         k += 1
-    return math.exp(total / count), k, count
+    return math.exp(total / count), k, count, per_window
 
 
 def _check(model, tok, proto, stream, bos=None):
     got = perplexity(model, tok, proto, progress=False)
-    want, n, count = plain_ppl(model, stream, proto.seq_len, proto.max_windows, proto.stride, bos)
+    want, n, count, per_window = plain_ppl(model, stream, proto.seq_len, proto.max_windows, proto.stride, bos)
     assert (got["n_windows"], got["n_tokens_scored"]) == (n, count)
     assert abs(got["ppl"] / want - 1) <= 1e-4, (got["ppl"], want)
+    # the stored per-window values: each window against the plain loop, and together the reported PPL
+    nll, tokens = window_values(json.loads(json.dumps(got)))
+    assert tokens.tolist() == [c for _, c in per_window]
+    assert nll.tolist() == pytest.approx([v for v, _ in per_window], rel=1e-4)
+    assert math.exp(nll.sum() / tokens.sum()) == pytest.approx(got["ppl"], rel=1e-12, abs=0)
+    assert nll.sum() / tokens.sum() == pytest.approx(got["nll_mean"], rel=1e-12, abs=0)
     return got
 
 
@@ -74,6 +86,7 @@ def test_sliding_window_and_every_window_bos_match_plain(tiny, wikitext_rows):
     got = _check(model, tok, PPLProtocol("t", "wikitext2", "test", 128, stride=48, batch_size=4, max_windows=9),
                  tok(text).input_ids)
     assert got["n_tokens_scored"] == 127 + 8 * 48
+    assert window_values(got)[1].tolist() == [127] + [48] * 8     # windows differ: the counts are stored
     _check(model, tok, PPLProtocol("t", "wikitext2", "test", 64, bos="every_window", batch_size=4, max_windows=9),
            tok(text, add_special_tokens=False).input_ids, bos=tok.bos_token_id)
 
@@ -83,6 +96,11 @@ def test_batch_size_does_not_change_ppl(tiny):
     a = perplexity(model, tok, PPLProtocol("t", "wikitext2", "test", 128, batch_size=1, max_windows=22), progress=False)
     b = perplexity(model, tok, PPLProtocol("t", "wikitext2", "test", 128, batch_size=7, max_windows=22), progress=False)
     assert abs(a["ppl"] / b["ppl"] - 1) <= 1e-6 and a["n_tokens_scored"] == b["n_tokens_scored"]
+    assert window_values(a)[0] == pytest.approx(window_values(b)[0], rel=1e-6)
+    assert a["per_window"]["windows"] == b["per_window"]["windows"]          # the same windows: pairable
+    c = perplexity(model, tok, PPLProtocol("t", "wikitext2", "test", 128, bos="every_window", max_windows=22),
+                   progress=False)
+    assert c["n_windows"] == 22 and c["per_window"]["windows"] != a["per_window"]["windows"]
 
 
 def test_tokenisation_is_cached(tiny):

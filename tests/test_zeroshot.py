@@ -16,6 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import STORIES
+from experiments.persample import digest, doc_values
 from pruning import data
 from pruning.errors import DataError, PruningError
 from pruning.eval import check_eval
@@ -295,6 +296,30 @@ def test_summary_presets_and_average(harness_run):
     assert table["metric"].tolist()[:7] == [Z.PRESETS["llm_pruner"][t] for t in Z.TASK_ORDER]
 
 
+def test_per_document_correctness_is_lm_evals_and_gives_the_reported_accuracy(harness_run):
+    """The stored bits are lm-eval's per-sample acc/acc_norm in doc_id order; their mean is the reported number
+    exactly (lm-eval's mean is sum/len), and so is the preset average."""
+    _, _, cfg, raw = harness_run
+    block = json.loads(json.dumps(Z.summarize(raw, cfg)))          # as read back from a record
+    for t in Z.TASK_ORDER:
+        row = block[t]
+        samples = sorted(raw["samples"][t], key=lambda s: s["doc_id"])
+        metrics = ["acc"] if t == "winogrande" else ["acc", "acc_norm"]
+        assert sorted(k for k in row["per_doc"] if k != "docs") == metrics
+        for m in metrics:
+            bits = doc_values(row, m)
+            assert bits.tolist() == [s[m] == 1.0 for s in samples] and len(bits) == cfg.limit
+            assert sum(bits.astype(float).tolist()) / len(bits) == row[m]           # bit for bit
+        assert row["per_doc"]["docs"] == digest(s["doc_hash"] for s in samples)
+    scores = [100.0 * (sum(doc_values(block[t], block[t]["metric"]).astype(float).tolist()) / cfg.limit)
+              for t in Z.TASK_ORDER]
+    assert sum(scores) / len(scores) == block["average"]["score"]
+    assert "per_doc" not in Z.summarize({k: v for k, v in raw.items() if k != "samples"}, cfg)["piqa"]
+    broken = {**raw, "samples": {**raw["samples"], "piqa": raw["samples"]["piqa"][1:]}}
+    with pytest.raises(PruningError, match="zeroshot piqa: lm-eval logged documents"):
+        Z.summarize(broken, cfg)
+
+
 # ------------------------------------------------------------------------------ pruned: in memory vs reloaded
 
 
@@ -355,6 +380,9 @@ def _check_cli(proc, tmp_path, limit, tasks=Z.TASK_ORDER):
     assert [zs[t]["metric"] for t in tasks] == [Z.PRESETS["llm_pruner"][t] for t in tasks]
     assert zs["average"]["score"] == pytest.approx(sum(zs[t]["score"] for t in tasks) / len(tasks))
     assert f"{zs['average']['score']:.2f}" in out
+    for t in tasks:                                  # the record carries each document's correctness
+        bits = doc_values(zs[t], zs[t]["metric"])
+        assert len(bits) == zs[t]["n_docs"] and 100.0 * (sum(bits.astype(float).tolist()) / len(bits)) == zs[t]["score"]
     return zs
 
 

@@ -13,6 +13,10 @@ scores only its last ``stride`` tokens, which are exactly the tokens the previou
 least seq_len-stride tokens of context. PPL = exp(total NLL / number of scored tokens), NLL summed in float64.
 Windows never share state, so the batch size cannot change the result.
 
+Per window. The row also keeps each window's NLL sum and scored-token count (``per_window``, packed by
+``experiments.persample``) so intervals and paired tests can be computed from the record. The reported total is
+still accumulated batch by batch as before; the per-window sums add up to it to float64 rounding (~1e-15 rel).
+
 BOS. ``"once"``: the joined text is tokenised with the tokenizer's defaults, so there is one BOS at position 0 of
 the stream (window 0 only). ``"every_window"``: the text is tokenised without special tokens and every window is
 [BOS] + seq_len-1 text tokens; ``stride`` then counts text tokens and defaults to seq_len-1 (non-overlapping).
@@ -29,6 +33,7 @@ from typing import Any, Iterable, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from experiments.persample import digest, window_block
 from pruning.data import PPL_FILES, ppl_text
 from pruning.errors import PruningError
 
@@ -183,8 +188,9 @@ def perplexity(model, tokenizer, protocol: PPLProtocol, device=None, progress: b
     if n == 0:
         raise PruningError(f"PPL protocol {protocol.name!r}: {protocol.dataset}/{protocol.split} has {ids.numel()} "
                            f"tokens, fewer than one window of {protocol.seq_len}")
-    nll_sum, n_scored = window_nll(model, win, protocol.batch_size, device, progress,
-                                   desc=f"ppl {protocol.name} {protocol.dataset}/{protocol.split}")
+    scores = window_scores(model, win, protocol.batch_size, device, progress,
+                           desc=f"ppl {protocol.name} {protocol.dataset}/{protocol.split}")
+    nll_sum, n_scored = scores.nll_sum, scores.n_scored
     nll_mean = nll_sum / n_scored
     ppl = math.inf if nll_mean > 700 else math.exp(nll_mean)  # nan stays nan; no OverflowError
     return {
@@ -194,19 +200,43 @@ def perplexity(model, tokenizer, protocol: PPLProtocol, device=None, progress: b
         "n_tokens_scored": n_scored,
         "n_tokens_text": int(ids.numel()),
         **protocol.to_record(),
+        "per_window": window_block(scores.window_nll, scores.window_tokens, windows_digest(win)),
     }
+
+
+def windows_digest(win: Windows) -> str:
+    """Identity of the scored tokens: equal digests = the same windows, so two PPLs can be compared paired."""
+    return digest([win.input_ids.to(torch.int64).numpy().astype("<i8").tobytes(),
+                   win.score_from.to(torch.int64).numpy().astype("<i8").tobytes()])
+
+
+class WindowScores(NamedTuple):
+    """The total the PPL is computed from (accumulated batch by batch) and the same NLL per window."""
+
+    nll_sum: float
+    n_scored: int
+    window_nll: list[float]    # float64 NLL sum of each window
+    window_tokens: list[int]   # scored tokens of each window
 
 
 def window_nll(model, win: Windows, batch_size: int, device=None, progress: bool = False,
                desc: str = "ppl") -> tuple[float, int]:
-    """(summed NLL in float64, scored tokens) of ``win``: the one scoring loop, shared by every protocol and by
-    search fitness on held-out calibration windows (Search-LLM)."""
+    """(summed NLL in float64, scored tokens) of ``win``; search fitness (Search-LLM) needs only the total."""
+    scores = window_scores(model, win, batch_size, device, progress, desc)
+    return scores.nll_sum, scores.n_scored
+
+
+def window_scores(model, win: Windows, batch_size: int, device=None, progress: bool = False,
+                  desc: str = "ppl") -> WindowScores:
+    """The one scoring loop, shared by every protocol and by search fitness on held-out calibration windows."""
     from tqdm.auto import tqdm
 
     n = win.input_ids.shape[0]
     device = torch.device(device) if device is not None else _input_device(model)
     bs = batch_size
     nll_sum, n_scored = 0.0, 0
+    window_nll_sums: list[float] = []
+    window_tokens: list[int] = []
     was_training = model.training
     model.eval()
     try:
@@ -216,12 +246,17 @@ def window_nll(model, win: Windows, batch_size: int, device=None, progress: bool
                 logits = model(input_ids=batch, use_cache=False).logits
                 batch = batch.to(logits.device)  # with device_map the logits live on the last GPU
                 # Row by row: upcasting one [L, V] slice keeps memory bounded for large vocabularies.
+                starts = win.score_from[start : start + bs].tolist()
                 nll = torch.cat([
                     F.cross_entropy(logits[r, s - 1 : -1].float(), batch[r, s:], reduction="none")
-                    for r, s in enumerate(win.score_from[start : start + bs].tolist())
+                    for r, s in enumerate(starts)
                 ])
-                nll_sum += nll.to("cpu", torch.float64).sum().item()  # one host sync per batch
+                nll = nll.to("cpu", torch.float64)  # one host sync per batch
+                nll_sum += nll.sum().item()         # the reported total: unchanged summation order
                 n_scored += nll.numel()
+                lengths = [batch.shape[1] - s for s in starts]
+                window_nll_sums += [w.sum().item() for w in nll.split(lengths)]
+                window_tokens += lengths
     finally:
         model.train(was_training)
-    return nll_sum, n_scored
+    return WindowScores(nll_sum, n_scored, window_nll_sums, window_tokens)

@@ -21,6 +21,10 @@ slicegpt       --     acc_n  acc_norm   acc         acc_norm  acc_norm       -- 
 (NIRVANA's harness names acc_norm for arc_challenge/hellaswag and "acc for the others"; OBQA is not in its list,
 so acc is our reading.) Every task row keeps both acc and acc_norm with their stderr whatever the preset, so a
 table under another preset can be rebuilt from the record without re-running.
+
+Every task row also keeps each document's correctness for acc and acc_norm (``per_doc``, packed by
+``experiments.persample``), taken from lm-eval's own sample log, so intervals and paired tests need no re-run;
+the reported accuracy is lm-eval's mean of exactly these values.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from experiments.persample import digest, doc_block
 from pruning import data
 from pruning.errors import PruningError
 from pruning.eval.blocks import config_block
@@ -149,8 +154,10 @@ def make_lm(model, tokenizer, batch_size: int, device=None, max_length: int | No
                     device=str(device) if device is not None else None, max_length=max_length)
 
 
-def run_harness(lm, cfg: ZeroShotConfig, log_samples: bool = False) -> dict:
-    """``lm_eval.simple_evaluate`` on the local task definitions; returns lm-eval's raw result dict."""
+def run_harness(lm, cfg: ZeroShotConfig, log_samples: bool = True) -> dict:
+    """``lm_eval.simple_evaluate`` on the local task definitions; returns lm-eval's raw result dict.
+
+    ``log_samples`` (lm-eval's per-document log) only adds ``raw["samples"]``; the scores are the same."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -169,8 +176,20 @@ def _num(x: Any) -> float | None:
     return None if math.isnan(x) else x
 
 
+def per_doc(samples: list[dict], n_docs: int, task: str) -> dict[str, str]:
+    """The ``per_doc`` block of one task from lm-eval's sample log: correctness per document in doc_id order."""
+    samples = sorted((s for s in samples if s.get("filter", "none") == "none"), key=lambda s: s["doc_id"])
+    ids = [s["doc_id"] for s in samples]
+    if ids != list(range(n_docs)):
+        raise PruningError(f"zeroshot {task}: lm-eval logged documents {ids[:5]}... ({len(ids)}), expected doc_id "
+                           f"0..{n_docs - 1} once each")
+    metrics = [m for m in ("acc", "acc_norm") if all(m in s for s in samples)]
+    return doc_block({m: [s[m] for s in samples] for m in metrics}, digest(s["doc_hash"] for s in samples))
+
+
 def summarize(raw: dict, cfg: ZeroShotConfig) -> dict[str, Any]:
-    """lm-eval's raw result -> our record block: per task acc/acc_norm (+stderr), the preset metric, the average."""
+    """lm-eval's raw result -> our record block: per task acc/acc_norm (+stderr), the preset metric, the average,
+    and (when ``raw`` has lm-eval's sample log) the per-document correctness."""
     preset = PRESETS[cfg.metric_preset]
     out: dict[str, Any] = {}
     for name in cfg.tasks:
@@ -180,6 +199,8 @@ def summarize(raw: dict, cfg: ZeroShotConfig) -> dict[str, Any]:
         row.update(metric=metric, score=None if metric is None else 100.0 * row[metric],
                    n_docs=int(n["effective"]), n_docs_total=int(n["original"]), split=TASKS[name].split,
                    source={k: str(p) for k, p in task_files(name).items()})
+        if "samples" in raw:
+            row["per_doc"] = per_doc(raw["samples"][name], row["n_docs"], name)
         out[name] = row
     scored = [name for name in cfg.tasks if name in preset]
     metrics = ", ".join(f"{t}={preset[t]}" for t in scored)
