@@ -10,6 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+import experiments.paper_ratios  # noqa: F401  (registers the ${paper_knob:...} config resolver)
 from pruning.errors import PruningError
 
 

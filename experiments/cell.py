@@ -26,6 +26,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+import experiments.paper_ratios  # noqa: F401  (registers the ${paper_knob:...} config resolver)
 from experiments.cache import TensorCache, dir_fingerprint, file_sha256
 from experiments.record import config_hash, make_record
 from experiments.store import ResultsStore
@@ -110,14 +111,19 @@ def calibration(cfg: DictConfig, tokenizer, model_fingerprint: str, progress: bo
                                               progress=progress))
 
 
-def operating_point(method, ratio) -> tuple[float | None, dict | None]:
+def operating_point(method, ratio, paper_ratio=None) -> tuple[float | None, dict | None]:
     """Which setting defines the cell: ``pruning.ratio`` (share of ALL params) or the method's native knob
-    (METHODS.md §1.3). Both at once would make the record claim a ratio the method did not use."""
+    (METHODS.md §1.3), set directly or through ``paper_ratio``. Both at once would make the record claim a ratio the
+    method did not use."""
     op = method.operating_point()
+    if paper_ratio is not None and op is None:
+        raise PruningError(f"paper_ratio={paper_ratio} has no meaning for method {method.name}: no paper table of its "
+                           f"is reproduced (experiments/paper_ratios.py); use pruning.ratio")
     if op is not None:
         if ratio is not None:
-            raise PruningError(f"{op} sets the operating point of this cell, so pruning.ratio={ratio} would not be "
-                               f"used; pass pruning.ratio=null (or drop {op.knob})")
+            via = f"paper_ratio={paper_ratio} ({op})" if paper_ratio is not None else str(op)
+            raise PruningError(f"{via} sets the operating point of this cell, so pruning.ratio={ratio} would not be "
+                               f"used; pass pruning.ratio=null (or drop {'paper_ratio' if paper_ratio is not None else op.knob})")
         return None, op.as_dict()
     if ratio is None and method.name != "dense":
         knob = f" or set {method.native_knob}" if method.native_knob else ""
@@ -143,7 +149,7 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     store = ResultsStore(cfg.store.dir) if cfg.store.dir else ResultsStore()
 
     method = build_method(cfg)                # cheap (no model yet); it decides whether calibration is identity
-    ratio, op = operating_point(method, cfg.pruning.ratio)
+    ratio, op = operating_point(method, cfg.pruning.ratio, cfg.get("paper_ratio"))
     resolved = cell_config(cfg, uses_calibration=method.needs_calibration)
     is_dense = resolved["method"]["_target_"] == DENSE
     ratio = 0.0 if is_dense else ratio

@@ -31,6 +31,7 @@ from typing import Any
 import pandas as pd
 
 from experiments import anchors as anchors_mod
+from experiments.paper_ratios import label_for
 from experiments.record import NON_SEMANTIC, is_number
 from experiments.store import ResultsStore, _markdown, _name
 
@@ -108,7 +109,6 @@ def anchor_method(record: Mapping, recovered: bool = True) -> str:
 
 # The native knobs (METHODS.md §1.3) by config key; a record made before the knob was recorded is read from its config.
 NATIVE_KNOBS = ("group_ratio", "attn_mlp_ratio", "sparsity", "slicing", "n_blocks", "inheriting_ratio", "unit_ratio")
-LLAMA_7B = {"d": 4096, "heads": 32, "d_h": 128, "inter": 11008, "layers": (4, 30), "params": 6_738_415_616}
 
 
 def record_operating_point(record: Mapping) -> dict | None:
@@ -123,27 +123,14 @@ def record_operating_point(record: Mapping) -> dict | None:
     return None
 
 
-def llm_pruner_paper_ratio(p: float) -> float:
-    """The share of LLaMA-7B's parameters LLM-Pruner's --pruning_ratio p removes on layers [4, 30): its papers
-    label rows by this (p = 0.25 removes 19.52%, the "20%" row; METHODS.md §3.1)."""
-    m = LLAMA_7B
-    n_layers = m["layers"][1] - m["layers"][0]
-    kv_channels = m["heads"] * m["d_h"]
-    heads = (kv_channels - int(kv_channels * (1 - p))) // m["d_h"]
-    channels = m["inter"] - int(m["inter"] * (1 - p))
-    return n_layers * (heads * 4 * m["d"] * m["d_h"] + channels * 3 * m["d"]) / m["params"]
-
-
 def paper_ratio(record: Mapping) -> float | None:
     """The ratio a paper prints for this cell: from the native knob by each paper's convention (METHODS.md §1.3),
     else `plan.meta.paper_ratio`, else the target share of all parameters."""
     op = record_operating_point(record)
     if op is not None:
-        knob, v = op["knob"].removeprefix("method."), float(op["value"])
-        label = {"group_ratio": lambda: round(llm_pruner_paper_ratio(v), 2), "inheriting_ratio": lambda: 1 - v,
-                 "n_blocks": lambda: None}.get(knob, lambda: v)()
+        label = label_for(op["knob"], op["value"])
         if label is not None:
-            return round(label, 6)
+            return label
     meta = ((record.get("plan") or {}).get("meta") or {})
     for value in (meta.get("paper_ratio"), (record.get("params") or {}).get("target_ratio"),
                   ((record.get("config") or {}).get("pruning") or {}).get("ratio")):
