@@ -217,6 +217,13 @@ def _flat_config(value: Any, prefix: tuple = ()) -> dict[tuple, str]:
     return out
 
 
+def calibration_identity(calib: Mapping) -> dict:
+    """A record's calibration config with the sampler made explicit: records written before samplers were
+    selectable have no ``sampler`` / ``order`` and were all drawn with LLM-Pruner's sampler in random order, so they
+    stay apart from rows drawn with another sampler."""
+    return {"sampler": "llm_pruner", "order": "random", **calib}
+
+
 def _identity_leaves(record: Mapping) -> dict[tuple, str]:
     """Config values that make two cells of one method different rows (seeds, eval, ratio and bookkeeping excluded;
     calibration only when the method used it)."""
@@ -228,6 +235,8 @@ def _identity_leaves(record: Mapping) -> dict[tuple, str]:
     calib_used = (record.get("calibration") or {}).get("used")
     if not calib_used:
         cfg.pop("calibration", None)
+    elif isinstance(cfg.get("calibration"), Mapping):
+        cfg["calibration"] = calibration_identity(cfg["calibration"])
     model = cfg.pop("model", None)
     leaves = _flat_config(cfg)
     if isinstance(model, Mapping):   # the model is its own row key; its variants (dtype, fingerprint) still count

@@ -29,6 +29,7 @@ from pruning.surgery.plan import PrunePlan
 
 @dataclass
 class Numerical(ScoreAndAllocate):
+    variable_length_calibration = True      # statistics only through pruning.calibration
     compensate: bool = True
     comp_inputs: str = "sequential"
     comp_damp: float = 0.01

@@ -94,6 +94,7 @@ class SliceGPT:
             raise PruningError("slicegpt ratio_mode=slicing needs method.slicing")
 
     needs_calibration = True
+    variable_length_calibration = True      # statistics only through pruning.calibration
 
     # ------------------------------------------------------------------------------------------- planning
     def dims(self, model: nn.Module, width: int) -> Dims:
