@@ -20,6 +20,7 @@ import json
 import os
 import random
 import sys
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -284,9 +285,7 @@ def calibration_spec(cfg) -> CalibrationSpec:
     Cheap (no tokenizer, no model): the cell calls it first. A missing ``sampler`` means ``llm_pruner``, the only
     sampler before there was a choice, so old configs and records keep their meaning.
     """
-    if isinstance(cfg, CalibrationSpec):
-        return cfg
-    c = dict(cfg)
+    c = dataclasses.asdict(cfg) if isinstance(cfg, CalibrationSpec) else dict(cfg)   # a replace()d spec: re-check
     unknown = sorted(set(c) - set(CALIB_FIELDS))
     if unknown:
         raise PruningError(f"unknown calibration keys {unknown}; valid: {', '.join(CALIB_FIELDS)}")

@@ -426,7 +426,8 @@ def official_block_influence_sums(model, windows) -> list[float]:
 
 
 def test_shortgpt_block_influence_sums_equal_the_official_code(stories, tok):
-    """On 30 documents (windows of 128, tails kept): our sums (float64 accumulation) and the official code's."""
+    """On 30 documents (313 windows of 128, tails kept): our sums (float64) and the official code's (float32 per
+    window); measured 2.2e-8 relative."""
     from pruning.methods.shortgpt import shortgpt
 
     model, _, _ = stories
@@ -435,7 +436,7 @@ def test_shortgpt_block_influence_sums_equal_the_official_code(stories, tok):
     want = official_block_influence_sums(model, calib)
     plan = shortgpt(n_blocks=1, last_block="hf_hidden_states", progress=False).prune(model, 0.2, calib)
     got = [plan.meta["block_influence_sum"][i] for i in range(5)]
-    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
     assert plan.meta["calibration_tokens"] == sum(len(w) for w in calib)
     assert plan.blocks == [int(np.argmin(want))]
 
