@@ -1,8 +1,9 @@
-"""One experiment cell: load -> dense eval -> prune -> method.apply (surgery + compensation) -> [recovery] -> eval
--> one record in the store.
+"""One experiment cell: calibration -> load -> dense eval -> prune -> method.apply (surgery + compensation) ->
+[recovery] -> eval -> one record in the store.
 
 Every user mistake is caught before the model is scored or evaluated (ratio, names, data files, architecture,
-checkpoint), and nothing is written unless the whole cell succeeds.
+checkpoint), and nothing is written unless the whole cell succeeds. Calibration is drawn with the tokenizer alone
+before the weights load, so a shape the data cannot fill costs seconds, not a model load.
 
 Extension points (so methods, evaluations and recovery plug in without editing this file's flow):
 - ``method.budget(model, ratio)`` before any heavy work; ``method.prune(model, ratio, calib) -> PrunePlan``;
@@ -16,6 +17,7 @@ Extension points (so methods, evaluations and recovery plug in without editing t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import time
 from contextlib import contextmanager
@@ -32,16 +34,16 @@ from experiments.record import config_hash, make_record
 from experiments.store import ResultsStore
 from pruning import data
 from pruning.allocation import check_ratio
-from pruning.calibration import cached_statistics
+from pruning.calibration import cached_statistics, is_variable_length
 from pruning.errors import PruningError
 from pruning.eval import EVAL_VERSION, check_eval, evaluate
 from pruning.models import load_model
-from pruning.models.loading import resolve_checkpoint
+from pruning.models.loading import load_tokenizer, resolve_checkpoint
 from pruning.runtime import check_device, resolve_dtype, seed_everything
 from pruning.surgery.save import save_pruned
 
 DENSE = "pruning.methods.baselines.dense"
-CALIB_SAMPLER_VERSION = 1
+CALIB_SAMPLER_VERSION = 2      # 2: calibration.sampler chooses among the official samplers (pruning.data.SAMPLERS)
 
 
 def set_threads(threads: int | None) -> int:
@@ -95,20 +97,42 @@ def cell_config(cfg: DictConfig, uses_calibration: bool = True) -> dict:
 
 
 def calib_key(cfg: DictConfig, model_fingerprint: str) -> dict:
-    """Everything the calibration ids depend on: tokenizer (via the checkpoint), data file content, shape, seed."""
-    c = cfg.calibration
-    return {"tokenizer_of": model_fingerprint, "dataset": c.dataset,
-            "source_sha256": file_sha256(data.calibration_source(c.dataset)),
-            "n_samples": c.n_samples, "seq_len": c.seq_len, "seed": c.seed, "sampler": CALIB_SAMPLER_VERSION}
+    """Everything the calibration ids depend on: tokenizer (via the checkpoint), data file content, the sampler and
+    all its fields (shape, seed, order, join; not ``paper_dataset``, a label)."""
+    spec = data.calibration_spec(cfg.calibration)
+    return {"tokenizer_of": model_fingerprint, **spec.draw_key(),
+            "source_sha256": file_sha256(data.calibration_source(spec.dataset)),
+            "sampler_version": CALIB_SAMPLER_VERSION}
 
 
-def calibration(cfg: DictConfig, tokenizer, model_fingerprint: str, progress: bool) -> tuple[torch.Tensor, bool]:
-    """Calibration token batches, cached on disk by tokenizer, data file content, shape and seed."""
-    c = cfg.calibration
-    key = calib_key(cfg, model_fingerprint)
+def calibration(cfg: DictConfig, tokenizer, model_fingerprint: str, progress: bool):
+    """Calibration token ids ([n, L] tensor, or a list of windows for variable-length samplers), cached on disk by
+    tokenizer, data file content and every sampler field."""
+    spec = data.calibration_spec(cfg.calibration)
     return TensorCache("calibration").get_or_compute(
-        key, lambda: data.calibration_batches(tokenizer, c.dataset, c.n_samples, c.seq_len, c.seed,
-                                              progress=progress))
+        calib_key(cfg, model_fingerprint), lambda: data.draw_calibration(tokenizer, spec, progress=progress))
+
+
+def check_calibration(cfg: DictConfig, method) -> data.CalibrationSpec:
+    """Config-time checks, before any loading: the sampler and its fields, the data file, and that a
+    variable-length sampler meets a method that can take windows of different lengths."""
+    spec = data.calibration_spec(cfg.calibration)
+    if spec.variable_length and not getattr(method, "variable_length_calibration", False):
+        name = getattr(method, "name", type(method).__name__)
+        raise PruningError(f"calibration.sampler={spec.sampler} gives windows of different lengths, which {name} "
+                           f"cannot take (it needs one [n_samples, seq_len] batch); choose another sampler, e.g. "
+                           f"calibration=c4")
+    return spec
+
+
+def calibration_record(spec: data.CalibrationSpec, calib) -> dict:
+    """What the record says about the calibration actually used, beyond the config: the sampler's normalised fields
+    (old configs had no sampler), the file read, and the drawn shape."""
+    windows = [int(w.numel()) for w in calib] if is_variable_length(calib) else None
+    return {"sampler": spec.sampler, "order": spec.order, "join": spec.join, "paper_dataset": spec.paper_dataset,
+            "source": str(data.calibration_source(spec.dataset)),
+            "n_windows": len(windows) if windows is not None else int(calib.shape[0]),
+            "n_tokens": sum(windows) if windows is not None else int(calib.numel())}
 
 
 def operating_point(method, ratio, paper_ratio=None) -> tuple[float | None, dict | None]:
@@ -150,6 +174,7 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
 
     method = build_method(cfg)                # cheap (no model yet); it decides whether calibration is identity
     ratio, op = operating_point(method, cfg.pruning.ratio, cfg.get("paper_ratio"))
+    calib_spec = check_calibration(cfg, method) if method.needs_calibration else None
     resolved = cell_config(cfg, uses_calibration=method.needs_calibration)
     is_dense = resolved["method"]["_target_"] == DENSE
     ratio = 0.0 if is_dense else ratio
@@ -160,19 +185,21 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     dense_resolved = dense_config(resolved)
     dense_record = None if (is_dense or cfg.get("force", False)) else store.get(config_hash(dense_resolved))
 
+    calib, calib_cached = None, None
+    if method.needs_calibration:              # drawn with the tokenizer alone, before the weights load: a shape the
+        with timer("calibration"):            # data cannot fill fails here, in seconds
+            calib_tokenizer = load_tokenizer(cfg.model.path)
+            calib, calib_cached = calibration(cfg, calib_tokenizer, resolved["model"]["fingerprint"], progress)
+        if hasattr(method, "bind_sampler"):   # methods that draw more calibration sets (NIRVANA's KL seed choice)
+            method.bind_sampler(lambda ds, n, seq_len, seed: data.draw_calibration(
+                calib_tokenizer, dataclasses.replace(calib_spec, dataset=ds, n_samples=n, seq_len=seq_len, seed=seed),
+                progress=progress), dict(cfg.calibration))
+
     with timer("load"):
         model, tokenizer, adapter = load_model(cfg.model.path, dtype, cfg.model.get("device_map"))
         if cfg.model.get("device_map") is None:
             model.to(device)
     budget = method.budget(model, ratio)      # impossible ratio -> clear error before any scoring
-
-    calib, calib_cached = None, None
-    if method.needs_calibration:
-        with timer("calibration"):
-            calib, calib_cached = calibration(cfg, tokenizer, resolved["model"]["fingerprint"], progress)
-        if hasattr(method, "bind_sampler"):   # methods that draw more calibration sets (NIRVANA's KL seed choice)
-            method.bind_sampler(lambda ds, n, seq_len, seed: data.calibration_batches(
-                tokenizer, ds, n, seq_len, seed, progress=progress), dict(cfg.calibration))
 
     params_before = adapter.num_params()
     if dense_record is not None:              # computed once per (model, eval) by an earlier cell
@@ -203,10 +230,9 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
              "dense_record": None if is_dense else config_hash(dense_resolved)}
     if not is_dense:
         extra["calibration"] = dict(resolved.get("calibration", {}), used=method.needs_calibration,
-                                    cached=calib_cached,
-                                    statistics=stats_log,
-                                    source=str(data.calibration_source(cfg.calibration.dataset))
-                                    if method.needs_calibration else None)
+                                    cached=calib_cached, statistics=stats_log,
+                                    **(calibration_record(calib_spec, calib) if method.needs_calibration
+                                       else {"source": None}))
     if recovering:
         from pruning.recovery import recover
 

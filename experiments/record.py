@@ -32,6 +32,12 @@ SCHEMA_VERSION = 1
 # Anything else (model, method, ratio, calibration, recovery, eval, seed, ...) is semantic.
 NON_SEMANTIC = ("store", "logger", "hydra", "force", "progress", "threads", "save_model")
 
+# Calibration fields added after records existed (pruning.data.CALIB_FIELDS). At these values they reproduce what
+# every earlier record did (LLM-Pruner's sampler, random draws, no join), so they are left out of the hash and an
+# earlier record keeps its identity; `paper_dataset` only names the dataset a substitute stands in for.
+LEGACY_CALIBRATION = {"sampler": "llm_pruner", "order": "random", "join": None}
+CALIBRATION_LABELS = ("paper_dataset",)
+
 # The keys make_record owns; `extra` may add keys but not replace these.
 CORE_KEYS = (
     "schema", "config", "config_hash", "created", "host", "seed",
@@ -122,12 +128,17 @@ def _drop_progress(value):
 def config_hash(cfg: Mapping) -> str:
     """Identity of a cell: same semantic config, same hash, whichever store, logger or machine ran it.
 
-    The hash is over canonical JSON (sorted keys, no whitespace) of the resolved config minus NON_SEMANTIC.
+    The hash is over canonical JSON (sorted keys, no whitespace) of the resolved config minus NON_SEMANTIC, with
+    the calibration sampler fields left out at their legacy values (LEGACY_CALIBRATION).
     Note that JSON keeps 1 and 1.0 apart, so `ratio=1` and `ratio=1.0` are different cells; Hydra gives the same
     type for the same override text, so this only matters for hand-built configs.
     """
     plain = _plain_config(cfg)
     semantic = _drop_progress({k: v for k, v in plain.items() if k not in NON_SEMANTIC})
+    if isinstance(semantic.get("calibration"), Mapping):
+        semantic["calibration"] = {k: v for k, v in semantic["calibration"].items()
+                                   if k not in CALIBRATION_LABELS and not (k in LEGACY_CALIBRATION
+                                                                           and v == LEGACY_CALIBRATION[k])}
     text = json.dumps(semantic, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 

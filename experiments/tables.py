@@ -260,11 +260,18 @@ def _flat_config(value: Any, prefix: tuple = ()) -> dict[tuple, str]:
     return out
 
 
+def calibration_identity(calib: Mapping) -> dict:
+    """A record's calibration config with the sampler made explicit: records written before samplers were
+    selectable have no ``sampler`` / ``order`` and were all drawn with LLM-Pruner's sampler in random order, so they
+    stay apart from rows drawn with another sampler."""
+    return {"sampler": "llm_pruner", "order": "random", **calib}
+
+
 def _identity_leaves(record: Mapping) -> dict[tuple, str]:
     """Config values that make two cells of one method different rows (seeds, eval, ratio and bookkeeping excluded;
     calibration only when the method used it)."""
     cfg = dict(record.get("config") or {})
-    for key in (*NON_SEMANTIC, "eval", "recovery", "device", "threads"):
+    for key in (*NON_SEMANTIC, "eval", "recovery", "device", "threads", "paper_ratio"):
         cfg.pop(key, None)
     if isinstance(cfg.get("pruning"), Mapping):
         cfg["pruning"] = {k: v for k, v in cfg["pruning"].items() if k != "ratio"}
@@ -273,6 +280,8 @@ def _identity_leaves(record: Mapping) -> dict[tuple, str]:
         cfg.pop("calibration", None)
     if isinstance(cfg.get("method"), Mapping):   # a native knob is the row's `setting` column, not a variant
         cfg["method"] = {k: v for k, v in cfg["method"].items() if k not in NATIVE_KNOBS}
+    if calib_used and isinstance(cfg.get("calibration"), Mapping):
+        cfg["calibration"] = calibration_identity(cfg["calibration"])
     model = cfg.pop("model", None)
     leaves = _flat_config(cfg)
     if isinstance(model, Mapping):   # the model is its own row key; its variants (dtype, fingerprint) still count

@@ -23,8 +23,12 @@ Modes:
   calibration set; each layer is run on them, its statistics are handed to the caller (``sequential()`` yields a
   ``LayerStep``), the caller may prune layer l (edit its weights in place, or ``step.drop(plan)`` to treat the
   plan's units as removed without touching weights), and the layer's outputs, recomputed after that, overwrite the
-  buffer as the inputs of layer l+1. Peak memory: one layer's activations for the calibration set (one buffer,
-  written in place) plus the statistics. Without intervention it gives the dense statistics.
+  buffers as the inputs of layer l+1. Peak memory: one layer's activations for the calibration set (one buffer per
+  batch, written in place) plus the statistics. Without intervention it gives the dense statistics.
+
+Calibration input: a token-id tensor [n_samples, seq_len], or a list of 1-D token-id tensors of different lengths
+(``calibration.sampler=documents``: whole documents cut into windows, tails kept), batched by equal length. Methods
+that need one rectangular batch (gradient scorers) call ``fixed_length`` and refuse a list in one line.
 """
 
 from __future__ import annotations
@@ -193,11 +197,12 @@ class CalibrationStats(Mapping):
     layers: dict[int, LayerStats]
     mode: str
     n_samples: int
-    seq_len: int
+    seq_len: int | None              # None: variable-length calibration (windows of different lengths)
+    tokens: int | None = None        # total tokens; defaults to n_samples * seq_len
 
     @property
     def n_tokens(self) -> int:
-        return self.n_samples * self.seq_len
+        return self.tokens if self.tokens is not None else self.n_samples * self.seq_len
 
     def __getitem__(self, layer: int) -> LayerStats:
         if layer not in self.layers:
@@ -228,7 +233,7 @@ class _Spec:
 
 
 def _parse(adapter: ModelAdapter, calib, stats, sites, layers, batch_size, block_last_output,
-           progress) -> tuple[_Spec, torch.Tensor]:
+           progress) -> tuple[_Spec, "_Calib"]:
     """Validate the whole request before any forward pass, so a typo fails in one line."""
     if isinstance(stats, str):
         stats = (stats,)
@@ -259,14 +264,73 @@ def _parse(adapter: ModelAdapter, calib, stats, sites, layers, batch_size, block
         raise PruningError(f"calibration layers {layers} must be a non-empty subset of 0..{n_layers - 1}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise PruningError(f"calibration batch_size must be a positive int, got {batch_size!r}")
-    if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.dtype not in (torch.long, torch.int):
-        got = f"{type(calib).__name__} {tuple(calib.shape)} {calib.dtype}" if isinstance(calib, torch.Tensor) \
-            else type(calib).__name__
-        raise PruningError(f"calibration input must be a token-id tensor [n_samples, seq_len], got {got}; "
-                           "build it with pruning.data.calibration_batches")
-    if calib.shape[0] < 1 or calib.shape[1] < 1:
-        raise PruningError(f"calibration input is empty: shape {tuple(calib.shape)}")
-    return _Spec(per_site, block_io, layers, batch_size, block_last_output, progress), calib.long()
+    return _Spec(per_site, block_io, layers, batch_size, block_last_output, progress), _Calib.of(calib, batch_size)
+
+
+@dataclass
+class _Calib:
+    """Calibration token ids as forward batches. A tensor [n, L] is cut into consecutive batches exactly as before
+    variable lengths existed; a list of 1-D tensors (e.g. ShortGPT's document windows, tails included) is grouped
+    by length (first-seen order) and each group cut into batches, so no batch needs padding."""
+
+    batches: list[torch.Tensor]
+    n_samples: int
+    seq_len: int | None          # None when the lengths differ
+    n_tokens: int
+    variable: bool
+
+    @classmethod
+    def of(cls, calib, batch_size: int) -> "_Calib":
+        if isinstance(calib, torch.Tensor):
+            if calib.dim() != 2 or calib.dtype not in (torch.long, torch.int):
+                raise PruningError(f"calibration input must be a token-id tensor [n_samples, seq_len] or a list of "
+                                   f"1-D token-id tensors, got {type(calib).__name__} {tuple(calib.shape)} "
+                                   f"{calib.dtype}; build it with pruning.data.draw_calibration")
+            if calib.shape[0] < 1 or calib.shape[1] < 1:
+                raise PruningError(f"calibration input is empty: shape {tuple(calib.shape)}")
+            ids = calib.long()
+            return cls([ids[s : s + batch_size] for s in range(0, ids.shape[0], batch_size)], int(ids.shape[0]),
+                       int(ids.shape[1]), int(ids.numel()), False)
+        ok = isinstance(calib, (list, tuple)) and len(calib) > 0 and all(
+            isinstance(w, torch.Tensor) and w.dim() == 1 and w.numel() > 0 and w.dtype in (torch.long, torch.int)
+            for w in calib)
+        if not ok:
+            raise PruningError(f"calibration input must be a token-id tensor [n_samples, seq_len] or a non-empty "
+                               f"list of non-empty 1-D token-id tensors, got {type(calib).__name__}; build it with "
+                               "pruning.data.draw_calibration")
+        groups: dict[int, list[torch.Tensor]] = {}
+        for w in calib:
+            groups.setdefault(w.numel(), []).append(w.long())
+        batches = [torch.stack(g[s : s + batch_size]) for g in groups.values() for s in range(0, len(g), batch_size)]
+        lengths = set(groups)
+        return cls(batches, len(calib), lengths.pop() if len(lengths) == 1 else None,
+                   sum(w.numel() for w in calib), True)
+
+    def sha256(self) -> str:
+        """Content hash for the statistics cache (for a tensor: the same digest as before lists were accepted)."""
+        h = hashlib.sha256()
+        if not self.variable:
+            h.update(torch.cat(self.batches).cpu().numpy().tobytes())
+            return h.hexdigest()
+        for b in self.batches:
+            h.update(f"{tuple(b.shape)}".encode())
+            h.update(b.cpu().numpy().tobytes())
+        return h.hexdigest()
+
+
+def is_variable_length(calib) -> bool:
+    """True for a list of 1-D token tensors (windows of possibly different lengths) rather than one [n, L] tensor."""
+    return isinstance(calib, (list, tuple))
+
+
+def fixed_length(calib, who: str) -> torch.Tensor:
+    """The calibration as one [n, L] tensor, or one clear error for methods that need it (gradient scorers: one
+    LM loss over a rectangular batch)."""
+    if is_variable_length(calib):
+        raise PruningError(f"{who} needs fixed-length calibration [n_samples, seq_len], but the calibration windows "
+                           "have different lengths (calibration.sampler=documents); choose another sampler, e.g. "
+                           "calibration=c4")
+    return calib
 
 
 # ------------------------------------------------------------------------------------------------------ hooks
@@ -351,7 +415,7 @@ def _input_device(model) -> torch.device:
 # ------------------------------------------------------------------------------------------------------ dense
 
 
-def _collect_dense(model, adapter: ModelAdapter, ids: torch.Tensor, spec: _Spec) -> dict[int, LayerStats]:
+def _collect_dense(model, adapter: ModelAdapter, calib: _Calib, spec: _Spec) -> dict[int, LayerStats]:
     from tqdm.auto import tqdm
 
     out, handles = {}, []
@@ -366,10 +430,10 @@ def _collect_dense(model, adapter: ModelAdapter, ids: torch.Tensor, spec: _Spec)
         handles.append(adapter.layers[spec.layers[-1]].register_forward_hook(stop))
         dev = _input_device(model)
         with _eval_mode(model), torch.no_grad():
-            for start in tqdm(range(0, ids.shape[0], spec.batch_size), desc="calibration stats (dense)",
-                              unit="batch", disable=not spec.progress):
+            for batch in tqdm(calib.batches, desc="calibration stats (dense)", unit="batch",
+                              disable=not spec.progress):
                 try:
-                    model(input_ids=ids[start : start + spec.batch_size].to(dev), use_cache=False)
+                    model(input_ids=batch.to(dev), use_cache=False)
                 except _Stop:
                     pass
     finally:
@@ -433,12 +497,13 @@ def _drop_hooks(adapter: ModelAdapter, step: LayerStep) -> list:
     return handles
 
 
-def _capture_inputs(model, adapter: ModelAdapter, ids: torch.Tensor, spec: _Spec):
-    """Layer 0's inputs for the whole calibration set (one [n, T, d] buffer) and its per-batch keyword arguments
-    (mask, positions, rotary embeddings), recorded from the model's own forward so nothing is re-derived here."""
+def _capture_inputs(model, adapter: ModelAdapter, calib: _Calib, spec: _Spec):
+    """Layer 0's inputs for the whole calibration set (one [b, T, d] buffer per batch) and each batch's keyword
+    arguments (mask, positions, rotary embeddings), recorded from the model's own forward so nothing is re-derived
+    here."""
     from tqdm.auto import tqdm
 
-    buf, kwargs_list, seen = None, [], {}
+    bufs, kwargs_list, seen = [], [], {}
 
     def catch(m, args, kwargs):
         seen["hidden"] = _first_arg(args, kwargs, "hidden_states")
@@ -449,52 +514,47 @@ def _capture_inputs(model, adapter: ModelAdapter, ids: torch.Tensor, spec: _Spec
     dev = _input_device(model)
     try:
         with _eval_mode(model), torch.no_grad():
-            for start in tqdm(range(0, ids.shape[0], spec.batch_size), desc="calibration inputs", unit="batch",
-                              disable=not spec.progress):
+            for batch in tqdm(calib.batches, desc="calibration inputs", unit="batch", disable=not spec.progress):
                 try:
-                    model(input_ids=ids[start : start + spec.batch_size].to(dev), use_cache=False)
+                    model(input_ids=batch.to(dev), use_cache=False)
                 except _Stop:
                     pass
-                h = seen.pop("hidden")
-                if buf is None:
-                    buf = torch.empty((ids.shape[0],) + tuple(h.shape[1:]), dtype=h.dtype, device=h.device)
-                buf[start : start + h.shape[0]] = h
+                bufs.append(seen.pop("hidden").detach().clone())
                 kw = seen.pop("kwargs")
                 kwargs_list.append(kwargs_list[-1] if kwargs_list and _same(kw, kwargs_list[-1]) else kw)
     finally:
         handle.remove()
-    return buf, kwargs_list
+    return bufs, kwargs_list
 
 
-def _run_layer(layer: nn.Module, buf: torch.Tensor, kwargs_list: list, batch_size: int, write: bool) -> None:
+def _run_layer(layer: nn.Module, bufs: list[torch.Tensor], kwargs_list: list, write: bool) -> None:
     dev = _device_of(layer)
     with torch.no_grad():
-        for b, start in enumerate(range(0, buf.shape[0], batch_size)):
-            x = buf[start : start + batch_size].to(dev)
-            out = layer(x, **_to(kwargs_list[b], dev))
+        for buf, kwargs in zip(bufs, kwargs_list):
+            out = layer(buf.to(dev), **_to(kwargs, dev))
             out = out[0] if isinstance(out, tuple) else out
             if write:
-                buf[start : start + batch_size] = out.to(buf.device)
+                buf.copy_(out)
 
 
-def _sequential_steps(model, adapter: ModelAdapter, ids: torch.Tensor, spec: _Spec,
+def _sequential_steps(model, adapter: ModelAdapter, calib: _Calib, spec: _Spec,
                       interactive: bool) -> Iterator[LayerStep]:
     from tqdm.auto import tqdm
 
     n_layers = len(adapter.layers)
     with _eval_mode(model):
-        buf, kwargs_list = _capture_inputs(model, adapter, ids, spec)
+        bufs, kwargs_list = _capture_inputs(model, adapter, calib, spec)
         wanted = set(spec.layers)
         bar = tqdm(range(spec.layers[-1] + 1), desc="calibration stats (sequential)", unit="layer",
                    disable=not spec.progress)
         for i in bar:
             layer = adapter.layers[i]
             if i not in wanted:
-                _run_layer(layer, buf, kwargs_list, spec.batch_size, write=True)
+                _run_layer(layer, bufs, kwargs_list, write=True)
                 continue
             stats, handles = _attach(adapter, i, spec)
             try:   # without a caller that may prune, the stats pass also produces the next layer's inputs
-                _run_layer(layer, buf, kwargs_list, spec.batch_size, write=not interactive)
+                _run_layer(layer, bufs, kwargs_list, write=not interactive)
             finally:
                 _remove(handles)
             step = LayerStep(i, stats, adapter, read_only=not interactive)
@@ -508,7 +568,7 @@ def _sequential_steps(model, adapter: ModelAdapter, ids: torch.Tensor, spec: _Sp
                 continue            # a removed block is the identity on the residual stream
             handles = _drop_hooks(adapter, step)
             try:
-                _run_layer(layer, buf, kwargs_list, spec.batch_size, write=True)
+                _run_layer(layer, bufs, kwargs_list, write=True)
             finally:
                 _remove(handles)
         bar.close()
@@ -540,7 +600,8 @@ def cached_statistics(cache, key: dict):
 def collect(model: nn.Module, calib: torch.Tensor, stats=("mean", "var"), sites=("o_proj", "down_proj"),
             layers=None, mode: str = "dense", batch_size: int = 8, progress: bool = True,
             block_last_output: str = "raw") -> CalibrationStats:
-    """Statistics of ``layers`` over the calibration token ids ``calib`` [n_samples, seq_len].
+    """Statistics of ``layers`` over the calibration token ids ``calib``: a tensor [n_samples, seq_len], or a list
+    of 1-D tensors of any lengths (batched by equal length; every token counts once, as for a tensor).
 
     ``stats``: channel statistics applied at every site in ``sites`` (plus ``"block_io"``), or a dict
     ``{site: (stats...), "block_io": True}`` for per-site requests (e.g. ``xtx`` only at ``down_proj``).
@@ -551,22 +612,24 @@ def collect(model: nn.Module, calib: torch.Tensor, stats=("mean", "var"), sites=
     if mode not in MODES:
         raise PruningError(f"calibration mode must be one of {MODES}, got {mode!r}")
     adapter = adapter_for(model)
-    spec, ids = _parse(adapter, calib, stats, sites, layers, batch_size, block_last_output, progress)
+    spec, cal = _parse(adapter, calib, stats, sites, layers, batch_size, block_last_output, progress)
+
+    def result(per_layer) -> CalibrationStats:
+        return CalibrationStats(per_layer, mode, cal.n_samples, cal.seq_len, cal.n_tokens)
+
     active = _STATS_CACHE.get()
     if mode == "dense" and active is not None:
         cache, key, log = active
         request = {"stats": stats if not isinstance(stats, Mapping) else dict(stats), "sites": list(sites),
                    "layers": None if layers is None else list(layers), "block_last_output": block_last_output,
-                   "ids_sha256": hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()}
-        value, hit = cache.get_or_compute({**key, "request": request}, lambda: CalibrationStats(
-            _collect_dense(model, adapter, ids, spec), mode, int(ids.shape[0]), int(ids.shape[1])))
+                   "ids_sha256": cal.sha256()}
+        value, hit = cache.get_or_compute({**key, "request": request},
+                                          lambda: result(_collect_dense(model, adapter, cal, spec)))
         log.append({"request": request, "cached": hit})
         return value
     if mode == "dense":
-        per_layer = _collect_dense(model, adapter, ids, spec)
-    else:
-        per_layer = {step.layer: step.stats for step in _sequential_steps(model, adapter, ids, spec, False)}
-    return CalibrationStats(per_layer, mode, int(ids.shape[0]), int(ids.shape[1]))
+        return result(_collect_dense(model, adapter, cal, spec))
+    return result({step.layer: step.stats for step in _sequential_steps(model, adapter, cal, spec, False)})
 
 
 def sequential(model: nn.Module, calib: torch.Tensor, stats=("sqnorm",), sites=("o_proj", "down_proj"),
@@ -581,5 +644,5 @@ def sequential(model: nn.Module, calib: torch.Tensor, stats=("sqnorm",), sites=(
     weight edit would not reach the layers below).
     """
     adapter = adapter_for(model)
-    spec, ids = _parse(adapter, calib, stats, sites, layers, batch_size, block_last_output, progress)
-    return _sequential_steps(model, adapter, ids, spec, prunes)
+    spec, cal = _parse(adapter, calib, stats, sites, layers, batch_size, block_last_output, progress)
+    return _sequential_steps(model, adapter, cal, spec, prunes)

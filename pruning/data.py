@@ -20,6 +20,8 @@ import json
 import os
 import random
 import sys
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import pruning
@@ -236,68 +238,335 @@ def _tokenizer_key(tokenizer) -> tuple:
     )
 
 
-# (tokenizer key, text digest) -> {doc index: token ids}; documents are tokenised lazily, only when drawn.
-_DOC_TOKENS: dict[tuple, dict[int, list[int]]] = {}
+# ------------------------------------------------------------------------------------------- calibration samplers
+
+# Each official code's way of drawing calibration tokens (METHODS.md §1.6), replayed over the data root's documents.
+SAMPLERS: dict[str, str] = {
+    "llm_pruner": "random document, tokenised alone, >= L tokens, no repeats, random window (LLM-Pruner)",
+    "nirvana": "as llm_pruner over the documents longer than L characters (NIRVANA get_bookcorpus)",
+    "stream": "documents joined with `join`, tokenised once, random windows, overlaps allowed (FLAP, Search-LLM)",
+    "wanda": "random document with more than L tokens, random window, repeats allowed (FLAP get_c4, Wanda-SP)",
+    "slicegpt": "consecutive documents joined with \\n\\n until L tokens, used documents removed (SliceGPT)",
+    "documents": "every document (or n_samples of them) cut into consecutive L-token windows, tails kept (ShortGPT)",
+    "first_docs": "the first n_samples documents in file order, their first L tokens (parity tests)",
+}
+ORDERS = ("random", "file")          # file: documents (stream windows) in file order instead of drawn at random
+CALIB_FIELDS = ("sampler", "dataset", "n_samples", "seq_len", "seed", "order", "join", "paper_dataset")
+VARIABLE_LENGTH_SAMPLERS = ("documents",)
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """A validated ``calibration`` config. ``paper_dataset`` only labels the record (the paper's dataset that
+    ``dataset`` substitutes); every other field changes the drawn tokens."""
+
+    sampler: str
+    dataset: str
+    n_samples: int | None        # documents: number of documents (None: all); otherwise number of samples
+    seq_len: int                 # documents: the window length (and stride)
+    seed: int
+    order: str = "random"
+    join: str | None = None      # stream only: the string the documents are joined with
+    paper_dataset: str | None = None
+
+    @property
+    def variable_length(self) -> bool:
+        """True when the sampler gives windows of different lengths (a list of 1-D tensors, not [n, L])."""
+        return self.sampler in VARIABLE_LENGTH_SAMPLERS
+
+    def draw_key(self) -> dict:
+        """The fields the token ids depend on (for cache keys)."""
+        return {k: getattr(self, k) for k in CALIB_FIELDS if k != "paper_dataset"}
+
+
+def calibration_spec(cfg) -> CalibrationSpec:
+    """Check a ``calibration`` config (mapping or Hydra node) and return it as a spec; one line per mistake.
+
+    Cheap (no tokenizer, no model): the cell calls it first. A missing ``sampler`` means ``llm_pruner``, the only
+    sampler before there was a choice, so old configs and records keep their meaning.
+    """
+    c = dataclasses.asdict(cfg) if isinstance(cfg, CalibrationSpec) else dict(cfg)   # a replace()d spec: re-check
+    unknown = sorted(set(c) - set(CALIB_FIELDS))
+    if unknown:
+        raise PruningError(f"unknown calibration keys {unknown}; valid: {', '.join(CALIB_FIELDS)}")
+    sampler = c.get("sampler") or "llm_pruner"
+    if sampler not in SAMPLERS:
+        raise PruningError(f"unknown calibration.sampler {sampler!r}; choices: {', '.join(SAMPLERS)}")
+    order = c.get("order") or "random"
+    if order not in ORDERS:
+        raise PruningError(f"calibration.order must be one of {', '.join(ORDERS)}, got {order!r}")
+    if sampler == "first_docs" and order != "file":
+        raise PruningError("calibration.sampler=first_docs is deterministic: set calibration.order=file (or use "
+                           "sampler=llm_pruner for a random draw)")
+    join = c.get("join")
+    if sampler == "stream":
+        if not isinstance(join, str):
+            raise PruningError(f"calibration.sampler=stream needs calibration.join, the string the documents are "
+                               f"joined with (FLAP ' ', Search-LLM '\\n\\n'); got {join!r}")
+    elif join is not None:
+        raise PruningError(f"calibration.join is only used by sampler=stream; set it to null for sampler={sampler}")
+    for key in ("dataset", "seq_len", "seed"):
+        if c.get(key) is None:
+            raise PruningError(f"calibration.{key} is required")
+
+    def whole(key: str, least: int):
+        v = c.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise PruningError(f"calibration.{key} must be an int >= {least}, got {v!r}")
+        return v
+
+    n = c.get("n_samples")
+    if not (sampler == "documents" and n is None):
+        n = whole("n_samples", 1)
+    seq_len = whole("seq_len", 2)
+    seed = whole("seed", 0)
+    paper = c.get("paper_dataset")
+    if paper is not None and not isinstance(paper, str):
+        raise PruningError(f"calibration.paper_dataset must be a dataset name or null, got {paper!r}")
+    calibration_source(str(c["dataset"]))            # unknown / refused / missing file: one line now
+    return CalibrationSpec(sampler, str(c["dataset"]), n, seq_len, seed, order, join, paper)
+
+
+def draw_calibration(tokenizer, spec, progress: bool = True):
+    """Calibration token ids as the spec's sampler draws them: a LongTensor [n_samples, seq_len], or, for
+    variable-length samplers (``documents``; ``slicegpt`` when a re-tokenised sample comes out short), a list of
+    1-D LongTensors. A shape the data cannot fill raises InfeasibleCalibrationError before returning anything."""
+    spec = calibration_spec(spec)
+    texts = calibration_texts(spec.dataset)
+    draw = {"llm_pruner": _draw_llm_pruner, "nirvana": _draw_nirvana, "stream": _draw_stream, "wanda": _draw_wanda,
+            "slicegpt": _draw_slicegpt, "documents": _draw_documents, "first_docs": _draw_first_docs}[spec.sampler]
+    return draw(tokenizer, texts, spec, progress)
 
 
 def calibration_batches(
     tokenizer, dataset: str, n_samples: int, seq_len: int, seed: int, progress: bool = True
 ) -> "torch.LongTensor":
-    """LLM-Pruner's sampler (example_samples.py, METHODS.md §1.6), with its exact draw sequence for a given seed.
+    """LLM-Pruner's sampler (example_samples.py, METHODS.md §1.6), with its exact draw sequence for a given seed."""
+    spec = calibration_spec({"sampler": "llm_pruner", "dataset": dataset, "n_samples": n_samples,
+                             "seq_len": seq_len, "seed": seed})
+    return draw_calibration(tokenizer, spec, progress)
 
-    Why lazy: LLM-Pruner draws a random index, tokenises that document alone (tokenizer defaults, so BOS
-    included) and redraws until it has >= seq_len tokens and was not used before; then takes a random seq_len window.
-    We replay that with ``random.Random(seed)`` (same stream as ``random.seed(seed)``), tokenising only drawn
-    documents. Once every document has been tokenised we know exactly how many qualify and fail instead of looping.
+
+# (tokenizer key, text digest) -> {doc index: token ids}; documents are tokenised lazily, only when drawn.
+_DOC_TOKENS: dict[tuple, dict[int, list[int]]] = {}
+# (tokenizer key, text digest, join) -> token ids of the joined stream
+_STREAM_TOKENS: dict[tuple, list[int]] = {}
+
+
+def _digest(texts: list[str]) -> str:
+    return hashlib.sha1("\x00".join(texts).encode("utf-8")).hexdigest()
+
+
+class _Docs:
+    """Documents of one calibration text, tokenised alone with the tokenizer's defaults (BOS included), on demand
+    and memoised per (tokenizer, text content)."""
+
+    def __init__(self, tokenizer, texts: list[str]):
+        self.tokenizer, self.texts = tokenizer, texts
+        self.cache = _DOC_TOKENS.setdefault((_tokenizer_key(tokenizer), _digest(texts)), {})
+
+    def __getitem__(self, i: int) -> list[int]:
+        ids = self.cache.get(i)
+        if ids is None:
+            ids = self.cache[i] = self.tokenizer(self.texts[i]).input_ids
+        return ids
+
+
+def _infeasible(spec: CalibrationSpec, have: int, of: int, what: str) -> InfeasibleCalibrationError:
+    return InfeasibleCalibrationError(
+        f"calibration dataset {spec.dataset!r} has only {have} of {of} {what}, fewer than n_samples="
+        f"{spec.n_samples} (sampler {spec.sampler}, order {spec.order}); lower calibration n_samples or seq_len")
+
+
+def _random_documents(tokenizer, texts: list[str], pool: list[int], spec: CalibrationSpec, min_len: int,
+                      unique: bool, what: str, progress: bool):
+    """The document draw loop shared by LLM-Pruner, NIRVANA and Wanda-SP, with the official draw sequence.
+
+    ``random.seed(seed)``, then per sample: redraw ``randint(0, len(pool) - 1)`` (tokenising that document alone)
+    until it has >= ``min_len`` tokens (and, if ``unique``, was not drawn before), then a window starting at
+    ``randint(0, len - min_len)``. ``order=file``: the qualifying documents in file order, their first tokens.
+    Only drawn documents are tokenised; once all of the pool is tokenised we know whether the shape can be filled
+    and fail instead of looping.
     """
     import torch
     from tqdm.auto import tqdm
 
-    texts = calibration_texts(dataset)
-    if n_samples < 1 or seq_len < 2:
-        raise PruningError(f"calibration needs n_samples >= 1 and seq_len >= 2, got {n_samples} x {seq_len}")
-    n_docs = len(texts)
-    digest = hashlib.sha1("\x00".join(texts).encode("utf-8")).hexdigest()
-    cache = _DOC_TOKENS.setdefault((_tokenizer_key(tokenizer), digest), {})
+    n, L = spec.n_samples, spec.seq_len
+    docs = _Docs(tokenizer, texts)
+    rows: list[list[int]] = []
+    if spec.order == "file":
+        for i in pool:
+            if len(docs[i]) >= min_len:
+                rows.append(docs[i][:L])
+                if len(rows) == n:
+                    return torch.tensor(rows, dtype=torch.long)
+        raise _infeasible(spec, len(rows), len(pool), what)
 
     def qualifying() -> int:
-        return sum(len(ids) >= seq_len for ids in cache.values())
+        return sum(len(docs.cache[i]) >= min_len for i in pool if i in docs.cache)
 
-    def too_few() -> PruningError:
-        return InfeasibleCalibrationError(
-            f"calibration dataset {dataset!r} has only {qualifying()} of {n_docs} documents with >= {seq_len} "
-            f"tokens, fewer than n_samples={n_samples}; lower calibration n_samples or seq_len"
-        )
+    def check_all_seen() -> None:
+        """Called once every pool document is tokenised: fail if the rest of the draw cannot be filled."""
+        q = qualifying()
+        if unique and q - len(used) < n - len(rows):
+            raise _infeasible(spec, q, len(pool), what)
+        if not unique and q == 0:
+            raise InfeasibleCalibrationError(f"calibration dataset {spec.dataset!r} has 0 of {len(pool)} {what}; "
+                                             f"sampler {spec.sampler} needs at least one; lower calibration seq_len")
 
-    if n_samples > n_docs or (len(cache) == n_docs and qualifying() < n_samples):
-        if len(cache) < n_docs:  # count exactly for the message
-            for i in range(n_docs):
-                cache.setdefault(i, tokenizer(texts[i]).input_ids)
-        raise too_few()
-
-    rng = random.Random(seed)
     used: set[int] = set()
-    rows: list[list[int]] = []
-    bar = tqdm(total=n_samples, desc=f"calibration {dataset}", unit="sample", disable=not progress, delay=1.0)
+    if not pool or (unique and n > len(pool)):
+        for i in pool:          # count exactly for the message
+            docs[i]
+        check_all_seen()
+    seen = sum(i in docs.cache for i in pool)
+    if seen == len(pool):
+        check_all_seen()
+    rng = random.Random(spec.seed)          # the same stream as the official random.seed(seed)
+    bar = tqdm(total=n, desc=f"calibration {spec.dataset} ({spec.sampler})", unit="sample", disable=not progress,
+               delay=1.0)
     try:
-        for _ in range(n_samples):
+        for _ in range(n):
             while True:
-                i = rng.randint(0, n_docs - 1)
-                ids = cache.get(i)
-                if ids is None:
-                    ids = cache[i] = tokenizer(texts[i]).input_ids
-                    bar.set_postfix(docs_tokenised=len(cache), refresh=False)
-                    if len(cache) == n_docs and qualifying() - len(used) < n_samples - len(rows):
-                        raise too_few()
-                if len(ids) >= seq_len and i not in used:
-                    used.add(i)
+                k = rng.randint(0, len(pool) - 1)
+                i = pool[k]
+                if i not in docs.cache:
+                    docs[i]
+                    seen += 1
+                    bar.set_postfix(docs_tokenised=seen, refresh=False)
+                    if seen == len(pool):
+                        check_all_seen()
+                ids = docs[i]
+                if len(ids) >= min_len and not (unique and k in used):
+                    used.add(k)
                     break
-            j = rng.randint(0, len(ids) - seq_len)
-            rows.append(ids[j : j + seq_len])
+            j = rng.randint(0, len(ids) - min_len)
+            rows.append(ids[j : j + L])
             bar.update(1)
     finally:
         bar.close()
     return torch.tensor(rows, dtype=torch.long)
+
+
+def _draw_llm_pruner(tokenizer, texts, spec, progress):
+    return _random_documents(tokenizer, texts, list(range(len(texts))), spec, spec.seq_len, True,
+                             f"documents with >= {spec.seq_len} tokens", progress)
+
+
+def _draw_nirvana(tokenizer, texts, spec, progress):
+    # get_bookcorpus: dataset.filter(len(text) > seq_len) on characters, then LLM-Pruner's loop over what is left
+    pool = [i for i, t in enumerate(texts) if len(t) > spec.seq_len]
+    return _random_documents(tokenizer, texts, pool, spec, spec.seq_len, True,
+                             f"documents longer than {spec.seq_len} characters with >= {spec.seq_len} tokens",
+                             progress)
+
+
+def _draw_wanda(tokenizer, texts, spec, progress):
+    # FLAP lib/data.py get_c4: `if len > seqlen: break` (strict, repeats allowed), window randint(0, len - L - 1)
+    return _random_documents(tokenizer, texts, list(range(len(texts))), spec, spec.seq_len + 1, False,
+                             f"documents with more than {spec.seq_len} tokens", progress)
+
+
+def _draw_first_docs(tokenizer, texts, spec, progress):
+    import torch
+
+    n, L = spec.n_samples, spec.seq_len
+    if n > len(texts):
+        raise _infeasible(spec, len(texts), len(texts), "documents")
+    docs = _Docs(tokenizer, texts)
+    short = next((i for i in range(n) if len(docs[i]) < L), None)
+    if short is not None:
+        raise InfeasibleCalibrationError(
+            f"calibration sampler first_docs: document {short} of {spec.dataset!r} has {len(docs[short])} tokens, "
+            f"fewer than seq_len={L}; lower calibration seq_len or n_samples, or use sampler=llm_pruner order=file")
+    return torch.tensor([docs[i][:L] for i in range(n)], dtype=torch.long)
+
+
+def _draw_stream(tokenizer, texts, spec, progress):
+    """FLAP / Search-LLM get_wikitext2: ``tokenizer(join.join(docs))`` once, ``random.seed(seed)``, windows
+    ``[i, i + L)`` with ``i = randint(0, N - L - 1)``. ``order=file``: consecutive non-overlapping windows from the
+    start of the stream."""
+    import torch
+
+    key = (_tokenizer_key(tokenizer), _digest(texts), spec.join)
+    ids = _STREAM_TOKENS.get(key)
+    if ids is None:
+        ids = _STREAM_TOKENS[key] = tokenizer(spec.join.join(texts)).input_ids
+    n, L, N = spec.n_samples, spec.seq_len, len(ids)
+    if spec.order == "file":
+        if n * L > N:
+            raise InfeasibleCalibrationError(
+                f"calibration stream of {spec.dataset!r} joined with {spec.join!r} has {N} tokens, fewer than "
+                f"n_samples x seq_len = {n} x {L} consecutive windows (order file); lower n_samples or seq_len")
+        return torch.tensor(ids[: n * L], dtype=torch.long).reshape(n, L)
+    if N - L - 1 < 0:
+        raise InfeasibleCalibrationError(
+            f"calibration stream of {spec.dataset!r} has {N} tokens, too few for one window of seq_len={L} "
+            f"(randint(0, N - L - 1)); lower calibration seq_len")
+    rng = random.Random(spec.seed)
+    starts = [rng.randint(0, N - L - 1) for _ in range(n)]
+    return torch.tensor([ids[i : i + L] for i in starts], dtype=torch.long)
+
+
+def _draw_slicegpt(tokenizer, texts, spec, progress):
+    """TransformerCompression prepare_dataloader (varied_seqlen=False): drop empty documents; ``torch.manual_seed
+    (seed)``; per sample a start ``torch.randint(0, len(indices))`` among the unused documents, then that document
+    and the next ones, each ``tokenizer.tokenize("\\n\\n" + doc)`` (no separator before the first), until >= L
+    tokens; the documents it read are removed; a sample that reaches L is truncated to L tokens, turned back into a
+    string and tokenised again with truncation to L (so a BOS leads where the tokenizer adds one).
+    ``order=file``: the start is always the first unused document.
+
+    The official loader then visits the samples in a random permutation; only the order changes, so they are kept
+    in the order drawn. A sample whose re-tokenisation is shorter than L (the official code pads it and masks the
+    padding) makes the result a list of 1-D tensors.
+    """
+    import torch
+
+    n, L = spec.n_samples, spec.seq_len
+    data = [t for t in texts if len(t) > 0]
+    gen = torch.Generator().manual_seed(spec.seed)
+    indices = list(range(len(data)))
+    samples: list[list[int]] = []
+    while len(samples) < n and indices:
+        start = torch.randint(0, len(indices), (1,), generator=gen).item() if spec.order == "random" else 0
+        idx, tokens = start, []
+        while len(tokens) < L and idx < len(indices):
+            tokens += tokenizer.tokenize(("\n\n" if tokens else "") + data[indices[idx]])
+            idx += 1
+        indices = indices[:start] + indices[idx:]
+        if len(tokens) >= L:
+            text = tokenizer.convert_tokens_to_string(tokens[:L])
+            samples.append(tokenizer(text, truncation=True, max_length=L).input_ids)
+    if len(samples) < n:
+        raise InfeasibleCalibrationError(
+            f"calibration sampler slicegpt: {spec.dataset!r} gives only {len(samples)} samples of {L} tokens "
+            f"(consecutive documents joined with '\\n\\n'), fewer than n_samples={n}; lower n_samples or seq_len")
+    if all(len(s) == L for s in samples):
+        return torch.tensor(samples, dtype=torch.long)
+    return [torch.tensor(s, dtype=torch.long) for s in samples]
+
+
+def _draw_documents(tokenizer, texts, spec, progress):
+    """ShortGPT run_shortgpt.py: every document tokenised whole (batch 1, tokenizer defaults) and cut into
+    consecutive windows of L tokens (its ``stride``), the shorter tail kept. ``n_samples`` documents (None: all):
+    the first ones for ``order=file``, else the first of ``torch.randperm(seed)``. The official code visits every
+    document in shuffled order; over all documents the order changes nothing but the summation order."""
+    import torch
+    from tqdm.auto import tqdm
+
+    n, L = spec.n_samples, spec.seq_len
+    if n is not None and n > len(texts):
+        raise _infeasible(spec, len(texts), len(texts), "documents")
+    order = range(len(texts)) if spec.order == "file" else \
+        torch.randperm(len(texts), generator=torch.Generator().manual_seed(spec.seed)).tolist()
+    chosen = list(order)[: len(texts) if n is None else n]
+    docs = _Docs(tokenizer, texts)
+    windows = []
+    for i in tqdm(chosen, desc=f"calibration {spec.dataset} (documents)", unit="doc", disable=not progress,
+                  delay=1.0):
+        ids = torch.tensor(docs[i], dtype=torch.long)
+        windows += list(ids.split(L))
+    return windows
 
 
 # --------------------------------------------------------------------------------------------------- assets

@@ -53,6 +53,12 @@ CASES = {
     "corrupt_checkpoint": (lambda t: [f"model.path={corrupt_checkpoint(t)}"], {}, ["corrupt checkpoint"]),
     "hub_model_offline": (lambda t: ["model=qwen25_7b"], {"HF_HUB_CACHE": "EMPTY"},
                           ["hub model Qwen/Qwen2.5-7B", "offline", "PRUNING_MODEL_PATH"]),
+    "unknown_calibration_sampler": (lambda t: ["calibration.sampler=bookcorpus"], {},
+                                    ["unknown calibration.sampler 'bookcorpus'", "choices:", "slicegpt"]),
+    "calibration_shape_unfillable": (lambda t: ["method=wanda_sp", "calibration.seq_len=1000000"], {},
+                                     ["more than 1000000 tokens", "lower calibration seq_len"]),
+    "calibration_variable_length_for_gradients": (lambda t: ["method=llm_pruner", "calibration=shortgpt"], {},
+                                                  ["different lengths", "llm_pruner_element1 cannot take"]),
 }
 
 

@@ -17,6 +17,7 @@ SMALL, which ``test_every_family_has_a_small_model`` demands).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import subprocess
@@ -97,8 +98,16 @@ def tokenizer():
 
 
 @functools.lru_cache(maxsize=None)
-def batches(dataset: str, n: int, seq_len: int, seed: int) -> torch.Tensor:
-    return data.calibration_batches(tokenizer(), dataset, n, seq_len, seed, progress=False)
+def batches(spec: data.CalibrationSpec):
+    return data.draw_calibration(tokenizer(), spec, progress=False)
+
+
+def sized_calibration(calibration) -> data.CalibrationSpec:
+    """The method's own sampler (conf/calibration), at most 128 x 128 tokens (documents: 32 documents in 128-token
+    windows), so the paper shapes (1024 x 128, 128 x 2048, every document) stay fast on the small models."""
+    spec = data.calibration_spec(calibration)
+    n = 32 if spec.n_samples is None else min(spec.n_samples, 32 if spec.variable_length else 128)
+    return dataclasses.replace(spec, n_samples=n, seq_len=min(spec.seq_len, 128))
 
 
 @pytest.fixture(scope="module")
@@ -139,10 +148,11 @@ def run_method(cfg, model):
     method.budget(model, RATIO)
     calib = None
     if method.needs_calibration:
-        c = cfg.calibration
-        calib = batches(c.dataset, c.n_samples, c.seq_len, c.seed)
+        spec = sized_calibration(cfg.calibration)
+        calib = batches(spec)
         if hasattr(method, "bind_sampler"):
-            method.bind_sampler(lambda ds, n, seq_len, seed: batches(ds, n, seq_len, seed), dict(c))
+            method.bind_sampler(lambda ds, n, seq_len, seed: batches(dataclasses.replace(
+                spec, dataset=ds, n_samples=n, seq_len=seq_len, seed=seed)), dict(cfg.calibration))
     plan = method.prune(model, RATIO, calib)
     method.apply(model, plan, calib)
     return method, plan, calib

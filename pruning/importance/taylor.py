@@ -36,6 +36,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from pruning.calibration import fixed_length
 from pruning.errors import PruningError
 from pruning.importance import GQA_FOLDS, SCORERS, Scorer, aggregate, group_scores
 from pruning.importance.layerwise import backward_layerwise, execution_device, placement
@@ -209,6 +210,7 @@ class GradientScorer(Scorer):
 
     # -- fitting ---------------------------------------------------------------------------------------------
     def fit(self, model: nn.Module, calib: torch.Tensor, sets: list[StructureSet]) -> dict:
+        fixed_length(calib, "gradient scoring")
         if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.shape[0] < 1 or calib.shape[1] < 2:
             raise PruningError("gradient scoring needs calibration token ids [n_samples >= 1, seq_len >= 2]; build "
                                "them with pruning.data.calibration_batches")

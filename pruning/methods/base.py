@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 from torch import nn
 
 from pruning.allocation import Budget, Uniform
+from pruning.calibration import fixed_length
 from pruning.errors import PruningError
 from pruning.importance import Scorer
 from pruning.models.adapter import adapter_for
@@ -41,6 +43,9 @@ class ScoreAndAllocate:
     scorer: Scorer | None
     structures: list[str] = field(default_factory=lambda: ["kv_group", "mlp"])
     allocation: Uniform = field(default_factory=Uniform)
+    # True when every calibration read goes through pruning.calibration (collect / sequential), which accepts
+    # windows of different lengths (calibration.sampler=documents); gradient scorers need one [n, L] batch.
+    variable_length_calibration: ClassVar[bool] = False
 
     def __post_init__(self):
         unknown = [k for k in self.structures if k not in KINDS]
@@ -75,6 +80,8 @@ class ScoreAndAllocate:
         if budget.removed_params > 0:
             if calib is None and self.needs_calibration:
                 raise PruningError(f"{self.name} needs calibration batches")
+            if not self.variable_length_calibration:
+                fixed_length(calib, self.name)
             plan = self.select(model, sets, budget, calib)
         plan.meta.update(method=self.name, structures=list(self.structures), target_ratio=ratio,
                          planned_ratio=(plan.meta.get("allocation") or {}).get("achieved", budget.achieved))

@@ -28,6 +28,7 @@ from pruning.surgery.plan import PrunePlan
 
 @dataclass
 class Flap(ScoreAndAllocate):
+    variable_length_calibration = True      # statistics only through pruning.calibration
     bias: bool = True                # FLAP's compensation
     surgery: str = "remove"          # remove | mask (FLAP's --unstr: zeroed, shapes kept)
     batch_size: int = 8

@@ -7,8 +7,9 @@ KL selection (``kl_select.seeds``, default 5 candidates): each seed draws a cali
 shape; each is scored and allocated; the plan whose masked model is closest to the dense model in
 D_KL(P_dense ‖ Q_pruned) (vocab sum, token mean) on a separate evaluation set wins. That set comes from another
 dataset than the calibration (default Alpaca vs C4, 128 × 64, seed 42, as ``compute_influence_loss``), so it is
-disjoint from every candidate and from the evaluated text. Candidate sets are drawn through a sampler the cell binds
-(``bind_sampler``); with ``seeds: []`` the run's own calibration batch is used and no KL is computed.
+disjoint from every candidate and from the evaluated text. Candidate sets and the KL set are drawn through a sampler
+the cell binds (``bind_sampler``: the run's ``calibration.sampler``, NIRVANA's own by default, as the official code
+draws both with ``get_examples``); with ``seeds: []`` the run's own calibration batch is used and no KL is computed.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ class Nirvana(ScoreAndAllocate):
         plan.meta["kl_select"] = {"seeds": [r[1] for r in results], "kl": [r[0] for r in results],
                                   "chosen_seed": best[1], "kl_set": {kk: k[kk] for kk in
                                                                      ("dataset", "n_samples", "seq_len", "seed")},
-                                  "calibration": {kk: c[kk] for kk in ("dataset", "n_samples", "seq_len")}}
+                                  "calibration": {"sampler": c.get("sampler") or "llm_pruner",
+                                                  **{kk: c[kk] for kk in ("dataset", "n_samples", "seq_len")}}}
         return plan
 
 

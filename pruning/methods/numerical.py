@@ -32,6 +32,7 @@ class Numerical(ScoreAndAllocate):
     native_knob = "method.unit_ratio"
 
     unit_ratio: float | None = None   # native knob: the paper's ρ (Eq. 8), a fraction of units, not of params
+    variable_length_calibration = True      # statistics only through pruning.calibration
     compensate: bool = True
     comp_inputs: str = "sequential"
     comp_damp: float = 0.01

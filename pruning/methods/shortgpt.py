@@ -1,6 +1,7 @@
 """ShortGPT (Men et al. 2024; METHODS.md §3.5): delete the decoder blocks with the lowest Block Influence.
 
-Recipe: dense-mode ``block_io`` statistics (per-token cosine of each block's input and output, accumulated) ->
+Recipe: dense-mode ``block_io`` statistics (per-token cosine of each block's input and output, accumulated over
+every token of every calibration window; with ``calibration=shortgpt`` whole documents in windows, tails kept) ->
 ``block_influence`` -> the uniform allocator over the block set (the n lowest-BI blocks, ties to the lower index,
 n chosen so the removed fraction of all parameters is closest to ``pruning.ratio``; ``n_blocks`` fixes n) ->
 block surgery (layers renumbered, ``num_hidden_layers`` updated). One shot, no compensation.
@@ -25,6 +26,7 @@ from pruning.surgery.plan import PrunePlan
 @dataclass
 class ShortGPT(ScoreAndAllocate):
     native_knob = "method.n_blocks"
+    variable_length_calibration = True      # statistics only through pruning.calibration
 
     n_blocks: int | None = None       # native knob: remove exactly this many blocks (ShortGPT's n_prune_layers)
     last_block: str = "raw"           # raw | hf_hidden_states (the official code's final-norm quirk)
@@ -73,6 +75,10 @@ class ShortGPT(ScoreAndAllocate):
         plan = self.allocation.allocate(sets, scores, budget)
         self.scorer.bind(None)
         plan.meta["block_influence"] = {int(l): float(v) for l, v in zip(sets[0].unit_layers, scores[0])}
+        # the official code's importances: Σ_t (1 − cos) over every calibration token (same order as the means)
+        plan.meta["block_influence_sum"] = {int(l): stats[l].block.n - stats[l].block.cos_sum
+                                            for l in sets[0].unit_layers}
+        plan.meta["calibration_tokens"] = stats.n_tokens
         return plan
 
     def prune(self, model: nn.Module, ratio: float, calib=None) -> PrunePlan:

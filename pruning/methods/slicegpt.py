@@ -95,6 +95,7 @@ class SliceGPT:
             raise PruningError(f"slicegpt slicing must be in [0, 1), got {self.slicing}")
 
     needs_calibration = True
+    variable_length_calibration = True      # statistics only through pruning.calibration
     native_knob = "method.slicing"
 
     def operating_point(self) -> OperatingPoint | None:

@@ -22,6 +22,7 @@ from pruning.surgery.plan import PrunePlan
 
 @dataclass
 class WandaSP(ScoreAndAllocate):
+    variable_length_calibration = True      # statistics only through pruning.calibration
     batch_size: int = 8
     progress: bool = True
 

@@ -121,6 +121,21 @@ def read_config(ckpt: Path):
         raise CheckpointError(f"corrupt checkpoint config {cfg_file}: {str(e).splitlines()[0]}") from e
 
 
+def load_tokenizer(path: str):
+    """The checkpoint's tokenizer alone (seconds, no weights read), after the same config and family checks as
+    ``load_model``: calibration is drawn with it before the model loads, so a shape the data cannot fill fails
+    first."""
+    from transformers import AutoTokenizer
+
+    ckpt = resolve_checkpoint(path)
+    adapter_class(read_config(ckpt))            # unsupported family -> one clear error, as in load_model
+    try:
+        return AutoTokenizer.from_pretrained(ckpt)
+    except Exception as e:  # missing or unreadable tokenizer files: one line naming the checkpoint
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot load the tokenizer of {ckpt}: {msg}") from e
+
+
 def load_model(path: str, dtype: str | torch.dtype = "float32", device_map: str | dict | None = None):
     """Return (model, tokenizer, adapter). ``device_map`` (e.g. "auto") spreads big models over several GPUs;
     ``dtype`` and ``device_map`` go to ``from_pretrained`` as given, after the checks of ``pruning.runtime``."""
