@@ -27,11 +27,12 @@ FULL_WIKITEXT = PPLProtocol("ppl128-lp", "wikitext2", "test", seq_len=128, strid
 PPL_TOL = 0.005          # issue 22: PPL within 0.5% of the official code where the index sets are identical
 
 
-def first_docs(tokenizer, n: int, seq_len: int) -> torch.Tensor:
-    """The fixture's LLM-Pruner calibration: the first ``seq_len`` tokens (tokenizer defaults, BOS included) of C4
-    documents 0..n-1 in file order."""
-    texts = data.calibration_texts("c4")
-    return torch.tensor([tokenizer(texts[k]).input_ids[:seq_len] for k in range(n)])
+def draw(tokenizer, sampler: str, n: int, seq_len: int, **kw) -> torch.Tensor:
+    """The fixture's calibration through our own samplers in their deterministic (file-order) mode; the tests in
+    test_samplers.py check these draws against the fixture's rules token for token."""
+    spec = data.CalibrationSpec(sampler=sampler, dataset="c4", n_samples=n, seq_len=seq_len, seed=0, order="file",
+                                **kw)
+    return data.draw_calibration(tokenizer, spec, progress=False)
 
 
 def wikitext_ppl(model, tokenizer) -> float:
@@ -71,7 +72,7 @@ def test_llm_pruner_matches_official(run, importance, group_ratio, layers):
         method = magnitude(p=2, aggregation="mean", group_ratio=group_ratio, gqa_fold="official", allocation=alloc)
     else:
         method = llm_pruner(importance=importance, group_ratio=group_ratio, gqa_fold="official", allocation=alloc)
-    plan = method.prune(model, None, first_docs(tok, 10, 64))
+    plan = method.prune(model, None, draw(tok, "first_docs", 10, 64))     # the first 64 tokens of documents 0-9
     for layer in range(len(adapter.layers)):
         want = {k: ref["per_layer"][str(layer)][k] for k in ("pruned_kv_heads", "pruned_mlp_channels")}
         assert pruned_sets(plan, layer) == want, f"layer {layer}"
@@ -80,26 +81,10 @@ def test_llm_pruner_matches_official(run, importance, group_ratio, layers):
     assert wikitext_ppl(model, tok) == pytest.approx(ref["ppl_wikitext2_test_ppl128"], rel=PPL_TOL)
 
 
-def slicegpt_samples(tokenizer, n: int, seq_len: int) -> torch.Tensor:
-    """The fixture's SliceGPT calibration, as the official prepare_dataloader builds it with the random start
-    document replaced by the first unused one: consecutive non-empty documents, each ``tokenize("\\n\\n" + doc)``,
-    until seq_len tokens, truncated, decoded, then re-tokenised with the tokenizer's defaults (BOS) and truncated."""
-    texts = [t for t in data.calibration_texts("c4") if t]
-    out, i = [], 0
-    while len(out) < n:
-        tokens: list[str] = []
-        while len(tokens) < seq_len:
-            tokens += tokenizer.tokenize(("\n\n" if tokens else "") + texts[i])
-            i += 1
-        text = tokenizer.convert_tokens_to_string(tokens[:seq_len])
-        out.append(tokenizer(text, truncation=True, max_length=seq_len).input_ids)
-    return torch.tensor(out)
-
-
 @pytest.fixture(scope="module")
 def slicegpt_calib():
     _, tok, _ = load_model("embedded:stories260K")
-    return slicegpt_samples(tok, 128, 128)
+    return draw(tok, "slicegpt", 128, 128)      # consecutive documents from the first unused one, "\n\n"-joined
 
 
 def sliced(fusion: str, slicing: float, round_interval: int, calib):
