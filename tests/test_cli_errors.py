@@ -59,6 +59,16 @@ CASES = {
                                      ["more than 1000000 tokens", "lower calibration seq_len"]),
     "calibration_variable_length_for_gradients": (lambda t: ["method=llm_pruner", "calibration=shortgpt"], {},
                                                   ["different lengths", "llm_pruner_element1 cannot take"]),
+    # a native knob and pruning.ratio would both claim to define the cell (issue 22): refused before any model work
+    "native_knob_with_ratio": (lambda t: ["method.group_ratio=0.25", "pruning.ratio=0.3"], {},
+                               ["method.group_ratio=0.25 sets the operating point", "pruning.ratio=0.3",
+                                "pruning.ratio=null"]),
+    "paper_ratio_with_ratio": (lambda t: ["method=slicegpt", "paper_ratio=0.25"], {},
+                               ["paper_ratio=0.25 (method.slicing=0.25)", "pass pruning.ratio=null"]),
+    "paper_ratio_without_paper": (lambda t: ["method=llm_bip", "paper_ratio=0.2", "pruning.ratio=null"], {},
+                                  ["paper_ratio=0.2 has no meaning for method llm_bip"]),
+    "no_ratio_no_knob": (lambda t: ["method=shortgpt", "pruning.ratio=null"], {},
+                         ["pruning.ratio is null", "method.n_blocks"]),
 }
 
 
