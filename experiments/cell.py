@@ -83,7 +83,8 @@ def cell_config(cfg: DictConfig, uses_calibration: bool = True) -> dict:
     code makes a new cell instead of silently reusing an old number. A method that reads no calibration data
     (magnitude, random) has no calibration in its identity, so a calibration-seed sweep runs it once."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    resolved["model"]["fingerprint"] = dir_fingerprint(resolve_checkpoint(cfg.model.path))
+    fetch = bool(resolved["model"].pop("fetch", False))     # consent to download, not part of the cell's identity
+    resolved["model"]["fingerprint"] = dir_fingerprint(resolve_checkpoint(cfg.model.path, fetch=fetch))
     resolved["eval"]["version"] = EVAL_VERSION
     if resolved["method"].get("_target_") == DENSE:
         resolved = dense_config(resolved)
@@ -139,7 +140,8 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     dense_record = None if (is_dense or cfg.get("force", False)) else store.get(config_hash(dense_resolved))
 
     with timer("load"):
-        model, tokenizer, adapter = load_model(cfg.model.path, dtype, cfg.model.get("device_map"))
+        model, tokenizer, adapter = load_model(cfg.model.path, dtype, cfg.model.get("device_map"),
+                                               fetch=bool(cfg.model.get("fetch", False)))
         if cfg.model.get("device_map") is None:
             model.to(device)
     budget = method.budget(model, ratio)      # impossible ratio -> clear error before any scoring
