@@ -421,7 +421,7 @@ def test_acceptance_fetch_convert_evaluate_then_cached_then_refetch(need_index, 
         assert step in cold.stderr, step
     ppl = {k: v["ppl"] for k, v in rec["metrics"]["ppl"].items()}
     assert rec["params"]["before"] == 630_167_424 and "fetch" not in rec["config"]["model"]
-    assert all(5 < v < 100 for v in ppl.values()), ppl                 # a real LM, not a broken conversion
+    assert all(10 < v < 400 for v in ppl.values()), ppl   # a real LM (uniform guessing would be 151,936)
 
     warm, rec2, t_warm = run_py(args, cache, tmp_path, "warm")
     assert "fetch" not in warm.stderr and "convert" not in warm.stderr
