@@ -87,7 +87,8 @@ def cell_config(cfg: DictConfig, uses_calibration: bool = True) -> dict:
     code makes a new cell instead of silently reusing an old number. A method that reads no calibration data
     (magnitude, random) has no calibration in its identity, so a calibration-seed sweep runs it once."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    resolved["model"]["fingerprint"] = dir_fingerprint(resolve_checkpoint(cfg.model.path))
+    fetch = bool(resolved["model"].pop("fetch", False))     # consent to download, not part of the cell's identity
+    resolved["model"]["fingerprint"] = dir_fingerprint(resolve_checkpoint(cfg.model.path, fetch=fetch))
     resolved["eval"]["version"] = EVAL_VERSION
     if resolved["method"].get("_target_") == DENSE:
         resolved = dense_config(resolved)
@@ -188,7 +189,7 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     calib, calib_cached = None, None
     if method.needs_calibration:              # drawn with the tokenizer alone, before the weights load: a shape the
         with timer("calibration"):            # data cannot fill fails here, in seconds
-            calib_tokenizer = load_tokenizer(cfg.model.path)
+            calib_tokenizer = load_tokenizer(cfg.model.path, fetch=bool(cfg.model.get("fetch", False)))
             calib, calib_cached = calibration(cfg, calib_tokenizer, resolved["model"]["fingerprint"], progress)
         if hasattr(method, "bind_sampler"):   # methods that draw more calibration sets (NIRVANA's KL seed choice)
             method.bind_sampler(lambda ds, n, seq_len, seed: data.draw_calibration(
@@ -196,7 +197,8 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                 progress=progress), dict(cfg.calibration))
 
     with timer("load"):
-        model, tokenizer, adapter = load_model(cfg.model.path, dtype, cfg.model.get("device_map"))
+        model, tokenizer, adapter = load_model(cfg.model.path, dtype, cfg.model.get("device_map"),
+                                               fetch=bool(cfg.model.get("fetch", False)))
         if cfg.model.get("device_map") is None:
             model.to(device)
     budget = method.budget(model, ratio)      # impossible ratio -> clear error before any scoring

