@@ -80,9 +80,9 @@ def test_uniform_counts_and_untouched_survivors(calib):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     method = wanda_sp(progress=False)
     plan = method.prune(model, 0.2, calib)
-    kv = [len(plan.units("kv_group", i)) for i in range(5)]
+    heads = [len(plan.units("q_head", i)) for i in range(5)]
     mlp = [len(plan.units("mlp", i)) for i in range(5)]
-    assert len(set(kv)) == 1 and len(set(mlp)) == 1 and kv[0] >= 1 and mlp[0] >= 1
+    assert len(set(heads)) == 1 and len(set(mlp)) == 1 and heads[0] >= 1 and mlp[0] >= 1
     method.apply(model, plan)
     assert 1 - adapter.num_params() / 292_800 == pytest.approx(plan.meta["planned_ratio"], abs=1e-12)
     for i, layer in enumerate(model.model.layers):      # surviving weights are bit-identical (no compensation)
