@@ -9,6 +9,10 @@ MHA model: a KV head leaves with its last query head, so GQA groups become uneve
 with one head mask, which is wrong under GQA, FLAP issue #14; ``structures=[kv_group, mlp]`` prunes whole groups).
 Counts follow the FLAP repository (``count_rule: floor``, int(p·n) units per kind and layer in the uniform modes).
 
+Variance (``variance``): ``exact`` (default, the unbiased variance over all calibration tokens) or
+``official_streaming`` (FLAP's per-sample streaming update, ``importance.activation.streaming_fluctuation``; one
+collector pass per calibration sample), for parity with the official code (METHODS.md §3.3 "Estimator").
+
 Operating point: ``attn_mlp_ratio`` (native, FLAP's ``--pruning_ratio``: a share of the attention+MLP weights as
 its code counts them on the MHA form, with the official per-mode counts; see ``pruning.allocation.flap``), or
 ``pruning.ratio`` (a share of all parameters, exact accounting including the added biases).
@@ -25,7 +29,7 @@ from pruning.allocation import Budget, Uniform
 from pruning.allocation.flap import FlapAllocation
 from pruning.calibration import collect
 from pruning.errors import PruningError
-from pruning.importance.activation import FluctuationScorer
+from pruning.importance.activation import VARIANCES, FluctuationScorer, streaming_fluctuation
 from pruning.methods.base import OperatingPoint, ScoreAndAllocate
 from pruning.surgery.apply import apply_plan, mask_plan
 from pruning.surgery.compensation import SURGERY, bias_compensation
@@ -51,6 +55,7 @@ class Flap(ScoreAndAllocate):
 
     bias: bool = True                # FLAP's compensation
     surgery: str = "remove"          # remove | mask (FLAP's --unstr: zeroed, shapes kept)
+    variance: str = "exact"          # exact | official_streaming (FLAP's BiasGPT estimator)
     batch_size: int = 8
     progress: bool = True
     _means: dict | None = field(default=None, repr=False)
@@ -59,6 +64,8 @@ class Flap(ScoreAndAllocate):
         super().__post_init__()
         if self.surgery not in SURGERY:
             raise PruningError(f"flap surgery must be one of {SURGERY}, got {self.surgery!r}")
+        if self.variance not in VARIANCES:
+            raise PruningError(f"flap variance must be one of {VARIANCES}, got {self.variance!r}")
 
     def operating_point(self) -> OperatingPoint | None:
         return attn_mlp_ratio_point(self.allocation.attn_mlp_ratio)
@@ -70,10 +77,13 @@ class Flap(ScoreAndAllocate):
 
     def select(self, model: nn.Module, sets: list[StructureSet], budget: Budget, calib) -> PrunePlan:
         want = tuple(dict.fromkeys(self.scorer.requires + (("mean",) if self.bias else ())))
-        stats = collect(model, calib, stats=want, sites=("o_proj", "down_proj"),
-                        layers=sorted({s.layer for s in sets}), mode="dense", batch_size=self.batch_size,
-                        progress=self.progress)
-        self.scorer.bind(stats)
+        layers = sorted({s.layer for s in sets})
+        stats = collect(model, calib, stats=want, sites=("o_proj", "down_proj"), layers=layers, mode="dense",
+                        batch_size=self.batch_size, progress=self.progress)
+        fluctuation = None
+        if self.variance == "official_streaming" and "var" in self.scorer.requires:
+            fluctuation = streaming_fluctuation(model, calib, layers, progress=self.progress)
+        self.scorer.bind(stats, fluctuation)
         scores = [self.allocation.unit_scores(s, self.scorer.channel_scores(s)) for s in sets]
         plan = self.allocation.allocate(sets, scores, budget)
         self.scorer.bind(None)
@@ -100,7 +110,7 @@ class Flap(ScoreAndAllocate):
 
 def flap(structure: str = "AL-AM", metric: str = "WIFV", remove_heads: int | None = None, bias: bool = True,
          structures=("q_head", "mlp"), attn_mlp_ratio: float | None = None, count_rule: str = "floor",
-         surgery: str = "remove", batch_size: int = 8, progress: bool = True,
+         variance: str = "exact", surgery: str = "remove", batch_size: int = 8, progress: bool = True,
          allocation: Uniform | None = None) -> Flap:
     """``allocation`` (the cell's allocation config) supplies the candidate layer range, and UL-UM's uniform
     spreading under ``count_rule`` (FLAP's int(p·n) by default); FLAP's own mode is ``structure``."""
@@ -108,4 +118,4 @@ def flap(structure: str = "AL-AM", metric: str = "WIFV", remove_heads: int | Non
     alloc = FlapAllocation(structure=structure, remove_heads=remove_heads, uniform=uniform,
                            attn_mlp_ratio=attn_mlp_ratio)
     return Flap(name="flap", scorer=FluctuationScorer(metric), structures=list(structures), allocation=alloc,
-                bias=bias, surgery=surgery, batch_size=batch_size, progress=progress)
+                bias=bias, surgery=surgery, variance=variance, batch_size=batch_size, progress=progress)
