@@ -119,7 +119,8 @@ def test_ul_um_is_uniform(calib):
     assert 1 - adapter.num_params() / 292_800 == pytest.approx(plan.meta["planned_ratio"], abs=1e-12)
 
 
-@pytest.mark.parametrize("structures,kind,heads", [(("q_head", "mlp"), "q_head", 7), (("kv_group", "mlp"), "kv_group", 6)])
+@pytest.mark.parametrize("structures,kind,heads", [(("q_head", "mlp"), "q_head", 7),
+                                                   (("kv_group", "mlp"), "kv_group", 6)])
 @pytest.mark.parametrize("structure", ["UL-MM", "AL-MM"])
 def test_manual_mix_removes_remove_heads(calib, structure, structures, kind, heads):
     model, _, adapter = load_model(STORIES)

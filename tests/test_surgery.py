@@ -210,3 +210,13 @@ def test_masked_in_place_restores_the_kv_rows_of_emptied_groups(stories, stories
         assert torch.equal(logits(model, stories_text_ids), ref)
         assert model.model.layers[1].self_attn.k_proj.weight[:8].abs().max() == 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_slicegpt_refuses_uneven_groups_before_any_pass(stories):
+    """The sliced save format has no query-to-KV map: SliceGPT says so from the shapes, before calibration."""
+    from pruning.methods.slicegpt import slicegpt
+
+    model, _, _ = stories
+    apply_plan(model, uneven_plan())
+    with pytest.raises(PruningError, match="uneven KV groups"):
+        slicegpt(slicing=0.2).budget(model, None)
