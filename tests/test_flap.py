@@ -396,8 +396,10 @@ def test_streaming_fluctuation_is_flaps_estimator(stories, calib):
     for h in handles:
         h.remove()
     got = streaming_fluctuation(model, calib, list(range(5)), progress=False)
+    as_windows = streaming_fluctuation(model, list(calib), list(range(5)), progress=False)   # variable-length form
     exact = collect(model, calib, progress=False)
     for key, w in wrapped.items():
         torch.testing.assert_close(got[key], w.fluc_inp, rtol=1e-9, atol=1e-12)
+        assert torch.equal(as_windows[key], got[key])
         ratio = got[key] / exact[key[0]][key[1]].var
         assert ratio.std() / ratio.mean() > 1e-3

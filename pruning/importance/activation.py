@@ -112,7 +112,7 @@ class FluctuationScorer(ActivationScorer):
         return reduce_units(self.channel_scores(sset), output_member(sset), self.reduce)
 
 
-def streaming_fluctuation(model, calib: torch.Tensor, layers: list[int], sites=("o_proj", "down_proj"),
+def streaming_fluctuation(model, calib, layers: list[int], sites=("o_proj", "down_proj"),
                           progress: bool = True) -> dict[tuple[int, str], torch.Tensor]:
     """FLAP's own variance estimate (``BiasGPT.add_batch``), which its code feeds one calibration sample per step.
 
@@ -121,14 +121,15 @@ def streaming_fluctuation(model, calib: torch.Tensor, layers: list[int], sites=(
     f_1 = 0, f_n = f_{n−1}·(n−2)/(n−1) + S_n/n: the first sample enters the mean only, and the result is about
     T (tokens per sample) times the variance. S_n comes from each sample's Σx and Σx² (the collector, one sample
     at a time, in float64). METHODS.md §3.3 "Estimator"."""
-    from pruning.calibration import collect
+    from pruning.calibration import collect, is_variable_length
     from tqdm.auto import tqdm
 
+    samples = [w[None] for w in calib] if is_variable_length(calib) else [calib[n : n + 1] for n in range(len(calib))]
     out: dict[tuple[int, str], torch.Tensor] = {}
     mean: dict[tuple[int, str], torch.Tensor] = {}
-    for n in tqdm(range(calib.shape[0]), desc="FLAP streaming variance", unit="sample", disable=not progress):
-        stats = collect(model, calib[n : n + 1], stats=("mean", "sqnorm"), sites=sites, layers=layers,
-                        mode="sequential", progress=False)
+    for n, sample in enumerate(tqdm(samples, desc="FLAP streaming variance", unit="sample", disable=not progress)):
+        stats = collect(model, sample, stats=("mean", "sqnorm"), sites=sites, layers=layers, mode="sequential",
+                        progress=False)
         for i in layers:
             for site in sites:
                 st, key = stats[i][site], (i, site)
