@@ -180,7 +180,8 @@ def masked_reference(cfg, method, dense, plan, calib):
 
 
 def kept_widths(config, plan: PrunePlan, added_bias: bool) -> list[tuple]:
-    """(heads, KV heads, MLP width, o bias added, down bias added) per kept layer, from the plan alone."""
+    """(heads, KV heads, MLP width, o bias added, down bias added) per kept layer, from the plan alone: a KV head
+    stays while one of its query heads does (query-head units may empty a group)."""
     H, KV, I = config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
     g = H // KV
     out = []
@@ -188,9 +189,10 @@ def kept_widths(config, plan: PrunePlan, added_bias: bool) -> list[tuple]:
         if layer in plan.blocks:
             continue
         kv_rm, q_rm = set(plan.units("kv_group", layer)), set(plan.units("q_head", layer))
-        heads = sum(1 for h in range(H) if h // g not in kv_rm and h not in q_rm)
+        kept = [h for h in range(H) if h // g not in kv_rm and h not in q_rm]
         inter = I - len(set(plan.units("mlp", layer)))
-        out.append((heads, KV - len(kv_rm), inter, added_bias and heads < H, added_bias and inter < I))
+        out.append((len(kept), len({h // g for h in kept}), inter, added_bias and len(kept) < H,
+                    added_bias and inter < I))
     return out
 
 
@@ -326,13 +328,26 @@ torch.save(out, sys.argv[2])
 """
 
 
+def uneven_plan(config) -> PrunePlan:
+    """Query heads off single KV groups: layer 0 loses query head 0; layer 1 every query head of KV head 0 (which
+    leaves) and one of KV head 1; layer 2 MLP channels. The GQA groups of layers 0 and 1 become uneven."""
+    g = config.num_attention_heads // config.num_key_value_heads
+    plan = PrunePlan()
+    plan.add("q_head", 0, [0])
+    plan.add("q_head", 1, list(range(g + 1)))
+    plan.add("mlp", 2, list(range(0, 160, 5)))
+    return plan
+
+
 def heterogeneous(family: str):
-    """Per-layer widths plus a FLAP-style o/down bias on one layer: only the pruned_<family> format holds it."""
+    """Per-layer widths, uneven GQA groups and a FLAP-style o/down bias: only the pruned_<family> format holds it."""
     model = small_model(family, seed=1)
     adapter = adapter_for(model)
+    g = model.config.num_attention_heads // model.config.num_key_value_heads
     plan = PrunePlan()
     plan.add("kv_group", 0, [1])
     plan.add("mlp", 1, list(range(0, 160, 3)))
+    plan.add("q_head", 2, list(range(g + 1)))
     plan.add("block", None, [3])
     apply_plan(model, plan)
     add_bias(adapter.o_proj(adapter.layers[0]), torch.randn(COMMON["hidden_size"], dtype=torch.float64))
@@ -363,6 +378,36 @@ def test_save_formats_reload_with_trust_remote_code(text_ids, tmp_path):
     got = torch.load(tmp_path / "out.pt")
     for d in dirs:
         assert torch.equal(got[d], refs[d]), d
+
+
+@pytest.mark.parametrize("family", list(SMALL))
+def test_uneven_query_heads_every_family(family, text_ids, tmp_path):
+    """Uneven GQA groups in every family (Qwen2's q/k/v biases leave with their rows, Qwen3's q/k norms stay,
+    Mistral's window applies): surgery == masking in float64, params == closed form of the kept widths, greedy
+    generation with the KV cache == the masked model's, and save -> reload (pruned_<family>, the registered classes)
+    gives bit-identical logits and the same map. The trust_remote_code path: test_save_formats_reload_..."""
+    model = small_model(family)
+    adapter = adapter_for(model)
+    plan = uneven_plan(model.config)
+    masked = mask_plan(copy.deepcopy(model), plan)
+    apply_plan(model, plan)
+    out = logits(model, text_ids)
+    assert (out - logits(masked, text_ids)).abs().max().item() <= 1e-10
+    widths = kept_widths(masked.config, plan, False)
+    g = masked.config.num_attention_heads // masked.config.num_key_value_heads
+    kv = masked.config.num_key_value_heads
+    assert [w.kv_group_sizes for w in adapter.all_widths()[:2]] == [(g - 1,) + (g,) * (kv - 1),
+                                                                    (g - 1,) + (g,) * (kv - 2)]
+    assert adapter.num_params() == closed_form(family, widths, adapter.is_tied)
+    kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    assert torch.equal(model.generate(text_ids[:, :12], **kw), masked.generate(text_ids[:, :12], **kw))
+    saved = save_pruned(model, tmp_path / "uneven", tokenizer())
+    config = json.loads((saved / "config.json").read_text())
+    assert config["model_type"] == f"pruned_{family}"
+    assert config["layer_kv_group_sizes"][:2] == [[g - 1] + [g] * (kv - 1), [g - 1] + [g] * (kv - 2)]
+    reloaded = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float64)
+    assert adapter_for(reloaded).all_widths() == adapter.all_widths()
+    assert torch.equal(logits(reloaded, text_ids), out)
 
 
 @pytest.mark.parametrize("family", list(SMALL))

@@ -89,10 +89,10 @@ def test_al_am_hits_the_target_and_counts_biases(calib):
     method.apply(model, plan)
     achieved = 1 - adapter.num_params() / 292_800
     assert achieved == pytest.approx(plan.meta["planned_ratio"], abs=1e-12)
-    assert abs(achieved - 0.2) * 292_800 <= 3 * D * HD       # within one KV-group's params of the target
+    assert abs(achieved - 0.2) * 292_800 <= 4 * D * HD    # within one step: a query head with its freed KV head
     widths = adapter.all_widths()
     biased = sum(w.o_proj_bias for w in widths) + sum(w.down_proj_bias for w in widths)
-    assert biased == sum(1 for k in ("kv_group", "mlp") for layer in plan.remove.get(k, {}) if plan.remove[k][layer])
+    assert biased == sum(1 for k in ("q_head", "mlp") for layer in plan.remove.get(k, {}) if plan.remove[k][layer])
     assert len(set(counts(adapter))) > 1                     # adaptive: layers differ
 
 
@@ -107,23 +107,29 @@ def test_adaptive_modes_never_empty_a_layer(calib):
 
 
 def test_ul_um_is_uniform(calib):
+    """FLAP's count rule: int(p·n) query heads and MLP channels in every layer (a KV head may leave with its last
+    query head, so KV counts may differ); the reported fraction is the exact one."""
     model, _, adapter = load_model(STORIES)
     method = flap("UL-UM", progress=False)
     plan = method.prune(model, 0.2, calib)
     method.apply(model, plan)
-    assert len(set(counts(adapter))) == 1 and counts(adapter)[0] != (8, 4, 172)
+    p = plan.meta["allocation"]["counts"]["p"]
+    assert {(h, inter) for h, _, inter in counts(adapter)} == {(8 - int(8 * p), 172 - int(172 * p + 1e-9))}
+    assert counts(adapter)[0] != (8, 4, 172)
     assert 1 - adapter.num_params() / 292_800 == pytest.approx(plan.meta["planned_ratio"], abs=1e-12)
 
 
+@pytest.mark.parametrize("structures,kind,heads", [(("q_head", "mlp"), "q_head", 7),
+                                                   (("kv_group", "mlp"), "kv_group", 6)])
 @pytest.mark.parametrize("structure", ["UL-MM", "AL-MM"])
-def test_manual_mix_removes_remove_heads(calib, structure):
+def test_manual_mix_removes_remove_heads(calib, structure, structures, kind, heads):
     model, _, adapter = load_model(STORIES)
-    method = flap(structure, remove_heads=5, progress=False)
+    method = flap(structure, remove_heads=5, structures=structures, progress=False)
     plan = method.prune(model, 0.2, calib)
-    assert sum(len(u) for u in plan.remove["kv_group"].values()) == 5
+    assert sum(len(u) for u in plan.remove[kind].values()) == 5
     method.apply(model, plan)
-    if structure == "UL-MM":
-        assert len(set(counts(adapter))) == 1 and counts(adapter)[0][1] == 3
+    if structure == "UL-MM":                       # remove_heads // 5 layers = one unit per layer
+        assert {h for h, _, _ in counts(adapter)} == {heads} and len({c for _, _, c in counts(adapter)}) == 1
     assert abs(1 - adapter.num_params() / 292_800 - 0.2) < 0.01
 
 
@@ -134,13 +140,21 @@ def test_manual_mix_needs_remove_heads():
         flap("AL-XX")
 
 
-def test_query_head_units_are_taken_evenly(calib):
+def test_query_heads_go_one_at_a_time(calib):
+    """AL-AM pools single query heads (no rounds of one head per KV group): the lowest go wherever they are, a KV
+    head leaves with its last query head, a layer keeps one, and the exact removal (k/v rows included) is reported."""
     model, _, adapter = load_model(STORIES)
-    method = flap(structures=("q_head", "mlp"), progress=False)
-    plan = method.prune(model, 0.3, calib)
-    assert plan.remove.get("q_head")
-    method.apply(model, plan)          # surgery refuses uneven removal, so this also checks the rounds
-    assert all(h % kv == 0 and kv == 4 for h, kv, _ in counts(adapter))
+    method = flap(progress=False)
+    plan = method.prune(model, 0.5, calib)
+    per_layer = [len(plan.units("q_head", i)) for i in range(5)]
+    assert len(set(per_layer)) > 1 and any(n % 4 for n in per_layer)     # not multiples of the 4 KV groups
+    method.apply(model, plan)
+    widths = adapter.all_widths()
+    assert any(not w.even for w in widths) and all(w.num_heads >= 1 for w in widths)
+    for i, w in enumerate(widths):       # a KV head stays exactly while one of its query heads does
+        kept = [h for h in range(8) if h not in plan.units("q_head", i)]
+        assert w.num_kv_heads == len({h // G for h in kept}) and w.num_heads == len(kept)
+    assert 1 - adapter.num_params() / 292_800 == pytest.approx(plan.meta["planned_ratio"], abs=1e-12)
 
 
 def repeated_token(n=2, length=24, token=300):
@@ -272,3 +286,120 @@ def test_cli_allocation_modes_are_selectable(tmp_path):
     for rec in recs.values():
         assert abs(rec["params"]["achieved_ratio"] - 0.2) < 0.02
         assert all(np.isfinite(v["ppl"]) for v in rec["metrics"]["ppl"].values())
+
+
+# -- the native knob: FLAP's --pruning_ratio with the official counts ------------------------------------------------
+
+
+def unit_scores(model, calib, method):
+    """The method's per-unit scores (standardised for AL-*), from its own sets and the dense statistics."""
+    sets = method.sets(model)
+    scorer = method.scorer.bind(collect(model, calib, progress=False))
+    return sets, [method.allocation.unit_scores(s, scorer.channel_scores(s)) for s in sets]
+
+
+def test_al_am_native_threshold_is_the_official_code(stories, calib):
+    """lib/prune.py AL-AM, re-run here line by line on the same standardised scores: pool heads and channels, sort
+    descending, weight a head int(512/3)-style (``ones_like`` of the int64 sort indices, so 4·d_h/3 = 10.67 is
+    stored as 10), threshold at argmin |cumsum − (1 − p)·Σ|, keep scores > threshold."""
+    model, _, adapter = stories
+    p = 0.3
+    method = flap(attn_mlp_ratio=p, progress=False)
+    sets, scores = unit_scores(model, calib, method)
+    attn_metric = torch.stack([sc for s, sc in zip(sets, scores) if s.kind == "q_head"])
+    mlp_metric = torch.stack([sc for s, sc in zip(sets, scores) if s.kind == "mlp"])
+    prune_metric = torch.cat([attn_metric.view(-1), mlp_metric.view(-1)])
+    sorted_prune, indices = torch.sort(prune_metric, descending=True)
+    compression_weight = torch.ones_like(indices)
+    compression_weight[indices < attn_metric.numel()] = 4 * HD / 3
+    threshold = sorted_prune[torch.argmin(torch.abs(torch.cumsum(compression_weight, 0)
+                                                    - torch.sum(compression_weight) * (1 - p)))]
+    attn_mask, mlp_mask = attn_metric > threshold, mlp_metric > threshold
+    plan = method.allocation.allocate(sets, scores, method.allocation.budget(sets, None, 292_800))
+    for layer in range(5):
+        assert plan.units("q_head", layer) == (~attn_mask[layer]).nonzero().flatten().tolist()
+        assert plan.units("mlp", layer) == (~mlp_mask[layer]).nonzero().flatten().tolist()
+    assert compression_weight[indices < attn_metric.numel()][0] == 10
+    assert "spared" not in plan.meta["allocation"] and plan.meta["allocation"]["attn_mlp_ratio"] == p
+
+
+@pytest.mark.parametrize("structure,remove_heads,heads,mlp", [
+    ("UL-UM", None, [1] * 5, [34] * 5),        # int(0.2·8), int(0.2·172) in every layer
+    ("UL-MM", 5, [1] * 5, [40] * 5),           # cal_remove_neuron: int((0.2·(3·172·64 + 4·64²) − 4·64·8) / (3·64))
+    ("AL-MM", 7, None, None),                  # 7 heads over all layers; int((5·0.2·49408 − 4·64·8·7) / 192) = 182
+])
+def test_native_counts_per_mode(calib, structure, remove_heads, heads, mlp):
+    model, _, adapter = load_model(STORIES)
+    method = flap(structure, remove_heads=remove_heads, attn_mlp_ratio=0.2, progress=False)
+    plan = method.prune(model, None, calib)
+    got_heads = [len(plan.units("q_head", i)) for i in range(5)]
+    got_mlp = [len(plan.units("mlp", i)) for i in range(5)]
+    if heads is None:
+        assert sum(got_heads) == 7 and sum(got_mlp) == 182
+    else:
+        assert (got_heads, got_mlp) == (heads, mlp)
+    method.apply(model, plan)
+    assert 1 - adapter.num_params() / 292_800 == pytest.approx(plan.meta["planned_ratio"], abs=1e-12)
+
+
+def test_native_knob_is_the_cell_operating_point():
+    """attn_mlp_ratio defines the cell (pruning.ratio must then be null) and is validated up front."""
+    from experiments.cell import operating_point
+
+    method = flap(attn_mlp_ratio=0.2, progress=False)
+    assert str(method.operating_point()) == "method.attn_mlp_ratio=0.2"
+    assert operating_point(method, None) == (None, method.operating_point().as_dict())
+    with pytest.raises(PruningError, match="pruning.ratio=0.2 would not be used"):
+        operating_point(method, 0.2)
+    assert flap(progress=False).operating_point() is None
+    with pytest.raises(PruningError, match="attn_mlp_ratio"):
+        flap(attn_mlp_ratio=1.0)
+    with pytest.raises(PruningError, match="variance"):
+        flap(variance="welford")
+
+
+class BiasGPT:
+    """lib/layerwrapper.py's estimator as the official code has it (float64 here), fed one sample per forward."""
+
+    def __init__(self, in_dim):
+        self.nsamples, self.baseline_inp, self.fluc_inp = 0, torch.zeros(in_dim, dtype=torch.float64), None
+
+    def add_batch(self, inp):
+        inp = inp.reshape(-1, inp.shape[-1]).t().double()
+        batch_size = 1
+        old_baseline_inp = self.baseline_inp          # an alias: the in-place update below changes it too
+        self.baseline_inp *= self.nsamples / (self.nsamples + batch_size)
+        self.baseline_inp += torch.mean(inp, dim=1) / (self.nsamples + batch_size)
+        if self.nsamples == 0:
+            self.fluc_inp = 0
+        else:
+            self.fluc_inp *= (self.nsamples - 1) / (self.nsamples + batch_size - 1)
+            self.fluc_inp += torch.sum((inp - self.baseline_inp.unsqueeze(1)) * (inp - old_baseline_inp.unsqueeze(1)),
+                                       dim=1) / (self.nsamples + batch_size)
+        self.nsamples += batch_size
+
+
+def test_streaming_fluctuation_is_flaps_estimator(stories, calib):
+    """``variance=official_streaming`` reproduces BiasGPT's per-sample update (first sample in the mean only, the
+    aliased mean); it differs from the exact variance beyond the token-count scale (so the check can fail)."""
+    from pruning.importance.activation import streaming_fluctuation
+
+    model, _, _ = stories
+    wrapped, handles = {}, []
+    for i, layer in enumerate(model.model.layers):
+        for site, mod in (("o_proj", layer.self_attn.o_proj), ("down_proj", layer.mlp.down_proj)):
+            w = wrapped[(i, site)] = BiasGPT(mod.in_features)
+            handles.append(mod.register_forward_pre_hook(lambda m, a, w=w: w.add_batch(a[0])))
+    with torch.no_grad():
+        for k in range(calib.shape[0]):
+            model(calib[k : k + 1])
+    for h in handles:
+        h.remove()
+    got = streaming_fluctuation(model, calib, list(range(5)), progress=False)
+    as_windows = streaming_fluctuation(model, list(calib), list(range(5)), progress=False)   # variable-length form
+    exact = collect(model, calib, progress=False)
+    for key, w in wrapped.items():
+        torch.testing.assert_close(got[key], w.fluc_inp, rtol=1e-9, atol=1e-12)
+        assert torch.equal(as_windows[key], got[key])
+        ratio = got[key] / exact[key[0]][key[1]].var
+        assert ratio.std() / ratio.mean() > 1e-3

@@ -152,17 +152,20 @@ def test_one_forward_no_backward_and_bad_switches(stories, calib):
             llm_bip(**kw)
 
 
-@pytest.mark.parametrize("mode", ["per_layer", "global"])
-def test_plan_masking_equals_surgery(calib, stories_text_ids, mode):
+@pytest.mark.parametrize("mode,structures,ratio", [("per_layer", ("kv_group", "mlp"), 0.2),
+                                                    ("global", ("kv_group", "mlp"), 0.2),
+                                                    ("global", ("q_head", "mlp"), 0.6)])   # uneven GQA groups
+def test_plan_masking_equals_surgery(calib, stories_text_ids, mode, structures, ratio):
     model, _, adapter = load_model(STORIES, dtype="float64")
-    meth = llm_bip(allocation_mode=mode, progress=False)
-    plan = meth.prune(model, 0.2, calib)
+    meth = llm_bip(allocation_mode=mode, structures=structures, progress=False)
+    plan = meth.prune(model, ratio, calib)
     assert plan.meta["llm_bip"]["variant"] == "interp_v1"
-    assert abs(plan.meta["planned_ratio"] - 0.2) < 0.01
+    assert abs(plan.meta["planned_ratio"] - ratio) < 0.01
     masked = logits(mask_plan(model, plan), stories_text_ids)
     model2, _, adapter2 = load_model(STORIES, dtype="float64")
     meth.apply(model2, plan, calib)
-    assert adapter2.num_params() < 292_800
+    assert 1 - adapter2.num_params() / 292_800 == pytest.approx(plan.meta["planned_ratio"], abs=1e-12)
+    assert ("q_head" not in structures) or any(not w.even for w in adapter2.all_widths())
     assert torch.allclose(logits(model2, stories_text_ids), masked, atol=1e-10)
 
 

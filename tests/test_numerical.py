@@ -116,6 +116,33 @@ def test_global_param_budget_within_one_unit(stories):
     assert sum(len(v) for per in plan.remove.values() for v in per.values()) == int(0.1 * sum(s.n_units for s in sets))
 
 
+def test_global_rank_takes_single_query_heads_with_exact_accounting(stories):
+    """With q_head units the pooled ranking removes single query heads wherever they rank; a KV head whose last
+    query head goes frees its k/v rows (2·d·d_h), which the tally counts as it goes and the plan reports."""
+    model, _, adapter = stories
+    sets = [s for k in ("q_head", "mlp") for s in structure_sets(adapter, k)]
+    total = adapter.num_params()
+    gen = torch.Generator().manual_seed(3)
+    scores = [torch.rand(s.n_units, generator=gen, dtype=torch.float64) * (0.5 if s.kind == "q_head" else 1.0)
+              for s in sets]
+    alloc = GlobalRank()
+    plan = alloc.allocate(sets, scores, alloc.budget(sets, 0.3, total))
+    removed, uneven = 0, False
+    for s in sets:
+        gone = plan.units(s.kind, s.layer)
+        assert len(gone) < s.n_units
+        removed += len(gone) * s.params_per_unit
+        if s.kind == "q_head":
+            left = [sum(1 for h in range(2 * j, 2 * j + 2) if h not in gone) for j in range(4)]
+            removed += left.count(0) * 2 * 64 * 8          # emptied KV heads: their k and v rows
+            uneven |= len(set(v for v in left if v)) > 1 or (0 in left and any(left))
+    assert uneven and plan.meta["allocation"]["achieved"] == removed / total
+    assert abs(removed - 0.3 * total) <= 2 * 1024
+    unit = GlobalRank("unit_count")
+    plan = unit.allocate(sets, scores, unit.budget(sets, 0.2, total))
+    assert sum(len(v) for per in plan.remove.values() for v in per.values()) == int(0.2 * sum(s.n_units for s in sets))
+
+
 def test_bad_options_fail_fast():
     for kw in ({"lam": -1.0}, {"comp_inputs": "online"}, {"unit_ratio": 1.5}, {"damp": -0.1},
                {"alpha": "huge"}, {"bogus": 1}):
@@ -189,13 +216,15 @@ def test_compensation_lowers_calibration_loss(calib):
 
 
 def test_masking_equals_surgery_after_compensation(calib, stories_text_ids):
+    """Query-head units at 0.6: the ranking empties some KV heads and leaves uneven groups (checked)."""
     model, _, adapter = load_model(STORIES, dtype="float64")
     meth = numerical(structures=("q_head", "mlp"), progress=False)
-    plan = meth.prune(model, 0.2, calib)
+    plan = meth.prune(model, 0.6, calib)
     obs_compensation(model, plan, calib, progress=False, surgery=False)
     masked = logits(mask_plan(model, plan), stories_text_ids)
     apply_plan(model, plan)
-    assert adapter.num_params() < 292_800
+    assert any(not w.even for w in adapter.all_widths())
+    assert 1 - adapter.num_params() / 292_800 == pytest.approx(plan.meta["planned_ratio"], abs=1e-12)
     assert torch.allclose(logits(model, stories_text_ids), masked, atol=1e-10)
 
 

@@ -56,10 +56,10 @@ def _alpaca_and_one_thread():
 
 
 def prune_heterogeneous(model):
-    """Different q/kv/MLP widths per layer, so LoRA adapters of several shapes are needed."""
+    """Different q/kv/MLP widths per layer and uneven GQA groups, so LoRA adapters of several shapes are needed."""
     plan = PrunePlan()
     plan.add("kv_group", 0, [1])
-    plan.add("q_head", 1, [0, 3, 4, 7])
+    plan.add("q_head", 1, [0, 1, 4])          # KV head 0 leaves, KV head 2 keeps one query head
     plan.add("mlp", 2, list(range(0, 172, 4)))
     plan.add("mlp", 3, [5, 6])
     apply_plan(model, plan)
@@ -81,7 +81,7 @@ def test_peft_adapters_follow_each_pruned_shape(stories):
     targets = target_module_names(model, ROLES)
     assert len(targets) == 7 * 5 and {t + ".weight" for t in targets} == projection_names(model)
     shapes = {n: tuple(m.weight.shape) for n, m in model.named_modules() if n in targets}
-    assert len(set(shapes.values())) > 4          # heterogeneous: q 64->48/32, o 48/32->64, MLP 129/170/172
+    assert len(set(shapes.values())) > 4          # heterogeneous: q 64->48/40, k/v 64->24, o 48/40->64, MLP 129/170/172
     peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
     for name, (out_f, in_f) in shapes.items():
         mod = peft_model.get_submodule("base_model.model." + name)

@@ -1,5 +1,5 @@
 """Acceptance: save -> reload (after `import pruning`, and with trust_remote_code in a process that never
-imports pruning) gives identical logits, for heterogeneous widths and removed blocks."""
+imports pruning) gives identical logits, for heterogeneous widths, uneven GQA groups and removed blocks."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pruning.surgery.save import save_pruned
 def heterogeneous_plan() -> PrunePlan:
     plan = PrunePlan()
     plan.add("kv_group", 0, [1])
-    plan.add("q_head", 1, [0, 3, 4, 7])
+    plan.add("q_head", 1, [0, 1, 4])          # uneven GQA groups: KV head 0 leaves, KV head 2 keeps one query head
     plan.add("mlp", 2, list(range(0, 172, 4)))
     plan.add("mlp", 3, [5, 6])
     plan.add("block", None, [4])
@@ -32,8 +32,10 @@ import sys, torch
 from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
 assert not any(k == "pruning" or k.startswith("pruning.") for k in sys.modules), "pruning was imported"
+ids = torch.load(sys.argv[2])
 with torch.no_grad():
-    torch.save(m(torch.load(sys.argv[2])).logits, sys.argv[3])
+    torch.save({"logits": m(ids).logits, "generated": m.generate(ids[:, :8], max_new_tokens=8, do_sample=False)},
+               sys.argv[3])
 print(type(m).__module__)
 """
 
@@ -45,7 +47,9 @@ def test_heterogeneous_save_reload_both_ways(stories, stories_text_ids, tmp_path
     out = save_pruned(model, tmp_path / "pruned", tok, meta={"note": "test"})
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "pruned_llama" and cfg["num_hidden_layers"] == 4
-    assert cfg["layer_num_attention_heads"] == [6, 4, 8, 8] and cfg["layer_intermediate_size"] == [172, 172, 129, 170]
+    assert cfg["layer_num_attention_heads"] == [6, 5, 8, 8] and cfg["layer_intermediate_size"] == [172, 172, 129, 170]
+    assert cfg["layer_num_key_value_heads"] == [3, 3, 4, 4]
+    assert cfg["layer_kv_group_sizes"] == [[2, 2, 2], [2, 1, 2], [2, 2, 2, 2], [2, 2, 2, 2]]
     assert "auto_map" in cfg and (out / "modeling_pruned_llama.py").is_file()
 
     # 1) registered classes (this process imported pruning)
@@ -59,7 +63,9 @@ def test_heterogeneous_save_reload_both_ways(stories, stories_text_ids, tmp_path
                           cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "transformers_modules" in proc.stdout
-    assert (torch.load(tmp_path / "l.pt") - ref).abs().max().item() <= 1e-6
+    remote = torch.load(tmp_path / "l.pt")
+    assert (remote["logits"] - ref).abs().max().item() <= 1e-6
+    assert torch.equal(remote["generated"], model.generate(stories_text_ids[:, :8], max_new_tokens=8, do_sample=False))
 
 
 def test_uniform_widths_save_as_plain_llama(stories, stories_text_ids, tmp_path):

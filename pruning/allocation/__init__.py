@@ -12,8 +12,18 @@ from dataclasses import dataclass
 import torch
 
 from pruning.errors import InfeasibleRatioError
-from pruning.structures import StructureSet
-from pruning.surgery.plan import PrunePlan
+from pruning.structures import StructureSet, removed_params
+from pruning.surgery.plan import MODEL_WIDE, PrunePlan
+
+
+def plan_params(sets: list[StructureSet], plan: PrunePlan) -> int:
+    """Parameters a plan removes from these sets: exact for heads and channels (the last query head of a KV head
+    frees its k/v rows too), the sets' mean block size for blocks."""
+    def units(s: StructureSet) -> list[int]:
+        if s.kind == "block":
+            return [u for u, layer in enumerate(s.unit_layers) if layer in set(plan.blocks)]
+        return plan.units(s.kind, MODEL_WIDE if s.kind == "hidden" else s.layer)
+    return sum(removed_params(s, units(s)) for s in sets)
 
 
 def check_ratio(ratio: float | None, name: str = "pruning.ratio") -> float:
@@ -52,7 +62,8 @@ def _removed(sset: StructureSet, p: float, rule: str = "llm_pruner") -> int:
 
     llm_pruner: attention units are counted on their root's channels, floor((C - int(C(1-p))) / d_h) with
     C = units·d_h (``count_channels``), as LLM-Pruner's consecutive groups; query heads come off every KV group
-    equally. floor: int(p·n) units of each kind per layer (FLAP's code).
+    equally. floor: int(p·n) units of each kind per layer (FLAP's code); query heads int(p·H) of the layer's H,
+    whichever score lowest (uneven KV groups).
     """
     if rule == "floor":
         return floor_rule(sset.n_units, p)
@@ -81,6 +92,8 @@ class Uniform:
 
     p is chosen so the achieved fraction of all parameters is closest to the target. With
     ``layer_start_frac=0.125, layer_end_frac=0.9375`` this is LLM-Pruner's layer range [4, 30) of 32 layers.
+    Under the floor rule a query head's KV head may lose all its query heads (and leave with them) only once the
+    scores are known: p is chosen on the heads' own parameters, and the plan reports the exact removal.
     """
 
     layer_start_frac: float = 0.0
@@ -119,7 +132,8 @@ class Uniform:
         # candidate p values: every breakpoint where some set's removed count changes
         cands = {0.0}
         for s in sets:
-            n = s.n_units // (int(s.partition.max()) + 1) if s.partition is not None else s.n_units
+            even_split = s.partition is not None and self.count_rule == "llm_pruner"
+            n = s.n_units // (int(s.partition.max()) + 1) if even_split else s.n_units
             cands.update((k / n) + 1e-12 for k in range(n))
         feasible = sorted(p for p in cands if p < 1.0 and not any(self.removed(s, p) >= s.n_units for s in sets))
         best_max = self._params_at(sets, feasible[-1]) / total_params
@@ -140,7 +154,7 @@ class Uniform:
             n = self.removed(sset, budget.p)
             if n == 0:
                 continue
-            if sset.partition is not None:   # lowest m heads inside every KV group
+            if sset.partition is not None and self.count_rule == "llm_pruner":   # lowest m inside every KV group
                 groups = int(sset.partition.max()) + 1
                 m = n // groups
                 for g in range(groups):
@@ -153,5 +167,6 @@ class Uniform:
                     lowest = [sset.unit_layers[u] for u in lowest]
                 plan.add(sset.kind, sset.layer, lowest)
         plan.meta["allocation"] = {"type": "uniform", "p": budget.p, "count_rule": self.count_rule,
-                                   "target": budget.target, "achieved": budget.achieved}
+                                   "target": budget.target,
+                                   "achieved": plan_params(sets, plan) / budget.total_params}
         return plan

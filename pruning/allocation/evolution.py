@@ -186,6 +186,11 @@ def masked_in_place(model: nn.Module, plan: PrunePlan):
                 save(linear.weight, m.dim, idx)
                 if m.dim == 0 and linear.bias is not None:
                     save(linear.bias, 0, idx)
+            if kind == "q_head":     # masking also zeroes the k/v rows of a KV head whose last query head goes
+                for linear in (adapter.k_proj(layer), adapter.v_proj(layer)):
+                    for p in (linear.weight, linear.bias):
+                        if p is not None:
+                            save(p, 0, torch.arange(p.shape[0], device=p.device))
     for b in plan.blocks:
         for linear in (adapter.o_proj(adapter.layers[b]), adapter.down_proj(adapter.layers[b])):
             for p in (linear.weight, linear.bias):

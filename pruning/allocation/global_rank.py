@@ -9,9 +9,9 @@ across layers and kinds (Numerical: α-scaled z*; LLM-BIP: importance relative t
 - ``unit_count`` (the paper's Eq. 8): ``pruning.ratio`` is read as the paper's ρ, a fraction of *units* (heads +
   channels over all candidate layers); η = the ρ·N-th lowest score. The parameter fraction achieved is reported.
 
-A layer is never emptied: every set keeps its best unit (query heads: one head per KV group, removed in rounds of
-one head from every group), as in FLAP's adaptive modes (the pooled entries are built by the same helper).
-Feasibility is decided from counts, before scoring.
+A layer is never emptied: every set keeps its best unit, as in FLAP's adaptive modes (the pooled entries are built by
+the same helper). Query heads go one at a time wherever they rank (uneven KV groups); a KV head leaves with its last
+query head and its k/v rows count as removed. Feasibility is decided from counts, before scoring.
 """
 
 from __future__ import annotations
@@ -20,17 +20,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pruning.allocation import Budget, Uniform, check_ratio
-from pruning.allocation.flap import _entries
+from pruning.allocation import Budget, Uniform, check_ratio, plan_params
+from pruning.allocation.flap import Tally, _entries, _max_removed
 from pruning.errors import InfeasibleRatioError, PruningError
 from pruning.structures import StructureSet
 from pruning.surgery.plan import PrunePlan
 
 THRESHOLDS = ("param_budget", "unit_count")
-
-
-def _groups(s: StructureSet) -> int:
-    return int(s.partition.max()) + 1 if s.partition is not None else 1
 
 
 @dataclass
@@ -54,13 +50,13 @@ class GlobalRank:
             raise PruningError(f"global ranking pools heads and MLP channels, not {sorted(set(bad))}")
         if self.threshold == "unit_count":
             n_units = sum(s.n_units for s in sets)
-            removable = sum(s.n_units - _groups(s) for s in sets)
+            removable = sum(s.n_units - 1 for s in sets)
             if int(ratio * n_units) > removable:
                 raise InfeasibleRatioError(f"unit_count threshold: removing {ratio} of {n_units} units would empty "
                                            f"a layer (at most {removable} can go)")
             est = ratio * sum(s.n_units * s.params_per_unit for s in sets)   # exact value known after ranking
             return Budget(ratio, total_params, ratio, int(round(est)))
-        max_removed = sum((s.n_units - _groups(s)) * s.params_per_unit for s in sets)
+        max_removed = sum(_max_removed(s) for s in sets)
         if ratio * total_params > max_removed + 1e-9:
             raise InfeasibleRatioError(
                 f"pruning.ratio={ratio} is infeasible for global ranking: keeping one attention unit and one MLP "
@@ -72,27 +68,20 @@ class GlobalRank:
         removed = 0
         if budget.target > 0 and sets:
             entries = [e for i, (s, sc) in enumerate(zip(sets, scores)) for e in _entries(i, s, sc)]
-            entries.sort(key=lambda e: (e.score, e.set_idx, e.units[0]))
+            entries.sort(key=lambda e: (e.score, e.set_idx, e.unit))
             if self.threshold == "unit_count":
-                n_max = int(budget.target * sum(s.n_units for s in sets))
-                chosen, n = [], 0
-                for e in entries:
-                    if n + len(e.units) > n_max:
-                        break
-                    chosen.append(e)
-                    n += len(e.units)
-                removed = sum(e.params for e in chosen)
+                chosen = entries[: int(budget.target * sum(s.n_units for s in sets))]
             else:
                 target = budget.target * budget.total_params
-                best_k, run = 0, 0
-                best = 0
+                tally, best_k, best = Tally(sets), 0, 0
                 for k, e in enumerate(entries, 1):
-                    run += e.params
-                    if abs(run - target) < abs(best - target):
-                        best_k, best = k, run
-                chosen, removed = entries[:best_k], best
+                    tally.take(e)
+                    if abs(tally.removed - target) < abs(best - target):
+                        best_k, best = k, tally.removed
+                chosen = entries[:best_k]
             for e in chosen:
-                plan.add(sets[e.set_idx].kind, sets[e.set_idx].layer, e.units)
+                plan.add(sets[e.set_idx].kind, sets[e.set_idx].layer, [e.unit])
+            removed = plan_params(sets, plan)
         split: dict[str, int] = {}
         for kind, per in plan.remove.items():
             split[kind] = sum(len(v) for v in per.values())

@@ -19,6 +19,7 @@ from pruning.structures import Member, StructureSet
 
 ATTENTION_KINDS = ("kv_group", "q_head")
 REDUCTIONS = ("sum", "mean")
+VARIANCES = ("exact", "official_streaming")
 
 
 class ActivationScorer(Scorer):
@@ -69,6 +70,8 @@ class FluctuationScorer(ActivationScorer):
     - ``IFV``: Var(x_j);  ``WIFN``: mean_i |W_ij|·sqrt(mean_t x_tj²).
     The official code squares the attention metric before use (``square_attention``); units sum their channels
     (FLAP's UL-* head score; its AL-* modes standardise channels first, see ``pruning.allocation.flap``).
+    ``bind(stats, fluctuation)`` replaces Var by another estimate per (layer, site), e.g. FLAP's own
+    (``streaming_fluctuation``).
     """
 
     METRICS = ("WIFV", "IFV", "WIFN")
@@ -81,15 +84,23 @@ class FluctuationScorer(ActivationScorer):
             raise PruningError(f"unknown reduction {reduce!r}; choices: {', '.join(REDUCTIONS)}")
         self.metric, self.square_attention, self.reduce = metric, bool(square_attention), reduce
         self.requires = ("sqnorm",) if metric == "WIFN" else ("mean", "var")
+        self.fluctuation: Mapping | None = None
+
+    def bind(self, stats: Mapping, fluctuation: Mapping | None = None) -> "FluctuationScorer":
+        self.fluctuation = fluctuation
+        return super().bind(stats)
+
+    def _var(self, layer: int, site: str, st) -> torch.Tensor:
+        return (self.fluctuation[(layer, site)] if self.fluctuation is not None else st.var).cpu()
 
     def channel_scores(self, sset: StructureSet) -> torch.Tensor:
         member = output_member(sset)
         st = self._layer_stats(sset.layer)[member.name]
         w = _column_weight(member)
         if self.metric == "IFV":
-            score = st.var.cpu()
+            score = self._var(sset.layer, member.name, st)
         elif self.metric == "WIFV":
-            score = st.var.cpu() * w.pow(2).sum(0)
+            score = self._var(sset.layer, member.name, st) * w.pow(2).sum(0)
         else:
             score = w.abs().mean(0) * st.mean_sq.cpu().sqrt()
         if self.square_attention and sset.kind in ATTENTION_KINDS:
@@ -99,6 +110,34 @@ class FluctuationScorer(ActivationScorer):
     @torch.no_grad()
     def __call__(self, sset: StructureSet) -> torch.Tensor:
         return reduce_units(self.channel_scores(sset), output_member(sset), self.reduce)
+
+
+def streaming_fluctuation(model, calib, layers: list[int], sites=("o_proj", "down_proj"),
+                          progress: bool = True) -> dict[tuple[int, str], torch.Tensor]:
+    """FLAP's own variance estimate (``BiasGPT.add_batch``), which its code feeds one calibration sample per step.
+
+    With n samples seen, the running mean m_n of the per-sample means and S_n = Σ_t (x_t − m_n)² over sample n's
+    tokens (the code's ``old_baseline_inp`` aliases the updated mean, so both factors use m_n), the estimate is
+    f_1 = 0, f_n = f_{n−1}·(n−2)/(n−1) + S_n/n: the first sample enters the mean only, and the result is about
+    T (tokens per sample) times the variance. S_n comes from each sample's Σx and Σx² (the collector, one sample
+    at a time, in float64). METHODS.md §3.3 "Estimator"."""
+    from pruning.calibration import collect, is_variable_length
+    from tqdm.auto import tqdm
+
+    samples = [w[None] for w in calib] if is_variable_length(calib) else [calib[n : n + 1] for n in range(len(calib))]
+    out: dict[tuple[int, str], torch.Tensor] = {}
+    mean: dict[tuple[int, str], torch.Tensor] = {}
+    for n, sample in enumerate(tqdm(samples, desc="FLAP streaming variance", unit="sample", disable=not progress)):
+        stats = collect(model, sample, stats=("mean", "sqnorm"), sites=sites, layers=layers, mode="sequential",
+                        progress=False)
+        for i in layers:
+            for site in sites:
+                st, key = stats[i][site], (i, site)
+                t = st.n
+                m = mean[key] = st.mean if n == 0 else mean[key] * (n / (n + 1)) + st.mean / (n + 1)
+                s_n = st.sqnorm - 2 * m * t * st.mean + t * m.pow(2)
+                out[key] = torch.zeros_like(m) if n == 0 else out[key] * ((n - 1) / n) + s_n / (n + 1)
+    return out
 
 
 @SCORERS.register("wanda")

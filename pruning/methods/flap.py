@@ -4,12 +4,23 @@ compensation. Retraining-free.
 Recipe: dense-mode statistics at the o_proj/down_proj inputs (mean, variance) -> ``fluctuation`` channel metric ->
 ``FlapAllocation`` (UL-UM | UL-MM | AL-MM | AL-AM) -> surgery plus the bias b += W[:, P]·x̄_P.
 
-Attention units are KV groups by default (``structures=[q_head, mlp]`` for query heads); FLAP's own code masks q,
-k and v with one head mask, which is wrong under GQA (FLAP issue #14).
+Attention units are single query heads by default (``structures=[q_head, mlp]``), as FLAP's code removes heads on an
+MHA model: a KV head leaves with its last query head, so GQA groups become uneven (FLAP's own code masks q, k and v
+with one head mask, which is wrong under GQA, FLAP issue #14; ``structures=[kv_group, mlp]`` prunes whole groups).
+Counts follow the FLAP repository (``count_rule: floor``, int(p·n) units per kind and layer in the uniform modes).
+
+Variance (``variance``): ``exact`` (default, the unbiased variance over all calibration tokens) or
+``official_streaming`` (FLAP's per-sample streaming update, ``importance.activation.streaming_fluctuation``; one
+collector pass per calibration sample), for parity with the official code (METHODS.md §3.3 "Estimator").
+
+Operating point: ``attn_mlp_ratio`` (native, FLAP's ``--pruning_ratio``: a share of the attention+MLP weights as
+its code counts them on the MHA form, with the official per-mode counts; see ``pruning.allocation.flap``), or
+``pruning.ratio`` (a share of all parameters, exact accounting including the added biases).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -18,19 +29,33 @@ from pruning.allocation import Budget, Uniform
 from pruning.allocation.flap import FlapAllocation
 from pruning.calibration import collect
 from pruning.errors import PruningError
-from pruning.importance.activation import FluctuationScorer
-from pruning.methods.base import ScoreAndAllocate
+from pruning.importance.activation import VARIANCES, FluctuationScorer, streaming_fluctuation
+from pruning.methods.base import OperatingPoint, ScoreAndAllocate
 from pruning.surgery.apply import apply_plan, mask_plan
 from pruning.surgery.compensation import SURGERY, bias_compensation
 from pruning.structures import StructureSet
 from pruning.surgery.plan import PrunePlan
 
 
+ATTN_MLP_RATIO_MEANING = ("FLAP --pruning_ratio p: share of the attention+MLP weights removed as the FLAP code counts "
+                          "them on the MHA form (a query head 4·d·d_h, an MLP channel 3·d); UL-UM and Wanda-SP remove "
+                          "int(p·n) query heads and MLP channels per layer, AL-AM thresholds the pooled standardised "
+                          "scores to keep (1-p) of the weights")
+
+
+def attn_mlp_ratio_point(p: float | None) -> OperatingPoint | None:
+    """FLAP's (and its Wanda-SP baseline's) own knob."""
+    return None if p is None else OperatingPoint("method.attn_mlp_ratio", float(p), ATTN_MLP_RATIO_MEANING)
+
+
 @dataclass
 class Flap(ScoreAndAllocate):
+    native_knob = "method.attn_mlp_ratio"
     variable_length_calibration = True      # statistics only through pruning.calibration
+
     bias: bool = True                # FLAP's compensation
     surgery: str = "remove"          # remove | mask (FLAP's --unstr: zeroed, shapes kept)
+    variance: str = "exact"          # exact | official_streaming (FLAP's BiasGPT estimator)
     batch_size: int = 8
     progress: bool = True
     _means: dict | None = field(default=None, repr=False)
@@ -39,6 +64,11 @@ class Flap(ScoreAndAllocate):
         super().__post_init__()
         if self.surgery not in SURGERY:
             raise PruningError(f"flap surgery must be one of {SURGERY}, got {self.surgery!r}")
+        if self.variance not in VARIANCES:
+            raise PruningError(f"flap variance must be one of {VARIANCES}, got {self.variance!r}")
+
+    def operating_point(self) -> OperatingPoint | None:
+        return attn_mlp_ratio_point(self.allocation.attn_mlp_ratio)
 
     def sets(self, model: nn.Module):
         # the allocator counts the biases compensation will add: d params per o_proj/down_proj that loses units
@@ -47,10 +77,13 @@ class Flap(ScoreAndAllocate):
 
     def select(self, model: nn.Module, sets: list[StructureSet], budget: Budget, calib) -> PrunePlan:
         want = tuple(dict.fromkeys(self.scorer.requires + (("mean",) if self.bias else ())))
-        stats = collect(model, calib, stats=want, sites=("o_proj", "down_proj"),
-                        layers=sorted({s.layer for s in sets}), mode="dense", batch_size=self.batch_size,
-                        progress=self.progress)
-        self.scorer.bind(stats)
+        layers = sorted({s.layer for s in sets})
+        stats = collect(model, calib, stats=want, sites=("o_proj", "down_proj"), layers=layers, mode="dense",
+                        batch_size=self.batch_size, progress=self.progress)
+        fluctuation = None
+        if self.variance == "official_streaming" and "var" in self.scorer.requires:
+            fluctuation = streaming_fluctuation(model, calib, layers, progress=self.progress)
+        self.scorer.bind(stats, fluctuation)
         scores = [self.allocation.unit_scores(s, self.scorer.channel_scores(s)) for s in sets]
         plan = self.allocation.allocate(sets, scores, budget)
         self.scorer.bind(None)
@@ -76,10 +109,13 @@ class Flap(ScoreAndAllocate):
 
 
 def flap(structure: str = "AL-AM", metric: str = "WIFV", remove_heads: int | None = None, bias: bool = True,
-         structures=("kv_group", "mlp"), surgery: str = "remove", batch_size: int = 8, progress: bool = True,
+         structures=("q_head", "mlp"), attn_mlp_ratio: float | None = None, count_rule: str = "floor",
+         variance: str = "exact", surgery: str = "remove", batch_size: int = 8, progress: bool = True,
          allocation: Uniform | None = None) -> Flap:
     """``allocation`` (the cell's allocation config) supplies the candidate layer range, and UL-UM's uniform
-    spreading; FLAP's own mode is ``structure``."""
-    alloc = FlapAllocation(structure=structure, remove_heads=remove_heads, uniform=allocation or Uniform())
+    spreading under ``count_rule`` (FLAP's int(p·n) by default); FLAP's own mode is ``structure``."""
+    uniform = dataclasses.replace(allocation or Uniform(), count_rule=count_rule)
+    alloc = FlapAllocation(structure=structure, remove_heads=remove_heads, uniform=uniform,
+                           attn_mlp_ratio=attn_mlp_ratio)
     return Flap(name="flap", scorer=FluctuationScorer(metric), structures=list(structures), allocation=alloc,
-                bias=bias, surgery=surgery, batch_size=batch_size, progress=progress)
+                bias=bias, surgery=surgery, variance=variance, batch_size=batch_size, progress=progress)

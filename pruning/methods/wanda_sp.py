@@ -4,27 +4,42 @@ uniform per layer, layers pruned sequentially.
 Recipe: ``calibration.sequential`` yields layer l's statistics on inputs produced by the already-pruned layers < l
 -> ``wanda`` scores -> the uniform allocator's cut for that layer -> ``step.drop(plan)`` so layer l+1 sees layer l
 pruned. The model is not touched until ``apply`` (plain surgery, no compensation: surviving weights are unchanged).
+
+As the FLAP repository's ``prune_wanda_sp``: int(p·n) units of each kind per layer (``count_rule: floor``) and, with
+GQA, single query heads (``structures=[q_head, mlp]``; a KV head leaves with its last query head). Operating point:
+``attn_mlp_ratio`` (native, the code's ``--pruning_ratio`` p: int(p·H) query heads and int(p·I) MLP channels in
+every layer), or ``pruning.ratio`` (a share of all parameters; p is the per-layer fraction that comes closest, and
+the plan reports the exact removal).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from torch import nn
 
-from pruning.allocation import Budget, Uniform
+from pruning.allocation import Budget, Uniform, plan_params
 from pruning.calibration import sequential
+from pruning.errors import PruningError
 from pruning.importance.activation import WandaScorer
-from pruning.methods.base import ScoreAndAllocate
+from pruning.methods.base import OperatingPoint, ScoreAndAllocate
+from pruning.methods.flap import attn_mlp_ratio_point
 from pruning.structures import StructureSet
 from pruning.surgery.plan import PrunePlan
 
 
 @dataclass
 class WandaSP(ScoreAndAllocate):
+    native_knob = "method.attn_mlp_ratio"
     variable_length_calibration = True      # statistics only through pruning.calibration
+
+    attn_mlp_ratio: float | None = None   # native knob (fixes the allocator's per-layer fraction)
     batch_size: int = 8
     progress: bool = True
+
+    def operating_point(self) -> OperatingPoint | None:
+        return attn_mlp_ratio_point(self.attn_mlp_ratio)
 
     def select(self, model: nn.Module, sets: list[StructureSet], budget: Budget, calib) -> PrunePlan:
         plan = PrunePlan()
@@ -37,13 +52,22 @@ class WandaSP(ScoreAndAllocate):
             for kind, per in layer_plan.remove.items():
                 for layer, units in per.items():
                     plan.add(kind, layer, units)
-            plan.meta["allocation"] = layer_plan.meta.get("allocation")
             step.drop(layer_plan)
         self.scorer.bind(None)
+        plan.meta["allocation"] = dict(layer_plan.meta["allocation"],
+                                       achieved=plan_params(sets, plan) / budget.total_params)
         return plan
 
 
-def wanda_sp(structures=("kv_group", "mlp"), batch_size: int = 8, progress: bool = True,
-             allocation: Uniform | None = None) -> WandaSP:
-    return WandaSP(name="wanda_sp", scorer=WandaScorer(), structures=list(structures),
-                   allocation=allocation or Uniform(), batch_size=batch_size, progress=progress)
+def wanda_sp(structures=("q_head", "mlp"), attn_mlp_ratio: float | None = None, count_rule: str = "floor",
+             batch_size: int = 8, progress: bool = True, allocation: Uniform | None = None) -> WandaSP:
+    """``allocation`` (the cell's config) supplies the layer range; the count rule is FLAP's int(p·n) by default,
+    and ``attn_mlp_ratio`` (if set) fixes p."""
+    allocation = dataclasses.replace(allocation or Uniform(), count_rule=count_rule)
+    if attn_mlp_ratio is not None:
+        if not 0.0 <= float(attn_mlp_ratio) < 1.0:
+            raise PruningError(f"wanda_sp attn_mlp_ratio must be in [0, 1), got {attn_mlp_ratio}")
+        attn_mlp_ratio = float(attn_mlp_ratio)
+        allocation = dataclasses.replace(allocation, group_ratio=attn_mlp_ratio)
+    return WandaSP(name="wanda_sp", scorer=WandaScorer(), structures=list(structures), allocation=allocation,
+                   attn_mlp_ratio=attn_mlp_ratio, batch_size=batch_size, progress=progress)

@@ -13,6 +13,7 @@ from torch import nn
 
 from pruning.errors import UnsupportedModelError
 from pruning.registry import Registry
+from pruning.surgery.modeling_pruned_llama import kv_group_sizes, set_kv_group_sizes
 
 ADAPTERS: Registry[type["ModelAdapter"]] = Registry("model family")
 
@@ -26,6 +27,11 @@ class LayerWidths:
     intermediate_size: int
     o_proj_bias: bool
     down_proj_bias: bool
+    kv_group_sizes: tuple[int, ...] = ()   # query heads per kept KV head (uneven after single query heads went)
+
+    @property
+    def even(self) -> bool:
+        return len(set(self.kv_group_sizes)) <= 1
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -107,14 +113,26 @@ class ModelAdapter(ABC):
             intermediate_size=self.gate_proj(layer).out_features,
             o_proj_bias=o.bias is not None,
             down_proj_bias=down.bias is not None,
+            kv_group_sizes=kv_group_sizes(self.attn(layer), hd),
         )
 
     def all_widths(self) -> list[LayerWidths]:
         return [self.widths(layer) for layer in self.layers]
 
     def kv_group_size(self, layer: nn.Module) -> int:
+        """g of an even layer (query heads per KV head)."""
         w = self.widths(layer)
+        if not w.even:
+            raise ValueError(f"uneven KV groups {list(w.kv_group_sizes)} have no single group size")
         return w.num_heads // w.num_kv_heads
+
+    def kv_head_of_query(self, layer: nn.Module) -> list[int]:
+        """The kept KV head each query head reads (query heads of one KV head are contiguous, as HF repeat_kv)."""
+        return [j for j, s in enumerate(self.widths(layer).kv_group_sizes) for _ in range(s)]
+
+    def set_kv_group_sizes(self, layer: nn.Module, sizes) -> None:
+        """Record a layer's query-to-KV map after surgery (even maps give back the stock attention path)."""
+        set_kv_group_sizes(self.attn(layer), sizes)
 
     @property
     def is_tied(self) -> bool:

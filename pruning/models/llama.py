@@ -48,7 +48,7 @@ class LlamaAdapter(ModelAdapter):
 
     def sync_layer(self, layer) -> None:
         w = self.widths(layer)
-        layer.self_attn.num_key_value_groups = w.num_heads // w.num_kv_heads
+        self.set_kv_group_sizes(layer, w.kv_group_sizes)
         layer.mlp.intermediate_size = w.intermediate_size
 
     def set_layers(self, keep: list[int]) -> None:

@@ -8,7 +8,10 @@ unit's parameters; scorers read the weights only, as the papers do.
 
 Kinds:
 - ``kv_group``: one KV head with its g query heads (k, v, q rows; o columns). Keeps the q/kv ratio.
-- ``q_head``: one query head (q rows, o columns); allocation removes the same count from every KV group.
+- ``q_head``: one query head (q rows, o columns); ``partition`` is the KV head it reads. Any query head may go
+  (uneven GQA groups, METHODS.md §1.2 rule 2); a KV head whose last query head goes leaves with it, so that
+  removal also frees the KV head's k and v rows (``group_params``; ``removed_params`` counts it exactly).
+  LLM-Pruner's count rule takes the same number from every KV group, FLAP's code any heads.
 - ``mlp``: one SwiGLU channel (gate row, up row, down column).
 - ``block``: a whole decoder layer (members are whole tensors; ``layer`` is None and units are layer indices).
 - ``hidden``: one residual-stream channel of the whole model (LLM-Pruner's channel strategy, METHODS.md §1.1 and
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from pruning.errors import PruningError
 from pruning.models.adapter import ModelAdapter
 
 KINDS = ("kv_group", "q_head", "mlp", "block", "hidden")
@@ -51,7 +55,8 @@ class StructureSet:
     n_units: int
     members: list[Member]
     params_per_unit: int
-    partition: torch.Tensor | None = None   # q_head: KV group of each unit; equal removals per partition
+    partition: torch.Tensor | None = None   # q_head: the KV head each query head reads
+    group_params: int = 0     # q_head: params of one KV head's k and v rows, freed with its last query head
     unit_members: list[list[Member]] = field(default_factory=list)  # block: whole tensors per unit
     unit_layers: list[int] = field(default_factory=list)            # block: the decoder layer of each unit
     count_channels: int = 1   # root channels per unit for LLM-Pruner's count rule (a KV group: its d_h k_proj rows)
@@ -66,6 +71,17 @@ def _rows(name: str, linear: nn.Linear, index: torch.Tensor) -> Member:
     return Member(name, linear.weight, 0, index, linear.bias)
 
 
+def removed_params(sset: StructureSet, units) -> int:
+    """Parameters removing ``units`` of one set frees: their own, plus for query heads the k/v rows of every KV head
+    left without a query head."""
+    units = sorted({int(u) for u in units})
+    n = len(units) * sset.params_per_unit
+    if sset.partition is not None and units:
+        gone = torch.bincount(sset.partition[units], minlength=int(sset.partition.max()) + 1)
+        n += int((gone == torch.bincount(sset.partition)).sum()) * sset.group_params
+    return n
+
+
 def _unit_params(members: list[Member]) -> int:
     """Params one unit removes: 2(g+1)·d·d_h for a KV group, 2·d·d_h per query head, 3·d per MLP channel
     (METHODS.md §1.1), plus its bias entries ((g+2)·d_h resp. d_h with Qwen2's q/k/v biases)."""
@@ -75,6 +91,9 @@ def _unit_params(members: list[Member]) -> int:
 def kv_groups(adapter: ModelAdapter, layer_idx: int) -> StructureSet:
     layer = adapter.layers[layer_idx]
     w, hd = adapter.widths(layer), adapter.head_dim
+    if not w.even:
+        raise PruningError(f"layer {layer_idx} has uneven KV groups {list(w.kv_group_sizes)} (query heads were "
+                           "removed one by one): prune its attention by q_head units")
     g = w.num_heads // w.num_kv_heads
     kv_idx = _blocks_of(0, w.num_kv_heads, hd)
     q_idx = _blocks_of(0, w.num_kv_heads, g * hd)   # a group's g query heads are contiguous (HF repeat_kv)
@@ -91,15 +110,16 @@ def kv_groups(adapter: ModelAdapter, layer_idx: int) -> StructureSet:
 def q_heads(adapter: ModelAdapter, layer_idx: int) -> StructureSet:
     layer = adapter.layers[layer_idx]
     w, hd = adapter.widths(layer), adapter.head_dim
-    g = w.num_heads // w.num_kv_heads
     q_idx = _blocks_of(0, w.num_heads, hd)
     members = [
         _rows("q_proj", adapter.q_proj(layer), q_idx),
         Member("o_proj", adapter.o_proj(layer).weight, 1, q_idx),
     ]
-    partition = torch.arange(w.num_heads) // g
+    kv_idx = _blocks_of(0, w.num_kv_heads, hd)
+    kv = [_rows("k_proj", adapter.k_proj(layer), kv_idx), _rows("v_proj", adapter.v_proj(layer), kv_idx)]
     return StructureSet("q_head", layer_idx, w.num_heads, members, params_per_unit=_unit_params(members),
-                        partition=partition)
+                        partition=torch.tensor(adapter.kv_head_of_query(layer), dtype=torch.long),
+                        group_params=_unit_params(kv))
 
 
 def mlp_channels(adapter: ModelAdapter, layer_idx: int) -> StructureSet:

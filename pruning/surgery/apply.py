@@ -1,7 +1,9 @@
 """Remove (or, for equivalence checks and cheap candidate evaluation, zero) the units a plan names.
 
 Removal and masking walk the same index sets, so "physically pruned == masked dense" is a property of one
-code path, not of two that happen to agree (METHODS.md §1.2).
+code path, not of two that happen to agree (METHODS.md §1.2). Masking zeroes the removed query heads' q rows and
+o columns and the k/v rows of every KV head left without query heads; removal deletes them and records the layer's
+new query-to-KV map (uneven GQA groups).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pruning.errors import InfeasibleRatioError
+from pruning.errors import InfeasibleRatioError, PruningError
 from pruning.models.adapter import ModelAdapter, adapter_for
 from pruning.structures import hidden_channels
 from pruning.surgery.modeling_pruned_llama import MeanDimRMSNorm
@@ -22,26 +24,30 @@ def _channels(blocks: list[int], size: int) -> torch.Tensor:
     return (torch.tensor(blocks, dtype=torch.long)[:, None] * size + torch.arange(size)[None, :]).reshape(-1)
 
 
-def _attention_keep(adapter: ModelAdapter, layer_idx: int, plan: PrunePlan) -> tuple[list[int], list[int]] | None:
-    """Kept KV heads and kept query heads of one layer, or None when the plan leaves attention untouched."""
+def _attention_keep(adapter: ModelAdapter, layer_idx: int, plan: PrunePlan
+                    ) -> tuple[list[int], list[int], list[int]] | None:
+    """Kept KV heads, kept query heads and the new query heads per kept KV head of one layer, or None when the plan
+    leaves attention untouched. Any query head may go; a KV head goes with its group, or when its last query head
+    goes (uneven GQA groups, METHODS.md §1.2 rule 2); the layer must keep one query head."""
     kv_rm, q_rm = set(plan.units("kv_group", layer_idx)), set(plan.units("q_head", layer_idx))
     if not kv_rm and not q_rm:
         return None
     w = adapter.widths(adapter.layers[layer_idx])
-    g = w.num_heads // w.num_kv_heads
     bad = [u for u in kv_rm if not 0 <= u < w.num_kv_heads] + [u for u in q_rm if not 0 <= u < w.num_heads]
     if bad:
         raise ValueError(f"layer {layer_idx}: plan names units {sorted(bad)} that do not exist")
-    keep_kv = [j for j in range(w.num_kv_heads) if j not in kv_rm]
-    keep_q = [h for h in range(w.num_heads) if h // g in keep_kv and h not in q_rm]
-    per_group = {j: sum(1 for h in keep_q if h // g == j) for j in keep_kv}
-    if not keep_kv or min(per_group.values()) == 0:
+    if kv_rm and not w.even:
+        raise PruningError(f"layer {layer_idx} has uneven KV groups {list(w.kv_group_sizes)}: its plan may remove "
+                           "query heads (q_head), not kv_group units")
+    kv_of = adapter.kv_head_of_query(adapter.layers[layer_idx])
+    keep_q = [h for h in range(w.num_heads) if kv_of[h] not in kv_rm and h not in q_rm]
+    keep_kv = sorted({kv_of[h] for h in keep_q})
+    if not keep_q:
         raise InfeasibleRatioError(f"the plan empties the attention of layer {layer_idx} "
-                                   f"({w.num_kv_heads - len(keep_kv)}/{w.num_kv_heads} KV groups removed)")
-    if len(set(per_group.values())) != 1:
-        raise ValueError(f"layer {layer_idx}: query heads must be removed evenly from every KV group "
-                         f"(kept per group: {per_group})")
-    return keep_kv, keep_q
+                                   f"({len(kv_rm)}/{w.num_kv_heads} KV groups and {len(q_rm)}/{w.num_heads} query "
+                                   f"heads removed)")
+    sizes = [sum(1 for h in keep_q if kv_of[h] == j) for j in keep_kv]
+    return keep_kv, keep_q, sizes
 
 
 def _mlp_keep(adapter: ModelAdapter, layer_idx: int, plan: PrunePlan) -> list[int] | None:
@@ -118,11 +124,13 @@ def _edit(model: nn.Module, plan: PrunePlan, remove: bool, hidden_norm: str = "k
         w = adapter.widths(layer)
         att = _attention_keep(adapter, i, plan)
         if att is not None:
-            keep_kv, keep_q = att
+            keep_kv, keep_q, sizes = att
             kv, q = pick(keep_kv, w.num_kv_heads), pick(keep_q, w.num_heads)
             for proj, idx in ((adapter.q_proj(layer), q), (adapter.k_proj(layer), kv), (adapter.v_proj(layer), kv)):
                 op(proj, 0, _channels(idx, hd))
             op(adapter.o_proj(layer), 1, _channels(q, hd))
+            if remove:
+                adapter.set_kv_group_sizes(layer, sizes)
         keep_c = _mlp_keep(adapter, i, plan)
         if keep_c is not None:
             c = torch.tensor(pick(keep_c, w.intermediate_size), dtype=torch.long)

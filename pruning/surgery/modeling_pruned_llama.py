@@ -9,20 +9,29 @@ is used as is and only the layer widths differ: model_type ``pruned_<family>`` (
 of this file and of modeling_sliced_llama.py (``auto_map`` finds classes by name), and its adapter in
 pruning/models.
 
+Uneven GQA groups (query heads removed one by one, METHODS.md §1.2 rule 2): a layer's kept KV heads may serve
+different numbers of query heads. ``layer_kv_group_sizes[i]`` lists, per kept KV head of layer i in order, how many
+of its (contiguous) query heads remain. Such a layer's attention module keeps the family's own forward; its config
+view dispatches to the registered attention function ``uneven_gqa``, which gives every query head its KV head by
+``index_select`` and then calls the model's own implementation (sdpa, eager, ...) as for MHA. Even layers keep the
+stock path untouched, and the KV cache holds the compact (unexpanded) keys and values.
+
 This file must stand alone (only torch + transformers imports): ``save_pretrained`` copies it next to the weights
 so ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works on a machine without ``pruning``.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (AttentionInterface, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
 from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
@@ -43,7 +52,78 @@ FAMILIES = {   # the family name is the base model_type; pruning.models has one 
 }
 
 PER_LAYER = ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_size",
-             "layer_o_proj_bias", "layer_down_proj_bias")
+             "layer_o_proj_bias", "layer_down_proj_bias", "layer_kv_group_sizes")
+UNEVEN_GQA = "uneven_gqa"   # the registered attention function of layers with uneven KV groups
+
+
+# ------------------------------------------------------------------------------------------- uneven GQA groups
+
+
+class _UnevenGQAConfig:
+    """The model config as one attention module sees it: the same object for every field (so later changes of the
+    model config, e.g. its attention implementation, still apply), except that attention dispatches to
+    ``uneven_gqa_attention``."""
+
+    def __init__(self, config) -> None:
+        self.__dict__["base"] = config
+
+    def __getattr__(self, name: str):
+        base = self.__dict__.get("base")
+        if base is None:           # copy/pickle probe an instance before __init__ ran
+            raise AttributeError(name)
+        return getattr(base, name)
+
+    @property
+    def _attn_implementation(self) -> str:
+        return UNEVEN_GQA
+
+
+def uneven_gqa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask, **kwargs):
+    """Attention with one KV head per query head picked by the layer's map, then the model's own implementation."""
+    index = torch.tensor(module.kv_head_of_query, dtype=torch.long, device=key.device)
+    key, value = key.index_select(1, index), value.index_select(1, index)
+    eager = sys.modules[type(module).__module__].eager_attention_forward   # the family's own, as its forward passes
+    fn = ALL_ATTENTION_FUNCTIONS.get_interface(module.config.base._attn_implementation, eager)
+    return fn(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(UNEVEN_GQA, uneven_gqa_attention)
+
+
+def kv_group_sizes(attn: nn.Module, head_dim: int) -> tuple[int, ...]:
+    """Query heads per kept KV head of one attention module (its map if uneven, else from the weight shapes)."""
+    h, kv = attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim
+    sizes = getattr(attn, "kv_group_sizes", None)
+    if sizes is None:
+        return (h // kv,) * kv
+    if len(sizes) != kv or sum(sizes) != h:
+        raise ValueError(f"attention map {list(sizes)} does not fit {h} query heads on {kv} KV heads")
+    return tuple(sizes)
+
+
+def set_kv_group_sizes(attn: nn.Module, sizes) -> None:
+    """Give an attention module its query-to-KV map: ``sizes[j]`` contiguous query heads share kept KV head j.
+
+    Even sizes restore the stock module (``num_key_value_groups`` = g, the model config); uneven ones record the map
+    (``kv_group_sizes``, ``kv_head_of_query``), set g = 1 (keys/values arrive expanded) and route attention through
+    ``uneven_gqa``."""
+    sizes = tuple(int(s) for s in sizes)
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"every kept KV head needs at least one query head, got {list(sizes)}")
+    config = attn.config
+    if isinstance(config, _UnevenGQAConfig):
+        config = config.base
+    if len(set(sizes)) == 1:
+        attn.num_key_value_groups = sizes[0]
+        attn.config = config
+        for name in ("kv_group_sizes", "kv_head_of_query"):
+            attn.__dict__.pop(name, None)
+        return
+    attn.num_key_value_groups = 1
+    attn.kv_group_sizes = sizes
+    attn.kv_head_of_query = tuple(j for j, s in enumerate(sizes) for _ in range(s))
+    attn.config = _UnevenGQAConfig(config)
 
 
 def family_name(model_type: str) -> str:
@@ -66,6 +146,7 @@ class PerLayerWidths:
     layer_intermediate_size: list[int] | None = None
     layer_o_proj_bias: list[bool] | None = None    # biases beyond the family's own (FLAP's compensation)
     layer_down_proj_bias: list[bool] | None = None
+    layer_kv_group_sizes: list[list[int]] | None = None   # query heads per kept KV head; None: even everywhere
     rms_norm_mean_dim: int | None = None   # hidden-pruned: RMSNorm divides by this (the original hidden size)
 
     def __post_init__(self, **kwargs):
@@ -92,8 +173,13 @@ class PerLayerWidths:
             if value is not None and len(value) != n:
                 raise ValueError(f"{name} has {len(value)} entries for {n} layers")
         heads, kv = self.layer_num_attention_heads or [], self.layer_num_key_value_heads or []
+        groups = self.layer_kv_group_sizes
         for i, (h, k) in enumerate(zip(heads, kv)):
-            if k < 1 or h < 1 or h % k:
+            if groups is not None:
+                if len(groups[i]) != k or sum(groups[i]) != h or min(groups[i], default=0) < 1:
+                    raise ValueError(f"layer {i}: KV group sizes {groups[i]} do not split {h} query heads over "
+                                     f"{k} KV heads")
+            elif k < 1 or h < 1 or h % k:
                 raise ValueError(f"layer {i}: {h} query heads cannot share {k} KV heads evenly")
 
 
@@ -112,7 +198,8 @@ def _shape_layer(layer: nn.Module, config, i: int) -> None:
     attn.k_proj = _linear(attn.k_proj, d, kv * hd)
     attn.v_proj = _linear(attn.v_proj, d, kv * hd)
     attn.o_proj = _linear(attn.o_proj, h * hd, d, config.layer_o_proj_bias[i])
-    attn.num_key_value_groups = h // kv
+    groups = config.layer_kv_group_sizes
+    set_kv_group_sizes(attn, groups[i] if groups is not None else [h // kv] * kv)
     mlp.intermediate_size = inter
     mlp.gate_proj = _linear(mlp.gate_proj, d, inter)
     mlp.up_proj = _linear(mlp.up_proj, d, inter)

@@ -1,10 +1,10 @@
 """Save a (possibly heterogeneous) pruned model so ``AutoModelForCausalLM.from_pretrained`` reloads it.
 
 Uniform widths that the family's own config class (LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config) describes
-save as a plain checkpoint of that family. Anything else (per-layer widths, added o/down biases, a hidden size
-kept dividing by its original width, or head counts LlamaConfig rejects because hidden_size % heads != 0) saves as
-``pruned_<family>``: registered with the Auto classes on ``import pruning``, and carried as a standalone modeling
-file + ``auto_map`` for ``trust_remote_code=True`` elsewhere.
+save as a plain checkpoint of that family. Anything else (per-layer widths, uneven GQA groups, added o/down biases, a
+hidden size kept dividing by its original width, or head counts LlamaConfig rejects because hidden_size % heads != 0)
+saves as ``pruned_<family>``: registered with the Auto classes on ``import pruning``, and carried as a standalone
+modeling file + ``auto_map`` for ``trust_remote_code=True`` elsewhere.
 """
 
 from __future__ import annotations
@@ -54,9 +54,11 @@ def export_config(model: nn.Module):
     inter = [w.intermediate_size for w in widths]
     o_bias = [w.o_proj_bias and not base.get("attention_bias") for w in widths]   # beyond the family's own
     d_bias = [w.down_proj_bias and not base.get("mlp_bias") for w in widths]
+    even = all(w.even for w in widths)
+    groups = None if even else [list(w.kv_group_sizes) for w in widths]   # uneven GQA: the query-to-KV map
     if widths:
         base.update(num_attention_heads=heads[0], num_key_value_heads=kv[0], intermediate_size=inter[0])
-    uniform = (len(set(heads)) == 1 and len(set(kv)) == 1 and len(set(inter)) == 1
+    uniform = (len(set(heads)) == 1 and len(set(kv)) == 1 and len(set(inter)) == 1 and even
                and not any(o_bias) and not any(d_bias) and mean_dim is None)
     if uniform:
         try:
@@ -67,7 +69,8 @@ def export_config(model: nn.Module):
             return plain
     return PRUNED[adapter.family][0](**base, layer_num_attention_heads=heads, layer_num_key_value_heads=kv,
                                      layer_intermediate_size=inter, layer_o_proj_bias=o_bias,
-                                     layer_down_proj_bias=d_bias, rms_norm_mean_dim=mean_dim)
+                                     layer_down_proj_bias=d_bias, layer_kv_group_sizes=groups,
+                                     rms_norm_mean_dim=mean_dim)
 
 
 def save_pruned(model: nn.Module, out_dir: str | Path, tokenizer=None, meta: dict | None = None) -> Path:

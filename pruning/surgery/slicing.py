@@ -51,6 +51,9 @@ def check_sliceable(model: nn.Module) -> None:
         if len({adapter.q_proj(layer).in_features, adapter.gate_proj(layer).in_features,
                 adapter.o_proj(layer).out_features}) != 1:
             raise PruningError(f"SliceGPT: layer {i} does not have a uniform residual width")
+        if not adapter.widths(layer).even:
+            raise PruningError(f"SliceGPT: layer {i} has uneven KV groups (query heads pruned one by one), which the "
+                               "sliced save format does not hold; slice a model with even GQA groups")
 
 
 def fuse_norms(model: nn.Module, center_embeddings: bool = False) -> nn.Module:
