@@ -208,10 +208,10 @@ def test_dense_smollm2_facts(smol, smol_ids):
 def _mask_vs_surgery(model, adapter, plan, ids):
     from pruning.surgery.apply import apply_plan, mask_plan
 
-    masked = mask_plan(copy.deepcopy(model), plan)
-    apply_plan(model, plan)
-    diff = (logits(model, ids) - logits(masked, ids)).abs().max().item()
-    assert diff <= 1e-4, diff
+    masked = mask_plan(copy.deepcopy(model).double(), plan)    # float64: float32 summation order alone moves
+    apply_plan(model, plan)                                    # SmolLM2's logits by ~4e-4
+    diff = (logits(copy.deepcopy(model).double(), ids) - logits(masked, ids)).abs().max().item()
+    assert diff <= 1e-9, diff
     assert adapter.is_tied
     assert adapter.num_params() == closed_form(adapter.all_widths()) == sum(p.numel() for p in model.parameters())
 
