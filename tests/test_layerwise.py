@@ -165,9 +165,11 @@ def test_method_configs_expose_the_option_off_by_default():
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
+    import experiments.paper_ratios  # noqa: F401  (the ${paper_knob:...} resolver the method configs use)
+
     conf = Path(__file__).resolve().parents[1] / "conf" / "method"
     for name in ("llm_pruner", "nirvana"):
-        cfg = OmegaConf.merge(OmegaConf.load(conf / f"{name}.yaml"), {"seed": 0})
+        cfg = OmegaConf.merge(OmegaConf.load(conf / f"{name}.yaml"), {"seed": 0, "paper_ratio": None})
         mem = cfg.method.memory
         assert (mem.layerwise, mem.offload, mem.device) == (False, False, None)
         cfg.method.memory.layerwise = True
