@@ -77,7 +77,7 @@ def dense_config(resolved: dict) -> dict:
     d["method"] = {"_target_": DENSE}
     d["pruning"] = {"ratio": 0.0}
     d["seed"] = 0
-    for key in ("allocation", "calibration", "recovery"):
+    for key in ("allocation", "calibration", "recovery", "paper_ratio"):
         d.pop(key, None)
     return d
 
