@@ -185,11 +185,11 @@ def flatten_metrics(metrics: Mapping) -> dict[str, float | None]:
 
     Headline rule: a block named `[<prefix>_]<head>` whose entries are `{label: {<head>: value, ...}}` gives one
     column per label: `<label>`, or `<prefix> <label>` (underscores as spaces) when there is a prefix. So
-      metrics["ppl"]["ppl128-lp:wikitext2:test"]["ppl"]       -> "ppl128-lp:wikitext2:test"
-      metrics["dense_ppl"]["ppl128-lp:wikitext2:test"]["ppl"] -> "dense ppl128-lp:wikitext2:test"
+    `metrics["ppl"]["ppl128-lp:wikitext2:test"]["ppl"]` -> `"ppl128-lp:wikitext2:test"` and
+    `metrics["dense_ppl"]["ppl128-lp:wikitext2:test"]["ppl"]` -> `"dense ppl128-lp:wikitext2:test"`,
     and the protocol fields beside the headline value stay in the record only.
-    Anything else flattens every numeric leaf with "/" joins: metrics["zeroshot"]["arc_easy"]["acc"] ->
-    "zeroshot/arc_easy/acc", metrics["efficiency"]["macs"] -> "efficiency/macs". Strings and bools are skipped.
+    Anything else flattens every numeric leaf with "/" joins: `metrics["zeroshot"]["arc_easy"]["acc"]` ->
+    `"zeroshot/arc_easy/acc"`, `metrics["efficiency"]["macs"]` -> `"efficiency/macs"`. Strings and bools are skipped.
     """
     out: dict[str, float | None] = {}
     for block, entries in metrics.items():

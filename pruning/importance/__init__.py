@@ -22,7 +22,7 @@ ROOTS = {"kv_group": "k_proj", "q_head": "q_proj", "mlp": "gate_proj", "hidden":
 
 
 def aggregate(per_member: list[torch.Tensor], how: str, root: int = 0) -> torch.Tensor:
-    """Reduce member scores [n_members][...] elementwise over the members (LLM-Pruner ``--grouping_strategy``);
+    """Reduce member scores ``[n_members][...]`` elementwise over the members (LLM-Pruner ``--grouping_strategy``);
     ``root`` is the index of the group's root member (what "first" returns)."""
     if how not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {how!r}; choices: {', '.join(AGGREGATIONS)}")
