@@ -51,7 +51,7 @@ def on_config(config):
     pages = _api_pages(config.extra.get("api_modules", []))
     _extend_section(config.nav, API_SECTION, [{page: f"reference/{page}.md"} for page in pages])
     _extend_section(config.nav, RESULTS_SECTION,
-                    [{"results/ folder" if uri.endswith("folder.md") else path.name: uri}
+                    [{"results/ folder" if uri.endswith("folder.md") else path.stem: uri}
                      for path, uri in _result_files() if path.suffix == ".md"])
     return config
 
