@@ -9,8 +9,9 @@ labels = inputs) and F = (1/N)·Σ_n g_n² from per-sample gradients (the empiri
     element2_fisher  Σ_e  w²·F                 (``param_second``)
     vector           |Σ_e w·g|                 (``vectorize``: abs after summing the row or column)
 
-summed per output row (dim 0) or input column (dim 1) of each structure member, then over a unit's channels, then
-reduced over the group's members with ``aggregate`` (LLM-Pruner ``--grouping_strategy``, default sum).
+summed per output row (dim 0) or input column (dim 1) of each structure member, reduced over the group's members
+channel by channel with ``aggregate`` (LLM-Pruner ``--grouping_strategy``, default sum), then summed over a unit's
+channels: the official order (``pruning.importance.group_scores``).
 
 Why an engine instead of ``loss.backward()`` then reading ``.grad``: the official code keeps every gradient (and
 the Fisher buffer) of the whole model alive, about 6x the weights for LLaMA-7B. Here only the parameters the
