@@ -147,6 +147,13 @@ def test_readme_is_a_short_front_page():
     assert len((REPO / "README.md").read_text().splitlines()) < 150
 
 
+def test_install_commands_agree():
+    """The docs' install snippet and the README show the same two set-up commands (swap both together)."""
+    readme = [line for block in bash_blocks((REPO / "README.md").read_text()) for line in block]
+    snippet = [line for block in bash_blocks((REPO / "docs/_snippets/install.md").read_text()) for line in block]
+    assert len(snippet) == 2 and all(line in readme for line in snippet)
+
+
 @pytest.mark.skipif(shutil.which("mkdocs", path=str(Path(sys.executable).parent)) is None,
                     reason="the docs extra is not installed (pip install -e '.[docs]')")
 def test_site_builds_strict(tmp_path):
