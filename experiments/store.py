@@ -11,18 +11,17 @@ Usage: `pruning-results [--store DIR] [--columns PATTERN ...] [--format table|cs
 from __future__ import annotations
 
 import argparse
-import contextlib
 import fnmatch
 import json
 import os
 import re
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from experiments.fileio import atomic_file
 from experiments.record import _json_default, is_number
 
 # Identity and bookkeeping columns; metric columns go between HEAD and TAIL in first-seen order.
@@ -90,19 +89,10 @@ class ResultsStore:
             raise ValueError("record has no 'schema' key; build it with experiments.record.make_record")
         final = self.path(record.get("config_hash"))
         self.records_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=".tmp", dir=self.records_dir)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(record, f, default=_json_default, indent=2, allow_nan=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be read by the whole group
-            os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        # 0644: results are meant to be read by the whole group
+        with atomic_file(final, "w", encoding="utf-8", fsync=True, perms=0o644) as f:
+            json.dump(record, f, default=_json_default, indent=2, allow_nan=True)
+            f.write("\n")
         _fsync_dir(self.records_dir)
         return final
 
