@@ -248,20 +248,6 @@ def records_table(records: Iterable[Mapping], columns: Sequence[str] | None = No
     return pd.DataFrame(rows, columns=available)[order]
 
 
-def _markdown(df) -> str:
-    """Own tiny renderer: DataFrame.to_markdown needs `tabulate`, which is not a declared dependency."""
-
-    def cell(v: Any) -> str:
-        if v is None or (isinstance(v, float) and v != v):
-            return ""
-        text = f"{v:.6g}" if isinstance(v, float) else str(v)
-        return text.replace("|", "\\|")
-
-    lines = ["| " + " | ".join(cell(c) for c in df.columns) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Print every record in a store as one table."""
     parser = argparse.ArgumentParser(prog="pruning-results", description="Show the results store as a table.")
@@ -291,7 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.format == "json":
         print(df.to_json(orient="records", indent=2))
     elif args.format == "markdown":
-        print(_markdown(df))
+        from experiments.render import markdown_frame
+
+        print(markdown_frame(df))
     else:
         with pd.option_context("display.width", 200, "display.max_columns", None, "display.max_colwidth", 60):
             print(df.to_string(index=False))
