@@ -83,8 +83,7 @@ class Timer(dict):
 
 
 def build_method(cfg: DictConfig):
-    # partial + call: Hydra would turn a dataclass kwarg back into a config node
-    return instantiate(cfg.method, _partial_=True, _convert_="all")(allocation=instantiate(cfg.allocation))
+    return instantiate(cfg.method, _convert_="all")
 
 
 def dense_config(resolved: dict) -> dict:
@@ -94,7 +93,7 @@ def dense_config(resolved: dict) -> dict:
     d["method"] = {"_target_": DENSE}
     d["pruning"] = {"ratio": 0.0}
     d["seed"] = 0
-    for key in ("allocation", "calibration", "recovery", "paper_ratio"):
+    for key in ("calibration", "recovery", "paper_ratio"):
         d.pop(key, None)
     return d
 

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from experiments.fileio import atomic_file
-from experiments.record import _json_default, is_number
+from experiments.migrate import upgrade_record
+from experiments.record import SCHEMA_VERSION, _json_default, is_number
 
 # Identity and bookkeeping columns; metric columns go between HEAD and TAIL in first-seen order.
 HEAD_COLUMNS = ("model", "method", "ratio", "achieved_ratio", "params_before", "params_after")
@@ -97,18 +98,22 @@ class ResultsStore:
         return final
 
     def _read(self, path: Path) -> dict:
+        """The record in the current schema: an older one is upgraded on read (experiments/migrate.py), so tables
+        and reports read every store; ``python -m experiments.migrate`` renames its files to the new hashes."""
         with open(path, encoding="utf-8") as f:
             record = json.load(f)
         if not isinstance(record, dict) or "schema" not in record:
             raise ValueError("not a record (no 'schema' key)")
-        return record
+        return upgrade_record(record)
 
     def get(self, config_hash: str, default: Any = None) -> dict | Any:
-        """The complete record for a hash, or `default` when there is none (missing or unreadable)."""
+        """The complete record for a hash, or `default` when there is none (missing or unreadable, or an old-schema
+        file whose cell has another hash now)."""
         try:
-            return self._read(self.path(config_hash))
+            record = self._read(self.path(config_hash))
         except (OSError, ValueError):
             return default
+        return record if record.get("config_hash") == config_hash else default
 
     def has(self, config_hash: str) -> bool:
         """True only for a complete record, so a sweep reruns a cell whose file is damaged."""
@@ -118,7 +123,7 @@ class ResultsStore:
         """All complete records, oldest first; unreadable files are skipped with a warning naming them."""
         if not self.records_dir.is_dir():
             return []
-        out = []
+        out, old = [], 0
         for path in sorted(self.records_dir.glob("*.json")):
             if path.name.startswith("."):
                 continue
@@ -126,6 +131,12 @@ class ResultsStore:
                 out.append(self._read(path))
             except (OSError, ValueError) as exc:
                 warnings.warn(f"skipping unreadable result record {path}: {exc}", RuntimeWarning, stacklevel=2)
+                continue
+            old += out[-1].get("config_hash") != path.stem     # upgraded on read: its file has the old name
+        if old:
+            warnings.warn(f"{old} records in {self.records_dir} are of an older schema (read as schema "
+                          f"{SCHEMA_VERSION}); rewrite them once with `python -m experiments.migrate --store "
+                          f"{self.root}` so that sweeps find them under their new hashes", RuntimeWarning, stacklevel=2)
         out.sort(key=lambda r: (str(r.get("created", "")), str(r.get("config_hash", ""))))
         return out
 

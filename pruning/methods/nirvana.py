@@ -95,8 +95,8 @@ class Nirvana(ScoreAndAllocate, DrawsCalibration):
 
 
 def nirvana(gamma: float = 3.36, round_to: int = 8, sparsity: float | None = None, kl_select: dict | None = None,
-            memory: dict | None = None, allocation=None) -> Nirvana:
-    """``allocation`` is accepted and ignored: NIRVANA allocates with its own global thresholds (γ, round_to)."""
+            memory: dict | None = None) -> Nirvana:
+    """NIRVANA allocates with its own global thresholds over all layers (γ, round_to)."""
     kl = dict(KL_DEFAULTS)
     unknown = set(kl_select or {}) - set(KL_DEFAULTS)
     if unknown:
