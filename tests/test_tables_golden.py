@@ -1,9 +1,9 @@
 """Every committed result still renders the same tables (issue 24, acceptance 5).
 
 The golden files in tests/fixtures/tables_golden/ were rendered by the pre-split ``experiments/tables.py`` (main at
-49982a5) from the records listed in ``records.txt`` (all of results/store then), before the store was migrated to
-record schema 2. The test renders the same records, read through today's ``ResultsStore`` (which upgrades old
-records on read), with today's code, and compares Markdown, LaTeX, CSV and the README summary byte for byte. Later
+49982a5) from the 153 records then in results/store, before the store was migrated to record schema 2
+(experiments/migrate.py); ``records.txt`` lists them by their schema-2 hashes. The test renders the same records,
+migrated, with today's code, and compares Markdown, LaTeX, CSV and the README summary byte for byte. Later
 additions to results/store are not read, so they do not move the golden output; a change of
 experiments/anchors.csv (the published rows) does, and then the golden files are re-rendered on purpose.
 """
