@@ -147,3 +147,13 @@ def test_old_allocation_overrides_are_not_in_the_new_conf():
     assert method.allocation.layers(5) == [1, 2, 3] and method.allocation.count_rule == "floor"
     assert "allocation" not in cfg
 
+
+
+def test_bad_layer_range_keys_fail_with_one_line():
+    from pruning.errors import PruningError
+    from pruning.methods.baselines import magnitude
+
+    with pytest.raises(PruningError, match=r"unknown method.layers keys \['begin'\]; choices: start_frac, end_frac"):
+        magnitude(layers={"begin": 1})
+    with pytest.raises(PruningError, match="unknown count_rule 'ceil'"):
+        magnitude(count_rule="ceil")
