@@ -39,6 +39,7 @@ from pruning import data  # noqa: E402
 from pruning.importance.taylor import TAYLOR, lm_loss, peak_memory, taylor_scorer, weight_bytes  # noqa: E402
 from pruning.methods.llm_pruner import llm_pruner  # noqa: E402
 from pruning.models import load_model  # noqa: E402
+from pruning.utils import input_device  # noqa: E402
 from benchmarks import run_main  # noqa: E402
 
 
@@ -70,7 +71,7 @@ def loaded_models(names):
 
 def official_style(model, calib, variant: str) -> dict:
     """hf_prune.py's order: (element2*) per-sample passes into acc_grad, then one batch backward; all kept."""
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(True)

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from experiments.fileio import atomic_file, atomic_write, sha256_file
 from pruning.models.convert import cache_root  # one home for the user cache location
 
 
@@ -31,13 +30,9 @@ def file_sha256(path: Path) -> str:
     memo = memo_dir / (key_hash({"p": str(path), "s": st.st_size, "m": st.st_mtime_ns}) + ".txt")
     if memo.is_file():
         return memo.read_text().strip()
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
+    digest = sha256_file(path)
     memo_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(memo, digest.encode())
+    atomic_write(memo, digest.encode())
     return digest
 
 
@@ -46,17 +41,6 @@ def dir_fingerprint(directory: Path) -> str:
     directory = Path(directory)
     files = sorted(p for p in directory.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     return key_hash({str(p.relative_to(directory)): file_sha256(p) for p in files})
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class TensorCache:
@@ -77,12 +61,6 @@ class TensorCache:
                 pass
         value = compute()
         self.dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=self.dir)
-        os.close(fd)
-        try:
-            torch.save({"key": json.loads(json.dumps(key, sort_keys=True, default=str)), "value": value}, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path, "wb") as f:
+            torch.save({"key": json.loads(json.dumps(key, sort_keys=True, default=str)), "value": value}, f)
         return value, False

@@ -1,11 +1,24 @@
-"""One experiment cell: calibration -> load -> dense eval -> prune -> method.apply (surgery + compensation) ->
-[recovery] -> eval -> one record in the store.
+"""One experiment cell as a recipe of named phases, each a short function that reads and fills a ``Cell``:
 
-Every user mistake is caught before the model is scored or evaluated (ratio, names, data files, architecture,
-checkpoint), and nothing is written unless the whole cell succeeds. Calibration is drawn with the tokenizer alone
-before the weights load, so a shape the data cannot fill costs seconds, not a model load.
+    check -> [resume] -> calibrate -> load -> evaluate_dense -> prune -> apply -> evaluate -> recover -> save -> record
 
-Extension points (so methods, evaluations and recovery plug in without editing this file's flow):
+- ``check``: every user mistake is caught before anything heavy (eval protocol, device and dtype, recovery settings,
+  method options, the operating point (``pruning.ratio`` vs a native knob), calibration sampler and data file, the
+  checkpoint's fingerprint).
+- ``calibrate`` draws the calibration ids with the tokenizer alone, *before* the weights load, so a shape the data
+  cannot fill costs seconds, not a model load. A method that draws more sets (``DrawsCalibration``, NIRVANA) gets a
+  sampler bound here.
+- ``load`` loads the weights and checks the budget from shapes (an impossible ratio fails before any scoring).
+- ``evaluate_dense``, ``prune`` (``method.prune -> PrunePlan``), ``apply`` (surgery + the method's compensation),
+  ``evaluate`` (the pruned model), ``recover`` (``recovery.name != none``: train, then evaluate again), ``save``
+  (``save_model=true``) and ``record`` (the one record of the cell).
+
+Around the recipe, callbacks (``CellCallback``) do what never changes a number: the results store (resume a finished
+cell, reuse the dense baseline of the same (model, eval), write the records) and the loggers (W&B, after the record
+is written). Nothing is written unless the cell succeeds; the dense record is written once per (model, eval), by the
+first cell that evaluates it.
+
+Extension points (methods, evaluations and recovery plug in without editing this file):
 - ``method.budget(model, ratio)`` before any heavy work; ``method.prune(model, ratio, calib) -> PrunePlan``;
   ``method.apply(model, plan, calib)`` does surgery plus the method's compensation.
 - ``pruning.eval.evaluate(model, tokenizer, eval_cfg, ...)`` returns ``{"ppl": {...}, <other blocks>}``; the
@@ -20,8 +33,11 @@ import copy
 import dataclasses
 import os
 import time
+import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -37,6 +53,7 @@ from pruning.allocation import check_ratio
 from pruning.calibration import cached_statistics, is_variable_length
 from pruning.errors import PruningError
 from pruning.eval import EVAL_VERSION, check_eval, evaluate
+from pruning.methods.base import DrawsCalibration
 from pruning.models import load_model
 from pruning.models.loading import load_tokenizer, resolve_checkpoint
 from pruning.runtime import check_device, resolve_dtype, seed_everything
@@ -66,8 +83,7 @@ class Timer(dict):
 
 
 def build_method(cfg: DictConfig):
-    # partial + call: Hydra would turn a dataclass kwarg back into a config node
-    return instantiate(cfg.method, _partial_=True, _convert_="all")(allocation=instantiate(cfg.allocation))
+    return instantiate(cfg.method, _convert_="all")
 
 
 def dense_config(resolved: dict) -> dict:
@@ -77,7 +93,7 @@ def dense_config(resolved: dict) -> dict:
     d["method"] = {"_target_": DENSE}
     d["pruning"] = {"ratio": 0.0}
     d["seed"] = 0
-    for key in ("allocation", "calibration", "recovery", "paper_ratio"):
+    for key in ("calibration", "recovery", "paper_ratio"):
         d.pop(key, None)
     return d
 
@@ -156,123 +172,297 @@ def operating_point(method, ratio, paper_ratio=None) -> tuple[float | None, dict
     return (None if ratio is None else check_ratio(ratio)), None
 
 
-def run_cell(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
-    timer = Timer()
-    t_start = time.perf_counter()
+# ---------------------------------------------------------------------------------------------------------------
+# The cell in flight
+
+
+@dataclass
+class Cell:
+    """What the phases share: the config, the method and what each phase has produced so far."""
+
+    cfg: DictConfig
+    run_dir: Path | None
+    device: str
+    dtype: torch.dtype
+    progress: bool
+    recovery: DictConfig | None        # None when recovery.name is none
+    method: Any
+    ratio: float | None                # pruning.ratio as the method reads it (0 for dense; None: a native knob)
+    operating_point: dict | None       # the native knob that defines the cell, if any
+    calib_spec: data.CalibrationSpec | None
+    resolved: dict                     # the cell's identity (config_hash)
+    timer: Timer = field(default_factory=Timer)
+    t_start: float = field(default_factory=time.perf_counter)
+    calib: Any = None
+    calib_cached: bool | None = None
+    model: Any = None
+    tokenizer: Any = None
+    adapter: Any = None
+    budget: Any = None
+    params_before: int | None = None
+    dense: dict | None = None          # the dense model's metrics (evaluated here or read from the store)
+    plan: Any = None
+    stats_log: Any = None
+    metrics: dict = field(default_factory=dict)    # the final model's blocks, last phase wins
+    extra: dict = field(default_factory=dict)      # record keys beyond the core ones (plan, widths, calibration, ...)
+
+    @property
+    def is_dense(self) -> bool:
+        return self.resolved["method"]["_target_"] == DENSE
+
+    @property
+    def config_hash(self) -> str:
+        return config_hash(self.resolved)
+
+    @property
+    def dense_resolved(self) -> dict:
+        return dense_config(self.resolved)
+
+    def evaluate(self) -> dict:
+        return evaluate(self.model, self.tokenizer, self.cfg.eval, device=self.device, progress=self.progress)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Callbacks: the store and the loggers
+
+
+class CellCallback:
+    """A step around the recipe that changes no number. Every hook is optional."""
+
+    def resume(self, cell: Cell) -> dict | None:
+        """A finished record of this cell, returned instead of running it (resumable sweeps)."""
+        return None
+
+    def dense_baseline(self, cell: Cell) -> dict | None:
+        """The dense model's metrics from an earlier cell of the same (model, eval), so they are not recomputed."""
+        return None
+
+    def dense_evaluated(self, cell: Cell, record: dict) -> None:
+        """The dense record, made by the first cell that evaluated the dense model of its (model, eval)."""
+
+    def finished(self, cell: Cell, record: dict) -> None:
+        """The cell's record, once the whole cell succeeded."""
+
+
+class StoreCallback(CellCallback):
+    """The results store: skip a finished cell, reuse the dense baseline, write the records (``force`` recomputes)."""
+
+    def __init__(self, store: ResultsStore, force: bool = False):
+        self.store, self.force = store, force
+
+    def resume(self, cell: Cell) -> dict | None:
+        done = None if self.force else self.store.get(cell.config_hash)
+        if done is not None:
+            done["_store_path"], done["_skipped"] = str(self.store.path(done["config_hash"])), True
+        return done
+
+    def dense_baseline(self, cell: Cell) -> dict | None:
+        if cell.is_dense or self.force:
+            return None
+        record = self.store.get(config_hash(cell.dense_resolved))
+        if record is None:
+            return None
+        return {k.removeprefix("dense_"): v for k, v in record["metrics"].items() if not k.startswith("prerecovery_")}
+
+    def dense_evaluated(self, cell: Cell, record: dict) -> None:
+        self.store.write(record)
+
+    def finished(self, cell: Cell, record: dict) -> None:
+        self.store.write(record)
+        record["_store_path"] = str(self.store.path(record["config_hash"]))
+
+
+class LoggerCallback(CellCallback):
+    """W&B (``logger=wandb``), after the store: a logging failure warns and never costs the record."""
+
+    def __init__(self, logger_cfg: DictConfig):
+        self.logger_cfg = logger_cfg
+
+    def finished(self, cell: Cell, record: dict) -> None:
+        try:
+            from experiments.wandb_logger import log_record
+
+            log_record(record, self.logger_cfg)
+        except Exception as exc:  # noqa: BLE001
+            warnings.warn(f"logger {self.logger_cfg.get('name')!r} failed: {exc}; record kept at "
+                          f"{record.get('_store_path')}", RuntimeWarning, stacklevel=2)
+
+
+def default_callbacks(cfg: DictConfig) -> list[CellCallback]:
+    """The store of ``store.dir`` (else $PRUNING_STORE or <repo>/runs/store), then the configured logger."""
+    callbacks: list[CellCallback] = [StoreCallback(ResultsStore(cfg.store.dir) if cfg.store.dir else ResultsStore(),
+                                                   force=bool(cfg.get("force", False)))]
+    if cfg.get("logger") and cfg.logger.get("name", "none") != "none":
+        callbacks.append(LoggerCallback(cfg.logger))
+    return callbacks
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The phases
+
+
+def check(cfg: DictConfig, run_dir: str | Path | None = None) -> Cell:
+    """Everything that can be wrong in the config, before any data or weights are read."""
     check_eval(cfg.eval)                      # unknown protocol keys / missing data files fail before loading
     set_threads(cfg.get("threads"))
     seed_everything(cfg.seed)                 # random, numpy, torch: the one place (pruning.runtime)
     device = pick_device(cfg.device)
     dtype = resolve_dtype(cfg.model.dtype, device, cfg.model.get("device_map"))   # e.g. float16 on CPU -> error
-    progress = bool(cfg.get("progress", True))
     recovery_cfg = cfg.get("recovery")
     recovering = recovery_cfg is not None and recovery_cfg.get("name", "none") != "none"
     if recovering:                            # bad recovery settings / missing data fail before heavy work
         from pruning.recovery import check_recovery
 
         check_recovery(recovery_cfg)
-    store = ResultsStore(cfg.store.dir) if cfg.store.dir else ResultsStore()
-
     method = build_method(cfg)                # cheap (no model yet); it decides whether calibration is identity
     ratio, op = operating_point(method, cfg.pruning.ratio, cfg.get("paper_ratio"))
     calib_spec = check_calibration(cfg, method) if method.needs_calibration else None
     resolved = cell_config(cfg, uses_calibration=method.needs_calibration)
-    is_dense = resolved["method"]["_target_"] == DENSE
-    ratio = 0.0 if is_dense else ratio
-    done = store.get(config_hash(resolved))
-    if done is not None and not cfg.get("force", False):   # resumable sweeps: a finished cell is not rerun
-        done["_store_path"], done["_skipped"] = str(store.path(done["config_hash"])), True
-        return done
-    dense_resolved = dense_config(resolved)
-    dense_record = None if (is_dense or cfg.get("force", False)) else store.get(config_hash(dense_resolved))
+    if resolved["method"]["_target_"] == DENSE:
+        ratio = 0.0
+    return Cell(cfg=cfg, run_dir=None if run_dir is None else Path(run_dir), device=device, dtype=dtype,
+                progress=bool(cfg.get("progress", True)), recovery=recovery_cfg if recovering else None,
+                method=method, ratio=ratio, operating_point=op, calib_spec=calib_spec, resolved=resolved)
 
-    calib, calib_cached = None, None
-    if method.needs_calibration:              # drawn with the tokenizer alone, before the weights load: a shape the
-        with timer("calibration"):            # data cannot fill fails here, in seconds
-            calib_tokenizer = load_tokenizer(cfg.model.path, fetch=bool(cfg.model.get("fetch", False)))
-            calib, calib_cached = calibration(cfg, calib_tokenizer, resolved["model"]["fingerprint"], progress)
-        if hasattr(method, "bind_sampler"):   # methods that draw more calibration sets (NIRVANA's KL seed choice)
-            method.bind_sampler(lambda ds, n, seq_len, seed: data.draw_calibration(
-                calib_tokenizer, dataclasses.replace(calib_spec, dataset=ds, n_samples=n, seq_len=seq_len, seed=seed),
-                progress=progress), dict(cfg.calibration))
 
-    with timer("load"):
-        model, tokenizer, adapter = load_model(cfg.model.path, dtype, cfg.model.get("device_map"),
-                                               fetch=bool(cfg.model.get("fetch", False)))
+def calibrate(cell: Cell) -> None:
+    """Calibration ids drawn (or read from the cache) with the tokenizer alone, before the weights load."""
+    if not cell.method.needs_calibration:
+        return
+    cfg = cell.cfg
+    with cell.timer("calibration"):
+        tokenizer = load_tokenizer(cfg.model.path, fetch=bool(cfg.model.get("fetch", False)))
+        cell.calib, cell.calib_cached = calibration(cfg, tokenizer, cell.resolved["model"]["fingerprint"],
+                                                    cell.progress)
+    if isinstance(cell.method, DrawsCalibration):   # more calibration sets, drawn like the run's (NIRVANA's seeds)
+        spec, progress = cell.calib_spec, cell.progress
+        cell.method.bind_sampler(lambda ds, n, seq_len, seed: data.draw_calibration(
+            tokenizer, dataclasses.replace(spec, dataset=ds, n_samples=n, seq_len=seq_len, seed=seed),
+            progress=progress), dict(cfg.calibration))
+
+
+def load(cell: Cell) -> None:
+    """The weights on the device, then the budget from shapes: an impossible ratio fails before any scoring."""
+    cfg = cell.cfg
+    with cell.timer("load"):
+        cell.model, cell.tokenizer, cell.adapter = load_model(cfg.model.path, cell.dtype, cfg.model.get("device_map"),
+                                                              fetch=bool(cfg.model.get("fetch", False)))
         if cfg.model.get("device_map") is None:
-            model.to(device)
-    budget = method.budget(model, ratio)      # impossible ratio -> clear error before any scoring
+            cell.model.to(cell.device)
+    cell.budget = cell.method.budget(cell.model, cell.ratio)
+    cell.params_before = cell.adapter.num_params()
 
-    params_before = adapter.num_params()
-    if dense_record is not None:              # computed once per (model, eval) by an earlier cell
-        dense = {k[len("dense_"):] if k.startswith("dense_") else k: v
-                 for k, v in dense_record["metrics"].items() if not k.startswith("prerecovery_")}
-    else:
-        with timer("eval_dense"):
-            dense = evaluate(model, tokenizer, cfg.eval, device=device, progress=progress)
-        if not is_dense:
-            store.write(make_record(dense_resolved, metrics=dense,
-                                    params={"before": params_before, "after": params_before, "achieved_ratio": 0.0,
-                                            "target_ratio": 0.0, "planned_ratio": 0.0},
-                                    timings={"eval_dense": timer["eval_dense"], "total": timer["eval_dense"]},
-                                    extra={"plan": {"remove": {}, "blocks": [], "meta": {"method": "dense"}},
-                                           "widths": [w.as_dict() for w in adapter.all_widths()]}))
-    with timer("prune"), cached_statistics(TensorCache("statistics"),
-                                           {"model": resolved["model"]["fingerprint"]}) as stats_log:
-        plan = method.prune(model, ratio, calib)
-    with timer("surgery"):
-        method.apply(model, plan, calib)
-    params_after = adapter.num_params()
-    with timer("eval_pruned"):                # also for an empty plan: apply may still change weights (SliceGPT
-        pruned = dense if is_dense else evaluate(model, tokenizer, cfg.eval, device=device,   # at 0% rotates)
-                                                 progress=progress)
 
-    metrics = {} if is_dense else {f"dense_{k}": v for k, v in dense.items()}
-    extra = {"plan": plan.to_dict(), "widths": [w.as_dict() for w in adapter.all_widths()],
-             "dense_record": None if is_dense else config_hash(dense_resolved)}
-    if not is_dense:
-        extra["calibration"] = dict(resolved.get("calibration", {}), used=method.needs_calibration,
-                                    cached=calib_cached, statistics=stats_log,
-                                    **(calibration_record(calib_spec, calib) if method.needs_calibration
-                                       else {"source": None}))
-    if recovering:
-        from pruning.recovery import recover
+def evaluate_dense(cell: Cell, callbacks: list[CellCallback]) -> None:
+    """The dense model's metrics: an earlier cell's (once per (model, eval)), else evaluated here and recorded."""
+    cell.dense = next((d for d in (cb.dense_baseline(cell) for cb in callbacks) if d is not None), None)
+    if cell.dense is not None:
+        return
+    with cell.timer("eval_dense"):
+        cell.dense = cell.evaluate()
+    if not cell.is_dense:                     # a method=dense cell is its own dense record
+        n = cell.params_before
+        record = make_record(cell.dense_resolved, metrics=cell.dense,
+                             params={"before": n, "after": n, "achieved_ratio": 0.0, "target_ratio": 0.0,
+                                     "planned_ratio": 0.0},
+                             timings={"eval_dense": cell.timer["eval_dense"], "total": cell.timer["eval_dense"]},
+                             extra={"plan": {"remove": {}, "blocks": [], "meta": {"method": "dense"}},
+                                    "widths": [w.as_dict() for w in cell.adapter.all_widths()]})
+        for cb in callbacks:
+            cb.dense_evaluated(cell, record)
 
-        with timer("recovery"):
-            extra["recovery"] = recover(model, tokenizer, recovery_cfg, device=device, progress=progress,
-                                        run_dir=run_dir)
-        metrics.update({f"prerecovery_{k}": v for k, v in pruned.items()})
-        with timer("eval_recovered"):
-            pruned = evaluate(model, tokenizer, cfg.eval, device=device, progress=progress)
-        params_after = adapter.num_params()
-    metrics.update(pruned)
 
-    if run_dir is not None and cfg.get("save_model"):
-        with timer("save"):
-            extra["saved_model"] = str(save_pruned(model, Path(run_dir) / "pruned_model", tokenizer,
-                                            meta={"config_hash": config_hash(resolved), "plan": plan.to_dict()}))
-    timer["total"] = time.perf_counter() - t_start
-    record = make_record(
-        resolved,
+def prune(cell: Cell) -> None:
+    """``method.prune``: scores and allocation -> a PrunePlan; dense statistics come from the sweep's cache."""
+    with cell.timer("prune"), cached_statistics(TensorCache("statistics"),
+                                                {"model": cell.resolved["model"]["fingerprint"]}) as stats_log:
+        cell.plan = cell.method.prune(cell.model, cell.ratio, cell.calib)
+    cell.stats_log = stats_log
+
+
+def apply(cell: Cell) -> None:
+    """``method.apply``: surgery plus the method's compensation."""
+    with cell.timer("surgery"):
+        cell.method.apply(cell.model, cell.plan, cell.calib)
+
+
+def evaluate_pruned(cell: Cell) -> None:
+    """The pruned model's metrics, also for an empty plan (apply may still change weights: SliceGPT at 0% rotates)."""
+    with cell.timer("eval_pruned"):
+        cell.metrics = cell.dense if cell.is_dense else cell.evaluate()
+    cell.extra = {"plan": cell.plan.to_dict(), "widths": [w.as_dict() for w in cell.adapter.all_widths()],
+                  "dense_record": None if cell.is_dense else config_hash(cell.dense_resolved)}
+    if not cell.is_dense:
+        method = cell.method
+        cell.extra["calibration"] = dict(cell.resolved.get("calibration", {}), used=method.needs_calibration,
+                                         cached=cell.calib_cached, statistics=cell.stats_log,
+                                         **(calibration_record(cell.calib_spec, cell.calib)
+                                            if method.needs_calibration else {"source": None}))
+
+
+def recover(cell: Cell) -> dict:
+    """With ``recovery``: train the pruned model, then evaluate it again; returns the metrics before recovery."""
+    if cell.recovery is None:
+        return {}
+    from pruning.recovery import recover as run_recovery
+
+    with cell.timer("recovery"):
+        cell.extra["recovery"] = run_recovery(cell.model, cell.tokenizer, cell.recovery, device=cell.device,
+                                              progress=cell.progress, run_dir=cell.run_dir)
+    before = {f"prerecovery_{k}": v for k, v in cell.metrics.items()}
+    with cell.timer("eval_recovered"):
+        cell.metrics = cell.evaluate()
+    return before
+
+
+def save(cell: Cell) -> None:
+    """``save_model=true``: the pruned model, HF-loadable, in the run directory."""
+    if cell.run_dir is None or not cell.cfg.get("save_model"):
+        return
+    with cell.timer("save"):
+        cell.extra["saved_model"] = str(save_pruned(cell.model, cell.run_dir / "pruned_model", cell.tokenizer,
+                                                    meta={"config_hash": cell.config_hash,
+                                                          "plan": cell.plan.to_dict()}))
+
+
+def record(cell: Cell, prerecovery: dict) -> dict:
+    """The cell's one record: config, metrics (final, dense_, prerecovery_), sizes, timings and the extras."""
+    metrics = {} if cell.is_dense else {f"dense_{k}": v for k, v in cell.dense.items()}
+    metrics.update(prerecovery)
+    metrics.update(cell.metrics)
+    after = cell.adapter.num_params()
+    cell.timer["total"] = time.perf_counter() - cell.t_start
+    return make_record(
+        cell.resolved,
         metrics=metrics,
-        params={"before": params_before, "after": params_after, "achieved_ratio": 1 - params_after / params_before,
-                "target_ratio": ratio, "operating_point": op, "planned_ratio": budget.achieved},
-        timings=dict(timer),
-        extra=extra,
+        params={"before": cell.params_before, "after": after, "achieved_ratio": 1 - after / cell.params_before,
+                "target_ratio": cell.ratio, "operating_point": cell.operating_point,
+                "planned_ratio": cell.budget.achieved},
+        timings=dict(cell.timer),
+        extra=cell.extra,
     )
-    store.write(record)
-    record["_store_path"] = str(store.path(record["config_hash"]))
-    if cfg.get("logger") and cfg.logger.get("name", "none") != "none":   # after the write: W&B never costs a record
-        try:
-            from experiments.wandb_logger import log_record
 
-            log_record(record, cfg.logger)
-        except Exception as exc:  # noqa: BLE001
-            import warnings
 
-            warnings.warn(f"logger {cfg.logger.get('name')!r} failed: {exc}; record kept at {record['_store_path']}",
-                          RuntimeWarning, stacklevel=2)
-    return record
+def run_cell(cfg: DictConfig, run_dir: str | Path | None = None,
+             callbacks: list[CellCallback] | None = None) -> dict:
+    """Run one cell (or return its finished record); ``callbacks`` default to the store and the configured logger."""
+    callbacks = default_callbacks(cfg) if callbacks is None else callbacks
+    cell = check(cfg, run_dir)
+    done = next((r for r in (cb.resume(cell) for cb in callbacks) if r is not None), None)
+    if done is not None:
+        return done
+    calibrate(cell)
+    load(cell)
+    evaluate_dense(cell, callbacks)
+    prune(cell)
+    apply(cell)
+    evaluate_pruned(cell)
+    prerecovery = recover(cell)
+    save(cell)
+    rec = record(cell, prerecovery)
+    for cb in callbacks:
+        cb.finished(cell, rec)
+    return rec
 
 
 def one_line_table(record: dict) -> pd.DataFrame:

@@ -20,7 +20,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+# 1: the first records; 2: allocation settings moved from the global `allocation` group into the method configs
+# that read them (experiments/migrate.py upgrades schema-1 records and their config hashes).
+SCHEMA_VERSION = 2
 
 # Top-level config keys that never change a number, so they must not change the hash either:
 #   store    – where the record is written (a scratch store and the shared store hold the same cell),

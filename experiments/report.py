@@ -29,7 +29,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from experiments import tables as T
+from experiments import render as render_table
+from experiments.observations import (limit_suffix, method_name, newest_per_seed, observations, paper_ratio,
+                                       protocols_present)
+from experiments.tables import build_tables
 from experiments.adapruner import study_sections
 from experiments.store import ResultsStore, _name as store_name, records_table
 
@@ -81,9 +84,7 @@ class _Colors:
 
 def _mean_std(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     """Seeds -> mean, std, min and max per group; the newest record wins for a repeated (group, seed)."""
-    df = df.sort_values("created", kind="stable")
-    seed = df["seed"].astype(object).where(df["seed"].notna(), "none").astype(str)
-    df = df.assign(_seed=seed).groupby([*by, "_seed"], dropna=False, sort=False).tail(1)
+    df = newest_per_seed(df, by)
     g = df.groupby(by, dropna=False, sort=True)
     return pd.DataFrame({"mean": g["value"].mean(), "std": g["value"].std(ddof=1), "min": g["value"].min(),
                          "max": g["value"].max(), "n": g["value"].size(),
@@ -154,7 +155,7 @@ def zeroshot_figures(obs: pd.DataFrame, colors: _Colors) -> list[tuple[str, str,
     zs = obs[(obs["kind"] == "zeroshot") & (obs["task"] == "average") & obs["protocol_ok"].astype(bool)]
     if not len(zs):
         return out
-    zs = zs.assign(key=[f"{m.replace('preset:', 'preset ')}, {p}" + T.limit_suffix(lim, "zs")
+    zs = zs.assign(key=[f"{m.replace('preset:', 'preset ')}, {p}" + limit_suffix(lim, "zs")
                         for m, p, lim in zip(zs["metric"], zs["protocol"], zs["limit"])])
     for model in sorted(zs["model"].dropna().unique()):
         sub = zs[zs["model"] == model]
@@ -180,7 +181,7 @@ def width_figures(records: Sequence[Mapping], colors: _Colors) -> list[tuple[str
     from matplotlib import colormaps
 
     out = []
-    obs_labels = T.observations(records)
+    obs_labels = observations(records)
     labels = obs_labels.drop_duplicates("config_hash").set_index("config_hash")["method"].to_dict() \
         if len(obs_labels) else {}
     by_model: dict[str, list[Mapping]] = {}
@@ -188,14 +189,14 @@ def width_figures(records: Sequence[Mapping], colors: _Colors) -> list[tuple[str
         if r.get("widths"):
             by_model.setdefault(store_name((r.get("config") or {}).get("model")), []).append(r)
     for model, recs in sorted(by_model.items()):
-        dense = [r for r in recs if T.method_name(r) == "dense"]
+        dense = [r for r in recs if method_name(r) == "dense"]
         ref = _layer_widths(max(dense, key=lambda r: str(r.get("created")))) if dense else None
         cells: dict[str, dict[float, Mapping]] = {}
         for r in sorted(recs, key=lambda r: str(r.get("created"))):   # newest record per (method, ratio) wins
-            if T.method_name(r) == "dense":
+            if method_name(r) == "dense":
                 continue
-            method = labels.get(r.get("config_hash"), T.method_name(r))
-            ratio = T.paper_ratio(r)
+            method = labels.get(r.get("config_hash"), method_name(r))
+            ratio = paper_ratio(r)
             if ratio is not None:
                 cells.setdefault(method, {})[ratio] = r
         if not cells:
@@ -239,7 +240,7 @@ def width_figures(records: Sequence[Mapping], colors: _Colors) -> list[tuple[str
                     ax.text(c, i, text[i][c], ha="center", va="center", fontsize=7,
                             color="white" if (not np.isnan(v) and v < 0.55) else "black")
             ax.set_xticks(range(2 * len(ratios)))
-            ax.set_xticklabels([f"{T.fmt_ratio(r)}\n{lab}" for r in ratios for lab in ("heads", "MLP")], fontsize=7)
+            ax.set_xticklabels([f"{render_table.fmt_ratio(r)}\n{lab}" for r in ratios for lab in ("heads", "MLP")], fontsize=7)
             ax.set_yticks(range(n_layers))
             ax.set_yticklabels([f"L{i}" for i in range(n_layers)], fontsize=7)
             ax.set_title(method, fontsize=10)
@@ -294,7 +295,7 @@ def efficiency_figures(obs: pd.DataFrame, colors: _Colors) -> list[tuple[str, st
                 color, marker = colors(method)
                 ax.scatter(g["cost"], g["value"], color=color, marker=marker, s=36, label=method, alpha=0.85)
                 for x, y, r in zip(g["cost"], g["value"], g["ratio"]):
-                    ax.annotate(T.fmt_ratio(r), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+                    ax.annotate(render_table.fmt_ratio(r), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
             ax.set_yscale("log")
             ax.set_xlabel(xlabel)
             ax.set_ylabel("perplexity (log scale)")
@@ -308,27 +309,12 @@ def efficiency_figures(obs: pd.DataFrame, colors: _Colors) -> list[tuple[str, st
     return out
 
 
-def _table_html(table: T.PaperTable) -> str:
-    df = table.display()
-    text_cols = {"model", "method", "source", "protocol"}
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
-    rows = []
-    for row in df.itertuples(index=False):
-        cls = ' class="pub"' if str(row[list(df.columns).index("source")]).startswith("published") else ""
-        cells = "".join(f'<td{" class=t" if c in text_cols else ""}>{html.escape(str(v))}</td>'
-                        for c, v in zip(df.columns, row))
-        rows.append(f"<tr{cls}>{cells}</tr>")
-    notes = "".join(f"<li>{html.escape(n)}</li>" for n in table.footnotes())
-    return (f"<h3>{html.escape(table.spec.title)}</h3><div class=scroll><table><thead><tr>{head}</tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table></div><ul class=notes>{notes}</ul>")
-
-
 def render(records: Sequence[Mapping], store_label: str = "") -> tuple[str, int]:
     """The report as an HTML string and the number of plots in it."""
     parts: list[str] = []
     figures: list[tuple[str, list[tuple[str, str, str]]]] = []
     warnings_: list[str] = []
-    obs = T.observations(records) if records else T.observations([])
+    obs = observations(records) if records else observations([])
     if records:
         colors = _Colors(list(obs["method"].dropna().unique()))
         for title, fn in (("Perplexity vs pruning ratio", lambda: ppl_figures(obs, colors)),
@@ -366,15 +352,15 @@ def render(records: Sequence[Mapping], store_label: str = "") -> tuple[str, int]
                      "rows (shaded, italic) come from experiments/anchors.csv with their sources below each "
                      "table.</p>")
         try:
-            built = T.build_tables(records)
+            built = build_tables(records)
             shown = [t for t in built.values() if t.n_ours]
             for t in shown:
-                parts.append(_table_html(t))
+                parts.append(render_table.html(t))
             empty = [n for n, t in built.items() if not t.n_ours]
             if empty:
                 parts.append(f"<p class=meta>No rows of ours (protocol not in the store) for: "
                              f"{html.escape(', '.join(empty))}. Protocols in the store: "
-                             f"{html.escape(', '.join(T.protocols_present(obs)) or 'none')}.</p>")
+                             f"{html.escape(', '.join(protocols_present(obs)) or 'none')}.</p>")
         except Exception as exc:
             parts.append(f"<p class=empty>Tables could not be built ({html.escape(type(exc).__name__)}: "
                          f"{html.escape(str(exc))})</p>")
@@ -452,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {path} ({n} plots)")
     if args.ppl_png is not None:
         records = ResultsStore(args.store).records()
-        obs = T.observations(records)
+        obs = observations(records)
         args.ppl_png.mkdir(parents=True, exist_ok=True)
         for title, data, _ in ppl_figures(obs, _Colors(obs["method"].unique())):
             out = args.ppl_png / f"ppl_vs_ratio_{title.split(':')[0]}.png"

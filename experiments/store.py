@@ -11,19 +11,19 @@ Usage: `pruning-results [--store DIR] [--columns PATTERN ...] [--format table|cs
 from __future__ import annotations
 
 import argparse
-import contextlib
 import fnmatch
 import json
 import os
 import re
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.record import _json_default, is_number
+from experiments.fileio import atomic_file
+from experiments.migrate import upgrade_record
+from experiments.record import SCHEMA_VERSION, _json_default, is_number
 
 # Identity and bookkeeping columns; metric columns go between HEAD and TAIL in first-seen order.
 HEAD_COLUMNS = ("model", "method", "ratio", "achieved_ratio", "params_before", "params_after")
@@ -90,35 +90,30 @@ class ResultsStore:
             raise ValueError("record has no 'schema' key; build it with experiments.record.make_record")
         final = self.path(record.get("config_hash"))
         self.records_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=".tmp", dir=self.records_dir)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(record, f, default=_json_default, indent=2, allow_nan=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be read by the whole group
-            os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        # 0644: results are meant to be read by the whole group
+        with atomic_file(final, "w", encoding="utf-8", fsync=True, perms=0o644) as f:
+            json.dump(record, f, default=_json_default, indent=2, allow_nan=True)
+            f.write("\n")
         _fsync_dir(self.records_dir)
         return final
 
     def _read(self, path: Path) -> dict:
+        """The record in the current schema: an older one is upgraded on read (experiments/migrate.py), so tables
+        and reports read every store; ``python -m experiments.migrate`` renames its files to the new hashes."""
         with open(path, encoding="utf-8") as f:
             record = json.load(f)
         if not isinstance(record, dict) or "schema" not in record:
             raise ValueError("not a record (no 'schema' key)")
-        return record
+        return upgrade_record(record)
 
     def get(self, config_hash: str, default: Any = None) -> dict | Any:
-        """The complete record for a hash, or `default` when there is none (missing or unreadable)."""
+        """The complete record for a hash, or `default` when there is none (missing or unreadable, or an old-schema
+        file whose cell has another hash now)."""
         try:
-            return self._read(self.path(config_hash))
+            record = self._read(self.path(config_hash))
         except (OSError, ValueError):
             return default
+        return record if record.get("config_hash") == config_hash else default
 
     def has(self, config_hash: str) -> bool:
         """True only for a complete record, so a sweep reruns a cell whose file is damaged."""
@@ -128,7 +123,7 @@ class ResultsStore:
         """All complete records, oldest first; unreadable files are skipped with a warning naming them."""
         if not self.records_dir.is_dir():
             return []
-        out = []
+        out, old = [], 0
         for path in sorted(self.records_dir.glob("*.json")):
             if path.name.startswith("."):
                 continue
@@ -136,6 +131,12 @@ class ResultsStore:
                 out.append(self._read(path))
             except (OSError, ValueError) as exc:
                 warnings.warn(f"skipping unreadable result record {path}: {exc}", RuntimeWarning, stacklevel=2)
+                continue
+            old += out[-1].get("config_hash") != path.stem     # upgraded on read: its file has the old name
+        if old:
+            warnings.warn(f"{old} records in {self.records_dir} are of an older schema (read as schema "
+                          f"{SCHEMA_VERSION}); rewrite them once with `python -m experiments.migrate --store "
+                          f"{self.root}` so that sweeps find them under their new hashes", RuntimeWarning, stacklevel=2)
         out.sort(key=lambda r: (str(r.get("created", "")), str(r.get("config_hash", ""))))
         return out
 
@@ -258,20 +259,6 @@ def records_table(records: Iterable[Mapping], columns: Sequence[str] | None = No
     return pd.DataFrame(rows, columns=available)[order]
 
 
-def _markdown(df) -> str:
-    """Own tiny renderer: DataFrame.to_markdown needs `tabulate`, which is not a declared dependency."""
-
-    def cell(v: Any) -> str:
-        if v is None or (isinstance(v, float) and v != v):
-            return ""
-        text = f"{v:.6g}" if isinstance(v, float) else str(v)
-        return text.replace("|", "\\|")
-
-    lines = ["| " + " | ".join(cell(c) for c in df.columns) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Print every record in a store as one table."""
     parser = argparse.ArgumentParser(prog="pruning-results", description="Show the results store as a table.")
@@ -301,7 +288,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.format == "json":
         print(df.to_json(orient="records", indent=2))
     elif args.format == "markdown":
-        print(_markdown(df))
+        from experiments.render import markdown_frame
+
+        print(markdown_frame(df))
     else:
         with pd.option_context("display.width", 200, "display.max_columns", None, "display.max_colwidth", 60):
             print(df.to_string(index=False))

@@ -76,24 +76,27 @@ def _widths_table(wandb, record: Mapping):
 
 def _paper_rows(wandb, record: Mapping) -> dict[str, Any]:
     """The record's rows (dense and pruned) in each paper table whose protocol it has, as W&B tables."""
-    from experiments import tables as T
+    from experiments import render
+    from experiments.observations import observations
     from experiments.store import records_table
+    from experiments.table_specs import TABLES
+    from experiments.tables import build_table
 
     out = {"results": wandb.Table(dataframe=records_table([record]).astype(object).where(
         lambda d: d.notna(), None))}
-    obs = T.observations([record])
-    for name, spec in T.TABLES.items():
-        table = T.build_table(obs, spec, published="none")
+    obs = observations([record])
+    for name, spec in TABLES.items():
+        table = build_table(obs, spec, published="none")
         if table.n_ours:
-            out[f"paper/{name}"] = wandb.Table(dataframe=table.display().astype(str))
+            out[f"paper/{name}"] = wandb.Table(dataframe=render.display(table).astype(str))
     return out
 
 
 def _log(record: Mapping, cfg: dict) -> Path:
     import wandb
 
+    from experiments.observations import method_name
     from experiments.store import _name
-    from experiments.tables import method_name
 
     run_dir = Path(cfg["dir"]).expanduser()
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,7 @@ from torch import nn
 
 from pruning.errors import PruningError
 from pruning.models.adapter import ModelAdapter, adapter_for
+from pruning.utils import eval_mode, input_device, module_device
 
 LINEAR_SITES = ("q_proj", "o_proj", "gate_proj", "down_proj")
 SITES = LINEAR_SITES + ("block_in", "block_out", "post_attention_norm")
@@ -372,10 +373,6 @@ def _remove(handles) -> None:
         h.remove()
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
 def _to(obj, device):
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
@@ -396,22 +393,6 @@ def _same(a, b) -> bool:
     return type(a) is type(b) and not isinstance(a, torch.Tensor) and a == b
 
 
-class _eval_mode:
-    def __init__(self, model):
-        self.model = model
-
-    def __enter__(self):
-        self.was_training = self.model.training
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        self.model.train(self.was_training)
-
-
-def _input_device(model) -> torch.device:
-    return model.get_input_embeddings().weight.device
-
-
 # ------------------------------------------------------------------------------------------------------ dense
 
 
@@ -428,8 +409,8 @@ def _collect_dense(model, adapter: ModelAdapter, calib: _Calib, spec: _Spec) -> 
             raise _Stop
 
         handles.append(adapter.layers[spec.layers[-1]].register_forward_hook(stop))
-        dev = _input_device(model)
-        with _eval_mode(model), torch.no_grad():
+        dev = input_device(model)
+        with eval_mode(model), torch.no_grad():
             for batch in tqdm(calib.batches, desc="calibration stats (dense)", unit="batch",
                               disable=not spec.progress):
                 try:
@@ -511,9 +492,9 @@ def _capture_inputs(model, adapter: ModelAdapter, calib: _Calib, spec: _Spec):
         raise _Stop
 
     handle = adapter.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
-    dev = _input_device(model)
+    dev = input_device(model)
     try:
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for batch in tqdm(calib.batches, desc="calibration inputs", unit="batch", disable=not spec.progress):
                 try:
                     model(input_ids=batch.to(dev), use_cache=False)
@@ -528,7 +509,7 @@ def _capture_inputs(model, adapter: ModelAdapter, calib: _Calib, spec: _Spec):
 
 
 def _run_layer(layer: nn.Module, bufs: list[torch.Tensor], kwargs_list: list, write: bool) -> None:
-    dev = _device_of(layer)
+    dev = module_device(layer)
     with torch.no_grad():
         for buf, kwargs in zip(bufs, kwargs_list):
             out = layer(buf.to(dev), **_to(kwargs, dev))
@@ -542,7 +523,7 @@ def _sequential_steps(model, adapter: ModelAdapter, calib: _Calib, spec: _Spec,
     from tqdm.auto import tqdm
 
     n_layers = len(adapter.layers)
-    with _eval_mode(model):
+    with eval_mode(model):
         bufs, kwargs_list = _capture_inputs(model, adapter, calib, spec)
         wanted = set(spec.layers)
         bar = tqdm(range(spec.layers[-1] + 1), desc="calibration stats (sequential)", unit="layer",

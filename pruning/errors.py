@@ -21,6 +21,10 @@ class InfeasibleRatioError(PruningError):
     """The requested ratio cannot be met without emptying a layer (or is outside [0, 1))."""
 
 
+class ConfigKeyMoved(PruningError):
+    """A config key or group of an older schema (experiments/migrate.py names the new one)."""
+
+
 class InfeasibleCalibrationError(PruningError):
     """The calibration data cannot fill n_samples x seq_len (too few long documents); a search scores it as +inf."""
 

@@ -122,9 +122,7 @@ def test_layer_subset_matches_full_run(calib):
 
 def prefix_plan(model) -> PrunePlan:
     """A random KV-group + MLP plan on layers 0..1 (heterogeneous, non-contiguous)."""
-    from pruning.allocation import Uniform
-
-    return random(seed=3, allocation=Uniform(layer_start=0, layer_end=2)).prune(model, 0.12)
+    return random(seed=3, layers={"start": 0, "end": 2}).prune(model, 0.12)
 
 
 @pytest.mark.parametrize("how", ["drop", "surgery"])

@@ -35,6 +35,7 @@ from conftest import logits
 from experiments.cell import build_method
 from pruning import data
 from pruning.errors import CheckpointError, UnsupportedModelError
+from pruning.methods.base import DrawsCalibration
 from pruning.methods.flap import Flap
 from pruning.methods.numerical import Numerical
 from pruning.methods.search_llm import SearchLLM
@@ -150,7 +151,7 @@ def run_method(cfg, model):
     if method.needs_calibration:
         spec = sized_calibration(cfg.calibration)
         calib = batches(spec)
-        if hasattr(method, "bind_sampler"):
+        if isinstance(method, DrawsCalibration):
             method.bind_sampler(lambda ds, n, seq_len, seed: batches(dataclasses.replace(
                 spec, dataset=ds, n_samples=n, seq_len=seq_len, seed=seed)), dict(cfg.calibration))
     plan = method.prune(model, RATIO, calib)

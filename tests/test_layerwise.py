@@ -173,7 +173,7 @@ def test_method_configs_expose_the_option_off_by_default():
         mem = cfg.method.memory
         assert (mem.layerwise, mem.offload, mem.device) == (False, False, None)
         cfg.method.memory.layerwise = True
-        method = instantiate(cfg.method, _partial_=True, _convert_="all")(allocation=None)
+        method = instantiate(cfg.method, _convert_="all")
         assert method.scorer.layerwise is True
 
 

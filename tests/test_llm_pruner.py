@@ -212,11 +212,9 @@ def test_same_seed_gives_bit_identical_pruned_weights():
 
 
 def test_ratio_zero_and_empty_range_leave_the_model_untouched(stories, calib):
-    from pruning.allocation import Uniform
-
     model, _, _ = stories
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    for method, ratio in ((llm_pruner(), 0.0), (llm_pruner(allocation=Uniform(layer_start=2, layer_end=2)), 0.2)):
+    for method, ratio in ((llm_pruner(), 0.0), (llm_pruner(layers={"start": 2, "end": 2}), 0.2)):
         plan = method.prune(model, ratio, calib)
         assert plan.is_empty() and "scoring" not in plan.meta       # no backward pass was needed
         method.apply(model, plan)

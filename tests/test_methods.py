@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pruning.allocation import Uniform, count_rule
+from pruning.allocation import count_rule
 from pruning.importance import MagnitudeScorer, aggregate
 from pruning.methods.baselines import magnitude, random
 from pruning.structures import structure_sets
@@ -65,7 +65,7 @@ def test_ratio_zero_leaves_weights_bit_identical(stories):
 def test_layer_range_leaves_outside_layers_untouched(stories):
     model, _, adapter = stories
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    plan = magnitude(allocation=Uniform(layer_start_frac=0.125, layer_end_frac=0.9375)).prune(model, 0.2)
+    plan = magnitude(layers={"start_frac": 0.125, "end_frac": 0.9375}).prune(model, 0.2)
     apply_plan(model, plan)
     assert {int(l) for per in plan.remove.values() for l in per} <= {1, 2, 3, 4}
     after = model.state_dict()

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from pruning import data
-from pruning.allocation import Uniform
 from pruning.eval.perplexity import PPLProtocol, perplexity
 from pruning.models import load_model
 
@@ -67,11 +66,11 @@ def test_llm_pruner_matches_official(run, importance, group_ratio, layers):
 
     ref = RUNS[run]
     model, tok, adapter = load_model("embedded:stories260K")
-    alloc = Uniform(layer_start=layers[0], layer_end=layers[1])
+    span = {"start": layers[0], "end": layers[1]}
     if importance == "l2":       # --pruner_type l2: MagnitudeImportance(p=2), group_reduction "mean"
-        method = magnitude(p=2, aggregation="mean", group_ratio=group_ratio, gqa_fold="official", allocation=alloc)
+        method = magnitude(p=2, aggregation="mean", group_ratio=group_ratio, gqa_fold="official", layers=span)
     else:
-        method = llm_pruner(importance=importance, group_ratio=group_ratio, gqa_fold="official", allocation=alloc)
+        method = llm_pruner(importance=importance, group_ratio=group_ratio, gqa_fold="official", layers=span)
     plan = method.prune(model, None, draw(tok, "first_docs", 10, 64))     # the first 64 tokens of documents 0-9
     for layer in range(len(adapter.layers)):
         want = {k: ref["per_layer"][str(layer)][k] for k in ("pruned_kv_heads", "pruned_mlp_channels")}

@@ -553,7 +553,7 @@ def test_config_hash_of_llm_pruner_sampler_cells_is_unchanged():
 
 
 def test_tables_read_a_missing_sampler_as_llm_pruner():
-    from experiments.tables import _identity_leaves
+    from experiments.observations import _identity_leaves
 
     old = {"config": {"method": {"_target_": "m"}, "calibration": {"dataset": "c4", "n_samples": 8, "seq_len": 64,
                                                                    "seed": 0}}, "calibration": {"used": True}}

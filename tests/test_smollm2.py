@@ -223,11 +223,10 @@ def _mask_vs_surgery(model, adapter, plan, ids):
     ("mlp", 0.1, None),
 ])
 def test_mask_equals_surgery_on_smollm2(smol, smol_ids, kind, ratio, expect):
-    from pruning.allocation import Uniform
     from pruning.methods.baselines import random
 
     model, _, adapter = smol
-    method = random(seed=3, structures=[kind], allocation=Uniform(layer_start_frac=0.2))
+    method = random(seed=3, structures=[kind], layers={"start_frac": 0.2})
     plan = method.prune(model, ratio)
     assert sorted(plan.remove[kind]) == list(range(6, 30))
     _mask_vs_surgery(model, adapter, plan, smol_ids)

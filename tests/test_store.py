@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from experiments import store as store_mod
-from experiments.record import NON_SEMANTIC, config_hash, git_info, make_record, package_versions, to_jsonable
+from experiments.record import (NON_SEMANTIC, SCHEMA_VERSION, config_hash, git_info, make_record, package_versions,
+                                to_jsonable)
 from experiments.store import ResultsStore, flatten_metrics
 
 LABEL = "ppl128-lp:wikitext2:test"
@@ -93,7 +94,7 @@ def test_make_record_fields_and_json_round_trip():
         timings={"total": 1.5},
         extra={"status": "ok"},
     )
-    assert rec["schema"] == 1
+    assert rec["schema"] == SCHEMA_VERSION
     assert rec["config"] == cfg
     assert rec["config_hash"] == config_hash(cfg)
     assert rec["seed"] == 0
@@ -147,7 +148,7 @@ def test_write_get_has(tmp_path):
 
 def test_failed_serialisation_leaves_no_file_and_keeps_old_record(tmp_path):
     store = ResultsStore(tmp_path)
-    bad = {"schema": 1, "config_hash": "a" * 16, "padding": "x" * 200_000, "metrics": {"oops": object()}}
+    bad = {"schema": SCHEMA_VERSION, "config_hash": "a" * 16, "padding": "x" * 200_000, "metrics": {"oops": object()}}
     with pytest.raises(TypeError):
         store.write(bad)
     assert _listing(store) == []  # neither a record nor a temp file
@@ -167,7 +168,7 @@ def test_write_rejects_records_the_store_could_not_find_again(tmp_path):
     with pytest.raises(ValueError, match="schema"):
         store.write({"config_hash": "a" * 16})
     with pytest.raises(ValueError, match="hash"):
-        store.write({"schema": 1, "config_hash": "../escape"})
+        store.write({"schema": SCHEMA_VERSION, "config_hash": "../escape"})
     assert _listing(store) == []
 
 
@@ -196,7 +197,7 @@ def _writer(root: str, worker: int, n: int, shared: int, barrier) -> None:
     for i in range(n):
         h = f"{i:016x}" if i < shared else f"{worker:08x}{i:08x}"
         payload = f"w{worker}-i{i}-" * 20_000  # ~200 KB so that a torn write would be visible
-        store.write({"schema": 1, "config_hash": h, "worker": worker, "payload": payload,
+        store.write({"schema": SCHEMA_VERSION, "config_hash": h, "worker": worker, "payload": payload,
                      "digest": hashlib.sha256(payload.encode()).hexdigest()})
         for j in range(shared):
             hj = f"{j:016x}"

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from conftest import logits
-from pruning.allocation import Uniform
 from pruning.errors import PruningError
 from pruning.methods.baselines import random
 from pruning.structures import structure_sets
@@ -46,7 +45,7 @@ def test_surgery_equals_masking(stories_text_ids, structures, ratio, dtype, tol)
 
     model, _, adapter = load_model(STORIES, dtype)
     # random scores + a layer range give heterogeneous, non-contiguous removals
-    method = random(seed=7, structures=structures, allocation=Uniform(layer_start_frac=0.2))
+    method = random(seed=7, structures=structures, layers={"start_frac": 0.2})
     plan = method.prune(model, ratio)
     assert not plan.is_empty()
     masked = mask_plan(copy.deepcopy(model), plan)

@@ -16,6 +16,8 @@ import pandas as pd
 import pytest
 
 from experiments import anchors as A
+from experiments import observations as O
+from experiments import render
 from experiments import tables as T
 from experiments.store import ResultsStore
 
@@ -144,7 +146,7 @@ def test_llm_pruner_table_values_are_the_records_values(store):
     # cells set by pruning.ratio belong to the ratio sweep, never to a paper table
     assert not (table.frame["setting"] == "").any() or set(table.frame.loc[table.frame["setting"] == "", "method"]) \
         <= {"dense"}
-    assert any(n.startswith("setting group_ratio: LLM-Pruner --pruning_ratio") for n in table.footnotes())
+    assert any(n.startswith("setting group_ratio: LLM-Pruner --pruning_ratio") for n in render.footnotes(table))
     dense = _row(table, "dense", 0.0)
     assert dense[wt] == mag["metrics"]["dense_ppl"][LP]["ppl"]
     # the window-limited numbers never enter the full-test columns, which only the published rows fill
@@ -159,7 +161,7 @@ def test_llm_pruner_table_values_are_the_records_values(store):
     i = rnd.index[0]
     assert rnd.iloc[0][wt] == pytest.approx(statistics.mean(vals), rel=1e-12)
     assert table.std.loc[i, wt] == pytest.approx(statistics.stdev(vals), rel=1e-12)
-    assert "±" in table.display().loc[i, wt]
+    assert "±" in render.display(table).loc[i, wt]
     # one method run with two structure sets: two rows, told apart by the differing config value
     assert {m for m in ours["method"] if m.startswith("random")} == {
         "random [structures=kv_group+mlp]", "random [structures=block]"}
@@ -179,7 +181,7 @@ def test_published_rows_sit_beside_ours_with_their_source(store):
     # matched: only (method, ratio) pairs we ran, plus dense; LLaMA paper's own harness row is not zs-lp
     pubs = table.frame[table.frame["source"] == "published"]
     assert set(zip(pubs["method"], pubs["ratio"])) == {("dense", 0.0), ("l2", 0.2), ("random", 0.2)}
-    shown = table.display()
+    shown = render.display(table)
     assert set(shown.loc[pubs.index, "source"]) == {"published (A1)"}
     assert shown.loc[pubs.index[0], "WikiText-2"] == _anchor_value("A1", "dense", 0.0, "wikitext2", "ppl128-lp")
     assert "LLM-Pruner paper Table 1" in table.sources["A1"]
@@ -223,14 +225,14 @@ def test_flap_pivot_has_ratios_as_columns(store):
 
 def test_writers_and_cli(store, tmp_path):
     table = T.build_table(ResultsStore(store).records(), "llm_pruner_t1")
-    md = table.to_markdown()
+    md = render.markdown(table)
     assert md.startswith("### LLM-Pruner Table 1") and "| published (A1) |" in md and "published (A1): LLM-Pruner" in md
-    tex = table.to_latex()
+    tex = render.latex(table)
     body = [ln for ln in tex.splitlines() if ln.endswith(r"\\")]
-    ncols = len(table.display().columns)
+    ncols = len(render.display(table).columns)
     assert len(body) == len(table.frame) + 1 and all(ln.count(" & ") == ncols - 1 for ln in body)
     assert r"magnitude\_l2" in tex and r"\begin{tabular}" in tex
-    back = pd.read_csv(pd.io.common.StringIO(table.to_csv()))
+    back = pd.read_csv(pd.io.common.StringIO(render.csv(table)))
     assert len(back) == len(table.frame)
     assert back.loc[back["method"] == "l2", "source"].iloc[0].startswith("published (A1: LLM-Pruner: ")
 
@@ -247,7 +249,7 @@ def test_writers_and_cli(store, tmp_path):
 def test_summary_view_pivots_ratios_with_seed_counts(store, tmp_path):
     recs = _records(store)
     table = T.build_table(ResultsStore(store).records(), "ratio_sweep")
-    text = table.summary([0.2, 0.4])
+    text = render.summary(table, [0.2, 0.4])
     lines = text.splitlines()
     head = lines[2].strip("| ").split(" | ")
     assert head[:2] == ["method", "20%: WikiText-2"] and "20%: n" in head and "40%: WikiText-2" in head
@@ -300,11 +302,11 @@ def test_zero_shot_columns_follow_each_papers_metric(tmp_path, monkeypatch):
 
 def test_anchor_ids_of_our_methods(store):
     recs = _records(store)
-    assert T.anchor_method(_find(recs, "magnitude_l2", group_ratio=P20)) == "l2"
-    assert T.anchor_method(_find(recs, "random", group_ratio=P20, structures=["kv_group", "mlp"])) == "random"
+    assert O.anchor_method(_find(recs, "magnitude_l2", group_ratio=P20)) == "l2"
+    assert O.anchor_method(_find(recs, "random", group_ratio=P20, structures=["kv_group", "mlp"])) == "random"
     # removing whole decoder layers at random is not the papers' random baseline: no published row beside it
     block = _find(recs, "random", group_ratio=P20, structures=["block"])
-    assert T.anchor_method(block) == "random[block]"
+    assert O.anchor_method(block) == "random[block]"
     table = T.build_table(ResultsStore(store).records(), "llm_pruner_t1")
     order = list(zip(table.frame["method"], table.frame["source"]))
     assert order[order.index(("random", "published")) - 1] == ("random [structures=kv_group+mlp]", "ours")

@@ -7,11 +7,12 @@ report the fraction actually achieved after rounding to whole units.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
-from pruning.errors import InfeasibleRatioError
+from pruning.errors import InfeasibleRatioError, PruningError
 from pruning.structures import StructureSet, removed_params
 from pruning.surgery.plan import MODEL_WIDE, PrunePlan
 
@@ -43,6 +44,10 @@ def layer_range(n_layers: int, start_frac: float, end_frac: float,
     s, e = max(0, s), min(n_layers, e)
     return list(range(s, e))
 
+
+# A method's `layers` config: the candidate layers [start, end) as fractions of depth, or as indices (which win).
+LAYER_KEYS = ("start_frac", "end_frac", "start", "end")
+ALL_LAYERS = {"start_frac": 0.0, "end_frac": 1.0, "start": None, "end": None}
 
 COUNT_RULES = ("llm_pruner", "floor")
 
@@ -106,6 +111,18 @@ class Uniform:
     def __post_init__(self):
         if self.count_rule not in COUNT_RULES:
             raise InfeasibleRatioError(f"unknown count_rule {self.count_rule!r}; choices: {', '.join(COUNT_RULES)}")
+
+    @classmethod
+    def over(cls, layers: Mapping | None = None, default: Mapping = ALL_LAYERS, **kwargs) -> Uniform:
+        """The allocator on a method config's layer range ``layers: {start_frac, end_frac, start, end}`` (missing
+        keys from ``default``); ``kwargs`` are the other fields (count_rule, group_ratio)."""
+        layers = dict(layers or {})
+        unknown = sorted(set(layers) - set(LAYER_KEYS))
+        if unknown:
+            raise PruningError(f"unknown method.layers keys {unknown}; choices: {', '.join(LAYER_KEYS)}")
+        r = {**default, **layers}
+        return cls(layer_start_frac=float(r["start_frac"]), layer_end_frac=float(r["end_frac"]),
+                   layer_start=r["start"], layer_end=r["end"], **kwargs)
 
     def layers(self, n_layers: int) -> list[int]:
         return layer_range(n_layers, self.layer_start_frac, self.layer_end_frac, self.layer_start, self.layer_end)

@@ -43,6 +43,7 @@ import torch
 from pruning.errors import PruningError
 from pruning.eval.blocks import config_block
 from pruning.models.adapter import adapter_for
+from pruning.utils import eval_mode, input_device
 
 MIB = 2 ** 20
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -113,13 +114,6 @@ def spread(xs: list[float]) -> dict[str, float]:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _input_device(model) -> torch.device:
-    try:
-        return model.get_input_embeddings().weight.device
-    except AttributeError:
-        return next(model.parameters()).device
 
 
 def prompt_ids(tokenizer, n: int) -> torch.Tensor:
@@ -233,30 +227,25 @@ def efficiency(model, tokenizer, cfg: Any, device=None, progress: bool = True) -
     out: dict[str, Any] = {
         "params": adapter.num_params(),
         **count_macs(model, cfg.seq_len),
-        "protocol": {**asdict(cfg), "batch_size": 1, "device": str(_input_device(model)), "dtype": str(dtype),
+        "protocol": {**asdict(cfg), "batch_size": 1, "device": str(input_device(model)), "dtype": str(dtype),
                      "torch_threads": torch.get_num_threads(),
                      "memory_method": None},
     }
     if not cfg.measure:
         return out
-    ids = prompt_ids(tokenizer, cfg.seq_len).to(torch.device(device) if device is not None else _input_device(model))
-    was_training = model.training
-    model.eval()
+    ids = prompt_ids(tokenizer, cfg.seq_len).to(torch.device(device) if device is not None else input_device(model))
     prefill, decode, mem = [], [], []
-    try:
-        with torch.inference_mode():
-            for _ in range(cfg.warmup):
-                time_prefill(model, ids)
-                time_decode(model, ids, min(cfg.decode_tokens, 4))
-            for _ in tqdm(range(cfg.repeats), desc=f"efficiency seq_len={cfg.seq_len}", unit="repeat",
-                          disable=not progress, delay=1.0):
-                prefill.append(time_prefill(model, ids))
-                decode.append(time_decode(model, ids, cfg.decode_tokens))
-                m = peak_prefill_memory(model, ids)
-                if m is not None:
-                    mem.append(m)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():
+        for _ in range(cfg.warmup):
+            time_prefill(model, ids)
+            time_decode(model, ids, min(cfg.decode_tokens, 4))
+        for _ in tqdm(range(cfg.repeats), desc=f"efficiency seq_len={cfg.seq_len}", unit="repeat",
+                      disable=not progress, delay=1.0):
+            prefill.append(time_prefill(model, ids))
+            decode.append(time_decode(model, ids, cfg.decode_tokens))
+            m = peak_prefill_memory(model, ids)
+            if m is not None:
+                mem.append(m)
     out["prefill_latency_s"] = spread(prefill)
     out["decode_latency_s_per_token"] = spread(decode)
     out["prefill_tokens_per_s"] = spread([cfg.seq_len / t for t in prefill])

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from experiments.persample import digest, window_block
 from pruning.data import PPL_FILES, ppl_text
 from pruning.errors import PruningError
+from pruning.utils import eval_mode, input_device
 
 BOS_MODES = ("once", "every_window")
 
@@ -172,14 +173,6 @@ def _tokenised(tokenizer, protocol: PPLProtocol) -> torch.Tensor:
     return ids
 
 
-def _input_device(model) -> torch.device:
-    # With device_map the embedding's device is where input_ids must go; otherwise any parameter will do.
-    try:
-        return model.get_input_embeddings().weight.device
-    except AttributeError:
-        return next(model.parameters()).device
-
-
 def perplexity(model, tokenizer, protocol: PPLProtocol, device=None, progress: bool = True) -> dict[str, Any]:
     """PPL of ``model`` under ``protocol``; the returned row holds the metrics and every protocol field."""
     ids = _tokenised(tokenizer, protocol)
@@ -232,31 +225,26 @@ def window_scores(model, win: Windows, batch_size: int, device=None, progress: b
     from tqdm.auto import tqdm
 
     n = win.input_ids.shape[0]
-    device = torch.device(device) if device is not None else _input_device(model)
+    device = torch.device(device) if device is not None else input_device(model)
     bs = batch_size
     nll_sum, n_scored = 0.0, 0
     window_nll_sums: list[float] = []
     window_tokens: list[int] = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in tqdm(range(0, n, bs), desc=desc, unit="batch", disable=not progress):
-                batch = win.input_ids[start : start + bs].to(device)
-                logits = model(input_ids=batch, use_cache=False).logits
-                batch = batch.to(logits.device)  # with device_map the logits live on the last GPU
-                # Row by row: upcasting one [L, V] slice keeps memory bounded for large vocabularies.
-                starts = win.score_from[start : start + bs].tolist()
-                nll = torch.cat([
-                    F.cross_entropy(logits[r, s - 1 : -1].float(), batch[r, s:], reduction="none")
-                    for r, s in enumerate(starts)
-                ])
-                nll = nll.to("cpu", torch.float64)  # one host sync per batch
-                nll_sum += nll.sum().item()         # the reported total: unchanged summation order
-                n_scored += nll.numel()
-                lengths = [batch.shape[1] - s for s in starts]
-                window_nll_sums += [w.sum().item() for w in nll.split(lengths)]
-                window_tokens += lengths
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():
+        for start in tqdm(range(0, n, bs), desc=desc, unit="batch", disable=not progress):
+            batch = win.input_ids[start : start + bs].to(device)
+            logits = model(input_ids=batch, use_cache=False).logits
+            batch = batch.to(logits.device)  # with device_map the logits live on the last GPU
+            # Row by row: upcasting one [L, V] slice keeps memory bounded for large vocabularies.
+            starts = win.score_from[start : start + bs].tolist()
+            nll = torch.cat([
+                F.cross_entropy(logits[r, s - 1 : -1].float(), batch[r, s:], reduction="none")
+                for r, s in enumerate(starts)
+            ])
+            nll = nll.to("cpu", torch.float64)  # one host sync per batch
+            nll_sum += nll.sum().item()         # the reported total: unchanged summation order
+            n_scored += nll.numel()
+            lengths = [batch.shape[1] - s for s in starts]
+            window_nll_sums += [w.sum().item() for w in nll.split(lengths)]
+            window_tokens += lengths
     return WindowScores(nll_sum, n_scored, window_nll_sums, window_tokens)

@@ -43,6 +43,7 @@ from pruning import data
 from pruning.errors import PruningError
 from pruning.eval.blocks import config_block
 from pruning.eval.tasks import TASKS
+from pruning.utils import eval_mode
 
 TASK_ORDER = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 
@@ -224,13 +225,10 @@ def zeroshot(model, tokenizer, cfg: Any, device=None, progress: bool = True) -> 
     ``progress`` is accepted for the common evaluate() signature; lm-eval draws its own request bars regardless.
     """
     cfg = check_zeroshot(cfg)
-    was_training = model.training
     t0 = time.perf_counter()
-    try:
+    with eval_mode(model):      # HFLM calls model.eval() too; the caller's training flag comes back afterwards
         lm = make_lm(model, tokenizer, cfg.batch_size, device, cfg.max_length)
         raw = run_harness(lm, cfg)
-    finally:
-        model.train(was_training)
     out = summarize(raw, cfg)
     out["protocol"]["seconds"] = round(time.perf_counter() - t0, 2)
     return out

@@ -39,6 +39,7 @@ from torch import nn
 
 from pruning.calibration import _first_arg, _Stop, _to
 from pruning.models.adapter import adapter_for
+from pruning.utils import input_device, module_device
 
 
 def _unique(params) -> dict[int, nn.Parameter]:
@@ -49,14 +50,10 @@ def _needs_grad(params) -> bool:
     return any(p.requires_grad for p in params)
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
 @contextmanager
 def _on(module: nn.Module, device: torch.device | None):
     """``module`` on ``device`` while inside (same Parameter objects: ``.to`` swaps ``.data``, hooks stay valid)."""
-    home = _device_of(module)
+    home = module_device(module)
     if device is None or home == device:
         yield
         return
@@ -99,7 +96,7 @@ def placement(model: nn.Module, device: torch.device | None):
 
 def _visit(layer: nn.Module, device: torch.device) -> list:
     """Hooks that bring ``layer`` to ``device`` for one forward call and send it home afterwards."""
-    home = _device_of(layer)
+    home = module_device(layer)
 
     def arrive(m, args):
         m.to(device)
@@ -111,7 +108,7 @@ def _visit(layer: nn.Module, device: torch.device) -> list:
 
 
 def execution_device(model: nn.Module, device: torch.device | None) -> torch.device:
-    return device if device is not None else model.get_input_embeddings().weight.device
+    return device if device is not None else input_device(model)
 
 
 def head_rows(n: int, hidden: int, vocab: int) -> int:
@@ -155,7 +152,7 @@ def backward_layerwise(model: nn.Module, ids: torch.Tensor,
     for i, layer in enumerate(layers):
         if i >= lowest:
             handles.append(layer.register_forward_pre_hook(keep(i), with_kwargs=True))
-        if device is not None and _device_of(layer) != dev:    # weights elsewhere: in for its forward only
+        if device is not None and module_device(layer) != dev:    # weights elsewhere: in for its forward only
             handles += _visit(layer, dev)
     handles.append(adapter.final_norm.register_forward_pre_hook(stop, with_kwargs=True))
     try:

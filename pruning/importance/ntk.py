@@ -16,6 +16,7 @@ from torch import nn
 from pruning.errors import PruningError
 from pruning.importance import SCORERS
 from pruning.importance.taylor import GradientScorer
+from pruning.utils import input_device
 
 
 def output_objective_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -44,7 +45,7 @@ class NTKScorer(GradientScorer):
 @torch.no_grad()
 def next_token_logprobs(model: nn.Module, ids: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     """log softmax of the logits of every position, float32 on the CPU ([n, T, V])."""
-    dev = model.get_input_embeddings().weight.device
+    dev = input_device(model)
     out = [model(input_ids=ids[s:s + batch_size].to(dev), use_cache=False).logits.float().log_softmax(-1).cpu()
            for s in range(0, ids.shape[0], batch_size)]
     return torch.cat(out)
@@ -56,7 +57,7 @@ def kl_to_reference(model: nn.Module, ids: torch.Tensor, ref_logprobs: torch.Ten
     """D_KL(P_ref ‖ Q_model) summed over the vocabulary and averaged over tokens (``compute_influence_loss``)."""
     if ref_logprobs.shape[:2] != ids.shape:
         raise PruningError(f"reference log-probs {tuple(ref_logprobs.shape)} do not match ids {tuple(ids.shape)}")
-    dev = model.get_input_embeddings().weight.device
+    dev = input_device(model)
     total, count = 0.0, 0
     for s in range(0, ids.shape[0], batch_size):
         log_q = model(input_ids=ids[s:s + batch_size].to(dev), use_cache=False).logits.float().log_softmax(-1).cpu()

@@ -43,6 +43,7 @@ from pruning.importance import GQA_FOLDS, SCORERS, Scorer, aggregate, group_scor
 from pruning.importance.layerwise import backward_layerwise, execution_device, placement
 from pruning.runtime import FP16_CPU
 from pruning.structures import StructureSet
+from pruning.utils import eval_mode, input_device
 
 TAYLOR = ("vector", "element1", "element2", "element2_fisher")
 MEMORY_OPTIONS = ("micro_batch", "budget", "layerwise", "offload", "device")   # the ``method.memory`` block
@@ -223,7 +224,7 @@ class GradientScorer(Scorer):
                 dims.setdefault(id(m.weight), set()).add(m.dim)
         if not params:
             raise PruningError(f"{type(self).__name__}: nothing to score (no structure members)")
-        device = execution_device(model, self.device) if self.layerwise else model.get_input_embeddings().weight.device
+        device = execution_device(model, self.device) if self.layerwise else input_device(model)
         if any(p.device.type == "meta" for p in params.values()):
             raise PruningError("gradient scoring needs the weights in memory, but some are on the meta device "
                                "(accelerate offloading from a device_map with cpu/disk entries); load with a GPU-only "
@@ -244,18 +245,16 @@ class GradientScorer(Scorer):
         self._hold, self._held = set(), {}
         self._acc_bytes = sum(t.numel() * 8 for t in self._channels.values())
         wbytes = weight_bytes(model)
-        was_training = model.training
-        model.eval()
         t0 = time.perf_counter()
-        try:
-            with placement(model, self.device if self.layerwise else None), peak_memory(device) as mem, \
-                    torch.enable_grad():
-                chunks = self._run(model, calib, n, plist, dims, wbytes)
-        finally:
-            for p, flag in flags.values():
-                p.grad = None
-                p.requires_grad_(flag)
-            model.train(was_training)
+        with eval_mode(model):
+            try:
+                with placement(model, self.device if self.layerwise else None), peak_memory(device) as mem, \
+                        torch.enable_grad():
+                    chunks = self._run(model, calib, n, plist, dims, wbytes)
+            finally:
+                for p, flag in flags.values():
+                    p.grad = None
+                    p.requires_grad_(flag)
         if self.variant == "vector":
             for k in self._channels:
                 self._channels[k] = self._channels[k].abs()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -31,6 +33,20 @@ class OperatingPoint:
 
     def __str__(self) -> str:
         return f"{self.knob}={self.value:g}"
+
+
+# (dataset, n_samples, seq_len, seed) -> token ids drawn like the run's calibration (its sampler, tokenizer and data)
+CalibrationSampler = Callable[[str, int, int, int], Any]
+
+
+class DrawsCalibration(ABC):
+    """An optional ability: the method draws more calibration sets than the cell's one batch (NIRVANA's choice among
+    candidate calibration seeds by KL). The cell checks ``isinstance(method, DrawsCalibration)`` and binds a sampler
+    with the run's tokenizer before the weights load; other methods never see one."""
+
+    @abstractmethod
+    def bind_sampler(self, sampler: CalibrationSampler, calibration: Mapping) -> None:
+        """Keep ``sampler`` and the run's calibration config (dataset, n_samples, seq_len, seed, sampler fields)."""
 
 
 @dataclass

@@ -6,7 +6,6 @@ they take LLM-Pruner's native knob ``group_ratio`` and count rule.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from pruning.allocation import Uniform
@@ -24,13 +23,11 @@ class Baseline(ScoreAndAllocate):
         return group_ratio_point(self.allocation)
 
 
-def _with_group_ratio(allocation: Uniform | None, group_ratio: float | None) -> Uniform:
-    allocation = allocation or Uniform()
-    if group_ratio is None:
-        return allocation
-    if not 0.0 <= float(group_ratio) < 1.0:
+def _uniform(layers: dict | None, count_rule: str, group_ratio: float | None) -> Uniform:
+    """LLM-Pruner's MetaPruner allocation: the same fraction of every kind in every layer of ``layers``."""
+    if group_ratio is not None and not 0.0 <= float(group_ratio) < 1.0:
         raise PruningError(f"group_ratio must be in [0, 1), got {group_ratio}")
-    return dataclasses.replace(allocation, group_ratio=float(group_ratio))
+    return Uniform.over(layers, count_rule=count_rule, group_ratio=None if group_ratio is None else float(group_ratio))
 
 
 def dense(**_ignored) -> ScoreAndAllocate:
@@ -39,12 +36,14 @@ def dense(**_ignored) -> ScoreAndAllocate:
 
 
 def random(seed: int = 0, structures=("kv_group", "mlp"), group_ratio: float | None = None,
-           allocation: Uniform | None = None) -> Baseline:
+           count_rule: str = "llm_pruner", layers: dict | None = None) -> Baseline:
+    """``layers``: the candidate layer range ({start_frac, end_frac, start, end}; all layers by default)."""
     return Baseline(name="random", scorer=RandomScorer(seed), structures=list(structures),
-                    allocation=_with_group_ratio(allocation, group_ratio))
+                    allocation=_uniform(layers, count_rule, group_ratio))
 
 
 def magnitude(p: int = 2, aggregation: str = "mean", structures=("kv_group", "mlp"), group_ratio: float | None = None,
-              gqa_fold: str = "own", allocation: Uniform | None = None) -> Baseline:
+              gqa_fold: str = "own", count_rule: str = "llm_pruner", layers: dict | None = None) -> Baseline:
+    """``layers``: the candidate layer range ({start_frac, end_frac, start, end}; all layers by default)."""
     return Baseline(name=f"magnitude_l{p}", scorer=MagnitudeScorer(p, aggregation, gqa_fold),
-                    structures=list(structures), allocation=_with_group_ratio(allocation, group_ratio))
+                    structures=list(structures), allocation=_uniform(layers, count_rule, group_ratio))

@@ -20,7 +20,6 @@ its code counts them on the MHA form, with the official per-mode counts; see ``p
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -111,10 +110,10 @@ class Flap(ScoreAndAllocate):
 def flap(structure: str = "AL-AM", metric: str = "WIFV", remove_heads: int | None = None, bias: bool = True,
          structures=("q_head", "mlp"), attn_mlp_ratio: float | None = None, count_rule: str = "floor",
          variance: str = "exact", surgery: str = "remove", batch_size: int = 8, progress: bool = True,
-         allocation: Uniform | None = None) -> Flap:
-    """``allocation`` (the cell's allocation config) supplies the candidate layer range, and UL-UM's uniform
-    spreading under ``count_rule`` (FLAP's int(p·n) by default); FLAP's own mode is ``structure``."""
-    uniform = dataclasses.replace(allocation or Uniform(), count_rule=count_rule)
+         layers: dict | None = None) -> Flap:
+    """``layers`` ({start_frac, end_frac, start, end}; all layers by default) is the candidate layer range, also of
+    UL-UM's uniform spreading under ``count_rule`` (FLAP's int(p·n) by default); FLAP's own mode is ``structure``."""
+    uniform = Uniform.over(layers, count_rule=count_rule)
     alloc = FlapAllocation(structure=structure, remove_heads=remove_heads, uniform=uniform,
                            attn_mlp_ratio=attn_mlp_ratio)
     return Flap(name="flap", scorer=FluctuationScorer(metric), structures=list(structures), allocation=alloc,

@@ -52,11 +52,12 @@ class LlmBip(ScoreAndAllocate):
 
 def llm_bip(variant: str = "interp_v1", propagate: str = "none", allocation_mode: str = "per_layer",
             structures=("kv_group", "mlp"), batch_size: int = 8, progress: bool = True,
-            allocation: Uniform | None = None) -> LlmBip:
-    """``allocation`` is the cell's allocator (used as is for ``per_layer``; only its layer range for ``global``)."""
+            count_rule: str = "llm_pruner", layers: dict | None = None) -> LlmBip:
+    """``layers`` ({start_frac, end_frac, start, end}; all layers by default) is the candidate layer range of both
+    allocation modes; ``count_rule`` counts ``per_layer``'s units (``global`` ranks single units)."""
     if allocation_mode not in ALLOCATIONS:
         raise PruningError(f"llm_bip.allocation_mode must be one of {ALLOCATIONS}, got {allocation_mode!r}")
-    allocation = allocation or Uniform()
+    allocation = Uniform.over(layers, count_rule=count_rule)
     scorer = BIPScorer(variant, propagate, relative=allocation_mode == "global")
     alloc = allocation if allocation_mode == "per_layer" else GlobalRank("param_budget", uniform=allocation)
     return LlmBip(name="llm_bip", scorer=scorer, structures=list(structures), allocation=alloc,

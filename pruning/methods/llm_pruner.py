@@ -18,7 +18,6 @@ Importance: ``element1`` (default, official ``param_first``), ``element2`` (``pa
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from torch import nn
@@ -35,7 +34,9 @@ from pruning.surgery.plan import PrunePlan
 
 STRATEGIES = {"block": ("kv_group", "mlp"), "channel": ("hidden",)}
 IMPORTANCES = TAYLOR + ("random",)
-LAYER_START_FRAC, LAYER_END_FRAC = 0.125, 0.9375
+# LLM-Pruner's block-wise range, layers [4, 30) of 32 as depth fractions (index = floor(frac·L + 0.5)): the first and
+# last layers stay intact at any depth ([1, 5) on stories260K, [4, 28) on SmolLM2's 30 layers).
+LAYERS = {"start_frac": 0.125, "end_frac": 0.9375, "start": None, "end": None}
 
 
 GROUP_RATIO_MEANING = ("LLM-Pruner --pruning_ratio p: in every layer of the range, floor((C - int(C(1-p))) / d_h) KV "
@@ -89,8 +90,11 @@ class LLMPruner(ScoreAndAllocate):
 
 def llm_pruner(importance: str = "element1", aggregation: str = "sum", strategy: str = "block",
                group_ratio: float | None = None, gqa_fold: str = "own", seed: int = 0, memory: dict | None = None,
-               surgery: dict | None = None, allocation: Uniform | None = None) -> LLMPruner:
-    """``allocation`` defaults to LLM-Pruner's layer range; ``group_ratio`` (if set) fixes p on it.
+               surgery: dict | None = None, count_rule: str = "llm_pruner",
+               layers: dict | None = None) -> LLMPruner:
+    """The same fraction p of KV groups and MLP channels in every layer of ``layers`` ({start_frac, end_frac, start,
+    end}; default LLM-Pruner's [4, 30) of 32 as depth fractions), counted by ``count_rule``; ``group_ratio`` (if
+    set) fixes p.
 
     ``memory``: ``micro_batch`` (null = one backward over all samples, as the official code), ``budget``
     (fraction of the weights' bytes a chunk's held gradients/Fisher may take), ``layerwise`` (backward one decoder
@@ -111,11 +115,10 @@ def llm_pruner(importance: str = "element1", aggregation: str = "sum", strategy:
         raise PruningError(f"unknown llm_pruner memory options {sorted(unknown)}; choices: {', '.join(MEMORY_OPTIONS)}")
     if importance == "random":
         check_memory_options(**memory)         # checked even when unused, so a typo'd value never passes silently
-    allocation = allocation or Uniform(layer_start_frac=LAYER_START_FRAC, layer_end_frac=LAYER_END_FRAC)
-    if group_ratio is not None:
-        if not 0.0 <= float(group_ratio) < 1.0:
-            raise PruningError(f"llm_pruner group_ratio must be in [0, 1), got {group_ratio}")
-        allocation = dataclasses.replace(allocation, group_ratio=float(group_ratio))
+    if group_ratio is not None and not 0.0 <= float(group_ratio) < 1.0:
+        raise PruningError(f"llm_pruner group_ratio must be in [0, 1), got {group_ratio}")
+    allocation = Uniform.over(layers, default=LAYERS, count_rule=count_rule,
+                              group_ratio=None if group_ratio is None else float(group_ratio))
     if gqa_fold not in GQA_FOLDS:
         raise PruningError(f"unknown llm_pruner gqa_fold {gqa_fold!r}; choices: {', '.join(GQA_FOLDS)}")
     scorer = RandomScorer(seed) if importance == "random" else taylor_scorer(importance, aggregation=aggregation,

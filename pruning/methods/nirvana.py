@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Callable
-
 import torch
 from torch import nn
 
@@ -25,22 +23,19 @@ from pruning.allocation.nirvana import NirvanaAllocation
 from pruning.errors import PruningError
 from pruning.importance.ntk import NTKScorer, kl_to_reference, next_token_logprobs
 from pruning.importance.taylor import MEMORY_OPTIONS
-from pruning.methods.base import OperatingPoint, ScoreAndAllocate
+from pruning.methods.base import CalibrationSampler, DrawsCalibration, OperatingPoint, ScoreAndAllocate
 from pruning.surgery.apply import apply_plan
 from pruning.surgery.plan import PrunePlan
 
 KL_DEFAULTS = {"seeds": [0, 1, 2, 3, 4], "dataset": "alpaca", "n_samples": 128, "seq_len": 64, "seed": 42,
                "batch_size": 16}
 
-Sampler = Callable[[str, int, int, int], torch.Tensor]   # (dataset, n_samples, seq_len, seed) -> token ids
-
-
 @dataclass
-class Nirvana(ScoreAndAllocate):
+class Nirvana(ScoreAndAllocate, DrawsCalibration):
     native_knob = "method.sparsity"
 
     kl_select: dict = field(default_factory=lambda: dict(KL_DEFAULTS))
-    sampler: Sampler | None = None
+    sampler: CalibrationSampler | None = None
     calibration: dict | None = None          # the run's calibration config: dataset, n_samples, seq_len, seed
 
     def operating_point(self) -> OperatingPoint | None:
@@ -49,7 +44,7 @@ class Nirvana(ScoreAndAllocate):
             "method.sparsity", float(s), "NIRVANA sparsity: share of attention+MLP parameters removed (embeddings "
             "and lm_head excluded), split between KV groups and MLP neurons by gamma")
 
-    def bind_sampler(self, sampler: Sampler, calibration: dict) -> None:
+    def bind_sampler(self, sampler: CalibrationSampler, calibration: dict) -> None:
         """Give the method a way to draw more calibration sets (the cell calls this with the run's tokenizer)."""
         self.sampler, self.calibration = sampler, dict(calibration)
 
@@ -100,8 +95,8 @@ class Nirvana(ScoreAndAllocate):
 
 
 def nirvana(gamma: float = 3.36, round_to: int = 8, sparsity: float | None = None, kl_select: dict | None = None,
-            memory: dict | None = None, allocation=None) -> Nirvana:
-    """``allocation`` is accepted and ignored: NIRVANA allocates with its own global thresholds (γ, round_to)."""
+            memory: dict | None = None) -> Nirvana:
+    """NIRVANA allocates with its own global thresholds over all layers (γ, round_to)."""
     kl = dict(KL_DEFAULTS)
     unknown = set(kl_select or {}) - set(KL_DEFAULTS)
     if unknown:

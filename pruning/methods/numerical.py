@@ -93,12 +93,12 @@ class Numerical(ScoreAndAllocate):
 def numerical(lam: float | str = "inf", damp: float = 0.01, alpha: str | float = "paper", newton_iters: int = 1,
               project_box: bool = False, unit_ratio: float | None = None, compensate: bool = True,
               comp_inputs: str = "sequential", comp_damp: float = 0.01, structures=("kv_group", "mlp"),
-              batch_size: int = 8, progress: bool = True, allocation: Uniform | None = None,
+              batch_size: int = 8, progress: bool = True, layers: dict | None = None,
               **kwargs) -> Numerical:
-    """``allocation`` (the cell's config) supplies only the candidate layer range; the split across layers and
-    kinds comes from the global ranking: the paper's unit-count threshold (Eq. 8) when the native ``unit_ratio``
-    is set, else the parameter budget of ``pruning.ratio`` [ours]. λ may be given as ``lambda`` (the config key;
-    a Python keyword)."""
+    """``layers`` ({start_frac, end_frac, start, end}; all layers by default) is the candidate layer range; the split
+    across layers and kinds comes from the global ranking: the paper's unit-count threshold (Eq. 8) when the native
+    ``unit_ratio`` is set, else the parameter budget of ``pruning.ratio`` [ours]. λ may be given as ``lambda`` (the
+    config key; a Python keyword)."""
     if "lambda" in kwargs:
         lam = kwargs.pop("lambda")
     if kwargs:
@@ -108,6 +108,6 @@ def numerical(lam: float | str = "inf", damp: float = 0.01, alpha: str | float =
     return Numerical(name="numerical", scorer=NewtonScorer(lam, damp, alpha, newton_iters, project_box),
                      structures=list(structures),
                      allocation=GlobalRank(threshold="param_budget" if unit_ratio is None else "unit_count",
-                                           uniform=allocation or Uniform()),
+                                           uniform=Uniform.over(layers)),
                      unit_ratio=None if unit_ratio is None else float(unit_ratio), compensate=compensate, comp_inputs=comp_inputs, comp_damp=comp_damp, batch_size=batch_size,
                      progress=progress)

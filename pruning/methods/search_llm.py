@@ -244,10 +244,8 @@ class SearchLLM(ScoreAndAllocate):
 def search_llm(preset: str = "paper", attn_unit: str = "kv_group", inheriting_ratio: float | None = None,
                search: dict | None = None, fitness: dict | None = None, admm: dict | None = None,
                saliency_damp: float = 0.01,
-               batch_size: int = 8, seed: int = 0, progress: bool = True, run_dir: str | None = None,
-               allocation=None) -> SearchLLM:
-    """``allocation`` (the cell's uniform/layer-range config) is accepted and ignored: the search is the
-    allocation, over every layer."""
+               batch_size: int = 8, seed: int = 0, progress: bool = True, run_dir: str | None = None) -> SearchLLM:
+    """The evolutionary search is the allocation, over every layer."""
     import dataclasses
 
     known = {f.name for f in dataclasses.fields(EvolutionarySearch)} - {"seed", "progress", "history", "evaluated"}

@@ -88,8 +88,8 @@ class ShortGPT(ScoreAndAllocate):
 
 
 def shortgpt(n_blocks: int | None = None, angular: bool = False, last_block: str = "raw", batch_size: int = 8,
-             progress: bool = True, structures=("block",), allocation: Uniform | None = None) -> ShortGPT:
-    """``allocation``'s layer range restricts the candidate blocks (all layers by default)."""
+             progress: bool = True, structures=("block",), layers: dict | None = None) -> ShortGPT:
+    """``layers`` ({start_frac, end_frac, start, end}) restricts the candidate blocks (all layers by default)."""
     return ShortGPT(name="shortgpt", scorer=BlockInfluenceScorer(angular=angular), structures=list(structures),
-                    allocation=allocation or Uniform(), n_blocks=None if n_blocks is None else int(n_blocks),
+                    allocation=Uniform.over(layers), n_blocks=None if n_blocks is None else int(n_blocks),
                     last_block=last_block, batch_size=batch_size, progress=progress)

@@ -298,9 +298,9 @@ def _check_model(model: nn.Module) -> None:
 def slicegpt(slicing: float | None = None, round_interval: int = 8,
              slice_head: bool = False, orientation: str = "pca", fusion: str = "exact", damp: float = 0.01,
              seed: int = 0,
-             batch_size: int = 8, progress: bool = True, allocation=None) -> SliceGPT:
-    """Factory for ``conf/method/slicegpt.yaml``. ``allocation`` is accepted and ignored: SliceGPT's allocation
-    is its constant sliced width d′ (ConstSlicingScheduler), chosen from the ratio here."""
+             batch_size: int = 8, progress: bool = True) -> SliceGPT:
+    """Factory for ``conf/method/slicegpt.yaml``. SliceGPT's allocation is its constant sliced width d′
+    (ConstSlicingScheduler), chosen from the ratio here."""
     return SliceGPT(slicing=slicing, round_interval=int(round_interval),
                     slice_head=bool(slice_head), orientation=orientation, fusion=fusion, damp=float(damp),
                     seed=int(seed),

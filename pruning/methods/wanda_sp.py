@@ -60,10 +60,10 @@ class WandaSP(ScoreAndAllocate):
 
 
 def wanda_sp(structures=("q_head", "mlp"), attn_mlp_ratio: float | None = None, count_rule: str = "floor",
-             batch_size: int = 8, progress: bool = True, allocation: Uniform | None = None) -> WandaSP:
-    """``allocation`` (the cell's config) supplies the layer range; the count rule is FLAP's int(p·n) by default,
-    and ``attn_mlp_ratio`` (if set) fixes p."""
-    allocation = dataclasses.replace(allocation or Uniform(), count_rule=count_rule)
+             batch_size: int = 8, progress: bool = True, layers: dict | None = None) -> WandaSP:
+    """Uniform per layer over ``layers`` ({start_frac, end_frac, start, end}; all layers by default); the count rule
+    is FLAP's int(p·n) by default, and ``attn_mlp_ratio`` (if set) fixes p."""
+    allocation = Uniform.over(layers, count_rule=count_rule)
     if attn_mlp_ratio is not None:
         if not 0.0 <= float(attn_mlp_ratio) < 1.0:
             raise PruningError(f"wanda_sp attn_mlp_ratio must be in [0, 1), got {attn_mlp_ratio}")

@@ -44,21 +44,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from experiments.fileio import atomic_write, sha256_file
+
 BOGUS_KEYS = ("tokenizer.ggml.padding_token_id", "tokenizer.ggml.seperator_token_id")
 # Bump whenever convert()'s output changes, so cached conversions made by older code are rebuilt, not reused.
 CONVERTER_VERSION = 2
 COMPLETE = "COMPLETE"
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-_sha256 = sha256_file  # older name
 
 
 def _log(msg: str) -> None:
@@ -189,19 +180,6 @@ def cache_root() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "pruning-lab"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _hash_stamp(path: Path) -> tuple[dict, Path]:
     st = path.stat()
     stamp = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -210,7 +188,8 @@ def _hash_stamp(path: Path) -> tuple[dict, Path]:
 
 def _remember(stamp: dict, sidecar: Path, digest: str) -> None:
     with contextlib.suppress(OSError):  # a read-only cache only costs a re-hash next time
-        _atomic_write_text(sidecar, json.dumps({**stamp, "sha256": digest}))
+        sidecar.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(sidecar, json.dumps({**stamp, "sha256": digest}))
 
 
 def remember_sha256(path: str | Path, digest: str) -> None:
@@ -277,7 +256,7 @@ def verify_entry(entry: Path, full: bool = False) -> str | None:
         if sha256_file(entry / name) != want["sha256"]:
             return f"{name} does not match its sha256"
     with contextlib.suppress(OSError):  # a read-only cache only costs a re-hash next time
-        _atomic_write_text(_stamps_path(entry), json.dumps(stamps))
+        atomic_write(_stamps_path(entry), json.dumps(stamps))
     return None
 
 
@@ -318,7 +297,7 @@ def cached_conversion(gguf_path: str | Path) -> Path:
         t0 = time.perf_counter()
         convert(gguf_path, entry, gguf_sha256=sha, complete_marker=True)
         files = json.loads((entry / COMPLETE).read_text())["files"]   # hashed just now, before the rename
-        _atomic_write_text(_stamps_path(entry), json.dumps(_stamps(entry, files)))
+        atomic_write(_stamps_path(entry), json.dumps(_stamps(entry, files)))
         _log(f"converted in {time.perf_counter() - t0:.1f} s")
     return entry
 

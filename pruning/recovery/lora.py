@@ -22,7 +22,6 @@ Evaluated text (WikiText-2, PTB) is refused by ``pruning.data``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import time
 import warnings
@@ -33,9 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from experiments.fileio import sha256_file
 from pruning import data
 from pruning.errors import PruningError
 from pruning.models.adapter import adapter_for
+from pruning.utils import eval_mode, input_device
 
 IGNORE = -100  # label of tokens that carry no loss (masked prompt, padding)
 DEVIATIONS = ["loss averaged over the target tokens of the whole accumulated batch", "right padding",
@@ -213,7 +214,7 @@ def build_examples(tokenizer, c: LoRARecovery) -> tuple[list[dict], list[dict], 
     train = [kept[i] for i in sorted(order[c.val_size:])]
     info = {"dataset": c.data, "format": "instruction" if c.instruction else "text",
             "prompt_masked": bool(c.instruction and not c.train_on_inputs), "file": str(path),
-            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "records_in_file": n_file,
+            "sha256": sha256_file(path), "records_in_file": n_file,
             "records_used": n_used, "dropped_no_target": n_used - len(kept), "truncated": n_truncated,
             "n_train": len(train), "n_val": len(val),
             "train_tokens": sum(len(e["input_ids"]) for e in train),
@@ -286,14 +287,12 @@ def _optimizer_steps(train: list[dict], c: LoRARecovery, total: int):
 def mean_loss(model: nn.Module, examples: list[dict], c: LoRARecovery, pad_id: int, device) -> float | None:
     if not examples:
         return None
-    was = model.training
-    model.eval()
     total, n = 0.0, 0
-    for j in range(0, len(examples), c.micro_batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[j: j + c.micro_batch_size], pad_id).items()}
-        s, k = token_loss_sum(model, batch)
-        total, n = total + float(s), n + k   # no_grad: s has no graph
-    model.train(was)
+    with eval_mode(model):
+        for j in range(0, len(examples), c.micro_batch_size):
+            batch = {k: v.to(device) for k, v in collate(examples[j: j + c.micro_batch_size], pad_id).items()}
+            s, k = token_loss_sum(model, batch)
+            total, n = total + float(s), n + k   # no_grad: s has no graph
     return total / n
 
 
@@ -311,7 +310,7 @@ def recover(model: nn.Module, tokenizer, cfg, device=None, progress: bool = True
     params_before, cls_before = adapter.num_params(), type(model)
     train, val, info = build_examples(tokenizer, c)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = adapter.embed_tokens.weight.device   # where inputs go, also under a multi-GPU device_map
+    device = input_device(model)   # where inputs go, also under a multi-GPU device_map
     steps_per_epoch = _steps_per_epoch(len(train), c)
     total = c.max_steps if c.max_steps is not None else c.epochs * steps_per_epoch
     targets = target_module_names(model, c.target_modules)

@@ -1,0 +1,194 @@
+"""Renderers of a built ``PaperTable`` (experiments/tables.py): Markdown, LaTeX, CSV, HTML (the report) and the README
+summary. Ours are printed as mean or "mean ± std" over seeds, published values exactly as the paper printed them;
+every renderer writes the table's footnotes (protocol notes, knob meanings, calibration, sources, exclusions).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from html import escape
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from experiments import anchors as anchors_mod
+
+if TYPE_CHECKING:
+    from experiments.tables import PaperTable
+
+_TEXT_COLUMNS = ("model", "method", "source", "protocol")
+
+
+def fmt_ratio(r: float) -> str:
+    """A ratio as a table prints it: two decimals when that is exact (0.20), else as short as exact (0.125)."""
+    return f"{r:.2f}" if round(r, 2) == r else f"{r:g}"
+
+
+_LATEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
+                  "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}", "±": r"$\pm$",
+                  "↓": r"$\downarrow$", "→": r"$\to$", "–": "--", "≤": r"$\le$"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+
+
+def markdown_frame(df) -> str:
+    """Any DataFrame as a Markdown table (floats to 6 significant digits). Our own tiny renderer:
+    DataFrame.to_markdown needs `tabulate`, which is not a declared dependency."""
+
+    def cell(v: Any) -> str:
+        if v is None or (isinstance(v, float) and v != v):
+            return ""
+        text = f"{v:.6g}" if isinstance(v, float) else str(v)
+        return text.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cell(c) for c in df.columns) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def display(table: PaperTable) -> pd.DataFrame:
+    """All cells as strings: ours as mean or "mean ± std", published exactly as printed."""
+    out = table.frame.copy().astype(object)
+    for i in range(len(out)):
+        published = out.iloc[i]["source"] != "ours"
+        for col in table.value_columns:
+            v = table.frame.iloc[i][col]
+            if published:
+                text = table.printed.iloc[i][col]
+                out.iat[i, out.columns.get_loc(col)] = text if isinstance(text, str) else ""
+            elif v is None or (isinstance(v, float) and math.isnan(v)):
+                out.iat[i, out.columns.get_loc(col)] = ""
+            else:
+                s = table.std.iloc[i][col]
+                out.iat[i, out.columns.get_loc(col)] = f"{v:.2f}" if pd.isna(s) else f"{v:.2f} ± {s:.2f}"
+        for col in ("ratio", "achieved"):
+            if col in out.columns:
+                v = table.frame.iloc[i][col]
+                if published and col == "ratio":
+                    text = table.printed.iloc[i].get("ratio", "")
+                elif pd.isna(v):
+                    text = ""
+                else:
+                    text = fmt_ratio(v) if col == "ratio" else f"{v:.4f}"
+                out.iat[i, out.columns.get_loc(col)] = text
+        if "setting" in out.columns and (published or not isinstance(table.frame.iloc[i]["setting"], str)):
+            out.iat[i, out.columns.get_loc("setting")] = ""
+        if "n" in out.columns:
+            n = table.frame.iloc[i]["n"]
+            out.iat[i, out.columns.get_loc("n")] = "" if pd.isna(n) else str(int(n))
+        if published:
+            out.iat[i, out.columns.get_loc("source")] = "published (" + table.frame.iloc[i]["block"] + ")"
+    return out.drop(columns=["block"])
+
+
+def footnotes(table: PaperTable) -> list[str]:
+    """The spec's notes, the provenance read from the records, the published sources and what was excluded."""
+    notes = list(table.spec.notes) + list(table.provenance)
+    notes += [f"published ({b}): {s}" for b, s in table.sources.items()]
+    notes += [f"excluded: {e}" for e in table.excluded]
+    return notes
+
+
+def markdown(table: PaperTable) -> str:
+    """Title, the table, its footnotes as a list."""
+    lines = [f"### {table.spec.title}", "", markdown_frame(display(table)), ""]
+    lines += [f"- {n}" for n in footnotes(table)]
+    return "\n".join(lines) + "\n"
+
+
+def latex(table: PaperTable) -> str:
+    """A booktabs ``table`` environment with the footnotes under it."""
+    df = display(table)
+    cols = list(df.columns)
+    body = [" & ".join(latex_escape(c) for c in cols) + r" \\", r"\midrule"]
+    body += [" & ".join(latex_escape(str(v)) for v in row) + r" \\" for row in df.itertuples(index=False)]
+    notes = " ".join(latex_escape(n) for n in footnotes(table))
+    return "\n".join([
+        r"\begin{table}[t]", r"\centering", r"\small",
+        rf"\caption{{{latex_escape(table.spec.title)}}}", rf"\label{{tab:{table.spec.name}}}",
+        r"\begin{tabular}{" + "".join("l" if c in _TEXT_COLUMNS else "r" for c in cols) + "}", r"\toprule",
+        *body, r"\bottomrule",
+        r"\end{tabular}", rf"\par\footnotesize {notes}", r"\end{table}", ""])
+
+
+def csv(table: PaperTable) -> str:
+    """Numbers, not text: means, `<col> std`, and the full source ("ours" / "published (block: source)")."""
+    df = table.frame.copy()
+    df["n"] = df["n"].astype("Int64")
+    for col in table.value_columns:
+        df[f"{col} std"] = table.std[col]
+    df["source"] = [s if s == "ours" else anchors_mod.published_label(b, table.sources.get(b, ""))
+                    for s, b in zip(table.frame["source"], table.frame["block"])]
+    return df.to_csv(index=False)
+
+
+def summary(table: PaperTable, ratios: Sequence[float]) -> str:
+    """The README view of a rows table: per model, one row per method of ours (recovery variants left out),
+    each PPL column at each ratio as "mean ± std" and n, methods ordered by their first column at the first
+    ratio (best first), the dense value in the heading."""
+    f = table.frame
+    ours = f[(f["source"] == "ours") & ~f["method"].astype(str).str.contains(r"\+\w+$")]
+    out = []
+    for model, g in ours.groupby("model", sort=True):
+        cols = [c for c in table.value_columns if g[c].notna().any()]
+        names = [c.split(" [")[0] for c in cols]       # the subset goes to the heading when it is shared
+        short = {c: n if names.count(n) == 1 else c for c, n in zip(cols, names)}
+        dense = g[g["method"] == "dense"]
+        head = ", ".join(f"{short[c]} {dense.iloc[0][c]:.2f}" for c in cols) if len(dense) else "not run"
+        out += [f"**{model}** (dense: {head}; n = calibration seeds)", "",
+                "| method | " + " | ".join(f"{100 * r:g}%: {short[c]}" if j < len(cols) else f"{100 * r:g}%: n"
+                                         for r in ratios for j, c in enumerate(cols + ["n"])) + " |",
+                "|---" * (1 + len(ratios) * (len(cols) + 1)) + "|"]
+        g = g[g["method"] != "dense"]
+
+        def cell(method, ratio):
+            hit = g[(g["method"] == method) & ((g["ratio"] - ratio).abs() < 1e-9)]
+            return None if hit.empty else hit.index[0]
+
+        def rank(method):
+            i = cell(method, ratios[0])
+            return (i is None, 0.0 if i is None else float(f.loc[i, cols[0]]), method)
+        for method in sorted(dict.fromkeys(g["method"]), key=rank):
+            parts = [str(method)]
+            for r in ratios:
+                i = cell(method, r)
+                for c in cols:
+                    v, sd = (None, None) if i is None else (f.loc[i, c], table.std.loc[i, c])
+                    parts.append("–" if v is None or pd.isna(v) else
+                                 f"{v:,.1f}" + ("" if pd.isna(sd) else f" ± {sd:,.1f}"))
+                parts.append("–" if i is None else str(int(f.loc[i, "n"])))
+            out.append("| " + " | ".join(parts) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def write(table: PaperTable, out_dir: str | Path, formats: Sequence[str] = ("md", "tex", "csv")) -> list[Path]:
+    """``<out_dir>/<table name>.<md|tex|csv>``; returns the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    writers = {"md": markdown, "tex": latex, "csv": csv}
+    paths = []
+    for fmt in formats:
+        p = out / f"{table.spec.name}.{fmt}"
+        p.write_text(writers[fmt](table), encoding="utf-8")
+        paths.append(p)
+    return paths
+
+
+def html(table: PaperTable) -> str:
+    """The table as an HTML fragment for the report: published rows get class "pub", text columns class "t"."""
+    df = display(table)
+    head = "".join(f"<th>{escape(str(c))}</th>" for c in df.columns)
+    rows = []
+    for row in df.itertuples(index=False):
+        cls = ' class="pub"' if str(row[list(df.columns).index("source")]).startswith("published") else ""
+        cells = "".join(f'<td{" class=t" if c in _TEXT_COLUMNS else ""}>{escape(str(v))}</td>'
+                        for c, v in zip(df.columns, row))
+        rows.append(f"<tr{cls}>{cells}</tr>")
+    notes = "".join(f"<li>{escape(n)}</li>" for n in footnotes(table))
+    return (f"<h3>{escape(table.spec.title)}</h3><div class=scroll><table><thead><tr>{head}</tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table></div><ul class=notes>{notes}</ul>")
