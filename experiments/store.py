@@ -274,7 +274,7 @@ def _markdown(df) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print every record in a store as one table."""
-    parser = argparse.ArgumentParser(prog="pruning-results", description="Show the results store as a table.")
+    parser = argparse.ArgumentParser(prog="pruning-lab results", description="Show the results store as a table.")
     parser.add_argument("--store", type=Path, default=None,
                         help="store directory (default: $PRUNING_STORE or <repo>/runs/store)")
     parser.add_argument("--columns", nargs="+", default=None, metavar="COL",
