@@ -18,6 +18,10 @@ if [ ! -x "$TOOL/bin/pip-compile" ]; then
   "$PYTHON" -m venv "$TOOL"
   "$TOOL/bin/pip" install --disable-pip-version-check -q 'pip-tools>=7.7,<8'
 fi
-CUSTOM_COMPILE_COMMAND=scripts/lock.sh "$TOOL/bin/pip-compile" --quiet --allow-unsafe --extra=all --strip-extras --no-emit-index-url --no-emit-find-links \
+# every extra but "all", which names the project itself (pip-compile would lock it as a path on this machine)
+EXTRAS=$("$PYTHON" -c 'import tomllib; x = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]
+print(" ".join(f"--extra={e}" for e in x if e != "all"))')
+# shellcheck disable=SC2086
+CUSTOM_COMPILE_COMMAND=scripts/lock.sh "$TOOL/bin/pip-compile" --quiet --allow-unsafe $EXTRAS --strip-extras --no-emit-index-url --no-emit-find-links \
   --output-file=requirements.lock "$@" pyproject.toml
 sed -i -E 's/^(torch==[^+ ]+)\+[A-Za-z0-9.]+/\1/' requirements.lock
