@@ -6,7 +6,6 @@ and a mistyped command answer at once, without importing torch. Each command kee
 
 from __future__ import annotations
 
-import difflib
 import sys
 from importlib import import_module
 from importlib.util import find_spec
@@ -63,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
+        import difflib
+
         near = difflib.get_close_matches(name, COMMANDS, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         print(f"{PROG}: unknown command {name!r}{hint}; commands: {', '.join(COMMANDS)}", file=sys.stderr)

@@ -14,8 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-import experiments.paper_ratios  # noqa: F401  (registers the ${paper_knob:...} config resolver)
-from pruning.errors import PruningError
+import experiments.paper_ratios  # noqa: F401  (registers the ${paper_knob:...} config resolver; torch-free)
 
 
 def conf_dir() -> Path:
@@ -32,7 +31,8 @@ CONF = conf_dir()
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from experiments.cell import one_line_table, run_cell
+    from experiments.cell import one_line_table, run_cell      # torch: here, so `run --help` answers at once
+    from pruning.errors import PruningError
 
     try:
         record = run_cell(cfg, run_dir=HydraConfig.get().runtime.output_dir)

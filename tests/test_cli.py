@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra.core.global_hydra import GlobalHydra
 
 from pruning_lab import run
 from pruning_lab.cli import COMMANDS, main
@@ -41,8 +40,9 @@ def probe(*argvs: list[str]) -> list[dict]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_help_typo_and_no_command_without_importing_torch():
-    help_, typo, bare = probe(["--help"], ["tabels", "--all"], [])
+def test_help_typos_and_run_help_without_importing_torch():
+    help_, typo, bare, run_help, run_typo = probe(["--help"], ["tabels", "--all"], [], ["run", "--help"],
+                                                  ["run", "method=magnitud"])
     assert help_["code"] == 0 and help_["err"] == ""
     listed = {line.split()[0]: " ".join(line.split()[1:]) for line in help_["out"].splitlines()
               if line.startswith("  ") and not line.lstrip().startswith("-")}
@@ -53,7 +53,13 @@ def test_help_typo_and_no_command_without_importing_torch():
     lines = typo["err"].strip().splitlines()
     assert len(lines) == 1 and "unknown command 'tabels'" in lines[0] and "did you mean 'tables'" in lines[0]
     assert bare["code"] == 2 and "commands:" in bare["err"]             # no command: the usage, on stderr
-    assert not bare["torch"]                                            # after all three
+
+    # `run` is the Hydra app of run.py: its help lists conf/'s groups; a bad group value is one line, exit 2
+    assert run_help["code"] == 0 and "run is powered by Hydra" in run_help["out"]
+    assert "stories260k" in run_help["out"]
+    assert run_typo["code"] == 2 and run_typo["out"] == "" and len(run_typo["err"].strip().splitlines()) == 1
+    assert "unknown method 'magnitud'" in run_typo["err"]
+    assert not run_typo["torch"]                                        # after all five
 
 
 def test_every_command_answers_its_own_help(capsys, monkeypatch):
@@ -61,30 +67,12 @@ def test_every_command_answers_its_own_help(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", list(sys.argv))                    # main() sets sys.argv for argparse
     for name in COMMANDS:
         if name == "run":
-            continue                                                    # Hydra's help: below
+            continue                                                    # Hydra's help: in the probe above
         with pytest.raises(SystemExit) as exit_:
             main([name, "--help"])
         out = capsys.readouterr().out
         assert exit_.value.code == 0 and out.startswith(f"usage: pruning-lab {name}"), (name, out[:300])
 
 
-@pytest.fixture
-def hydra_cleared():
-    yield
-    GlobalHydra.instance().clear()
-
-
-def test_run_passes_hydra_arguments_through(capsys, hydra_cleared, monkeypatch):
-    """`pruning-lab run` is the Hydra app of run.py: its --help lists the config groups of conf/, and a bad group
-    value is refused in one line before any work."""
-    monkeypatch.setattr(sys, "argv", list(sys.argv))                    # cli() sets sys.argv for Hydra
-    with pytest.raises(SystemExit) as exit_:
-        run.cli(["--help"])
-    assert exit_.value.code == 0
-    out = capsys.readouterr().out
-    assert "run is powered by Hydra" in out and "stories260k" in out
-    assert run.CONF == REPO / "conf"                                    # a checkout reads its own conf/
-    with pytest.raises(SystemExit) as exit_:
-        run.cli(["method=magnitud"])
-    err = capsys.readouterr().err.strip()
-    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "unknown method 'magnitud'" in err
+def test_a_checkout_reads_its_own_conf():
+    assert run.CONF == REPO / "conf"
