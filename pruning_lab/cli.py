@@ -13,7 +13,8 @@ from pathlib import Path
 
 PROG = "pruning-lab"
 
-# name -> ("module:function", one line for --help). Every function takes the arguments after the command name.
+# name -> ("module:function", one line for --help). Every function takes the arguments after the command name and
+# returns an exit code (or None for 0). A new command is one line here (issue 25's `dashboard`, for one).
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("pruning_lab.run:cli", "prune and evaluate one cell, or sweep with -m (the Hydra app of run.py)"),
     "results": ("experiments.store:main", "show the results store as a table"),
