@@ -62,7 +62,8 @@ def installed(tmp_path_factory):
     print(f"wheel install into a fresh venv: {time.perf_counter() - t0:.0f} s")
     site = Path(subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                                capture_output=True, text=True, check=True).stdout.strip())
-    return venv / "bin", wheel, site
+    yield venv / "bin", wheel, site
+    shutil.rmtree(project, ignore_errors=True)                      # 1.5 GB; pytest keeps its last 3 temp dirs
 
 
 def cli(bin_dir: Path, args: list[str], cwd: Path, data_root: Path | None = None) -> subprocess.CompletedProcess:
