@@ -63,7 +63,8 @@ def installed(tmp_path_factory):
     site = Path(subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                                capture_output=True, text=True, check=True).stdout.strip())
     yield venv / "bin", wheel, site
-    shutil.rmtree(project, ignore_errors=True)                      # 1.5 GB; pytest keeps its last 3 temp dirs
+    for done in (project, src):                                     # 1.5 GB venv; pytest keeps its last 3 temp dirs
+        shutil.rmtree(done, ignore_errors=True)
 
 
 def cli(bin_dir: Path, args: list[str], cwd: Path, data_root: Path | None = None) -> subprocess.CompletedProcess:
