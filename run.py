@@ -1,68 +1,11 @@
-"""Run one pruning cell (``python run.py``) or a sweep (``python run.py -m method=a,b pruning.ratio=0.2,0.5``)."""
+"""Run one pruning cell (``python run.py``) or a sweep (``python run.py -m method=a,b pruning.ratio=0.2,0.5``).
 
-from __future__ import annotations
+The source checkout's spelling of ``pruning-lab run``: both call the Hydra app in pruning_lab/run.py.
+"""
 
 import sys
-from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig
-
-import experiments.paper_ratios  # noqa: F401  (registers the ${paper_knob:...} config resolver)
-from pruning.errors import PruningError
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> float | None:
-    from experiments.cell import one_line_table, run_cell
-
-    try:
-        record = run_cell(cfg, run_dir=HydraConfig.get().runtime.output_dir)
-    except PruningError as e:
-        print(f"error: {e}", file=sys.stderr)
-        if "AdaPrunerSweeper" in str(HydraConfig.get().sweeper.get("_target_", "")):   # a study's trial:
-            raise                     # the study records it PRUNED (infeasible calibration) or FAIL, and goes on
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            return None               # one impossible cell of a sweep (e.g. a ratio a method cannot reach) is
-                                      # reported and writes no record; the other cells still run
-        sys.exit(2)
-    with __import__("pandas").option_context("display.width", 250, "display.max_columns", 50):
-        print(one_line_table(record).to_string(index=False))
-        metrics = record["metrics"]
-        if "zeroshot" in metrics:
-            from pruning.eval.zeroshot import zeroshot_table
-
-            print(zeroshot_table(metrics["zeroshot"], metrics.get("dense_zeroshot")).to_string(index=False))
-        if "efficiency" in metrics:
-            from pruning.eval.efficiency import efficiency_table
-
-            print(efficiency_table(metrics["efficiency"], metrics.get("dense_efficiency")).to_string(index=False))
-    print(f"record: {record['_store_path']}" + ("  (already complete: skipped; force=true recomputes)"
-                                               if record.get("_skipped") else ""))
-    first = next(iter(record["metrics"].get("ppl", {}).values()), None)
-    return None if first is None else float(first["ppl"])
-
-
-CONF = Path(__file__).resolve().parent / "conf"
-
-
-def check_group_choices(argv: list[str]) -> None:
-    """One line for an unknown ``group=name`` (Hydra's own message spans a dozen lines and a search path)."""
-    for arg in argv:
-        key, sep, value = arg.lstrip("+~").partition("=")
-        group_dir = CONF / key
-        if not sep or "/" in key or "(" in value or not group_dir.is_dir() or key.startswith("hydra"):
-            continue
-        for name in value.split(","):
-            name = name.strip()
-            if name and not (group_dir / f"{name}.yaml").is_file():
-                choices = sorted(p.stem for p in group_dir.glob("*.yaml"))
-                print(f"error: unknown {key} {name!r}; choices: {', '.join(choices)}", file=sys.stderr)
-                sys.exit(2)
-
+from pruning_lab.run import cli
 
 if __name__ == "__main__":
-    check_group_choices(sys.argv[1:])
-    main()
+    cli(sys.argv[1:], prog=sys.argv[0])

@@ -235,7 +235,7 @@ def table(entries: dict, out: Path, mach: dict) -> tuple[list[dict], str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="pruning-lab bench", description=__doc__.splitlines()[0])
     p.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="run these; keep the others' last rows")
     p.add_argument("--quick", action="store_true", help="tiny sizes (stories260K) for a smoke test")
     p.add_argument("--rebuild", action="store_true", help="run nothing; rewrite benchmarks.md from the jsons")

@@ -165,8 +165,11 @@ def git_info(repo_dir: str | os.PathLike | None = None) -> dict[str, Any]:
 
     Untracked (but not ignored) files count as dirty: a new, uncommitted module can change a result.
     `--no-optional-locks` keeps many concurrent jobs from taking `.git/index.lock`, which would make a commit
-    running at the same moment fail.
+    running at the same moment fail. An installed package (no run.py beside it) has no commit of its own: the
+    repository around its site-packages, if any, is someone else's.
     """
+    if repo_dir is None and not (_REPO_DIR / "run.py").is_file():
+        return {"sha": None, "dirty": None}
     repo = Path(repo_dir) if repo_dir is not None else _REPO_DIR
     env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}
 

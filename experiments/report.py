@@ -424,7 +424,7 @@ def screenshot(html_path: str | Path, png_path: str | Path, width: int = 1400, h
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.report", description="Static HTML report of a store.")
+    parser = argparse.ArgumentParser(prog="pruning-lab report", description="Static HTML report of a store.")
     parser.add_argument("--store", type=Path, default=None,
                         help="store directory (default: $PRUNING_STORE or runs/store)")
     parser.add_argument("--out", type=Path, default=Path("report.html"), help="output HTML file")

@@ -5,7 +5,7 @@ lock, a half-written file can be made impossible (write to a temp file, then ren
 diffed and merged between machines with ordinary tools. A cell's file is named by its config hash, so rerunning a
 cell replaces its record instead of adding a duplicate row.
 
-Usage: `pruning-results [--store DIR] [--columns PATTERN ...] [--format table|csv|markdown|json]`.
+Usage: `pruning-lab results [--store DIR] [--columns PATTERN ...] [--format table|csv|markdown|json]`.
 """
 
 from __future__ import annotations
@@ -261,7 +261,7 @@ def records_table(records: Iterable[Mapping], columns: Sequence[str] | None = No
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print every record in a store as one table."""
-    parser = argparse.ArgumentParser(prog="pruning-results", description="Show the results store as a table.")
+    parser = argparse.ArgumentParser(prog="pruning-lab results", description="Show the results store as a table.")
     parser.add_argument("--store", type=Path, default=None,
                         help="store directory (default: $PRUNING_STORE or <repo>/runs/store)")
     parser.add_argument("--columns", nargs="+", default=None, metavar="COL",
@@ -278,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         df = records_table(records, columns)
     except KeyError as exc:
-        print(f"pruning-results: {exc.args[0]}", file=sys.stderr)
+        print(f"pruning-lab results: {exc.args[0]}", file=sys.stderr)
         return 2
 
     import pandas as pd

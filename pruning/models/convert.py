@@ -9,7 +9,7 @@ supports is rejected from the GGUF's metadata, before the slow dequantisation. T
 (SmolLM2) stay tied: the config keeps ``tie_word_embeddings`` and the matrix is stored once; an untied head
 (Qwen2.5-Coder's separate ``output.weight``) stays untied.
 
-    python -m pruning.models.convert --gguf ../shared/data/models/stories260K/stories260K.gguf \
+    pruning-lab convert --gguf ../shared/data/models/stories260K/stories260K.gguf \
         --out pruning/assets/stories260K
 
 Re-running gives byte-identical files. Without ``--out`` the command fills the user cache below instead.

