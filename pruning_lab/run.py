@@ -62,8 +62,15 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def check_group_choices(argv: list[str]) -> None:
-    """One line for an unknown ``group=name`` (Hydra's own message spans a dozen lines and a search path)."""
+    """One line for an unknown ``group=name`` (Hydra's own message spans a dozen lines and a search path), or for a
+    key an older config layout had (e.g. ``allocation=layer_range``), naming the key that replaced it."""
+    from experiments.migrate import moved_override      # torch-free
+
     for arg in argv:
+        moved = moved_override(arg)
+        if moved:
+            print(f"error: {moved}", file=sys.stderr)
+            sys.exit(2)
         key, sep, value = arg.lstrip("+~").partition("=")
         group_dir = CONF / key
         if not sep or "/" in key or "(" in value or not group_dir.is_dir() or key.startswith("hydra"):

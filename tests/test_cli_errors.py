@@ -69,6 +69,8 @@ CASES = {
                                   ["paper_ratio=0.2 has no meaning for method llm_bip"]),
     "no_ratio_no_knob": (lambda t: ["method=shortgpt", "pruning.ratio=null"], {},
                          ["pruning.ratio is null", "method.n_blocks"]),
+    "removed_allocation_group": (lambda t: ["method=magnitude", "allocation=layer_range"], {},
+                                 ["allocation config group was removed", "method.layers"]),
 }
 
 
