@@ -7,9 +7,18 @@ in subdirectories. benchmarks/ measures a checkout against its results/ and does
 
 from setuptools import find_namespace_packages, setup
 
-CODE = ["pruning", "pruning.*", "experiments", "experiments.*", "pruning_lab", "pruning_lab.*",
-        "hydra_plugins"]   # hydra_plugins: a namespace package Hydra scans for the AdaPruner study sweeper
+CODE = [
+    "pruning",
+    "pruning.*",
+    "experiments",
+    "experiments.*",
+    "pruning_lab",
+    "pruning_lab.*",
+    "hydra_plugins",
+]  # hydra_plugins: a namespace package Hydra scans for the AdaPruner study sweeper
 CONF = ["pruning_lab.conf", *(f"pruning_lab.conf.{group}" for group in find_namespace_packages("conf"))]
 
-setup(packages=[*find_namespace_packages(include=CODE, exclude=["*.__pycache__"]), *CONF],
-      package_dir={"pruning_lab.conf": "conf"})
+setup(
+    packages=[*find_namespace_packages(include=CODE, exclude=["*.__pycache__"]), *CONF],
+    package_dir={"pruning_lab.conf": "conf"},
+)

@@ -33,21 +33,35 @@ HEADLINE_MODEL = "smollm2_135m"
 @dataclass
 class Bench:
     script: str
-    full: Callable[[Path], list[str]]      # args for the measured run, given the output dir
-    quick: Callable[[Path], list[str]]     # args for a smoke run
+    full: Callable[[Path], list[str]]  # args for the measured run, given the output dir
+    quick: Callable[[Path], list[str]]  # args for a smoke run
     json: str
     rows: Callable[[dict | list], list[dict]]
 
 
 def _row(benchmark: str, compared: str, ratio: float, target: str, passed: bool | None, detail: str = "") -> dict:
-    return {"benchmark": benchmark, "compared": compared, "ratio": float(ratio), "detail": detail, "target": target,
-            "pass": passed}
+    return {
+        "benchmark": benchmark,
+        "compared": compared,
+        "ratio": float(ratio),
+        "detail": detail,
+        "target": target,
+        "pass": passed,
+    }
 
 
 def _ppl_rows(r: dict) -> list[dict]:
-    return [_row("ppl_loop", f"PPL eval wall time / bare HF forward loop ({r['model']}, {r['tokens_per_pass']:,} "
-                 f"tokens, {r['torch_threads']} threads)", r["ratio_median"], f"<= {r['target']}",
-                 r["ratio_median"] <= r["target"], f"paired median {r['ratio_paired_median']:.3f}")]
+    return [
+        _row(
+            "ppl_loop",
+            f"PPL eval wall time / bare HF forward loop ({r['model']}, {r['tokens_per_pass']:,} "
+            f"tokens, {r['torch_threads']} threads)",
+            r["ratio_median"],
+            f"<= {r['target']}",
+            r["ratio_median"] <= r["target"],
+            f"paired median {r['ratio_paired_median']:.3f}",
+        )
+    ]
 
 
 def _pick_model(rows: list[dict]) -> str:
@@ -57,27 +71,51 @@ def _pick_model(rows: list[dict]) -> str:
 
 def _taylor_rows(rows: list) -> list[dict]:
     model = _pick_model(rows)
-    mine = [r for r in rows if r["model"] == model and r["variant"] == "element1"] or \
-        [r for r in rows if r["model"] == model]
+    mine = [r for r in rows if r["model"] == model and r["variant"] == "element1"] or [
+        r for r in rows if r["model"] == model
+    ]
     default = next((r for r in mine if r["regime"] == "one-pass"), mine[0])
     best = min(mine, key=lambda r: r["peak"])
-    out = [_row("taylor_memory", f"Taylor ({default['variant']}) scoring peak / weight bytes, {model}, default "
-                f"({default['regime']})", default["peak"], "<= 1.5", default["peak"] <= 1.5,
-                f"state {default['state']:.2f}, official way {default['official']:.2f}")]
+    out = [
+        _row(
+            "taylor_memory",
+            f"Taylor ({default['variant']}) scoring peak / weight bytes, {model}, default ({default['regime']})",
+            default["peak"],
+            "<= 1.5",
+            default["peak"] <= 1.5,
+            f"state {default['state']:.2f}, official way {default['official']:.2f}",
+        )
+    ]
     if best is not default:
-        out.append(_row("taylor_memory", f"Taylor ({best['variant']}) scoring peak / weight bytes, {model}, best "
-                        f"setting ({best['regime']})", best["peak"], "<= 1.5", best["peak"] <= 1.5,
-                        f"state {best['state']:.2f}"))
+        out.append(
+            _row(
+                "taylor_memory",
+                f"Taylor ({best['variant']}) scoring peak / weight bytes, {model}, best setting ({best['regime']})",
+                best["peak"],
+                "<= 1.5",
+                best["peak"] <= 1.5,
+                f"state {best['state']:.2f}",
+            )
+        )
     return out
 
 
 def _layerwise_rows(r: dict) -> list[dict]:
     rows = r["rows"]
     model = _pick_model(rows)
-    return [_row("layerwise_memory", f"Taylor scoring peak / weight bytes, {model}, method.memory.layerwise=true, "
-                 f"calibration {x['calibration']}", x["peak_ratio"], "<= 1.5", x["peak_ratio"] <= 1.5,
-                 f"layer-wise / whole-model peak {x['lw_over_whole_peak']:.3f}")
-            for x in rows if x["model"] == model and x["mode"] == "layer-wise"]
+    return [
+        _row(
+            "layerwise_memory",
+            f"Taylor scoring peak / weight bytes, {model}, method.memory.layerwise=true, "
+            f"calibration {x['calibration']}",
+            x["peak_ratio"],
+            "<= 1.5",
+            x["peak_ratio"] <= 1.5,
+            f"layer-wise / whole-model peak {x['lw_over_whole_peak']:.3f}",
+        )
+        for x in rows
+        if x["model"] == model and x["mode"] == "layer-wise"
+    ]
 
 
 def _latency_rows(r: dict) -> list[dict]:
@@ -87,25 +125,42 @@ def _latency_rows(r: dict) -> list[dict]:
         for metric, s in r["summary"][method].items():
             what = metric.replace("prefill_", "prefill ").replace("decode_per_token", "decode / token")
             rp = s["ratio_paired"]
-            out.append(_row("latency", f"{what} latency, {r['model']} {method} at {r['ratio']:.0%} "
-                            f"(achieved {info['achieved_ratio']:.3f}) / dense, batch 1, {r['torch_threads']} thread(s)",
-                            rp["median"], f"<= {r['target']}", s["meets_target"],
-                            f"wall [q1 {rp['q1']:.3f}, q3 {rp['q3']:.3f}]; CPU time "
-                            f"{s['ratio_paired_cpu']['median']:.3f}; MACs ratio {s['macs_ratio']:.3f}"))
+            out.append(
+                _row(
+                    "latency",
+                    f"{what} latency, {r['model']} {method} at {r['ratio']:.0%} "
+                    f"(achieved {info['achieved_ratio']:.3f}) / dense, batch 1, {r['torch_threads']} thread(s)",
+                    rp["median"],
+                    f"<= {r['target']}",
+                    s["meets_target"],
+                    f"wall [q1 {rp['q1']:.3f}, q3 {rp['q3']:.3f}]; CPU time "
+                    f"{s['ratio_paired_cpu']['median']:.3f}; MACs ratio {s['macs_ratio']:.3f}",
+                )
+            )
     return out
 
 
 def _sweep_rows(r: dict) -> list[dict]:
     return [
-        _row("sweep_cache", f"{r['model']}, `{r['sweep_a'].split(' -m ')[1]}`: re-run of the finished sweep (all "
-             "store hits) / cold sweep, wall time",
-             r["ratio_rerun_over_cold"], "< 1", r["ratio_rerun_over_cold"] < 1,
-             f"{r['saved_s_rerun']:.1f} s saved; CPU time {r['ratio_rerun_over_cold_cpu']:.3f}; "
-             f"process start floor {r['startup_floor_s']:.1f} s"),
-        _row("sweep_cache", f"{r['model']}: new sweep (other ratios), same calibration (calibration ids + "
-             "statistics cache hits) / the same with caches cleared, wall time",
-             r["ratio_warm_over_cleared"], "< 1", r["ratio_warm_over_cleared"] < 1,
-             f"{r['saved_s_warm']:.1f} s saved; CPU time {r['ratio_warm_over_cleared_cpu']:.3f}"),
+        _row(
+            "sweep_cache",
+            f"{r['model']}, `{r['sweep_a'].split(' -m ')[1]}`: re-run of the finished sweep (all "
+            "store hits) / cold sweep, wall time",
+            r["ratio_rerun_over_cold"],
+            "< 1",
+            r["ratio_rerun_over_cold"] < 1,
+            f"{r['saved_s_rerun']:.1f} s saved; CPU time {r['ratio_rerun_over_cold_cpu']:.3f}; "
+            f"process start floor {r['startup_floor_s']:.1f} s",
+        ),
+        _row(
+            "sweep_cache",
+            f"{r['model']}: new sweep (other ratios), same calibration (calibration ids + "
+            "statistics cache hits) / the same with caches cleared, wall time",
+            r["ratio_warm_over_cleared"],
+            "< 1",
+            r["ratio_warm_over_cleared"] < 1,
+            f"{r['saved_s_warm']:.1f} s saved; CPU time {r['ratio_warm_over_cleared_cpu']:.3f}",
+        ),
     ]
 
 
@@ -114,44 +169,95 @@ BENCHMARKS: dict[str, Bench] = {
         "benchmarks/bench_ppl_loop.py",
         lambda out: ["--out", str(out)],
         lambda out: ["--windows", "4", "--batch-size", "4", "--repeats", "2", "--out", str(out)],
-        "bench_ppl_loop.json", _ppl_rows),
+        "bench_ppl_loop.json",
+        _ppl_rows,
+    ),
     "taylor_memory": Bench(
         "benchmarks/bench_taylor_memory.py",
         lambda out: ["--variants", "element1", "--json", str(out / "bench_taylor_memory.json")],
-        lambda out: ["--models", "stories260k", "--variants", "element1",
-                     "--json", str(out / "bench_taylor_memory.json")],
-        "bench_taylor_memory.json", _taylor_rows),
+        lambda out: [
+            "--models",
+            "stories260k",
+            "--variants",
+            "element1",
+            "--json",
+            str(out / "bench_taylor_memory.json"),
+        ],
+        "bench_taylor_memory.json",
+        _taylor_rows,
+    ),
     "layerwise_memory": Bench(
         "benchmarks/bench_layerwise_memory.py",
         lambda out: ["--out", str(out)],
         lambda out: ["--models", "stories260k", "--shapes", "4x32", "--out", str(out)],
-        "bench_layerwise_memory.json", _layerwise_rows),
+        "bench_layerwise_memory.json",
+        _layerwise_rows,
+    ),
     "latency": Bench(
         "benchmarks/bench_latency.py",
         lambda out: ["--out", str(out)],
-        lambda out: ["--model", "stories260k", "--methods", "llm_pruner", "--repeats", "2", "--warmup", "1",
-                     "--prefill", "32", "64", "--decode-tokens", "4", "--out", str(out)],
-        "bench_latency.json", _latency_rows),
+        lambda out: [
+            "--model",
+            "stories260k",
+            "--methods",
+            "llm_pruner",
+            "--repeats",
+            "2",
+            "--warmup",
+            "1",
+            "--prefill",
+            "32",
+            "64",
+            "--decode-tokens",
+            "4",
+            "--out",
+            str(out),
+        ],
+        "bench_latency.json",
+        _latency_rows,
+    ),
     "sweep_cache": Bench(
         "benchmarks/bench_sweep_cache.py",
         lambda out: ["--out", str(out)],
         lambda out: ["--quick", "--out", str(out)],
-        "bench_sweep_cache.json", _sweep_rows),
+        "bench_sweep_cache.json",
+        _sweep_rows,
+    ),
     # the same sweeps on the table model, where a calibration-statistics pass costs minutes, not seconds
     "sweep_cache_smollm2": Bench(
         "benchmarks/bench_sweep_cache.py",
-        lambda out: ["--model", "smollm2_135m", "--methods", "flap", "--ratios", "0.2", "--new-ratios", "0.3",
-                     "--repeats", "1", "--out", str(out / "sweep_cache_smollm2")],
+        lambda out: [
+            "--model",
+            "smollm2_135m",
+            "--methods",
+            "flap",
+            "--ratios",
+            "0.2",
+            "--new-ratios",
+            "0.3",
+            "--repeats",
+            "1",
+            "--out",
+            str(out / "sweep_cache_smollm2"),
+        ],
         lambda out: ["--quick", "--out", str(out / "sweep_cache_smollm2")],
-        "sweep_cache_smollm2/bench_sweep_cache.json", _sweep_rows),
+        "sweep_cache_smollm2/bench_sweep_cache.json",
+        _sweep_rows,
+    ),
 }
 
 
 def machine() -> dict:
     cpu = platform.processor() or ""
     try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name")) or cpu
+        cpu = (
+            next(
+                ln.split(":", 1)[1].strip()
+                for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")
+            )
+            or cpu
+        )
     except (OSError, StopIteration):
         pass
     return {"cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version(), "host": platform.node()}
@@ -167,14 +273,21 @@ def shown(path: Path) -> str:
 def run_one(name: str, bench: Bench, out: Path, quick: bool) -> dict:
     args = (bench.quick if quick else bench.full)(out)
     command = " ".join(["python", bench.script, *[shown(Path(a)) if a.startswith("/") else a for a in args]])
-    entry = {"command": command, "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-             "loadavg_start": os.getloadavg(), "quick": quick}
+    entry = {
+        "command": command,
+        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "loadavg_start": os.getloadavg(),
+        "quick": quick,
+    }
     if not (REPO / bench.script).is_file():
         return dict(entry, status="absent")
     print(f"\n=== {name}: {command}", flush=True)
     t0 = time.time()
-    proc = subprocess.run([sys.executable, bench.script, *args], cwd=REPO,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled"))
+    proc = subprocess.run(
+        [sys.executable, bench.script, *args],
+        cwd=REPO,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled"),
+    )
     js = out / bench.json
     fresh = js.is_file() and js.stat().st_mtime >= t0
     entry.update(wall_s=time.time() - t0, returncode=proc.returncode, status="ok" if fresh else "error")
@@ -190,18 +303,27 @@ def untracked(js: Path) -> dict | None:
     r = json.loads(js.read_text())
     r = r if isinstance(r, dict) else {}
     mtime = dt.datetime.fromtimestamp(js.stat().st_mtime, dt.timezone.utc).isoformat(timespec="seconds")
-    return {"command": r.get("command", f"(by hand; see {js.name})"), "started": r.get("date", mtime),
-            "loadavg_start": r.get("loadavg_before"), "status": "ok", "quick": r.get("quick", False)}
+    return {
+        "command": r.get("command", f"(by hand; see {js.name})"),
+        "started": r.get("date", mtime),
+        "loadavg_start": r.get("loadavg_before"),
+        "status": "ok",
+        "quick": r.get("quick", False),
+    }
 
 
 def table(entries: dict, out: Path, mach: dict) -> tuple[list[dict], str]:
     rows: list[dict] = []
-    lines = ["# Benchmarks", "",
-             f"Written by `python -m benchmarks` ({', '.join(f'{k}: {v}' for k, v in mach.items())}). Each row is "
-             "read from the json its benchmark wrote; the date and the load average are those at the start of that "
-             "benchmark (the machine is shared, so absolute times move; the ratios are paired or interleaved).", "",
-             "| benchmark | what is compared | measured ratio | detail | target | pass | command | date | load avg |",
-             "|---|---|---:|---|---|---|---|---|---:|"]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Written by `python -m benchmarks` ({', '.join(f'{k}: {v}' for k, v in mach.items())}). Each row is "
+        "read from the json its benchmark wrote; the date and the load average are those at the start of that "
+        "benchmark (the machine is shared, so absolute times move; the ratios are paired or interleaved).",
+        "",
+        "| benchmark | what is compared | measured ratio | detail | target | pass | command | date | load avg |",
+        "|---|---|---:|---|---|---|---|---|---:|",
+    ]
     for name, bench in BENCHMARKS.items():
         e = entries.get(name) or untracked(out / bench.json)
         if e is None or e.get("status") == "absent":
@@ -210,14 +332,18 @@ def table(entries: dict, out: Path, mach: dict) -> tuple[list[dict], str]:
             continue
         js = out / bench.json
         if e.get("status") != "ok" or not js.is_file():
-            lines.append(f"| {name} | ERROR (exit {e.get('returncode')}, no json) | | | | FAIL | `{e['command']}` "
-                         f"| {e['started']} | {e['loadavg_start'][0]:.2f} |")
+            lines.append(
+                f"| {name} | ERROR (exit {e.get('returncode')}, no json) | | | | FAIL | `{e['command']}` "
+                f"| {e['started']} | {e['loadavg_start'][0]:.2f} |"
+            )
             continue
         try:
             measured = bench.rows(json.loads(js.read_text()))
-        except (KeyError, TypeError, ValueError, IndexError) as exc:    # a json from an older script version
-            lines.append(f"| {name} | unreadable {js.name} ({type(exc).__name__}: {exc}); rerun it | | | | FAIL "
-                         f"| `{e['command']}` | {e['started']} | |")
+        except (KeyError, TypeError, ValueError, IndexError) as exc:  # a json from an older script version
+            lines.append(
+                f"| {name} | unreadable {js.name} ({type(exc).__name__}: {exc}); rerun it | | | | FAIL "
+                f"| `{e['command']}` | {e['started']} | |"
+            )
             continue
         for r in measured:
             load = e["loadavg_start"][0] if e.get("loadavg_start") else None
@@ -225,11 +351,16 @@ def table(entries: dict, out: Path, mach: dict) -> tuple[list[dict], str]:
             rows.append(r)
             verdict = "-" if r["pass"] is None else ("pass" if r["pass"] else "FAIL")
             label = f"{name} (quick)" if r["quick"] else name
-            lines.append(f"| {label} | {r['compared']} | **{r['ratio']:.3f}x** | {r['detail']} | {r['target']} "
-                         f"| {verdict} | `{r['command']}` | {r['date']} | "
-                         f"{'?' if load is None else f'{load:.2f}'} |")
-    details = [shown(out / b.json.replace(".json", ".md")) for b in BENCHMARKS.values()
-               if (out / b.json.replace(".json", ".md")).is_file()]
+            lines.append(
+                f"| {label} | {r['compared']} | **{r['ratio']:.3f}x** | {r['detail']} | {r['target']} "
+                f"| {verdict} | `{r['command']}` | {r['date']} | "
+                f"{'?' if load is None else f'{load:.2f}'} |"
+            )
+    details = [
+        shown(out / b.json.replace(".json", ".md"))
+        for b in BENCHMARKS.values()
+        if (out / b.json.replace(".json", ".md")).is_file()
+    ]
     lines += ["", "Per-benchmark details: `" + "`, `".join(details) + "`; raw rows: `benchmarks.json`.", ""]
     return rows, "\n".join(lines)
 
@@ -239,8 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="run these; keep the others' last rows")
     p.add_argument("--quick", action="store_true", help="tiny sizes (stories260K) for a smoke test")
     p.add_argument("--rebuild", action="store_true", help="run nothing; rewrite benchmarks.md from the jsons")
-    p.add_argument("--out", type=Path, default=None,
-                   help="output dir (default results/, or runs/benchmarks_quick/ with --quick)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="output dir (default results/, or runs/benchmarks_quick/ with --quick)"
+    )
     args = p.parse_args(argv)
     out = (args.out or (REPO / "runs" / "benchmarks_quick" if args.quick else REPO / "results")).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -250,10 +382,11 @@ def main(argv: list[str] | None = None) -> int:
     start = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "loadavg": os.getloadavg()}
     entries = dict(previous)
 
-    def write() -> str:      # after every benchmark, so an interrupted run keeps what it measured
+    def write() -> str:  # after every benchmark, so an interrupted run keeps what it measured
         rows, md = table(entries, out, mach)
-        summary.write_text(json.dumps({"machine": mach, "last_run": start, "entries": entries, "rows": rows},
-                                      indent=1) + "\n")
+        summary.write_text(
+            json.dumps({"machine": mach, "last_run": start, "entries": entries, "rows": rows}, indent=1) + "\n"
+        )
         (out / "benchmarks.md").write_text(md)
         return md
 

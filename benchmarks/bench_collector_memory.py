@@ -44,13 +44,15 @@ def stats_bytes(stats) -> int:
     total = 0
     for ls in stats.layers.values():
         for st in ls.sites.values():
-            total += sum(v.numel() * v.element_size() for v in (st._mean, st._m2, st._sq, st._abs, st._xtx)
-                         if v is not None)
+            total += sum(
+                v.numel() * v.element_size() for v in (st._mean, st._m2, st._sq, st._abs, st._xtx) if v is not None
+            )
     return total
 
 
-def measure(n_samples: int = 256, seq_len: int = 256, batch_size: int = 8, xtx: bool = False,
-            seed: int = 0) -> list[dict]:
+def measure(
+    n_samples: int = 256, seq_len: int = 256, batch_size: int = 8, xtx: bool = False, seed: int = 0
+) -> list[dict]:
     model, _, adapter = load_model("embedded:stories260K")
     cfg = model.config
     # real tokens are not needed for a memory bound: random ids of the model's vocabulary, fixed seed
@@ -62,11 +64,21 @@ def measure(n_samples: int = 256, seq_len: int = 256, batch_size: int = 8, xtx: 
     rows = []
     for mode in ("dense", "sequential"):
         t0 = time.perf_counter()
-        peak, st = peak_bytes(lambda: collect(model, ids, stats=stats, mode=mode, batch_size=batch_size,
-                                              progress=False))
-        rows.append({"mode": mode, "peak_bytes": peak, "stats_bytes": stats_bytes(st), "all_hidden_bytes": all_hidden,
-                     "one_layer_bytes": one_layer, "ratio_to_all_hidden": peak / all_hidden,
-                     "ratio_to_one_layer": peak / one_layer, "seconds": time.perf_counter() - t0})
+        peak, st = peak_bytes(
+            lambda: collect(model, ids, stats=stats, mode=mode, batch_size=batch_size, progress=False)
+        )
+        rows.append(
+            {
+                "mode": mode,
+                "peak_bytes": peak,
+                "stats_bytes": stats_bytes(st),
+                "all_hidden_bytes": all_hidden,
+                "one_layer_bytes": one_layer,
+                "ratio_to_all_hidden": peak / all_hidden,
+                "ratio_to_one_layer": peak / one_layer,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
     return rows
 
 
@@ -78,15 +90,21 @@ def main(argv=None) -> int:
     ap.add_argument("--xtx", action="store_true", help="also accumulate X^T X at o_proj/down_proj")
     args = ap.parse_args(argv)
     rows = measure(args.n_samples, args.seq_len, args.batch_size, args.xtx)
-    mb = 2 ** 20
-    print(f"stories260K, calibration {args.n_samples} x {args.seq_len}, batch {args.batch_size}"
-          f"{', with XtX' if args.xtx else ''}")
-    print(f"all hidden states of the set: {rows[0]['all_hidden_bytes'] / mb:.1f} MiB; one layer's: "
-          f"{rows[0]['one_layer_bytes'] / mb:.1f} MiB")
+    mb = 2**20
+    print(
+        f"stories260K, calibration {args.n_samples} x {args.seq_len}, batch {args.batch_size}"
+        f"{', with XtX' if args.xtx else ''}"
+    )
+    print(
+        f"all hidden states of the set: {rows[0]['all_hidden_bytes'] / mb:.1f} MiB; one layer's: "
+        f"{rows[0]['one_layer_bytes'] / mb:.1f} MiB"
+    )
     for r in rows:
-        print(f"{r['mode']:>10}: peak {r['peak_bytes'] / mb:7.2f} MiB (statistics {r['stats_bytes'] / mb:.2f} MiB)"
-              f"  ratio to all hidden states {r['ratio_to_all_hidden']:.3f}, to one layer "
-              f"{r['ratio_to_one_layer']:.3f}  [{r['seconds']:.1f} s]")
+        print(
+            f"{r['mode']:>10}: peak {r['peak_bytes'] / mb:7.2f} MiB (statistics {r['stats_bytes'] / mb:.2f} MiB)"
+            f"  ratio to all hidden states {r['ratio_to_all_hidden']:.3f}, to one layer "
+            f"{r['ratio_to_one_layer']:.3f}  [{r['seconds']:.1f} s]"
+        )
     return 0
 
 

@@ -46,7 +46,7 @@ from pruning.errors import PruningError  # noqa: E402
 from benchmarks import run_main  # noqa: E402
 
 TARGET = 0.6
-PPL_WINDOWS = 8      # a sanity PPL of each timed model on the first ppl128-lp windows (not a result, a smoke check)
+PPL_WINDOWS = 8  # a sanity PPL of each timed model on the first ppl128-lp windows (not a result, a smoke check)
 
 
 def compose(model: str, method: str, ratio: float):
@@ -55,8 +55,10 @@ def compose(model: str, method: str, ratio: float):
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=[f"model={model}", f"method={method}",
-                                                              f"pruning.ratio={ratio}", "progress=false"])
+        return hydra_compose(
+            config_name="config",
+            overrides=[f"model={model}", f"method={method}", f"pruning.ratio={ratio}", "progress=false"],
+        )
 
 
 def pruned_model(cfg, prune_threads: int | None):
@@ -71,7 +73,7 @@ def pruned_model(cfg, prune_threads: int | None):
     t0 = time.perf_counter()
     method = build_method(cfg)
     model, tok, adapter = load_model(cfg.model.path, cfg.model.dtype)
-    budget = method.budget(model, float(cfg.pruning.ratio))          # infeasible ratio: one error, nothing scored
+    budget = method.budget(model, float(cfg.pruning.ratio))  # infeasible ratio: one error, nothing scored
     fingerprint = dir_fingerprint(resolve_checkpoint(cfg.model.path))
     calib = calibration(cfg, tok, fingerprint, progress=False)[0] if method.needs_calibration else None
     before = adapter.num_params()
@@ -79,9 +81,18 @@ def pruned_model(cfg, prune_threads: int | None):
         plan = method.prune(model, float(cfg.pruning.ratio), calib)
     method.apply(model, plan, calib)
     after = adapter_of(model).num_params()
-    return model, tok, {"params_before": before, "params_after": after, "achieved_ratio": 1 - after / before,
-                        "planned_ratio": budget.achieved, "prune_seconds": time.perf_counter() - t0,
-                        "widths": [w.as_dict() for w in adapter_of(model).all_widths()]}
+    return (
+        model,
+        tok,
+        {
+            "params_before": before,
+            "params_after": after,
+            "achieved_ratio": 1 - after / before,
+            "planned_ratio": budget.achieved,
+            "prune_seconds": time.perf_counter() - t0,
+            "widths": [w.as_dict() for w in adapter_of(model).all_widths()],
+        },
+    )
 
 
 def adapter_of(model):
@@ -93,8 +104,16 @@ def adapter_of(model):
 def sanity_ppl(model, tok) -> float:
     from pruning.eval.perplexity import PPLProtocol, perplexity
 
-    proto = PPLProtocol(name="ppl128-lp", dataset="wikitext2", split="test", seq_len=128, stride=128, bos="once",
-                        batch_size=PPL_WINDOWS, max_windows=PPL_WINDOWS)
+    proto = PPLProtocol(
+        name="ppl128-lp",
+        dataset="wikitext2",
+        split="test",
+        seq_len=128,
+        stride=128,
+        bos="once",
+        batch_size=PPL_WINDOWS,
+        max_windows=PPL_WINDOWS,
+    )
     return float(perplexity(model, tok, proto, progress=False)["ppl"])
 
 
@@ -113,8 +132,9 @@ def both_clocks() -> np.ndarray:
     return np.array([time.perf_counter(), time.process_time()])
 
 
-def time_interleaved(models: dict, prompts: dict, decode_prompt: torch.Tensor, decode_tokens: int, repeats: int,
-                     warmup: int) -> dict:
+def time_interleaved(
+    models: dict, prompts: dict, decode_prompt: torch.Tensor, decode_tokens: int, repeats: int, warmup: int
+) -> dict:
     """{model: {metric: [(wall, cpu) seconds per repeat]}}; every repeat times all models, order rotated per repeat."""
     from pruning.eval.efficiency import time_decode, time_prefill
 
@@ -136,13 +156,18 @@ def time_interleaved(models: dict, prompts: dict, decode_prompt: torch.Tensor, d
             for name in names:
                 one(models[name], None)
         for r in range(repeats):
-            order = names[r % len(names):] + names[: r % len(names)]
+            order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
                 one(models[name], times[name])
             last = f"prefill_{max(prompts)}"
-            print(f"repeat {r + 1}/{repeats}: {last} wall/cpu ms " + ", ".join(
-                f"{name} {times[name][last][-1][0] * 1e3:.0f}/{times[name][last][-1][1] * 1e3:.0f}"
-                for name in names), flush=True)
+            print(
+                f"repeat {r + 1}/{repeats}: {last} wall/cpu ms "
+                + ", ".join(
+                    f"{name} {times[name][last][-1][0] * 1e3:.0f}/{times[name][last][-1][1] * 1e3:.0f}"
+                    for name in names
+                ),
+                flush=True,
+            )
     return times
 
 
@@ -154,8 +179,13 @@ def summarize(times: dict, macs_by: dict, dense: str = "dense") -> dict:
         out[name] = {}
         for metric, pairs in per.items():
             wall, cpu = [p[0] for p in pairs], [p[1] for p in pairs]
-            row = {"seconds": spread(wall), "cpu_seconds": spread(cpu), "raw_seconds": wall, "raw_cpu_seconds": cpu,
-                   "macs": macs_by[name][metric]}
+            row = {
+                "seconds": spread(wall),
+                "cpu_seconds": spread(cpu),
+                "raw_seconds": wall,
+                "raw_cpu_seconds": cpu,
+                "macs": macs_by[name][metric],
+            }
             if name != dense:
                 d_wall = [p[0] for p in times[dense][metric]]
                 d_cpu = [p[1] for p in times[dense][metric]]
@@ -171,25 +201,30 @@ def summarize(times: dict, macs_by: dict, dense: str = "dense") -> dict:
 def markdown(result: dict) -> str:
     s = result["summary"]
     names = [n for n in s if n != "dense"]
-    lines = [f"# Batch-1 latency: {result['model']} pruned at {result['ratio']:.0%} vs dense "
-             f"(CPU, {result['torch_threads']} torch thread(s))", "",
-             f"Generated by `{result['command']}` on {result['date']} ({result['torch_threads']} torch thread(s), "
-             f"{result['cpu_count']} cores, load average {result['loadavg_before'][0]:.2f} before / "
-             f"{result['loadavg_after'][0]:.2f} after; the machine is shared, so absolute times move with other jobs, "
-             "the interleaved ratios much less).", "",
-             f"Prompts: the first {' / '.join(map(str, result['prefill']))} real WikiText-2 test tokens; "
-             f"decode: seconds per token over "
-             f"{result['decode_tokens']} greedy steps with the KV cache after a {result['decode_prompt']}-token "
-             f"prompt. {result['repeats']} interleaved repeats (model order rotated per repeat) after "
-             f"{result['warmup']} warm-up rounds. Ratio = median of the paired per-repeat pruned/dense ratios "
-             f"[q1, q3] of wall time (the target applies to it); the CPU-time ratio pairs the process CPU time of "
-             "the same runs (one thread, so it is the model's compute, not inflated when other jobs take the core); "
-             f"MACs ratio from the closed-form count of the actual layer shapes. Target <= {TARGET}x. "
-             f"Methods: each `conf/method/<name>.yaml` at `pruning.ratio={result['ratio']}`, pruned as a "
-             "`python run.py` cell prunes.", "",
-             "| model | params (achieved ratio) | metric | wall ms, median [q1, q3] | wall ratio [q1, q3] "
-             "| CPU-time ratio [q1, q3] | MACs ratio | target |",
-             "|---|---|---|---:|---:|---:|---:|---|"]
+    lines = [
+        f"# Batch-1 latency: {result['model']} pruned at {result['ratio']:.0%} vs dense "
+        f"(CPU, {result['torch_threads']} torch thread(s))",
+        "",
+        f"Generated by `{result['command']}` on {result['date']} ({result['torch_threads']} torch thread(s), "
+        f"{result['cpu_count']} cores, load average {result['loadavg_before'][0]:.2f} before / "
+        f"{result['loadavg_after'][0]:.2f} after; the machine is shared, so absolute times move with other jobs, "
+        "the interleaved ratios much less).",
+        "",
+        f"Prompts: the first {' / '.join(map(str, result['prefill']))} real WikiText-2 test tokens; "
+        f"decode: seconds per token over "
+        f"{result['decode_tokens']} greedy steps with the KV cache after a {result['decode_prompt']}-token "
+        f"prompt. {result['repeats']} interleaved repeats (model order rotated per repeat) after "
+        f"{result['warmup']} warm-up rounds. Ratio = median of the paired per-repeat pruned/dense ratios "
+        f"[q1, q3] of wall time (the target applies to it); the CPU-time ratio pairs the process CPU time of "
+        "the same runs (one thread, so it is the model's compute, not inflated when other jobs take the core); "
+        f"MACs ratio from the closed-form count of the actual layer shapes. Target <= {TARGET}x. "
+        f"Methods: each `conf/method/<name>.yaml` at `pruning.ratio={result['ratio']}`, pruned as a "
+        "`python run.py` cell prunes.",
+        "",
+        "| model | params (achieved ratio) | metric | wall ms, median [q1, q3] | wall ratio [q1, q3] "
+        "| CPU-time ratio [q1, q3] | MACs ratio | target |",
+        "|---|---|---|---:|---:|---:|---:|---|",
+    ]
     for name in ["dense", *names]:
         info = result["models"][name]
         for metric, row in s[name].items():
@@ -202,19 +237,30 @@ def markdown(result: dict) -> str:
                 ratio = f"**{rp['median']:.3f}** [{rp['q1']:.3f}, {rp['q3']:.3f}]"
                 cpu = f"{rc['median']:.3f} [{rc['q1']:.3f}, {rc['q3']:.3f}]"
                 mr, ok = f"{row['macs_ratio']:.3f}", "met" if row["meets_target"] else "NOT met"
-            lines.append(f"| {name} | {info['params_after']:,} ({info['achieved_ratio']:.3f}) | {metric} | {ms} "
-                         f"| {ratio} | {cpu} | {mr} | {ok} |")
-    lines += ["", f"Sanity PPL of each timed model (first {PPL_WINDOWS} ppl128-lp WikiText-2 windows, not a result): "
-              + ", ".join(f"{n} {result['models'][n]['sanity_ppl']:.2f}" for n in ["dense", *names]) + ".",
-              f"Raw numbers: `{result['json']}`.", ""]
+            lines.append(
+                f"| {name} | {info['params_after']:,} ({info['achieved_ratio']:.3f}) | {metric} | {ms} "
+                f"| {ratio} | {cpu} | {mr} | {ok} |"
+            )
+    lines += [
+        "",
+        f"Sanity PPL of each timed model (first {PPL_WINDOWS} ppl128-lp WikiText-2 windows, not a result): "
+        + ", ".join(f"{n} {result['models'][n]['sanity_ppl']:.2f}" for n in ["dense", *names])
+        + ".",
+        f"Raw numbers: `{result['json']}`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2_135m", help="a conf/model/ name")
-    p.add_argument("--methods", nargs="+", default=["llm_pruner", "shortgpt", "slicegpt"],
-                   help="conf/method/ names; llm_pruner is the headline")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["llm_pruner", "shortgpt", "slicegpt"],
+        help="conf/method/ names; llm_pruner is the headline",
+    )
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--prefill", nargs="+", type=int, default=[128, 512])
     p.add_argument("--decode-prompt", type=int, default=128)
@@ -243,13 +289,19 @@ def main(argv: list[str] | None = None) -> int:
     models, info = {}, {}
     t0 = time.perf_counter()
     models["dense"], tok, adapter = load_model(first.model.path, first.model.dtype)
-    info["dense"] = {"params_after": adapter.num_params(), "achieved_ratio": 0.0, "load_seconds":
-                     time.perf_counter() - t0}
+    info["dense"] = {
+        "params_after": adapter.num_params(),
+        "achieved_ratio": 0.0,
+        "load_seconds": time.perf_counter() - t0,
+    }
     for m, cfg in cfgs.items():
         print(f"pruning {args.model} with {m} at {args.ratio} ...", flush=True)
         models[m], _, info[m] = pruned_model(cfg, args.prune_threads)
-        print(f"  {info[m]['params_before']:,} -> {info[m]['params_after']:,} params "
-              f"({info[m]['achieved_ratio']:.3f}) in {info[m]['prune_seconds']:.0f} s", flush=True)
+        print(
+            f"  {info[m]['params_before']:,} -> {info[m]['params_after']:,} params "
+            f"({info[m]['achieved_ratio']:.3f}) in {info[m]['prune_seconds']:.0f} s",
+            flush=True,
+        )
     torch.set_num_threads(args.threads)
     for name, model in models.items():
         model.eval()
@@ -265,18 +317,29 @@ def main(argv: list[str] | None = None) -> int:
     headline = args.methods[0]
     result = {
         "benchmark": "batch-1 latency, pruned vs dense",
-        "model": args.model, "model_path": str(first.model.path), "ratio": args.ratio, "methods": args.methods,
+        "model": args.model,
+        "model_path": str(first.model.path),
+        "ratio": args.ratio,
+        "methods": args.methods,
         "headline_method": headline,
         "headline": {metric: summary[headline][metric]["ratio_paired"]["median"] for metric in summary[headline]},
         "target": TARGET,
         "meets_target": {m: {k: v["meets_target"] for k, v in summary[m].items()} for m in args.methods},
-        "prefill": args.prefill, "decode_prompt": args.decode_prompt, "decode_tokens": args.decode_tokens,
-        "repeats": args.repeats, "warmup": args.warmup, "timing_seconds": time.perf_counter() - t0,
-        "models": info, "summary": summary,
-        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+        "prefill": args.prefill,
+        "decode_prompt": args.decode_prompt,
+        "decode_tokens": args.decode_tokens,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "timing_seconds": time.perf_counter() - t0,
+        "models": info,
+        "summary": summary,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": command,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     js = (args.out / "bench_latency.json").resolve()

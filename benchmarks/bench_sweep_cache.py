@@ -47,13 +47,26 @@ SKIPPED = "already complete: skipped"
 
 
 def sweep_args(methods: list[str], ratios: list[float], eval_name: str, model: str) -> list[str]:
-    return ["-m", f"model={model}", f"method={','.join(methods)}", f"pruning.ratio={','.join(map(str, ratios))}",
-            f"eval={eval_name}", "threads=1", "progress=false"]
+    return [
+        "-m",
+        f"model={model}",
+        f"method={','.join(methods)}",
+        f"pruning.ratio={','.join(map(str, ratios))}",
+        f"eval={eval_name}",
+        "threads=1",
+        "progress=false",
+    ]
 
 
 def env_for(cache: Path) -> dict:
-    return dict(os.environ, PRUNING_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-                WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    return dict(
+        os.environ,
+        PRUNING_CACHE=str(cache),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        WANDB_MODE="disabled",
+        OMP_NUM_THREADS="1",
+    )
 
 
 def startup_floor(cache: Path) -> float:
@@ -100,8 +113,13 @@ def cache_hits(store: Path) -> dict:
         for entry in c.get("statistics") or []:
             stats += 1
             stats_hit += bool(entry.get("cached"))
-    return {"calibrated_cells": pruned, "calibration_hits": calib, "statistics_requests": stats,
-            "statistics_hits": stats_hit, "phase_seconds": phases}
+    return {
+        "calibrated_cells": pruned,
+        "calibration_hits": calib,
+        "statistics_requests": stats,
+        "statistics_hits": stats_hit,
+        "phase_seconds": phases,
+    }
 
 
 def shown(path: Path) -> str:
@@ -136,8 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1:
         raise PruningError("bench_sweep_cache: --repeats must be >= 1")
     if set(args.ratios) & set(args.new_ratios) and new_eval == args.eval:
-        raise PruningError("bench_sweep_cache: sweep B must differ from A (--new-ratios or --new-eval), "
-                           "else its cells are store hits, not cache hits")
+        raise PruningError(
+            "bench_sweep_cache: sweep B must differ from A (--new-ratios or --new-eval), "
+            "else its cells are store hits, not cache hits"
+        )
     for group, names in (("method", args.methods), ("eval", [args.eval, new_eval]), ("model", [args.model])):
         missing = [n for n in names if not (REPO / "conf" / group / f"{n}.yaml").is_file()]
         if missing:
@@ -166,25 +186,39 @@ def main(argv: list[str] | None = None) -> int:
                 res = run_sweep(b, store, cache, tmp / f"hydra_{label}_{r}")
                 res.update(cache_hits(store))
                 runs.append(res)
-                print(f"{label}:{' ' * (8 - len(label))}{res['wall_s']:.1f} s, calibration hits "
-                      f"{res['calibration_hits']}/{res['calibrated_cells']}, statistics hits "
-                      f"{res['statistics_hits']}/{res['statistics_requests']}", flush=True)
+                print(
+                    f"{label}:{' ' * (8 - len(label))}{res['wall_s']:.1f} s, calibration hits "
+                    f"{res['calibration_hits']}/{res['calibrated_cells']}, statistics hits "
+                    f"{res['statistics_hits']}/{res['statistics_requests']}",
+                    flush=True,
+                )
 
     med = lambda runs, k="wall_s": statistics.median(r[k] for r in runs)  # noqa: E731
     result = {
         "benchmark": "sweep caching wall time",
-        "model": args.model, "sweep_a": "python run.py " + " ".join(a), "sweep_b": "python run.py " + " ".join(b),
-        "cold": cold, "rerun": rerun, "warm": warm, "cleared": cleared,
-        "startup_floor_s": floor["wall_s"], "startup_floor_cpu_s": floor["cpu_s"],
+        "model": args.model,
+        "sweep_a": "python run.py " + " ".join(a),
+        "sweep_b": "python run.py " + " ".join(b),
+        "cold": cold,
+        "rerun": rerun,
+        "warm": warm,
+        "cleared": cleared,
+        "startup_floor_s": floor["wall_s"],
+        "startup_floor_cpu_s": floor["cpu_s"],
         "ratio_rerun_over_cold": rerun["wall_s"] / cold["wall_s"],
         "ratio_warm_over_cleared": med(warm) / med(cleared),
         "ratio_rerun_over_cold_cpu": rerun["cpu_s"] / cold["cpu_s"],
         "ratio_warm_over_cleared_cpu": med(warm, "cpu_s") / med(cleared, "cpu_s"),
-        "saved_s_rerun": cold["wall_s"] - rerun["wall_s"], "saved_s_warm": med(cleared) - med(warm),
-        "repeats": args.repeats, "quick": args.quick,
-        "cpu_count": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+        "saved_s_rerun": cold["wall_s"] - rerun["wall_s"],
+        "saved_s_warm": med(cleared) - med(warm),
+        "repeats": args.repeats,
+        "quick": args.quick,
+        "cpu_count": os.cpu_count(),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
         "versions": {"python": platform.python_version()},
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": command,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     result["json"] = shown(args.out / "bench_sweep_cache.json")
@@ -199,39 +233,54 @@ def markdown(r: dict) -> str:
     def row(label: str, what: str, runs: list[dict]) -> str:
         walls = [x["wall_s"] for x in runs]
         x = runs[0]
-        hits = (f"{x['calibration_hits']}/{x['calibrated_cells']} calib, {x['statistics_hits']}/"
-                f"{x['statistics_requests']} stats" if "calibration_hits" in x else "-")
+        hits = (
+            f"{x['calibration_hits']}/{x['calibrated_cells']} calib, {x['statistics_hits']}/"
+            f"{x['statistics_requests']} stats"
+            if "calibration_hits" in x
+            else "-"
+        )
         cpu = statistics.median(x["cpu_s"] for x in runs)
-        return (f"| {label} | {what} | {statistics.median(walls):.1f} ({', '.join(f'{w:.1f}' for w in walls)}) "
-                f"| {cpu:.1f} | {x['store_hits']}/{x['cells']} | {hits} |")
+        return (
+            f"| {label} | {what} | {statistics.median(walls):.1f} ({', '.join(f'{w:.1f}' for w in walls)}) "
+            f"| {cpu:.1f} | {x['store_hits']}/{x['cells']} | {hits} |"
+        )
 
-    return "\n".join([
-        f"# Sweep caching: wall time of `python run.py -m` sweeps ({r['model']}, threads=1)", "",
-        f"Generated by `{r['command']}` on {r['date']} ({r['cpu_count']} cores, load average "
-        f"{r['loadavg_before'][0]:.2f} before / {r['loadavg_after'][0]:.2f} after; shared machine).", "",
-        f"Sweep A: `{r['sweep_a']}`", f"Sweep B: `{r['sweep_b']}`", "",
-        "Each run is one `run.py -m` process (interpreter start, imports and Hydra included) with its own "
-        "temporary store (`store.dir`) and `$PRUNING_CACHE` (which also holds the GGUF -> HF conversion of a GGUF "
-        "model such as SmolLM2, so a fresh cache converts it again). Hits are read from the records.", "",
-        "| run | what | wall s, median (runs) | CPU s | store hits / cells "
-        "| cache hits (calibration ids, statistics) |",
-        "|---|---|---:|---:|---:|---|",
-        row("cold", "A, empty store and cache", [r["cold"]]),
-        row("rerun", "A again, same store", [r["rerun"]]),
-        row("warm", "B, fresh store, A's cache", r["warm"]),
-        row("cleared", "B, fresh store, fresh cache", r["cleared"]),
-        "",
-        f"Re-running a finished sweep: **{r['ratio_rerun_over_cold']:.3f}x** the cold wall time "
-        f"({r['saved_s_rerun']:.1f} s saved). A new sweep on the same calibration: "
-        f"**{r['ratio_warm_over_cleared']:.3f}x** the wall time with caches cleared ({r['saved_s_warm']:.1f} s saved).",
-        f"In CPU time of the run.py processes (user + system; not inflated while other jobs hold the cores): rerun / "
-        f"cold {r['ratio_rerun_over_cold_cpu']:.3f}x, warm / cleared {r['ratio_warm_over_cleared_cpu']:.3f}x.",
-        f"Floor: starting Python and importing what a cell imports (`python -c 'import run, experiments.cell'`) "
-        f"took {r['startup_floor_s']:.1f} s ({r['startup_floor_cpu_s']:.1f} s CPU); no cache can save that part. "
-        "The rerun spent "
-        f"{r['rerun']['wall_s'] - r['startup_floor_s']:.1f} s beyond it (Hydra's sweep set-up, config hashing, "
-        "store lookups).",
-        f"Raw numbers: `{r['json']}`.", ""])
+    return "\n".join(
+        [
+            f"# Sweep caching: wall time of `python run.py -m` sweeps ({r['model']}, threads=1)",
+            "",
+            f"Generated by `{r['command']}` on {r['date']} ({r['cpu_count']} cores, load average "
+            f"{r['loadavg_before'][0]:.2f} before / {r['loadavg_after'][0]:.2f} after; shared machine).",
+            "",
+            f"Sweep A: `{r['sweep_a']}`",
+            f"Sweep B: `{r['sweep_b']}`",
+            "",
+            "Each run is one `run.py -m` process (interpreter start, imports and Hydra included) with its own "
+            "temporary store (`store.dir`) and `$PRUNING_CACHE` (which also holds the GGUF -> HF conversion of a GGUF "
+            "model such as SmolLM2, so a fresh cache converts it again). Hits are read from the records.",
+            "",
+            "| run | what | wall s, median (runs) | CPU s | store hits / cells "
+            "| cache hits (calibration ids, statistics) |",
+            "|---|---|---:|---:|---:|---|",
+            row("cold", "A, empty store and cache", [r["cold"]]),
+            row("rerun", "A again, same store", [r["rerun"]]),
+            row("warm", "B, fresh store, A's cache", r["warm"]),
+            row("cleared", "B, fresh store, fresh cache", r["cleared"]),
+            "",
+            f"Re-running a finished sweep: **{r['ratio_rerun_over_cold']:.3f}x** the cold wall time "
+            f"({r['saved_s_rerun']:.1f} s saved). A new sweep on the same calibration: "
+            f"**{r['ratio_warm_over_cleared']:.3f}x** the wall time with caches cleared ({r['saved_s_warm']:.1f} s saved).",
+            f"In CPU time of the run.py processes (user + system; not inflated while other jobs hold the cores): rerun / "
+            f"cold {r['ratio_rerun_over_cold_cpu']:.3f}x, warm / cleared {r['ratio_warm_over_cleared_cpu']:.3f}x.",
+            f"Floor: starting Python and importing what a cell imports (`python -c 'import run, experiments.cell'`) "
+            f"took {r['startup_floor_s']:.1f} s ({r['startup_floor_cpu_s']:.1f} s CPU); no cache can save that part. "
+            "The rerun spent "
+            f"{r['rerun']['wall_s'] - r['startup_floor_s']:.1f} s beyond it (Hydra's sweep set-up, config hashing, "
+            "store lookups).",
+            f"Raw numbers: `{r['json']}`.",
+            "",
+        ]
+    )
 
 
 if __name__ == "__main__":

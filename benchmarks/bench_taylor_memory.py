@@ -63,7 +63,7 @@ def loaded_models(names):
             continue
         try:
             model, tok, adapter = load_model(path)
-        except Exception as e:          # e.g. the GGUF is not in this data root
+        except Exception as e:  # e.g. the GGUF is not in this data root
             print(f"[skip] {name}: {e}", file=sys.stderr)
             continue
         yield name, model, tok, adapter
@@ -82,7 +82,7 @@ def official_style(model, calib, variant: str) -> dict:
             if variant.startswith("element2"):
                 n = calib.shape[0]
                 for i in range(n):
-                    lm_loss(model, calib[i:i + 1]).backward()
+                    lm_loss(model, calib[i : i + 1]).backward()
                     for p in model.parameters():
                         g2 = p.grad * p.grad / n
                         acc[id(p)] = acc[id(p)] + g2 if id(p) in acc else g2
@@ -103,7 +103,7 @@ def run(models: list[str], variants: list[str], n_samples: int, seq_len: int, th
         calib = data.calibration_batches(tok, "c4", n_samples, seq_len, 42, progress=False)
         wb = weight_bytes(model)
         with torch.no_grad():
-            model(calib[:1])            # warm-up: lazily built buffers are not scoring memory
+            model(calib[:1])  # warm-up: lazily built buffers are not scoring memory
         for variant in variants:
             method = llm_pruner(importance=variant)
             sets = method.sets(model)
@@ -112,11 +112,22 @@ def run(models: list[str], variants: list[str], n_samples: int, seq_len: int, th
                 t0 = time.perf_counter()
                 meta = taylor_scorer(variant, **kw).fit(model, calib, sets)
                 mem = meta["memory"]
-                rows.append({"model": name, "params": adapter.num_params(), "weight_MB": round(wb / 2**20, 1),
-                             "variant": variant, "regime": label, "passes": meta["backward_passes"],
-                             "chunks": meta["chunks"], "peak": mem["peak_ratio"], "state": mem["state_ratio"],
-                             "official": round((wb + off["peak_extra_bytes"]) / wb, 3),
-                             "seconds": round(time.perf_counter() - t0, 1), "method": mem["method"]})
+                rows.append(
+                    {
+                        "model": name,
+                        "params": adapter.num_params(),
+                        "weight_MB": round(wb / 2**20, 1),
+                        "variant": variant,
+                        "regime": label,
+                        "passes": meta["backward_passes"],
+                        "chunks": meta["chunks"],
+                        "peak": mem["peak_ratio"],
+                        "state": mem["state_ratio"],
+                        "official": round((wb + off["peak_extra_bytes"]) / wb, 3),
+                        "seconds": round(time.perf_counter() - t0, 1),
+                        "method": mem["method"],
+                    }
+                )
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         del model
     return rows
@@ -138,8 +149,10 @@ def main(argv=None) -> int:
     import pandas as pd
 
     df = pd.DataFrame(rows).drop(columns=["method"])
-    print(f"calibration c4 {args.n_samples} x {args.seq_len}, seed 42; ratios = bytes / weight bytes; "
-          f"memory: {rows[0]['method']}")
+    print(
+        f"calibration c4 {args.n_samples} x {args.seq_len}, seed 42; ratios = bytes / weight bytes; "
+        f"memory: {rows[0]['method']}"
+    )
     print(df.to_string(index=False))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

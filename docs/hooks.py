@@ -34,8 +34,10 @@ def _api_pages(modules: list[str]) -> OrderedDict[str, list[str]]:
 def _result_files() -> list[tuple[Path, str]]:
     """(file in results/, its address in the site)."""
     results = REPO / "results"
-    return [(path, "results/folder.md" if path.name == "README.md" else f"results/{path.name}")
-            for path in sorted(results.glob("*.md")) + sorted(results.glob("*.png"))]
+    return [
+        (path, "results/folder.md" if path.name == "README.md" else f"results/{path.name}")
+        for path in sorted(results.glob("*.md")) + sorted(results.glob("*.png"))
+    ]
 
 
 def _extend_section(nav: list, title: str, children: list) -> None:
@@ -50,9 +52,15 @@ def _extend_section(nav: list, title: str, children: list) -> None:
 def on_config(config):
     pages = _api_pages(config.extra.get("api_modules", []))
     _extend_section(config.nav, API_SECTION, [{page: f"reference/{page}.md"} for page in pages])
-    _extend_section(config.nav, RESULTS_SECTION,
-                    [{"results/ folder" if uri.endswith("folder.md") else path.stem: uri}
-                     for path, uri in _result_files() if path.suffix == ".md"])
+    _extend_section(
+        config.nav,
+        RESULTS_SECTION,
+        [
+            {"results/ folder" if uri.endswith("folder.md") else path.stem: uri}
+            for path, uri in _result_files()
+            if path.suffix == ".md"
+        ],
+    )
     return config
 
 

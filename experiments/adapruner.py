@@ -38,8 +38,14 @@ from omegaconf import DictConfig
 # pruning (torch) and optuna are imported where used: Hydra imports this module at every start (hydra_plugins)
 log = logging.getLogger(__name__)
 
-SEARCH_KEYS = ("calibration.dataset", "calibration.n_samples", "calibration.seq_len", "calibration.seed",
-               "method.importance", "method.aggregation")
+SEARCH_KEYS = (
+    "calibration.dataset",
+    "calibration.n_samples",
+    "calibration.seq_len",
+    "calibration.seed",
+    "method.importance",
+    "method.aggregation",
+)
 
 
 # --------------------------------------------------------------------------------------------------- the study
@@ -70,20 +76,26 @@ def search_space(config: DictConfig, task_overrides: list[str]) -> dict:
             ints = isinstance(iv.start, int) and isinstance(iv.end, int)
             space[key] = (IntDistribution if ints else FloatDistribution)(iv.start, iv.end, log="log" in iv.tags)
         else:
-            raise PruningError(f"{o.input_line}: a study searches choice(...) or interval(...) values, "
-                               f"e.g. int(interval(0, 999))")
+            raise PruningError(
+                f"{o.input_line}: a study searches choice(...) or interval(...) values, e.g. int(interval(0, 999))"
+            )
     datasets = space["calibration.dataset"].choices if "calibration.dataset" in space else [config.calibration.dataset]
     bad = sorted({str(v) for v in datasets} & set(OVERLAPS_OBJECTIVE))
-    if bad:   # every trial would be refused; say so once, before anything runs
-        raise PruningError(f"calibration.dataset {bad} overlaps the objective documents; use "
-                           f"{OVERLAPS_OBJECTIVE[bad[0]]}")
+    if bad:  # every trial would be refused; say so once, before anything runs
+        raise PruningError(
+            f"calibration.dataset {bad} overlaps the objective documents; use {OVERLAPS_OBJECTIVE[bad[0]]}"
+        )
     texts = {(p.dataset, p.split) for p in protocols_from_cfg(config.eval.get("ppl", []))}
-    if texts != {("c4", "heldout")}:   # the objective must never be a test text (invariant 2)
-        raise PruningError(f"the study's objective must be the held-out C4 block (eval=adapruner_objective), got "
-                           f"{sorted(texts)}; the final cell's eval is hydra.sweeper.final.eval")
+    if texts != {("c4", "heldout")}:  # the objective must never be a test text (invariant 2)
+        raise PruningError(
+            f"the study's objective must be the held-out C4 block (eval=adapruner_objective), got "
+            f"{sorted(texts)}; the final cell's eval is hydra.sweeper.final.eval"
+        )
     if config.get("recovery") is not None and config.recovery.get("name", "none") != "none":
-        raise PruningError("trials are scored without recovery; LoRA on the final cell is "
-                           "hydra.sweeper.final.recovery=lora (not recovery=...)")
+        raise PruningError(
+            "trials are scored without recovery; LoRA on the final cell is "
+            "hydra.sweeper.final.recovery=lora (not recovery=...)"
+        )
     return space
 
 
@@ -132,8 +144,17 @@ class StudySweeper(Sweeper):
     """``hydra.sweeper`` of conf/experiment/adapruner.yaml (``params`` is read by :func:`search_space`; ``final``:
     the final cell's ``eval`` and ``recovery`` presets and extra ``overrides``)."""
 
-    def __init__(self, study_name: str, storage: str, n_trials: int, n_jobs: int, seed: int, heartbeat_interval: int,
-                 params: Any, final: Any) -> None:
+    def __init__(
+        self,
+        study_name: str,
+        storage: str,
+        n_trials: int,
+        n_jobs: int,
+        seed: int,
+        heartbeat_interval: int,
+        params: Any,
+        final: Any,
+    ) -> None:
         self.study_name, self.storage, self.n_trials, self.n_jobs = study_name, storage, n_trials, n_jobs
         self.seed, self.heartbeat_interval, self.final = seed, heartbeat_interval, final
 
@@ -141,16 +162,17 @@ class StudySweeper(Sweeper):
         from hydra.core.plugins import Plugins
 
         self.hydra_context, self.config = hydra_context, config
-        self.launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context,
-                                                                task_function=task_function, config=config)
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
 
     def sweep(self, arguments: list[str]) -> None:
         import optuna
-        from optuna.storages._heartbeat import get_heartbeat_thread   # the thread study.optimize runs per trial
+        from optuna.storages._heartbeat import get_heartbeat_thread  # the thread study.optimize runs per trial
 
         space = search_space(self.config, arguments)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)   # heartbeat, stale-trial retry
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat, stale-trial retry
             warnings.filterwarnings("ignore", "Heartbeat of storage is supposed")  # ask(): we run the heartbeat
             study, storage = self.open_study()
             job_idx = 0
@@ -175,25 +197,34 @@ class StudySweeper(Sweeper):
         from pruning.errors import PruningError
 
         if self.storage.startswith("sqlite:///"):
-            Path(self.storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        storage = RDBStorage(self.storage, heartbeat_interval=self.heartbeat_interval,
-                             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
-        study = optuna.create_study(storage=storage, study_name=self.study_name, direction="minimize",
-                                    load_if_exists=True)
+            Path(self.storage[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        storage = RDBStorage(
+            self.storage,
+            heartbeat_interval=self.heartbeat_interval,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
+        )
+        study = optuna.create_study(
+            storage=storage, study_name=self.study_name, direction="minimize", load_if_exists=True
+        )
+
         def running() -> list[int]:
             return [t.number for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))]
 
         fail_stale_trials(study)
-        if running():   # a driver stopped less than the grace period (2 heartbeats) ago, or one is still alive
+        if running():  # a driver stopped less than the grace period (2 heartbeats) ago, or one is still alive
             log.info(f"waiting {2 * self.heartbeat_interval + 2} s for the heartbeat of trials {running()} to stop")
             time.sleep(2 * self.heartbeat_interval + 2)
             fail_stale_trials(study)
         if alive := running():
-            raise PruningError(f"study {self.study_name!r} ({self.storage}): trials {alive} have a live heartbeat, "
-                               f"so another driver is running this study")
+            raise PruningError(
+                f"study {self.study_name!r} ({self.storage}): trials {alive} have a live heartbeat, "
+                f"so another driver is running this study"
+            )
         study.sampler = optuna.samplers.TPESampler(seed=self.seed + len(study.trials))
-        log.info(f"AdaPruner study {self.study_name!r} ({self.storage}): {len(counted_trials(study))}/"
-                 f"{self.n_trials} trials finished, {len(study.trials)} asked before")
+        log.info(
+            f"AdaPruner study {self.study_name!r} ({self.storage}): {len(counted_trials(study))}/"
+            f"{self.n_trials} trials finished, {len(study.trials)} asked before"
+        )
         return study, storage
 
     def run_final(self, study, arguments: list[str]) -> None:
@@ -207,12 +238,17 @@ class StudySweeper(Sweeper):
         best = best_trial(study)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         if best is None:
-            raise PruningError(f"AdaPruner study {self.study_name!r} has no COMPLETE trial; see the trials' logs "
-                               f"under {sweep_dir}")
+            raise PruningError(
+                f"AdaPruner study {self.study_name!r} has no COMPLETE trial; see the trials' logs under {sweep_dir}"
+            )
         config_name = self.config.hydra.job.config_name or "config"
-        final_overrides = [*_value_overrides(arguments, set(best.params), trial_only=True),
-                           *(f"{k}={v}" for k, v in best.params.items()),
-                           f"eval={self.final.eval}", f"recovery={self.final.recovery}", *self.final.overrides]
+        final_overrides = [
+            *_value_overrides(arguments, set(best.params), trial_only=True),
+            *(f"{k}={v}" for k, v in best.params.items()),
+            f"eval={self.final.eval}",
+            f"recovery={self.final.recovery}",
+            *self.final.overrides,
+        ]
         summary = study_summary(study, self.storage, config_name, arguments, self.n_trials, self.seed)
         summary["final_overrides"] = final_overrides
         log.info(f"AdaPruner best trial #{best.number}: objective {best.value:.4f} with {best.params}")
@@ -228,8 +264,10 @@ class StudySweeper(Sweeper):
 
         with pd.option_context("display.width", 250, "display.max_columns", 50):
             print(history_table(summary).to_string(index=False))
-            print(f"best: trial {best.number}, objective {best.value:.4f}: "
-                  + " ".join(f"{k}={v}" for k, v in best.params.items()))
+            print(
+                f"best: trial {best.number}, objective {best.value:.4f}: "
+                + " ".join(f"{k}={v}" for k, v in best.params.items())
+            )
             print(one_line_table(record).to_string(index=False))
         print(f"final record: {path}")
 
@@ -241,11 +279,11 @@ def tell(study, trial, ret) -> None:
     from pruning.errors import InfeasibleCalibrationError
 
     try:
-        value = float(ret.return_value)   # re-raises the job's exception (run.py re-raises inside a study)
+        value = float(ret.return_value)  # re-raises the job's exception (run.py re-raises inside a study)
     except InfeasibleCalibrationError as e:
         trial.set_user_attr("infeasible", str(e))
         study.tell(trial, state=TrialState.PRUNED)
-    except Exception as e:               # any other error fails this trial, not the study
+    except Exception as e:  # any other error fails this trial, not the study
         trial.set_user_attr("error", f"{type(e).__name__}: {e}")
         study.tell(trial, state=TrialState.FAIL)
     else:
@@ -256,8 +294,9 @@ def _iso(when) -> str | None:
     return None if when is None else when.isoformat()
 
 
-def study_summary(study, storage: str, config_name: str, task_overrides: list[str], n_trials: int | None,
-                  seed: int | None) -> dict:
+def study_summary(
+    study, storage: str, config_name: str, task_overrides: list[str], n_trials: int | None, seed: int | None
+) -> dict:
     """The study as plain data: per trial its state, objective, parameters and store cell (config hash)."""
     from hydra import compose
 
@@ -268,19 +307,32 @@ def study_summary(study, storage: str, config_name: str, task_overrides: list[st
 
     trials, objective = [], None
     for t in study.trials:
-        row = {"number": t.number, "state": t.state.name, "value": t.value, "params": dict(t.params),
-               "datetime_start": _iso(t.datetime_start), "datetime_complete": _iso(t.datetime_complete),
-               "config_hash": None}
+        row = {
+            "number": t.number,
+            "state": t.state.name,
+            "value": t.value,
+            "params": dict(t.params),
+            "datetime_start": _iso(t.datetime_start),
+            "datetime_complete": _iso(t.datetime_complete),
+            "config_hash": None,
+        }
         if t.state.name == "COMPLETE":
             cfg = compose(config_name=config_name, overrides=trial_overrides(task_overrides, t.params))
             row["config_hash"] = config_hash(cell_config(cfg))
             objective = objective or ppl_label(protocols_from_cfg(cfg.eval.ppl)[0])
         trials.append(row)
     best = best_trial(study)
-    return {"name": study.study_name, "storage": storage, "summarised": datetime.now(timezone.utc).isoformat(),
-            "direction": "minimize", "objective": objective, "n_trials": n_trials,
-            "sampler": {"name": type(study.sampler).__name__, "seed": seed}, "trials": trials,
-            "best": None if best is None else next(r for r in trials if r["number"] == best.number)}
+    return {
+        "name": study.study_name,
+        "storage": storage,
+        "summarised": datetime.now(timezone.utc).isoformat(),
+        "direction": "minimize",
+        "objective": objective,
+        "n_trials": n_trials,
+        "sampler": {"name": type(study.sampler).__name__, "seed": seed},
+        "trials": trials,
+        "best": None if best is None else next(r for r in trials if r["number"] == best.number),
+    }
 
 
 # --------------------------------------------------------------------------------------------------- reporting
@@ -297,9 +349,15 @@ def history_table(summary: dict):
         # PRUNED: a shape the data cannot fill; records written before optuna 4 stored it as COMPLETE with +inf
         infeasible = t["state"] == "PRUNED" or (t["state"] == "COMPLETE" and t["value"] == math.inf)
         state = "INFEASIBLE" if infeasible else t["state"]
-        rows.append({"trial": t["number"], "state": state, "objective": t["value"],
-                     "best_so_far": best if math.isfinite(best) else None,
-                     **{k.split(".")[-1]: t["params"].get(k) for k in SEARCH_KEYS}})
+        rows.append(
+            {
+                "trial": t["number"],
+                "state": state,
+                "objective": t["value"],
+                "best_so_far": best if math.isfinite(best) else None,
+                **{k.split(".")[-1]: t["params"].get(k) for k in SEARCH_KEYS},
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -342,11 +400,17 @@ def study_figures(records) -> list[tuple[str, str, str]]:
         pruned = "; ".join(
             f"recovery={(r['config'].get('recovery') or {}).get('name', 'none')} (record {r.get('config_hash')}): "
             + ", ".join(f"{k} {v['ppl']:.2f}" for k, v in r.get("metrics", {}).get("ppl", {}).items())
-            for r in finals)
-        note = (f"best trial {best.get('number')}: objective {best.get('value', float('nan')):.4f} with "
-                + ", ".join(f"{k}={v}" for k, v in (best.get("params") or {}).items())
-                + f"; pruned for real: {pruned}"
-                + (f"; dotted: {', '.join(f'trial {n} {s.lower()}' for n, s in zip(bad['trial'], bad['state']))}"
-                   if len(bad) else ""))
+            for r in finals
+        )
+        note = (
+            f"best trial {best.get('number')}: objective {best.get('value', float('nan')):.4f} with "
+            + ", ".join(f"{k}={v}" for k, v in (best.get("params") or {}).items())
+            + f"; pruned for real: {pruned}"
+            + (
+                f"; dotted: {', '.join(f'trial {n} {s.lower()}' for n, s in zip(bad['trial'], bad['state']))}"
+                if len(bad)
+                else ""
+            )
+        )
         out.append((f"AdaPruner optimisation history: {summary['name']}", _png(fig), note))
     return out

@@ -106,8 +106,14 @@ def select(
     """
     df = load_anchors() if df is None else df
     mask = pd.Series(True, index=df.index)
-    for col, want in (("block", block), ("paper", paper), ("method", method), ("protocol", protocol),
-                      ("task", task), ("metric", metric)):
+    for col, want in (
+        ("block", block),
+        ("paper", paper),
+        ("method", method),
+        ("protocol", protocol),
+        ("task", task),
+        ("metric", metric),
+    ):
         values = _as_set(want)
         if values is not None:
             mask &= df[col].isin(values)

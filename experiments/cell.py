@@ -60,7 +60,7 @@ from pruning.runtime import check_device, resolve_dtype, seed_everything
 from pruning.surgery.save import save_pruned
 
 DENSE = "pruning.methods.baselines.dense"
-CALIB_SAMPLER_VERSION = 2      # 2: calibration.sampler chooses among the official samplers (pruning.data.SAMPLERS)
+CALIB_SAMPLER_VERSION = 2  # 2: calibration.sampler chooses among the official samplers (pruning.data.SAMPLERS)
 
 
 def set_threads(threads: int | None) -> int:
@@ -71,7 +71,7 @@ def set_threads(threads: int | None) -> int:
 
 
 def pick_device(name: str) -> str:
-    return check_device(name)          # auto -> cuda when present; cuda on a CPU-only machine -> one clear error
+    return check_device(name)  # auto -> cuda when present; cuda on a CPU-only machine -> one clear error
 
 
 class Timer(dict):
@@ -103,7 +103,7 @@ def cell_config(cfg: DictConfig, uses_calibration: bool = True) -> dict:
     code makes a new cell instead of silently reusing an old number. A method that reads no calibration data
     (magnitude, random) has no calibration in its identity, so a calibration-seed sweep runs it once."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    fetch = bool(resolved["model"].pop("fetch", False))     # consent to download, not part of the cell's identity
+    fetch = bool(resolved["model"].pop("fetch", False))  # consent to download, not part of the cell's identity
     resolved["model"]["fingerprint"] = dir_fingerprint(resolve_checkpoint(cfg.model.path, fetch=fetch))
     resolved["eval"]["version"] = EVAL_VERSION
     if resolved["method"].get("_target_") == DENSE:
@@ -117,9 +117,12 @@ def calib_key(cfg: DictConfig, model_fingerprint: str) -> dict:
     """Everything the calibration ids depend on: tokenizer (via the checkpoint), data file content, the sampler and
     all its fields (shape, seed, order, join; not ``paper_dataset``, a label)."""
     spec = data.calibration_spec(cfg.calibration)
-    return {"tokenizer_of": model_fingerprint, **spec.draw_key(),
-            "source_sha256": file_sha256(data.calibration_source(spec.dataset)),
-            "sampler_version": CALIB_SAMPLER_VERSION}
+    return {
+        "tokenizer_of": model_fingerprint,
+        **spec.draw_key(),
+        "source_sha256": file_sha256(data.calibration_source(spec.dataset)),
+        "sampler_version": CALIB_SAMPLER_VERSION,
+    }
 
 
 def calibration(cfg: DictConfig, tokenizer, model_fingerprint: str, progress: bool):
@@ -127,7 +130,8 @@ def calibration(cfg: DictConfig, tokenizer, model_fingerprint: str, progress: bo
     tokenizer, data file content and every sampler field."""
     spec = data.calibration_spec(cfg.calibration)
     return TensorCache("calibration").get_or_compute(
-        calib_key(cfg, model_fingerprint), lambda: data.draw_calibration(tokenizer, spec, progress=progress))
+        calib_key(cfg, model_fingerprint), lambda: data.draw_calibration(tokenizer, spec, progress=progress)
+    )
 
 
 def check_calibration(cfg: DictConfig, method) -> data.CalibrationSpec:
@@ -136,9 +140,11 @@ def check_calibration(cfg: DictConfig, method) -> data.CalibrationSpec:
     spec = data.calibration_spec(cfg.calibration)
     if spec.variable_length and not getattr(method, "variable_length_calibration", False):
         name = getattr(method, "name", type(method).__name__)
-        raise PruningError(f"calibration.sampler={spec.sampler} gives windows of different lengths, which {name} "
-                           f"cannot take (it needs one [n_samples, seq_len] batch); choose another sampler, e.g. "
-                           f"calibration=c4")
+        raise PruningError(
+            f"calibration.sampler={spec.sampler} gives windows of different lengths, which {name} "
+            f"cannot take (it needs one [n_samples, seq_len] batch); choose another sampler, e.g. "
+            f"calibration=c4"
+        )
     return spec
 
 
@@ -146,10 +152,15 @@ def calibration_record(spec: data.CalibrationSpec, calib) -> dict:
     """What the record says about the calibration actually used, beyond the config: the sampler's normalised fields
     (old configs had no sampler), the file read, and the drawn shape."""
     windows = [int(w.numel()) for w in calib] if is_variable_length(calib) else None
-    return {"sampler": spec.sampler, "order": spec.order, "join": spec.join, "paper_dataset": spec.paper_dataset,
-            "source": str(data.calibration_source(spec.dataset)),
-            "n_windows": len(windows) if windows is not None else int(calib.shape[0]),
-            "n_tokens": sum(windows) if windows is not None else int(calib.numel())}
+    return {
+        "sampler": spec.sampler,
+        "order": spec.order,
+        "join": spec.join,
+        "paper_dataset": spec.paper_dataset,
+        "source": str(data.calibration_source(spec.dataset)),
+        "n_windows": len(windows) if windows is not None else int(calib.shape[0]),
+        "n_tokens": sum(windows) if windows is not None else int(calib.numel()),
+    }
 
 
 def operating_point(method, ratio, paper_ratio=None) -> tuple[float | None, dict | None]:
@@ -158,13 +169,17 @@ def operating_point(method, ratio, paper_ratio=None) -> tuple[float | None, dict
     method did not use."""
     op = method.operating_point()
     if paper_ratio is not None and op is None:
-        raise PruningError(f"paper_ratio={paper_ratio} has no meaning for method {method.name}: no paper table of its "
-                           f"is reproduced (experiments/paper_ratios.py); use pruning.ratio")
+        raise PruningError(
+            f"paper_ratio={paper_ratio} has no meaning for method {method.name}: no paper table of its "
+            f"is reproduced (experiments/paper_ratios.py); use pruning.ratio"
+        )
     if op is not None:
         if ratio is not None:
             via = f"paper_ratio={paper_ratio} ({op})" if paper_ratio is not None else str(op)
-            raise PruningError(f"{via} sets the operating point of this cell, so pruning.ratio={ratio} would not be "
-                               f"used; pass pruning.ratio=null (or drop {'paper_ratio' if paper_ratio is not None else op.knob})")
+            raise PruningError(
+                f"{via} sets the operating point of this cell, so pruning.ratio={ratio} would not be "
+                f"used; pass pruning.ratio=null (or drop {'paper_ratio' if paper_ratio is not None else op.knob})"
+            )
         return None, op.as_dict()
     if ratio is None and method.name != "dense":
         knob = f" or set {method.native_knob}" if method.native_knob else ""
@@ -185,12 +200,12 @@ class Cell:
     device: str
     dtype: torch.dtype
     progress: bool
-    recovery: DictConfig | None        # None when recovery.name is none
+    recovery: DictConfig | None  # None when recovery.name is none
     method: Any
-    ratio: float | None                # pruning.ratio as the method reads it (0 for dense; None: a native knob)
-    operating_point: dict | None       # the native knob that defines the cell, if any
+    ratio: float | None  # pruning.ratio as the method reads it (0 for dense; None: a native knob)
+    operating_point: dict | None  # the native knob that defines the cell, if any
     calib_spec: data.CalibrationSpec | None
-    resolved: dict                     # the cell's identity (config_hash)
+    resolved: dict  # the cell's identity (config_hash)
     timer: Timer = field(default_factory=Timer)
     t_start: float = field(default_factory=time.perf_counter)
     calib: Any = None
@@ -200,11 +215,11 @@ class Cell:
     adapter: Any = None
     budget: Any = None
     params_before: int | None = None
-    dense: dict | None = None          # the dense model's metrics (evaluated here or read from the store)
+    dense: dict | None = None  # the dense model's metrics (evaluated here or read from the store)
     plan: Any = None
     stats_log: Any = None
-    metrics: dict = field(default_factory=dict)    # the final model's blocks, last phase wins
-    extra: dict = field(default_factory=dict)      # record keys beyond the core ones (plan, widths, calibration, ...)
+    metrics: dict = field(default_factory=dict)  # the final model's blocks, last phase wins
+    extra: dict = field(default_factory=dict)  # record keys beyond the core ones (plan, widths, calibration, ...)
 
     @property
     def is_dense(self) -> bool:
@@ -284,14 +299,20 @@ class LoggerCallback(CellCallback):
 
             log_record(record, self.logger_cfg)
         except Exception as exc:  # noqa: BLE001
-            warnings.warn(f"logger {self.logger_cfg.get('name')!r} failed: {exc}; record kept at "
-                          f"{record.get('_store_path')}", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"logger {self.logger_cfg.get('name')!r} failed: {exc}; record kept at {record.get('_store_path')}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
 
 def default_callbacks(cfg: DictConfig) -> list[CellCallback]:
     """The store of ``store.dir`` (else $PRUNING_STORE or <repo>/runs/store), then the configured logger."""
-    callbacks: list[CellCallback] = [StoreCallback(ResultsStore(cfg.store.dir) if cfg.store.dir else ResultsStore(),
-                                                   force=bool(cfg.get("force", False)))]
+    callbacks: list[CellCallback] = [
+        StoreCallback(
+            ResultsStore(cfg.store.dir) if cfg.store.dir else ResultsStore(), force=bool(cfg.get("force", False))
+        )
+    ]
     if cfg.get("logger") and cfg.logger.get("name", "none") != "none":
         callbacks.append(LoggerCallback(cfg.logger))
     return callbacks
@@ -303,26 +324,36 @@ def default_callbacks(cfg: DictConfig) -> list[CellCallback]:
 
 def check(cfg: DictConfig, run_dir: str | Path | None = None) -> Cell:
     """Everything that can be wrong in the config, before any data or weights are read."""
-    check_eval(cfg.eval)                      # unknown protocol keys / missing data files fail before loading
+    check_eval(cfg.eval)  # unknown protocol keys / missing data files fail before loading
     set_threads(cfg.get("threads"))
-    seed_everything(cfg.seed)                 # random, numpy, torch: the one place (pruning.runtime)
+    seed_everything(cfg.seed)  # random, numpy, torch: the one place (pruning.runtime)
     device = pick_device(cfg.device)
-    dtype = resolve_dtype(cfg.model.dtype, device, cfg.model.get("device_map"))   # e.g. float16 on CPU -> error
+    dtype = resolve_dtype(cfg.model.dtype, device, cfg.model.get("device_map"))  # e.g. float16 on CPU -> error
     recovery_cfg = cfg.get("recovery")
     recovering = recovery_cfg is not None and recovery_cfg.get("name", "none") != "none"
-    if recovering:                            # bad recovery settings / missing data fail before heavy work
+    if recovering:  # bad recovery settings / missing data fail before heavy work
         from pruning.recovery import check_recovery
 
         check_recovery(recovery_cfg)
-    method = build_method(cfg)                # cheap (no model yet); it decides whether calibration is identity
+    method = build_method(cfg)  # cheap (no model yet); it decides whether calibration is identity
     ratio, op = operating_point(method, cfg.pruning.ratio, cfg.get("paper_ratio"))
     calib_spec = check_calibration(cfg, method) if method.needs_calibration else None
     resolved = cell_config(cfg, uses_calibration=method.needs_calibration)
     if resolved["method"]["_target_"] == DENSE:
         ratio = 0.0
-    return Cell(cfg=cfg, run_dir=None if run_dir is None else Path(run_dir), device=device, dtype=dtype,
-                progress=bool(cfg.get("progress", True)), recovery=recovery_cfg if recovering else None,
-                method=method, ratio=ratio, operating_point=op, calib_spec=calib_spec, resolved=resolved)
+    return Cell(
+        cfg=cfg,
+        run_dir=None if run_dir is None else Path(run_dir),
+        device=device,
+        dtype=dtype,
+        progress=bool(cfg.get("progress", True)),
+        recovery=recovery_cfg if recovering else None,
+        method=method,
+        ratio=ratio,
+        operating_point=op,
+        calib_spec=calib_spec,
+        resolved=resolved,
+    )
 
 
 def calibrate(cell: Cell) -> None:
@@ -332,21 +363,28 @@ def calibrate(cell: Cell) -> None:
     cfg = cell.cfg
     with cell.timer("calibration"):
         tokenizer = load_tokenizer(cfg.model.path, fetch=bool(cfg.model.get("fetch", False)))
-        cell.calib, cell.calib_cached = calibration(cfg, tokenizer, cell.resolved["model"]["fingerprint"],
-                                                    cell.progress)
-    if isinstance(cell.method, DrawsCalibration):   # more calibration sets, drawn like the run's (NIRVANA's seeds)
+        cell.calib, cell.calib_cached = calibration(
+            cfg, tokenizer, cell.resolved["model"]["fingerprint"], cell.progress
+        )
+    if isinstance(cell.method, DrawsCalibration):  # more calibration sets, drawn like the run's (NIRVANA's seeds)
         spec, progress = cell.calib_spec, cell.progress
-        cell.method.bind_sampler(lambda ds, n, seq_len, seed: data.draw_calibration(
-            tokenizer, dataclasses.replace(spec, dataset=ds, n_samples=n, seq_len=seq_len, seed=seed),
-            progress=progress), dict(cfg.calibration))
+        cell.method.bind_sampler(
+            lambda ds, n, seq_len, seed: data.draw_calibration(
+                tokenizer,
+                dataclasses.replace(spec, dataset=ds, n_samples=n, seq_len=seq_len, seed=seed),
+                progress=progress,
+            ),
+            dict(cfg.calibration),
+        )
 
 
 def load(cell: Cell) -> None:
     """The weights on the device, then the budget from shapes: an impossible ratio fails before any scoring."""
     cfg = cell.cfg
     with cell.timer("load"):
-        cell.model, cell.tokenizer, cell.adapter = load_model(cfg.model.path, cell.dtype, cfg.model.get("device_map"),
-                                                              fetch=bool(cfg.model.get("fetch", False)))
+        cell.model, cell.tokenizer, cell.adapter = load_model(
+            cfg.model.path, cell.dtype, cfg.model.get("device_map"), fetch=bool(cfg.model.get("fetch", False))
+        )
         if cfg.model.get("device_map") is None:
             cell.model.to(cell.device)
     cell.budget = cell.method.budget(cell.model, cell.ratio)
@@ -360,22 +398,28 @@ def evaluate_dense(cell: Cell, callbacks: list[CellCallback]) -> None:
         return
     with cell.timer("eval_dense"):
         cell.dense = cell.evaluate()
-    if not cell.is_dense:                     # a method=dense cell is its own dense record
+    if not cell.is_dense:  # a method=dense cell is its own dense record
         n = cell.params_before
-        record = make_record(cell.dense_resolved, metrics=cell.dense,
-                             params={"before": n, "after": n, "achieved_ratio": 0.0, "target_ratio": 0.0,
-                                     "planned_ratio": 0.0},
-                             timings={"eval_dense": cell.timer["eval_dense"], "total": cell.timer["eval_dense"]},
-                             extra={"plan": {"remove": {}, "blocks": [], "meta": {"method": "dense"}},
-                                    "widths": [w.as_dict() for w in cell.adapter.all_widths()]})
+        record = make_record(
+            cell.dense_resolved,
+            metrics=cell.dense,
+            params={"before": n, "after": n, "achieved_ratio": 0.0, "target_ratio": 0.0, "planned_ratio": 0.0},
+            timings={"eval_dense": cell.timer["eval_dense"], "total": cell.timer["eval_dense"]},
+            extra={
+                "plan": {"remove": {}, "blocks": [], "meta": {"method": "dense"}},
+                "widths": [w.as_dict() for w in cell.adapter.all_widths()],
+            },
+        )
         for cb in callbacks:
             cb.dense_evaluated(cell, record)
 
 
 def prune(cell: Cell) -> None:
     """``method.prune``: scores and allocation -> a PrunePlan; dense statistics come from the sweep's cache."""
-    with cell.timer("prune"), cached_statistics(TensorCache("statistics"),
-                                                {"model": cell.resolved["model"]["fingerprint"]}) as stats_log:
+    with (
+        cell.timer("prune"),
+        cached_statistics(TensorCache("statistics"), {"model": cell.resolved["model"]["fingerprint"]}) as stats_log,
+    ):
         cell.plan = cell.method.prune(cell.model, cell.ratio, cell.calib)
     cell.stats_log = stats_log
 
@@ -390,14 +434,20 @@ def evaluate_pruned(cell: Cell) -> None:
     """The pruned model's metrics, also for an empty plan (apply may still change weights: SliceGPT at 0% rotates)."""
     with cell.timer("eval_pruned"):
         cell.metrics = cell.dense if cell.is_dense else cell.evaluate()
-    cell.extra = {"plan": cell.plan.to_dict(), "widths": [w.as_dict() for w in cell.adapter.all_widths()],
-                  "dense_record": None if cell.is_dense else config_hash(cell.dense_resolved)}
+    cell.extra = {
+        "plan": cell.plan.to_dict(),
+        "widths": [w.as_dict() for w in cell.adapter.all_widths()],
+        "dense_record": None if cell.is_dense else config_hash(cell.dense_resolved),
+    }
     if not cell.is_dense:
         method = cell.method
-        cell.extra["calibration"] = dict(cell.resolved.get("calibration", {}), used=method.needs_calibration,
-                                         cached=cell.calib_cached, statistics=cell.stats_log,
-                                         **(calibration_record(cell.calib_spec, cell.calib)
-                                            if method.needs_calibration else {"source": None}))
+        cell.extra["calibration"] = dict(
+            cell.resolved.get("calibration", {}),
+            used=method.needs_calibration,
+            cached=cell.calib_cached,
+            statistics=cell.stats_log,
+            **(calibration_record(cell.calib_spec, cell.calib) if method.needs_calibration else {"source": None}),
+        )
 
 
 def recover(cell: Cell) -> dict:
@@ -407,8 +457,9 @@ def recover(cell: Cell) -> dict:
     from pruning.recovery import recover as run_recovery
 
     with cell.timer("recovery"):
-        cell.extra["recovery"] = run_recovery(cell.model, cell.tokenizer, cell.recovery, device=cell.device,
-                                              progress=cell.progress, run_dir=cell.run_dir)
+        cell.extra["recovery"] = run_recovery(
+            cell.model, cell.tokenizer, cell.recovery, device=cell.device, progress=cell.progress, run_dir=cell.run_dir
+        )
     before = {f"prerecovery_{k}": v for k, v in cell.metrics.items()}
     with cell.timer("eval_recovered"):
         cell.metrics = cell.evaluate()
@@ -420,9 +471,14 @@ def save(cell: Cell) -> None:
     if cell.run_dir is None or not cell.cfg.get("save_model"):
         return
     with cell.timer("save"):
-        cell.extra["saved_model"] = str(save_pruned(cell.model, cell.run_dir / "pruned_model", cell.tokenizer,
-                                                    meta={"config_hash": cell.config_hash,
-                                                          "plan": cell.plan.to_dict()}))
+        cell.extra["saved_model"] = str(
+            save_pruned(
+                cell.model,
+                cell.run_dir / "pruned_model",
+                cell.tokenizer,
+                meta={"config_hash": cell.config_hash, "plan": cell.plan.to_dict()},
+            )
+        )
 
 
 def record(cell: Cell, prerecovery: dict) -> dict:
@@ -435,16 +491,20 @@ def record(cell: Cell, prerecovery: dict) -> dict:
     return make_record(
         cell.resolved,
         metrics=metrics,
-        params={"before": cell.params_before, "after": after, "achieved_ratio": 1 - after / cell.params_before,
-                "target_ratio": cell.ratio, "operating_point": cell.operating_point,
-                "planned_ratio": cell.budget.achieved},
+        params={
+            "before": cell.params_before,
+            "after": after,
+            "achieved_ratio": 1 - after / cell.params_before,
+            "target_ratio": cell.ratio,
+            "operating_point": cell.operating_point,
+            "planned_ratio": cell.budget.achieved,
+        },
         timings=dict(cell.timer),
         extra=cell.extra,
     )
 
 
-def run_cell(cfg: DictConfig, run_dir: str | Path | None = None,
-             callbacks: list[CellCallback] | None = None) -> dict:
+def run_cell(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: list[CellCallback] | None = None) -> dict:
     """Run one cell (or return its finished record); ``callbacks`` default to the store and the configured logger."""
     callbacks = default_callbacks(cfg) if callbacks is None else callbacks
     cell = check(cfg, run_dir)
@@ -469,14 +529,17 @@ def one_line_table(record: dict) -> pd.DataFrame:
     """The row a person wants after a run: PPL dense -> pruned per protocol, params and achieved ratio."""
     cfg, params = record["config"], record["params"]
     op = params.get("operating_point")
-    row = {"model": cfg["model"]["name"], "method": record["plan"]["meta"].get("method", "dense"),
-           "target": f"{op['knob'].removeprefix('method.')}={op['value']:g}" if op else params["target_ratio"],
-           "achieved": round(params["achieved_ratio"], 4),
-           "params": f"{params['before']:,} -> {params['after']:,}"}
+    row = {
+        "model": cfg["model"]["name"],
+        "method": record["plan"]["meta"].get("method", "dense"),
+        "target": f"{op['knob'].removeprefix('method.')}={op['value']:g}" if op else params["target_ratio"],
+        "achieved": round(params["achieved_ratio"], 4),
+        "params": f"{params['before']:,} -> {params['after']:,}",
+    }
     metrics = record["metrics"]
     for key, res in metrics.get("ppl", {}).items():
         dense = metrics.get("dense_ppl", {}).get(key, res)["ppl"]
         before = metrics.get("prerecovery_ppl", {}).get(key)
-        middle = f" -> {before['ppl']:.2f}" if before else ""   # dense -> pruned -> recovered
+        middle = f" -> {before['ppl']:.2f}" if before else ""  # dense -> pruned -> recovered
         row[key] = f"{dense:.2f}{middle} -> {res['ppl']:.2f}"
     return pd.DataFrame([row])

@@ -13,8 +13,14 @@ from typing import IO
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, mode: str = "wb", *, encoding: str | None = None, fsync: bool = False,
-                perms: int | None = None) -> Iterator[IO]:
+def atomic_file(
+    path: str | os.PathLike,
+    mode: str = "wb",
+    *,
+    encoding: str | None = None,
+    fsync: bool = False,
+    perms: int | None = None,
+) -> Iterator[IO]:
     """Open a unique temp file beside ``path`` (a name starting with "." so no glob of real files sees it), yield
     it, and ``os.replace`` it over ``path`` when the block ends without an error; on any error the temp file is
     removed and ``path`` is left as it was.

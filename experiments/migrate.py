@@ -41,22 +41,48 @@ from experiments.record import SCHEMA_VERSION, config_hash
 UNIFORM = "pruning.allocation.Uniform"
 _M = "pruning.methods."
 # Methods that read a layer range (schema 1: the allocation's; schema 2: method.layers).
-LAYER_RANGE = {_M + t for t in ("llm_pruner.llm_pruner", "adapruner.adapruner", "baselines.random",
-                                "baselines.magnitude", "wanda_sp.wanda_sp", "flap.flap", "numerical.numerical",
-                                "shortgpt.shortgpt", "llm_bip.llm_bip")}
+LAYER_RANGE = {
+    _M + t
+    for t in (
+        "llm_pruner.llm_pruner",
+        "adapruner.adapruner",
+        "baselines.random",
+        "baselines.magnitude",
+        "wanda_sp.wanda_sp",
+        "flap.flap",
+        "numerical.numerical",
+        "shortgpt.shortgpt",
+        "llm_bip.llm_bip",
+    )
+}
 # Methods whose unit counts followed allocation.count_rule (wanda_sp and flap replaced it by their own key;
 # numerical ranks single units; shortgpt's block counts are the same under both rules).
-COUNT_RULE = {_M + t for t in ("llm_pruner.llm_pruner", "adapruner.adapruner", "baselines.random",
-                               "baselines.magnitude", "llm_bip.llm_bip")}
+COUNT_RULE = {
+    _M + t
+    for t in (
+        "llm_pruner.llm_pruner",
+        "adapruner.adapruner",
+        "baselines.random",
+        "baselines.magnitude",
+        "llm_bip.llm_bip",
+    )
+}
 # Methods whose native knob method.group_ratio is what allocation.group_ratio also set.
-GROUP_RATIO = {_M + t for t in ("llm_pruner.llm_pruner", "adapruner.adapruner", "baselines.random",
-                                "baselines.magnitude")}
+GROUP_RATIO = {
+    _M + t for t in ("llm_pruner.llm_pruner", "adapruner.adapruner", "baselines.random", "baselines.magnitude")
+}
 # Methods that took the allocation config and ignored it (their own allocators) or used only its layer range.
-IGNORED_GROUP_RATIO = {_M + t for t in ("nirvana.nirvana", "slicegpt.slicegpt", "search_llm.search_llm",
-                                        "baselines.dense", "numerical.numerical")}
+IGNORED_GROUP_RATIO = {
+    _M + t
+    for t in ("nirvana.nirvana", "slicegpt.slicegpt", "search_llm.search_llm", "baselines.dense", "numerical.numerical")
+}
 KNOWN = LAYER_RANGE | IGNORED_GROUP_RATIO
-LAYER_FIELDS = {"layer_start_frac": "start_frac", "layer_end_frac": "end_frac", "layer_start": "start",
-                "layer_end": "end"}
+LAYER_FIELDS = {
+    "layer_start_frac": "start_frac",
+    "layer_end_frac": "end_frac",
+    "layer_start": "start",
+    "layer_end": "end",
+}
 
 
 class MigrationError(ValueError):
@@ -82,11 +108,13 @@ def config_schema1_to_2(config: Mapping) -> dict:
     group_ratio = alloc.get("group_ratio")
     if group_ratio is not None:
         if target in GROUP_RATIO:
-            if method.get("group_ratio") is None:         # the method's own knob won when both were set
+            if method.get("group_ratio") is None:  # the method's own knob won when both were set
                 method["group_ratio"] = group_ratio
         elif target not in IGNORED_GROUP_RATIO:
-            raise MigrationError(f"allocation.group_ratio={group_ratio} fixed the per-layer fraction of {target}, "
-                                 f"which has no such key in schema 2")
+            raise MigrationError(
+                f"allocation.group_ratio={group_ratio} fixed the per-layer fraction of {target}, "
+                f"which has no such key in schema 2"
+            )
     return config
 
 
@@ -97,8 +125,9 @@ def upgrade_record(record: Mapping) -> dict:
     if schema == SCHEMA_VERSION:
         return record  # type: ignore[return-value]
     if schema != 1:
-        raise MigrationError(f"record {record.get('config_hash')}: unknown schema {schema!r} "
-                             f"(this code reads 1 and {SCHEMA_VERSION})")
+        raise MigrationError(
+            f"record {record.get('config_hash')}: unknown schema {schema!r} (this code reads 1 and {SCHEMA_VERSION})"
+        )
     new = dict(record)
     new["config"] = config_schema1_to_2(record.get("config") or {})
     new["config_hash"] = config_hash(new["config"])
@@ -149,8 +178,10 @@ def migrate_store(root: str | Path, dry_run: bool = False, log=print) -> tuple[d
             keep, drop = (new, other) if str(new.get("created")) > str(other.get("created")) else (other, new)
             superseded.mkdir(parents=True, exist_ok=True)
             (superseded / f"{_origin(drop)}.json").write_text(json.dumps(drop, indent=2) + "\n", encoding="utf-8")
-            log(f"  {target.name} was taken: kept the record created {keep.get('created')}, moved the other to "
-                f"{superseded}")
+            log(
+                f"  {target.name} was taken: kept the record created {keep.get('created')}, moved the other to "
+                f"{superseded}"
+            )
             new = keep
         store.write(new)
         if target != path:
@@ -159,17 +190,24 @@ def migrate_store(root: str | Path, dry_run: bool = False, log=print) -> tuple[d
 
 
 # Schema-1 command-line overrides -> the schema-2 keys (for one clear line instead of Hydra's composition error).
-_MOVED_KEYS = {"layer_start_frac": "method.layers.start_frac", "layer_end_frac": "method.layers.end_frac",
-               "layer_start": "method.layers.start", "layer_end": "method.layers.end",
-               "count_rule": "method.count_rule", "group_ratio": "method.group_ratio"}
+_MOVED_KEYS = {
+    "layer_start_frac": "method.layers.start_frac",
+    "layer_end_frac": "method.layers.end_frac",
+    "layer_start": "method.layers.start",
+    "layer_end": "method.layers.end",
+    "count_rule": "method.count_rule",
+    "group_ratio": "method.group_ratio",
+}
 _MOVED_GROUPS = {
     "layer_range": "use method.layers.start_frac=0.125 method.layers.end_frac=0.9375 (LLM-Pruner's range, the "
-                   "default of method=llm_pruner)",
+    "default of method=llm_pruner)",
     "uniform": "all layers is the default of every method with a layer range (method.layers.start_frac=0.0 "
-               "method.layers.end_frac=1.0); drop the override",
+    "method.layers.end_frac=1.0); drop the override",
 }
-_ALL_KEYS = ("method.layers.{start_frac,end_frac,start,end}, method.count_rule, method.group_ratio, for the "
-             "methods that read them")
+_ALL_KEYS = (
+    "method.layers.{start_frac,end_frac,start,end}, method.count_rule, method.group_ratio, for the "
+    "methods that read them"
+)
 
 
 def moved_override(arg: str) -> str | None:
@@ -180,19 +218,22 @@ def moved_override(arg: str) -> str | None:
     if key == "allocation":
         names = [v.strip() for v in value.split(",") if v.strip()] if sep else []
         hints = [f"allocation={n}: {_MOVED_GROUPS[n]}" for n in names if n in _MOVED_GROUPS]
-        return ("the allocation config group was removed (allocation settings are method keys now: "
-                f"{_ALL_KEYS})" + (f"; {'; '.join(hints)}" if hints else ""))
+        return f"the allocation config group was removed (allocation settings are method keys now: {_ALL_KEYS})" + (
+            f"; {'; '.join(hints)}" if hints else ""
+        )
     field = key.removeprefix("allocation.")
     new = _MOVED_KEYS.get(field)
     if new is None:
-        return f"{key} was removed with the allocation config group; allocation settings are method keys now: {_ALL_KEYS}"
+        return (
+            f"{key} was removed with the allocation config group; allocation settings are method keys now: {_ALL_KEYS}"
+        )
     return f"{key} was removed with the allocation config group: use {new}{'=' + value if sep else ''}"
 
 
 def check_overrides(argv: Sequence[str]) -> None:
     """Raise ``ConfigKeyMoved`` (one line) for the first override of a removed key; for run.py and the CLI, before
     Hydra composes anything."""
-    from pruning.errors import ConfigKeyMoved   # imported here: this module stays torch-free
+    from pruning.errors import ConfigKeyMoved  # imported here: this module stays torch-free
 
     for arg in argv:
         msg = moved_override(arg)
@@ -201,18 +242,24 @@ def check_overrides(argv: Sequence[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.migrate",
-                                     description=f"Rewrite a results store's records in schema {SCHEMA_VERSION}.")
-    parser.add_argument("--store", type=Path, default=None, help="store directory (default: $PRUNING_STORE or "
-                                                                  "<repo>/runs/store)")
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.migrate",
+        description=f"Rewrite a results store's records in schema {SCHEMA_VERSION}.",
+    )
+    parser.add_argument(
+        "--store", type=Path, default=None, help="store directory (default: $PRUNING_STORE or <repo>/runs/store)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print old -> new hashes, write nothing")
     args = parser.parse_args(argv)
     from experiments.store import ResultsStore
 
     root = ResultsStore(args.store).root
     moved, left = migrate_store(root, dry_run=args.dry_run)
-    print(f"{'would rewrite' if args.dry_run else 'rewrote'} {len(moved)} records of {root} in schema "
-          f"{SCHEMA_VERSION}" + (f"; {len(left)} left as they are (see above)" if left else ""), file=sys.stderr)
+    print(
+        f"{'would rewrite' if args.dry_run else 'rewrote'} {len(moved)} records of {root} in schema "
+        f"{SCHEMA_VERSION}" + (f"; {len(left)} left as they are (see above)" if left else ""),
+        file=sys.stderr,
+    )
     return 1 if left else 0
 
 

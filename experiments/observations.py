@@ -58,7 +58,7 @@ def _pct(value: float) -> float:
 
 
 def method_name(record: Mapping) -> str:
-    meta = ((record.get("plan") or {}).get("meta") or {})
+    meta = (record.get("plan") or {}).get("meta") or {}
     name = meta.get("method") or _name((record.get("config") or {}).get("method")) or "?"
     return str(name)
 
@@ -73,14 +73,14 @@ def anchor_method(record: Mapping, recovered: bool = True) -> str:
     """The anchors' method id for a record: `plan.meta.anchor_method` if the method sets one, else its name with
     ANCHOR_ALIASES, `llm_pruner/<importance>` (block strategy) or `llm_pruner/channel`, a `[structures]` suffix
     when the method prunes other structures than KV groups + MLP channels, and `+<recovery>` after recovery."""
-    meta = ((record.get("plan") or {}).get("meta") or {})
+    meta = (record.get("plan") or {}).get("meta") or {}
     base = meta.get("anchor_method")
     if not base:
         base = ANCHOR_ALIASES.get(method_name(record), method_name(record))
         mcfg = (record.get("config") or {}).get("method") or {}
-        if base.startswith("llm_pruner"):   # llm_pruner_<importance>[_channel] -> the anchors' LLM-Pruner ids
+        if base.startswith("llm_pruner"):  # llm_pruner_<importance>[_channel] -> the anchors' LLM-Pruner ids
             strategy = mcfg.get("strategy") or ("channel" if base.endswith("_channel") else "block")
-            variant = mcfg.get("importance") or base[len("llm_pruner_"):].removesuffix("_channel")
+            variant = mcfg.get("importance") or base[len("llm_pruner_") :].removesuffix("_channel")
             base = "llm_pruner/channel" if strategy == "channel" else f"llm_pruner/{variant}"
         structures = mcfg.get("structures") if isinstance(mcfg, Mapping) else None
         if isinstance(structures, list) and set(structures) != ANCHOR_STRUCTURES:
@@ -113,9 +113,12 @@ def paper_ratio(record: Mapping) -> float | None:
         label = label_for(op["knob"], op["value"])
         if label is not None:
             return label
-    meta = ((record.get("plan") or {}).get("meta") or {})
-    for value in (meta.get("paper_ratio"), (record.get("params") or {}).get("target_ratio"),
-                  ((record.get("config") or {}).get("pruning") or {}).get("ratio")):
+    meta = (record.get("plan") or {}).get("meta") or {}
+    for value in (
+        meta.get("paper_ratio"),
+        (record.get("params") or {}).get("target_ratio"),
+        ((record.get("config") or {}).get("pruning") or {}).get("ratio"),
+    ):
         if is_number(value):
             return float(value)
     return None
@@ -138,16 +141,43 @@ def calibration_label(record: Mapping) -> str | None:
         ds = f"{ds} for {c['paper_dataset']}"
     join = f", join {json.dumps(c['join'])}" if c.get("join") is not None else ""
     order = f", {c['order']} order" if c.get("order") not in (None, "random") else ""
-    return (f"{c.get('sampler') or 'llm_pruner'} sampler{join}{order}, {ds} {c.get('n_samples')}x{c.get('seq_len')}"
-            f", seed {c.get('seed')}")
+    return (
+        f"{c.get('sampler') or 'llm_pruner'} sampler{join}{order}, {ds} {c.get('n_samples')}x{c.get('seq_len')}"
+        f", seed {c.get('seed')}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Observations: one long-format row per (record, phase, metric value). Tables and the report both read these.
 
-OBS_COLUMNS = ("config_hash", "created", "model", "method", "base_method", "anchor_method", "ratio", "paper_ratio",
-               "setting", "calibration", "achieved", "params_before", "params_after", "seed", "phase", "kind",
-               "protocol", "dataset", "split", "limit", "task", "metric", "value", "key", "protocol_ok", "note")
+OBS_COLUMNS = (
+    "config_hash",
+    "created",
+    "model",
+    "method",
+    "base_method",
+    "anchor_method",
+    "ratio",
+    "paper_ratio",
+    "setting",
+    "calibration",
+    "achieved",
+    "params_before",
+    "params_after",
+    "seed",
+    "phase",
+    "kind",
+    "protocol",
+    "dataset",
+    "split",
+    "limit",
+    "task",
+    "metric",
+    "value",
+    "key",
+    "protocol_ok",
+    "note",
+)
 
 
 def _ppl_fields(key: str, entry: Mapping) -> dict:
@@ -168,8 +198,11 @@ def protocol_problem(fields: Mapping) -> str | None:
     want = PPL_PROTOCOLS.get(fields.get("name"))
     if not want:
         return None
-    bad = [f"{k}={fields.get(k)!r} (protocol says {v!r})" for k, v in want.items()
-           if fields.get(k) is not None and fields.get(k) != v]
+    bad = [
+        f"{k}={fields.get(k)!r} (protocol says {v!r})"
+        for k, v in want.items()
+        if fields.get(k) is not None and fields.get(k) != v
+    ]
     return "; ".join(bad) or None
 
 
@@ -181,25 +214,53 @@ def _zs_rows(block: Mapping) -> Iterable[dict]:
         if task in ("protocol", "average") or not isinstance(entry, Mapping):
             continue
         t_limit = entry.get("limit", limit)
-        if t_limit is None and is_number(entry.get("n_docs")) and is_number(entry.get("n_docs_total")) \
-                and entry["n_docs"] < entry["n_docs_total"]:
+        if (
+            t_limit is None
+            and is_number(entry.get("n_docs"))
+            and is_number(entry.get("n_docs_total"))
+            and entry["n_docs"] < entry["n_docs_total"]
+        ):
             t_limit = int(entry["n_docs"])
         for metric in ("acc", "acc_norm"):
             value = entry.get(metric, entry.get(f"{metric},none"))
             if is_number(value) and not math.isnan(value):
-                yield {"kind": "zeroshot", "protocol": f"zs-{shots}shot", "task": task_id(task), "metric": metric,
-                       "value": _pct(float(value)), "limit": t_limit, "key": f"{task_id(task)}/{metric}",
-                       "protocol_ok": shots == 0, "note": None}
+                yield {
+                    "kind": "zeroshot",
+                    "protocol": f"zs-{shots}shot",
+                    "task": task_id(task),
+                    "metric": metric,
+                    "value": _pct(float(value)),
+                    "limit": t_limit,
+                    "key": f"{task_id(task)}/{metric}",
+                    "protocol_ok": shots == 0,
+                    "note": None,
+                }
     avg = block.get("average")
     if isinstance(avg, Mapping) and is_number(avg.get("score")):
         preset = proto.get("metric_preset") or "?"
-        yield {"kind": "zeroshot", "protocol": f"zs-{shots}shot", "task": "average", "metric": f"preset:{preset}",
-               "value": float(avg["score"]), "limit": limit, "key": f"average/{preset}",
-               "protocol_ok": shots == 0, "note": avg.get("metric")}
+        yield {
+            "kind": "zeroshot",
+            "protocol": f"zs-{shots}shot",
+            "task": "average",
+            "metric": f"preset:{preset}",
+            "value": float(avg["score"]),
+            "limit": limit,
+            "key": f"average/{preset}",
+            "protocol_ok": shots == 0,
+            "note": avg.get("metric"),
+        }
     elif is_number(avg):
-        yield {"kind": "zeroshot", "protocol": f"zs-{shots}shot", "task": "average",
-               "metric": f"preset:{block.get('metric_used', '?')}", "value": _pct(float(avg)), "limit": limit,
-               "key": "average", "protocol_ok": shots == 0, "note": None}
+        yield {
+            "kind": "zeroshot",
+            "protocol": f"zs-{shots}shot",
+            "task": "average",
+            "metric": f"preset:{block.get('metric_used', '?')}",
+            "value": _pct(float(avg)),
+            "limit": limit,
+            "key": "average",
+            "protocol_ok": shots == 0,
+            "note": None,
+        }
 
 
 def _numeric_leaves(prefix: str, value: Any, out: dict) -> None:
@@ -219,17 +280,35 @@ def _block_rows(block_name: str, block: Any) -> Iterable[dict]:
                 continue
             f = _ppl_fields(str(key), entry)
             problem = protocol_problem(f)
-            yield {"kind": "ppl", "protocol": f["name"], "dataset": f["dataset"], "split": f["split"],
-                   "limit": f["max_windows"], "task": None, "metric": "ppl", "value": float(entry["ppl"]),
-                   "key": str(key), "protocol_ok": problem is None, "note": problem}
+            yield {
+                "kind": "ppl",
+                "protocol": f["name"],
+                "dataset": f["dataset"],
+                "split": f["split"],
+                "limit": f["max_windows"],
+                "task": None,
+                "metric": "ppl",
+                "value": float(entry["ppl"]),
+                "key": str(key),
+                "protocol_ok": problem is None,
+                "note": problem,
+            }
     elif block_name == "zeroshot":
         yield from _zs_rows(block)
     else:
         leaves: dict[str, float] = {}
         _numeric_leaves("", block, leaves)
         for path, value in leaves.items():
-            yield {"kind": block_name, "protocol": None, "task": None, "metric": path, "value": value,
-                   "key": f"{block_name}/{path}", "protocol_ok": True, "note": None}
+            yield {
+                "kind": block_name,
+                "protocol": None,
+                "task": None,
+                "metric": path,
+                "value": value,
+                "key": f"{block_name}/{path}",
+                "protocol_ok": True,
+                "note": None,
+            }
 
 
 def _flat_config(value: Any, prefix: tuple = ()) -> dict[tuple, str]:
@@ -260,13 +339,13 @@ def _identity_leaves(record: Mapping) -> dict[tuple, str]:
     calib_used = (record.get("calibration") or {}).get("used")
     if not calib_used:
         cfg.pop("calibration", None)
-    if isinstance(cfg.get("method"), Mapping):   # a native knob is the row's `setting` column, not a variant
+    if isinstance(cfg.get("method"), Mapping):  # a native knob is the row's `setting` column, not a variant
         cfg["method"] = {k: v for k, v in cfg["method"].items() if k not in NATIVE_KNOBS}
     if calib_used and isinstance(cfg.get("calibration"), Mapping):
         cfg["calibration"] = calibration_identity(cfg["calibration"])
     model = cfg.pop("model", None)
     leaves = _flat_config(cfg)
-    if isinstance(model, Mapping):   # the model is its own row key; its variants (dtype, fingerprint) still count
+    if isinstance(model, Mapping):  # the model is its own row key; its variants (dtype, fingerprint) still count
         leaves.update({("model",) + k: v for k, v in _flat_config(model).items() if k != ("name",)})
     return {k: v for k, v in leaves.items() if k and k[-1] not in ("seed", "progress")}
 
@@ -279,7 +358,7 @@ def _fmt_leaf(value: str) -> str:
     if isinstance(v, list):
         return "+".join(str(x) for x in v)
     text = "null" if v is None else str(v)
-    return text if len(text) <= 16 else text[:8] + "…"   # content hashes: a prefix tells them apart
+    return text if len(text) <= 16 else text[:8] + "…"  # content hashes: a prefix tells them apart
 
 
 def _variant_labels(records: Sequence[Mapping], bases: Sequence[str]) -> list[str]:
@@ -333,29 +412,50 @@ def observations(records: Iterable[Mapping]) -> pd.DataFrame:
         is_dense = base == "dense"
         rec_name = _recovery(rec)
         suffix = f" [{variant}]" if variant else ""
-        common = {"config_hash": rec.get("config_hash"), "created": rec.get("created"), "model": model,
-                  "params_before": params.get("before"), "seed": seed_key(rec)}
+        common = {
+            "config_hash": rec.get("config_hash"),
+            "created": rec.get("created"),
+            "model": model,
+            "params_before": params.get("before"),
+            "seed": seed_key(rec),
+        }
         metrics = rec.get("metrics") or {}
         blocks: dict[str, dict[str, Any]] = {"pruned": {}, "dense": {}, "prerecovery": {}}
         for name, block in metrics.items():
             phase, _, head = name.partition("_") if name.startswith(("dense_", "prerecovery_")) else ("", "", name)
             blocks[phase or "pruned"][head] = block
-        if is_dense:                      # a dense record's own metrics are the dense phase
+        if is_dense:  # a dense record's own metrics are the dense phase
             blocks["dense"] = {**blocks["pruned"], **blocks["dense"]}
             blocks["pruned"] = {}
         for phase, heads in blocks.items():
             if phase == "dense":
-                ident = dict(method="dense", base_method="dense", anchor_method="dense", ratio=0.0, paper_ratio=0.0,
-                             setting=None, calibration=None, achieved=0.0, params_after=params.get("before"),
-                             seed=None)
+                ident = dict(
+                    method="dense",
+                    base_method="dense",
+                    anchor_method="dense",
+                    ratio=0.0,
+                    paper_ratio=0.0,
+                    setting=None,
+                    calibration=None,
+                    achieved=0.0,
+                    params_after=params.get("before"),
+                    seed=None,
+                )
             else:
                 recovered = phase == "pruned" and rec_name is not None
                 label = base + (f"+{rec_name}" if recovered else "") + suffix
-                ident = dict(method=label, base_method=base, anchor_method=anchor_method(rec, recovered),
-                             ratio=ratio, paper_ratio=paper_ratio(rec), setting=setting_label(rec),
-                             calibration=calibration_label(rec),
-                             achieved=float(achieved) if is_number(achieved) else None,
-                             params_after=params.get("after"), seed=seed_key(rec))
+                ident = dict(
+                    method=label,
+                    base_method=base,
+                    anchor_method=anchor_method(rec, recovered),
+                    ratio=ratio,
+                    paper_ratio=paper_ratio(rec),
+                    setting=setting_label(rec),
+                    calibration=calibration_label(rec),
+                    achieved=float(achieved) if is_number(achieved) else None,
+                    params_after=params.get("after"),
+                    seed=seed_key(rec),
+                )
             for head, block in heads.items():
                 for row in _block_rows(head, block):
                     rows.append({**common, **ident, "phase": phase, "dataset": None, "split": None, **row})

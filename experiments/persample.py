@@ -61,8 +61,9 @@ def pack_counts(values: Sequence[int]) -> str:
     """base64 of little-endian uint32; refuses anything that is not an integer in [0, 2**32)."""
     arr = np.asarray(values)
     if arr.size and (arr.dtype.kind not in "iu" or arr.min() < 0 or arr.max() > _UINT32_MAX):
-        raise ValueError(f"counts must be integers in [0, 2**32), got dtype {arr.dtype} range "
-                         f"[{arr.min()}, {arr.max()}]")
+        raise ValueError(
+            f"counts must be integers in [0, 2**32), got dtype {arr.dtype} range [{arr.min()}, {arr.max()}]"
+        )
     return _b64(arr.astype("<u4").tobytes())
 
 
@@ -74,7 +75,7 @@ def pack_bits(values: Iterable[float | bool]) -> str:
     """One character per value, "1" = correct; only 0/1 (bool, int or float) is accepted."""
     out = []
     for v in values:
-        if v not in (0, 1):   # True == 1, 1.0 == 1; 0.5 or NaN is not a correctness
+        if v not in (0, 1):  # True == 1, 1.0 == 1; 0.5 or NaN is not a correctness
             raise ValueError(f"a per-document correctness must be 0 or 1, got {v!r}")
         out.append("1" if v else "0")
     return "".join(out)
@@ -103,8 +104,12 @@ def window_block(nll_sums: Sequence[float], n_tokens: Sequence[int], windows: st
     """The ``per_window`` block of a PPL entry; ``windows`` is a digest of the scored token ids."""
     if len(nll_sums) != len(n_tokens):
         raise ValueError(f"{len(nll_sums)} window NLL sums but {len(n_tokens)} window token counts")
-    return {"nll_sum": pack_floats(nll_sums), "n_tokens": pack_counts(n_tokens), "windows": windows,
-            "encoding": WINDOW_ENCODING}
+    return {
+        "nll_sum": pack_floats(nll_sums),
+        "n_tokens": pack_counts(n_tokens),
+        "windows": windows,
+        "encoding": WINDOW_ENCODING,
+    }
 
 
 def doc_block(correct: Mapping[str, Sequence[float | bool]], docs: str) -> dict[str, str]:
@@ -126,8 +131,10 @@ def window_values(entry: Mapping) -> tuple[np.ndarray, np.ndarray]:
     """(NLL sum, scored tokens) per window of one PPL entry, checked against the entry's own totals."""
     block = entry.get("per_window") if isinstance(entry, Mapping) else None
     if not isinstance(block, Mapping):
-        raise MissingPerSample("this PPL entry has no per_window block (written before per-window storage; "
-                               "re-run the cell with force=true)")
+        raise MissingPerSample(
+            "this PPL entry has no per_window block (written before per-window storage; "
+            "re-run the cell with force=true)"
+        )
     nll, tokens = unpack_floats(block["nll_sum"]), unpack_counts(block["n_tokens"])
     if len(nll) != len(tokens):
         raise ValueError(f"per_window: {len(nll)} NLL sums but {len(tokens)} token counts")
@@ -135,8 +142,7 @@ def window_values(entry: Mapping) -> tuple[np.ndarray, np.ndarray]:
     if n_windows is not None and len(nll) != n_windows:
         raise ValueError(f"per_window holds {len(nll)} windows but the entry says n_windows={n_windows}")
     if n_scored is not None and int(tokens.sum()) != n_scored:
-        raise ValueError(f"per_window counts {int(tokens.sum())} tokens but the entry says "
-                         f"n_tokens_scored={n_scored}")
+        raise ValueError(f"per_window counts {int(tokens.sum())} tokens but the entry says n_tokens_scored={n_scored}")
     return nll, tokens
 
 
@@ -144,12 +150,13 @@ def doc_values(row: Mapping, metric: str) -> np.ndarray:
     """Per-document correctness (bool, doc_id order) of one zero-shot task row for ``acc`` or ``acc_norm``."""
     block = row.get("per_doc") if isinstance(row, Mapping) else None
     if not isinstance(block, Mapping):
-        raise MissingPerSample("this zero-shot row has no per_doc block (written before per-document storage; "
-                               "re-run the cell with force=true)")
+        raise MissingPerSample(
+            "this zero-shot row has no per_doc block (written before per-document storage; "
+            "re-run the cell with force=true)"
+        )
     if metric not in block:
         have = sorted(k for k in block if k != "docs")
-        raise MissingPerSample(f"per_doc has no {metric!r} (lm-eval does not score this task with it); "
-                               f"stored: {have}")
+        raise MissingPerSample(f"per_doc has no {metric!r} (lm-eval does not score this task with it); stored: {have}")
     bits = unpack_bits(block[metric])
     n_docs = row.get("n_docs")
     if n_docs is not None and len(bits) != n_docs:

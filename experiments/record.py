@@ -42,8 +42,17 @@ CALIBRATION_LABELS = ("paper_dataset",)
 
 # The keys make_record owns; `extra` may add keys but not replace these.
 CORE_KEYS = (
-    "schema", "config", "config_hash", "created", "host", "seed",
-    "versions", "git", "params", "metrics", "timings",
+    "schema",
+    "config",
+    "config_hash",
+    "created",
+    "host",
+    "seed",
+    "versions",
+    "git",
+    "params",
+    "metrics",
+    "timings",
 )
 
 # Distribution names queried by package_versions(); a tuple means "first one that is installed".
@@ -138,9 +147,11 @@ def config_hash(cfg: Mapping) -> str:
     plain = _plain_config(cfg)
     semantic = _drop_progress({k: v for k, v in plain.items() if k not in NON_SEMANTIC})
     if isinstance(semantic.get("calibration"), Mapping):
-        semantic["calibration"] = {k: v for k, v in semantic["calibration"].items()
-                                   if k not in CALIBRATION_LABELS and not (k in LEGACY_CALIBRATION
-                                                                           and v == LEGACY_CALIBRATION[k])}
+        semantic["calibration"] = {
+            k: v
+            for k, v in semantic["calibration"].items()
+            if k not in CALIBRATION_LABELS and not (k in LEGACY_CALIBRATION and v == LEGACY_CALIBRATION[k])
+        }
     text = json.dumps(semantic, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
@@ -177,7 +188,11 @@ def git_info(repo_dir: str | os.PathLike | None = None) -> dict[str, Any]:
         try:
             out = subprocess.run(
                 ["git", "--no-optional-locks", "-C", str(repo), *args],
-                capture_output=True, text=True, timeout=20, env=env, check=False,
+                capture_output=True,
+                text=True,
+                timeout=20,
+                env=env,
+                check=False,
             )
         except (OSError, subprocess.SubprocessError):
             return None
@@ -230,4 +245,3 @@ def make_record(
 def is_number(value: Any) -> bool:
     """A metric value for tables: int/float but not bool (a protocol flag such as `bos: true` is not a metric)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-

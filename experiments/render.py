@@ -26,9 +26,23 @@ def fmt_ratio(r: float) -> str:
     return f"{r:.2f}" if round(r, 2) == r else f"{r:g}"
 
 
-_LATEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
-                  "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}", "±": r"$\pm$",
-                  "↓": r"$\downarrow$", "→": r"$\to$", "–": "--", "≤": r"$\le$"}
+_LATEX_SPECIAL = {
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "\\": r"\textbackslash{}",
+    "±": r"$\pm$",
+    "↓": r"$\downarrow$",
+    "→": r"$\to$",
+    "–": "--",
+    "≤": r"$\le$",
+}
 
 
 def latex_escape(text: str) -> str:
@@ -107,12 +121,23 @@ def latex(table: PaperTable) -> str:
     body = [" & ".join(latex_escape(c) for c in cols) + r" \\", r"\midrule"]
     body += [" & ".join(latex_escape(str(v)) for v in row) + r" \\" for row in df.itertuples(index=False)]
     notes = " ".join(latex_escape(n) for n in footnotes(table))
-    return "\n".join([
-        r"\begin{table}[t]", r"\centering", r"\small",
-        rf"\caption{{{latex_escape(table.spec.title)}}}", rf"\label{{tab:{table.spec.name}}}",
-        r"\begin{tabular}{" + "".join("l" if c in _TEXT_COLUMNS else "r" for c in cols) + "}", r"\toprule",
-        *body, r"\bottomrule",
-        r"\end{tabular}", rf"\par\footnotesize {notes}", r"\end{table}", ""])
+    return "\n".join(
+        [
+            r"\begin{table}[t]",
+            r"\centering",
+            r"\small",
+            rf"\caption{{{latex_escape(table.spec.title)}}}",
+            rf"\label{{tab:{table.spec.name}}}",
+            r"\begin{tabular}{" + "".join("l" if c in _TEXT_COLUMNS else "r" for c in cols) + "}",
+            r"\toprule",
+            *body,
+            r"\bottomrule",
+            r"\end{tabular}",
+            rf"\par\footnotesize {notes}",
+            r"\end{table}",
+            "",
+        ]
+    )
 
 
 def csv(table: PaperTable) -> str:
@@ -121,8 +146,10 @@ def csv(table: PaperTable) -> str:
     df["n"] = df["n"].astype("Int64")
     for col in table.value_columns:
         df[f"{col} std"] = table.std[col]
-    df["source"] = [s if s == "ours" else anchors_mod.published_label(b, table.sources.get(b, ""))
-                    for s, b in zip(table.frame["source"], table.frame["block"])]
+    df["source"] = [
+        s if s == "ours" else anchors_mod.published_label(b, table.sources.get(b, ""))
+        for s, b in zip(table.frame["source"], table.frame["block"])
+    ]
     return df.to_csv(index=False)
 
 
@@ -135,14 +162,22 @@ def summary(table: PaperTable, ratios: Sequence[float]) -> str:
     out = []
     for model, g in ours.groupby("model", sort=True):
         cols = [c for c in table.value_columns if g[c].notna().any()]
-        names = [c.split(" [")[0] for c in cols]       # the subset goes to the heading when it is shared
+        names = [c.split(" [")[0] for c in cols]  # the subset goes to the heading when it is shared
         short = {c: n if names.count(n) == 1 else c for c, n in zip(cols, names)}
         dense = g[g["method"] == "dense"]
         head = ", ".join(f"{short[c]} {dense.iloc[0][c]:.2f}" for c in cols) if len(dense) else "not run"
-        out += [f"**{model}** (dense: {head}; n = calibration seeds)", "",
-                "| method | " + " | ".join(f"{100 * r:g}%: {short[c]}" if j < len(cols) else f"{100 * r:g}%: n"
-                                         for r in ratios for j, c in enumerate(cols + ["n"])) + " |",
-                "|---" * (1 + len(ratios) * (len(cols) + 1)) + "|"]
+        out += [
+            f"**{model}** (dense: {head}; n = calibration seeds)",
+            "",
+            "| method | "
+            + " | ".join(
+                f"{100 * r:g}%: {short[c]}" if j < len(cols) else f"{100 * r:g}%: n"
+                for r in ratios
+                for j, c in enumerate(cols + ["n"])
+            )
+            + " |",
+            "|---" * (1 + len(ratios) * (len(cols) + 1)) + "|",
+        ]
         g = g[g["method"] != "dense"]
 
         def cell(method, ratio):
@@ -152,14 +187,16 @@ def summary(table: PaperTable, ratios: Sequence[float]) -> str:
         def rank(method):
             i = cell(method, ratios[0])
             return (i is None, 0.0 if i is None else float(f.loc[i, cols[0]]), method)
+
         for method in sorted(dict.fromkeys(g["method"]), key=rank):
             parts = [str(method)]
             for r in ratios:
                 i = cell(method, r)
                 for c in cols:
                     v, sd = (None, None) if i is None else (f.loc[i, c], table.std.loc[i, c])
-                    parts.append("–" if v is None or pd.isna(v) else
-                                 f"{v:,.1f}" + ("" if pd.isna(sd) else f" ± {sd:,.1f}"))
+                    parts.append(
+                        "–" if v is None or pd.isna(v) else f"{v:,.1f}" + ("" if pd.isna(sd) else f" ± {sd:,.1f}")
+                    )
                 parts.append("–" if i is None else str(int(f.loc[i, "n"])))
             out.append("| " + " | ".join(parts) + " |")
         out.append("")
@@ -186,9 +223,12 @@ def html(table: PaperTable) -> str:
     rows = []
     for row in df.itertuples(index=False):
         cls = ' class="pub"' if str(row[list(df.columns).index("source")]).startswith("published") else ""
-        cells = "".join(f'<td{" class=t" if c in _TEXT_COLUMNS else ""}>{escape(str(v))}</td>'
-                        for c, v in zip(df.columns, row))
+        cells = "".join(
+            f"<td{' class=t' if c in _TEXT_COLUMNS else ''}>{escape(str(v))}</td>" for c, v in zip(df.columns, row)
+        )
         rows.append(f"<tr{cls}>{cells}</tr>")
     notes = "".join(f"<li>{escape(n)}</li>" for n in footnotes(table))
-    return (f"<h3>{escape(table.spec.title)}</h3><div class=scroll><table><thead><tr>{head}</tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table></div><ul class=notes>{notes}</ul>")
+    return (
+        f"<h3>{escape(table.spec.title)}</h3><div class=scroll><table><thead><tr>{head}</tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table></div><ul class=notes>{notes}</ul>"
+    )

@@ -30,14 +30,35 @@ import numpy as np
 import pandas as pd
 
 from experiments import render as render_table
-from experiments.observations import (limit_suffix, method_name, newest_per_seed, observations, paper_ratio,
-                                       protocols_present)
+from experiments.observations import (
+    limit_suffix,
+    method_name,
+    newest_per_seed,
+    observations,
+    paper_ratio,
+    protocols_present,
+)
 from experiments.tables import build_tables
 from experiments.adapruner import study_sections
 from experiments.store import ResultsStore, _name as store_name, records_table
 
-PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
-           "#7f7f7f", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173"]
+PALETTE = [
+    "#1f77b4",
+    "#d62728",
+    "#2ca02c",
+    "#ff7f0e",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#17becf",
+    "#bcbd22",
+    "#7f7f7f",
+    "#393b79",
+    "#637939",
+    "#8c6d31",
+    "#843c39",
+    "#7b4173",
+]
 MARKERS = "osD^vP*Xh<>"
 
 CSS = """
@@ -62,7 +83,7 @@ window.addEventListener('load', function () {
 
 
 def _figure(width: float, height: float):
-    from matplotlib.figure import Figure   # no pyplot: no global state, no GUI backend
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
@@ -86,9 +107,16 @@ def _mean_std(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     """Seeds -> mean, std, min and max per group; the newest record wins for a repeated (group, seed)."""
     df = newest_per_seed(df, by)
     g = df.groupby(by, dropna=False, sort=True)
-    return pd.DataFrame({"mean": g["value"].mean(), "std": g["value"].std(ddof=1), "min": g["value"].min(),
-                         "max": g["value"].max(), "n": g["value"].size(),
-                         "achieved": g["achieved"].mean()}).reset_index()
+    return pd.DataFrame(
+        {
+            "mean": g["value"].mean(),
+            "std": g["value"].std(ddof=1),
+            "min": g["value"].min(),
+            "max": g["value"].max(),
+            "n": g["value"].size(),
+            "achieved": g["achieved"].mean(),
+        }
+    ).reset_index()
 
 
 def _panel_grid(n: int, ncols: int = 2):
@@ -96,8 +124,9 @@ def _panel_grid(n: int, ncols: int = 2):
     return int(math.ceil(n / ncols)), ncols
 
 
-def _line_panels(obs: pd.DataFrame, model: str, keys: list[str], title_of, ylabel: str, colors: _Colors,
-                 logy: bool, suptitle: str):
+def _line_panels(
+    obs: pd.DataFrame, model: str, keys: list[str], title_of, ylabel: str, colors: _Colors, logy: bool, suptitle: str
+):
     nrows, ncols = _panel_grid(len(keys))
     fig = _figure(6.4 * ncols + 3.0, 4.2 * nrows)
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
@@ -109,7 +138,7 @@ def _line_panels(obs: pd.DataFrame, model: str, keys: list[str], title_of, ylabe
         for method, g in stats.groupby("method", sort=True):
             color, marker = colors(method)
             g = g.sort_values("ratio")
-            x = g["achieved"].where(g["achieved"].notna(), g["ratio"])   # blocks and heads overshoot the target
+            x = g["achieved"].where(g["achieved"].notna(), g["ratio"])  # blocks and heads overshoot the target
             # bars span the seeds' min..max: honest on a log axis, where mean - std can fall below zero
             bars = [(g["mean"] - g["min"]).clip(lower=0), (g["max"] - g["mean"]).clip(lower=0)]
             ax.errorbar(x, g["mean"], yerr=bars, color=color, marker=marker, ms=5, capsize=3, lw=1.6, label=method)
@@ -125,13 +154,19 @@ def _line_panels(obs: pd.DataFrame, model: str, keys: list[str], title_of, ylabe
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     handles = {}
-    for ax in axes[:len(keys)]:
+    for ax in axes[: len(keys)]:
         for h, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, h)
-    if handles:     # one legend beside the panels, where it hides no data
-        fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=8,
-                   title="method (bars: min-max over calibration seeds)", title_fontsize=8)
-    for ax in axes[len(keys):]:
+    if handles:  # one legend beside the panels, where it hides no data
+        fig.legend(
+            list(handles.values()),
+            list(handles),
+            loc="outside right upper",
+            fontsize=8,
+            title="method (bars: min-max over calibration seeds)",
+            title_fontsize=8,
+        )
+    for ax in axes[len(keys) :]:
         ax.set_visible(False)
     fig.suptitle(suptitle, fontsize=12)
     return fig
@@ -143,8 +178,16 @@ def ppl_figures(obs: pd.DataFrame, colors: _Colors) -> list[tuple[str, str, str]
     for model in sorted(ppl["model"].dropna().unique()):
         sub = ppl[ppl["model"] == model]
         keys = sorted(sub["key"].unique())
-        fig = _line_panels(sub, model, keys, lambda k: f"PPL {k}", "perplexity (log scale)", colors, True,
-                           f"{model}: perplexity vs pruning ratio")
+        fig = _line_panels(
+            sub,
+            model,
+            keys,
+            lambda k: f"PPL {k}",
+            "perplexity (log scale)",
+            colors,
+            True,
+            f"{model}: perplexity vs pruning ratio",
+        )
         protocols = ", ".join(keys)
         out.append((f"{model}: PPL vs ratio", _png(fig), f"protocols: {protocols}"))
     return out
@@ -155,15 +198,32 @@ def zeroshot_figures(obs: pd.DataFrame, colors: _Colors) -> list[tuple[str, str,
     zs = obs[(obs["kind"] == "zeroshot") & (obs["task"] == "average") & obs["protocol_ok"].astype(bool)]
     if not len(zs):
         return out
-    zs = zs.assign(key=[f"{m.replace('preset:', 'preset ')}, {p}" + limit_suffix(lim, "zs")
-                        for m, p, lim in zip(zs["metric"], zs["protocol"], zs["limit"])])
+    zs = zs.assign(
+        key=[
+            f"{m.replace('preset:', 'preset ')}, {p}" + limit_suffix(lim, "zs")
+            for m, p, lim in zip(zs["metric"], zs["protocol"], zs["limit"])
+        ]
+    )
     for model in sorted(zs["model"].dropna().unique()):
         sub = zs[zs["model"] == model]
         keys = sorted(sub["key"].unique())
-        fig = _line_panels(sub, model, keys, lambda k: f"zero-shot average (%), {k}", "average accuracy (%)",
-                           colors, False, f"{model}: zero-shot average vs pruning ratio")
-        out.append((f"{model}: zero-shot average vs ratio", _png(fig),
-                    "average as recorded by the cell (its metric preset); " + "; ".join(keys)))
+        fig = _line_panels(
+            sub,
+            model,
+            keys,
+            lambda k: f"zero-shot average (%), {k}",
+            "average accuracy (%)",
+            colors,
+            False,
+            f"{model}: zero-shot average vs pruning ratio",
+        )
+        out.append(
+            (
+                f"{model}: zero-shot average vs ratio",
+                _png(fig),
+                "average as recorded by the cell (its metric preset); " + "; ".join(keys),
+            )
+        )
     return out
 
 
@@ -182,8 +242,11 @@ def width_figures(records: Sequence[Mapping], colors: _Colors) -> list[tuple[str
 
     out = []
     obs_labels = observations(records)
-    labels = obs_labels.drop_duplicates("config_hash").set_index("config_hash")["method"].to_dict() \
-        if len(obs_labels) else {}
+    labels = (
+        obs_labels.drop_duplicates("config_hash").set_index("config_hash")["method"].to_dict()
+        if len(obs_labels)
+        else {}
+    )
     by_model: dict[str, list[Mapping]] = {}
     for r in records:
         if r.get("widths"):
@@ -192,7 +255,7 @@ def width_figures(records: Sequence[Mapping], colors: _Colors) -> list[tuple[str
         dense = [r for r in recs if method_name(r) == "dense"]
         ref = _layer_widths(max(dense, key=lambda r: str(r.get("created")))) if dense else None
         cells: dict[str, dict[float, Mapping]] = {}
-        for r in sorted(recs, key=lambda r: str(r.get("created"))):   # newest record per (method, ratio) wins
+        for r in sorted(recs, key=lambda r: str(r.get("created"))):  # newest record per (method, ratio) wins
             if method_name(r) == "dense":
                 continue
             method = labels.get(r.get("config_hash"), method_name(r))
@@ -202,15 +265,19 @@ def width_figures(records: Sequence[Mapping], colors: _Colors) -> list[tuple[str
         if not cells:
             continue
         n_layers = max(len(_layer_widths(r)) for m in cells.values() for r in m.values())
-        if ref is None:   # no dense record: the widest seen per layer stands in for dense
+        if ref is None:  # no dense record: the widest seen per layer stands in for dense
             ref = [None] * n_layers
             for m in cells.values():
                 for r in m.values():
                     for i, w in enumerate(_layer_widths(r)):
-                        if w and (ref[i] is None or w["num_heads"] > ref[i]["num_heads"]
-                                  or w["intermediate_size"] > ref[i]["intermediate_size"]):
-                            ref[i] = {k: max(w[k], (ref[i] or {}).get(k, 0)) for k in ("num_heads",
-                                                                                          "intermediate_size")}
+                        if w and (
+                            ref[i] is None
+                            or w["num_heads"] > ref[i]["num_heads"]
+                            or w["intermediate_size"] > ref[i]["intermediate_size"]
+                        ):
+                            ref[i] = {
+                                k: max(w[k], (ref[i] or {}).get(k, 0)) for k in ("num_heads", "intermediate_size")
+                            }
         methods = sorted(cells)
         nrows, ncols = _panel_grid(len(methods), 2)
         max_cols = max(2 * len(v) for v in cells.values())
@@ -237,23 +304,38 @@ def width_figures(records: Sequence[Mapping], colors: _Colors) -> list[tuple[str
             for i in range(n_layers):
                 for c in range(2 * len(ratios)):
                     v = frac[i, c]
-                    ax.text(c, i, text[i][c], ha="center", va="center", fontsize=7,
-                            color="white" if (not np.isnan(v) and v < 0.55) else "black")
+                    ax.text(
+                        c,
+                        i,
+                        text[i][c],
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if (not np.isnan(v) and v < 0.55) else "black",
+                    )
             ax.set_xticks(range(2 * len(ratios)))
-            ax.set_xticklabels([f"{render_table.fmt_ratio(r)}\n{lab}" for r in ratios for lab in ("heads", "MLP")], fontsize=7)
+            ax.set_xticklabels(
+                [f"{render_table.fmt_ratio(r)}\n{lab}" for r in ratios for lab in ("heads", "MLP")], fontsize=7
+            )
             ax.set_yticks(range(n_layers))
             ax.set_yticklabels([f"L{i}" for i in range(n_layers)], fontsize=7)
             ax.set_title(method, fontsize=10)
             ax.set_xlabel("target ratio / structure")
-        for ax in axes[len(methods):]:
+        for ax in axes[len(methods) :]:
             ax.set_visible(False)
         if im is not None:
             fig.colorbar(im, ax=axes[: len(methods)].tolist(), shrink=0.8, label="kept / dense width")
-        fig.suptitle(f"{model}: kept width per layer (numbers = kept query heads / MLP channels; newest seed)",
-                     fontsize=12)
-        out.append((f"{model}: per-layer kept widths", _png(fig),
-                    "colour = kept / dense width per layer (dense from a method=dense record when present); "
-                    "'removed' = the whole block was deleted"))
+        fig.suptitle(
+            f"{model}: kept width per layer (numbers = kept query heads / MLP channels; newest seed)", fontsize=12
+        )
+        out.append(
+            (
+                f"{model}: per-layer kept widths",
+                _png(fig),
+                "colour = kept / dense width per layer (dense from a method=dense record when present); "
+                "'removed' = the whole block was deleted",
+            )
+        )
     return out
 
 
@@ -295,14 +377,16 @@ def efficiency_figures(obs: pd.DataFrame, colors: _Colors) -> list[tuple[str, st
                 color, marker = colors(method)
                 ax.scatter(g["cost"], g["value"], color=color, marker=marker, s=36, label=method, alpha=0.85)
                 for x, y, r in zip(g["cost"], g["value"], g["ratio"]):
-                    ax.annotate(render_table.fmt_ratio(r), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+                    ax.annotate(
+                        render_table.fmt_ratio(r), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points"
+                    )
             ax.set_yscale("log")
             ax.set_xlabel(xlabel)
             ax.set_ylabel("perplexity (log scale)")
             ax.set_title(f"PPL {key} vs size", fontsize=10)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        for ax in axes[len(keys):]:
+        for ax in axes[len(keys) :]:
             ax.set_visible(False)
         fig.suptitle(f"{model}: efficiency vs quality (labels = target ratio)", fontsize=12)
         out.append((f"{model}: efficiency vs quality", _png(fig), f"x: {xlabel}; y: PPL per protocol"))
@@ -317,14 +401,16 @@ def render(records: Sequence[Mapping], store_label: str = "") -> tuple[str, int]
     obs = observations(records) if records else observations([])
     if records:
         colors = _Colors(list(obs["method"].dropna().unique()))
-        for title, fn in (("Perplexity vs pruning ratio", lambda: ppl_figures(obs, colors)),
-                          ("Zero-shot average vs pruning ratio", lambda: zeroshot_figures(obs, colors)),
-                          ("Kept width per layer", lambda: width_figures(records, colors)),
-                          ("Efficiency vs quality", lambda: efficiency_figures(obs, colors)),
-                          *study_sections(records)):     # AdaPruner studies, when the store has one
+        for title, fn in (
+            ("Perplexity vs pruning ratio", lambda: ppl_figures(obs, colors)),
+            ("Zero-shot average vs pruning ratio", lambda: zeroshot_figures(obs, colors)),
+            ("Kept width per layer", lambda: width_figures(records, colors)),
+            ("Efficiency vs quality", lambda: efficiency_figures(obs, colors)),
+            *study_sections(records),
+        ):  # AdaPruner studies, when the store has one
             try:
                 figures.append((title, fn()))
-            except Exception as exc:   # a broken plot must not cost the rest of the report
+            except Exception as exc:  # a broken plot must not cost the rest of the report
                 warnings_.append(f"{title}: could not plot ({type(exc).__name__}: {exc})")
                 figures.append((title, []))
     n_plots = sum(len(f) for _, f in figures)
@@ -332,12 +418,16 @@ def render(records: Sequence[Mapping], store_label: str = "") -> tuple[str, int]
     models = sorted(obs["model"].dropna().unique()) if len(obs) else []
     methods = sorted(obs["method"].dropna().unique()) if len(obs) else []
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    parts.append(f"<h1>Pruning results report</h1><p class=meta>store: {html.escape(store_label)} · "
-                 f"{len(records)} records · models: {html.escape(', '.join(models) or '-')} · "
-                 f"methods: {html.escape(', '.join(methods) or '-')} · generated {stamp}</p>")
+    parts.append(
+        f"<h1>Pruning results report</h1><p class=meta>store: {html.escape(store_label)} · "
+        f"{len(records)} records · models: {html.escape(', '.join(models) or '-')} · "
+        f"methods: {html.escape(', '.join(methods) or '-')} · generated {stamp}</p>"
+    )
     if not records:
-        parts.append(f"<p class=empty>No records in this store yet ({html.escape(store_label)}). Run a cell, e.g. "
-                     "<code>python run.py method=random pruning.ratio=0.3</code>, then rebuild this report.</p>")
+        parts.append(
+            f"<p class=empty>No records in this store yet ({html.escape(store_label)}). Run a cell, e.g. "
+            "<code>python run.py method=random pruning.ratio=0.3</code>, then rebuild this report.</p>"
+        )
     for w in warnings_:
         parts.append(f"<p class=empty>{html.escape(w)}</p>")
     for title, figs in figures:
@@ -345,12 +435,16 @@ def render(records: Sequence[Mapping], store_label: str = "") -> tuple[str, int]
         if not figs:
             parts.append("<p class=meta>No data for this section in the store.</p>")
         for caption, png, note in figs:
-            parts.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{png}">'
-                         f"<figcaption>{html.escape(caption)} — {html.escape(note)}</figcaption></figure>")
+            parts.append(
+                f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{png}">'
+                f"<figcaption>{html.escape(caption)} — {html.escape(note)}</figcaption></figure>"
+            )
     if records:
-        parts.append("<h2>Paper tables</h2><p class=meta>Only rows whose protocol matches the table's; published "
-                     "rows (shaded, italic) come from experiments/anchors.csv with their sources below each "
-                     "table.</p>")
+        parts.append(
+            "<h2>Paper tables</h2><p class=meta>Only rows whose protocol matches the table's; published "
+            "rows (shaded, italic) come from experiments/anchors.csv with their sources below each "
+            "table.</p>"
+        )
         try:
             built = build_tables(records)
             shown = [t for t in built.values() if t.n_ours]
@@ -358,21 +452,29 @@ def render(records: Sequence[Mapping], store_label: str = "") -> tuple[str, int]
                 parts.append(render_table.html(t))
             empty = [n for n, t in built.items() if not t.n_ours]
             if empty:
-                parts.append(f"<p class=meta>No rows of ours (protocol not in the store) for: "
-                             f"{html.escape(', '.join(empty))}. Protocols in the store: "
-                             f"{html.escape(', '.join(protocols_present(obs)) or 'none')}.</p>")
+                parts.append(
+                    f"<p class=meta>No rows of ours (protocol not in the store) for: "
+                    f"{html.escape(', '.join(empty))}. Protocols in the store: "
+                    f"{html.escape(', '.join(protocols_present(obs)) or 'none')}.</p>"
+                )
         except Exception as exc:
-            parts.append(f"<p class=empty>Tables could not be built ({html.escape(type(exc).__name__)}: "
-                         f"{html.escape(str(exc))})</p>")
+            parts.append(
+                f"<p class=empty>Tables could not be built ({html.escape(type(exc).__name__)}: "
+                f"{html.escape(str(exc))})</p>"
+            )
         flat = records_table(records)
-        parts.append("<h2>All records</h2><details><summary>one row per record "
-                     f"({len(flat)})</summary><div class=scroll>"
-                     + flat.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}", border=0)
-                     + "</div></details>")
+        parts.append(
+            "<h2>All records</h2><details><summary>one row per record "
+            f"({len(flat)})</summary><div class=scroll>"
+            + flat.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}", border=0)
+            + "</div></details>"
+        )
     body = "\n".join(parts)
-    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Pruning results report</title>'
-            f"<style>{CSS}</style></head>\n<body data-plots=\"{n_plots}\">\n{body}\n<script>{SCRIPT}</script>\n"
-            "</body></html>\n")
+    page = (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Pruning results report</title>'
+        f'<style>{CSS}</style></head>\n<body data-plots="{n_plots}">\n{body}\n<script>{SCRIPT}</script>\n'
+        "</body></html>\n"
+    )
     return page, n_plots
 
 
@@ -387,9 +489,17 @@ def write_report(store_dir: str | Path | None, out: str | Path) -> tuple[Path, i
     return out, n
 
 
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--hide-scrollbars")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+)
 
 
 def find_chromium() -> str | None:
@@ -402,8 +512,9 @@ def find_chromium() -> str | None:
     return None
 
 
-def screenshot(html_path: str | Path, png_path: str | Path, width: int = 1400, height: int = 2400,
-               timeout: float = 120) -> Path:
+def screenshot(
+    html_path: str | Path, png_path: str | Path, width: int = 1400, height: int = 2400, timeout: float = 120
+) -> Path:
     """Render the report in headless Chromium (a fresh, throw-away profile) and save a PNG of the first screen."""
     import subprocess
     import tempfile
@@ -414,10 +525,20 @@ def screenshot(html_path: str | Path, png_path: str | Path, width: int = 1400, h
     png_path = Path(png_path).resolve()
     png_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="report-chromium-") as profile:
-        subprocess.run([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=5000",
-                        f"--window-size={width},{height}", f"--screenshot={png_path}",
-                        Path(html_path).resolve().as_uri()],
-                       check=True, capture_output=True, timeout=timeout)
+        subprocess.run(
+            [
+                exe,
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={profile}",
+                "--virtual-time-budget=5000",
+                f"--window-size={width},{height}",
+                f"--screenshot={png_path}",
+                Path(html_path).resolve().as_uri(),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=timeout,
+        )
     if not png_path.is_file():
         raise RuntimeError(f"chromium did not write {png_path}")
     return png_path
@@ -425,14 +546,24 @@ def screenshot(html_path: str | Path, png_path: str | Path, width: int = 1400, h
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pruning-lab report", description="Static HTML report of a store.")
-    parser.add_argument("--store", type=Path, default=None,
-                        help="store directory (default: $PRUNING_STORE or runs/store)")
+    parser.add_argument(
+        "--store", type=Path, default=None, help="store directory (default: $PRUNING_STORE or runs/store)"
+    )
     parser.add_argument("--out", type=Path, default=Path("report.html"), help="output HTML file")
-    parser.add_argument("--screenshot", type=Path, default=None,
-                        help="also save a PNG of the rendered page (headless Chromium), e.g. docs/report.png")
+    parser.add_argument(
+        "--screenshot",
+        type=Path,
+        default=None,
+        help="also save a PNG of the rendered page (headless Chromium), e.g. docs/report.png",
+    )
     parser.add_argument("--window-size", default="1400,2400", help="screenshot size WIDTH,HEIGHT in pixels")
-    parser.add_argument("--ppl-png", type=Path, default=None, metavar="DIR",
-                        help="also write each model's PPL-vs-ratio figure as DIR/ppl_vs_ratio_<model>.png")
+    parser.add_argument(
+        "--ppl-png",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also write each model's PPL-vs-ratio figure as DIR/ppl_vs_ratio_<model>.png",
+    )
     args = parser.parse_args(argv)
     path, n = write_report(args.store, args.out)
     print(f"wrote {path} ({n} plots)")

@@ -132,11 +132,15 @@ class ResultsStore:
             except (OSError, ValueError) as exc:
                 warnings.warn(f"skipping unreadable result record {path}: {exc}", RuntimeWarning, stacklevel=2)
                 continue
-            old += out[-1].get("config_hash") != path.stem     # upgraded on read: its file has the old name
+            old += out[-1].get("config_hash") != path.stem  # upgraded on read: its file has the old name
         if old:
-            warnings.warn(f"{old} records in {self.records_dir} are of an older schema (read as schema "
-                          f"{SCHEMA_VERSION}); rewrite them once with `python -m experiments.migrate --store "
-                          f"{self.root}` so that sweeps find them under their new hashes", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"{old} records in {self.records_dir} are of an older schema (read as schema "
+                f"{SCHEMA_VERSION}); rewrite them once with `python -m experiments.migrate --store "
+                f"{self.root}` so that sweeps find them under their new hashes",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         out.sort(key=lambda r: (str(r.get("created", "")), str(r.get("config_hash", ""))))
         return out
 
@@ -262,10 +266,16 @@ def records_table(records: Iterable[Mapping], columns: Sequence[str] | None = No
 def main(argv: Sequence[str] | None = None) -> int:
     """Print every record in a store as one table."""
     parser = argparse.ArgumentParser(prog="pruning-lab results", description="Show the results store as a table.")
-    parser.add_argument("--store", type=Path, default=None,
-                        help="store directory (default: $PRUNING_STORE or <repo>/runs/store)")
-    parser.add_argument("--columns", nargs="+", default=None, metavar="COL",
-                        help="columns to show: names or fnmatch patterns such as 'ppl*' (comma lists allowed)")
+    parser.add_argument(
+        "--store", type=Path, default=None, help="store directory (default: $PRUNING_STORE or <repo>/runs/store)"
+    )
+    parser.add_argument(
+        "--columns",
+        nargs="+",
+        default=None,
+        metavar="COL",
+        help="columns to show: names or fnmatch patterns such as 'ppl*' (comma lists allowed)",
+    )
     parser.add_argument("--format", choices=("table", "csv", "markdown", "json"), default="table")
     args = parser.parse_args(argv)
 

@@ -30,6 +30,7 @@ from experiments.observations import OBS_COLUMNS, limit_suffix, newest_per_seed,
 from experiments.store import ResultsStore
 from experiments.table_specs import KNOB_MEANINGS, TABLES, TASK_HEADERS, TableSpec
 
+
 def _assign_columns(obs: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
     """Keep the observations that belong in this table, with the column header each one goes to."""
     parts = []
@@ -38,18 +39,20 @@ def _assign_columns(obs: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
     for col in spec.ppl:
         hit = ppl[(ppl["protocol"] == col.protocol) & (ppl["dataset"] == col.dataset) & (ppl["split"] == col.split)]
         if len(hit):
-            hit = hit.assign(column=[col.header + limit_suffix(lim, "ppl") for lim in hit["limit"]],
-                             base_column=col.header)
+            hit = hit.assign(
+                column=[col.header + limit_suffix(lim, "ppl") for lim in hit["limit"]], base_column=col.header
+            )
             parts.append(hit)
     if spec.zs:
         zs = good[(good["kind"] == "zeroshot") & good["task"].isin(list(spec.zs))]
         zs = zs[[spec.zs.get(t) == m for t, m in zip(zs["task"], zs["metric"])]]
         if len(zs):
-            zs = zs.assign(column=[TASK_HEADERS.get(t, t) + limit_suffix(lim, "zs")
-                                   for t, lim in zip(zs["task"], zs["limit"])],
-                           base_column=[TASK_HEADERS.get(t, t) for t in zs["task"]])
+            zs = zs.assign(
+                column=[TASK_HEADERS.get(t, t) + limit_suffix(lim, "zs") for t, lim in zip(zs["task"], zs["limit"])],
+                base_column=[TASK_HEADERS.get(t, t) for t in zs["task"]],
+            )
             parts.append(zs)
-            if spec.avg_header:   # the papers' plain mean, only when every task of the table is present
+            if spec.avg_header:  # the papers' plain mean, only when every task of the table is present
                 key = ["config_hash", "phase", "method", "limit"]
                 for _, g in zs.groupby(key, dropna=False, sort=False):
                     if set(g["task"]) == set(spec.zs):
@@ -72,6 +75,7 @@ def _column_order(spec: TableSpec, present: Iterable[str]) -> list[str]:
         base = next((i for i, b in enumerate(bases) if col == b or col.startswith(b + " [")), len(bases))
         n = re.search(r"\[(?:first|limit) (\d+)", col)
         return base, 0 if n is None else 1, int(n.group(1)) if n else 0
+
     return sorted(present, key=key)
 
 
@@ -88,7 +92,7 @@ class PaperTable:
     value_columns: list[str]
     sources: dict[str, str]
     excluded: list[str] = field(default_factory=list)
-    provenance: list[str] = field(default_factory=list)    # knob meanings and calibration, read from the records
+    provenance: list[str] = field(default_factory=list)  # knob meanings and calibration, read from the records
 
     @property
     def n_ours(self) -> int:
@@ -117,14 +121,27 @@ def _published_rows(spec: TableSpec, anchors: pd.DataFrame) -> pd.DataFrame:
         elif r.protocol == spec.zs_protocol and r.task == "avg7" and spec.avg_header and len(spec.zs) == 7:
             col = spec.avg_header
         if col is not None:
-            rows.append({"block": r.block, "model": r.model, "method": r.method, "ratio": r.ratio_value,
-                         "ratio_text": r.ratio, "column": col, "value": r.value_num, "printed": r.value})
-    return pd.DataFrame(rows, columns=["block", "model", "method", "ratio", "ratio_text", "column", "value",
-                                       "printed"])
+            rows.append(
+                {
+                    "block": r.block,
+                    "model": r.model,
+                    "method": r.method,
+                    "ratio": r.ratio_value,
+                    "ratio_text": r.ratio,
+                    "column": col,
+                    "value": r.value_num,
+                    "printed": r.value,
+                }
+            )
+    return pd.DataFrame(rows, columns=["block", "model", "method", "ratio", "ratio_text", "column", "value", "printed"])
 
 
-def build_table(records: Iterable[Mapping] | pd.DataFrame, spec: TableSpec | str, published: str = "matched",
-                anchors: pd.DataFrame | None = None) -> PaperTable:
+def build_table(
+    records: Iterable[Mapping] | pd.DataFrame,
+    spec: TableSpec | str,
+    published: str = "matched",
+    anchors: pd.DataFrame | None = None,
+) -> PaperTable:
     """One paper table from records (or from `observations(records)`).
 
     published: "matched" (published rows for the (method, ratio) pairs we have, plus dense), "all" (every row of
@@ -134,8 +151,13 @@ def build_table(records: Iterable[Mapping] | pd.DataFrame, spec: TableSpec | str
     if published not in ("matched", "all", "none"):
         raise ValueError(f"published must be matched, all or none, got {published!r}")
     obs = records if isinstance(records, pd.DataFrame) else observations(records)
-    excluded = sorted({f"{m} {k}: {n}" for m, k, n, ok in zip(obs["method"], obs["key"], obs["note"],
-                                                              obs["protocol_ok"]) if not ok and n})
+    excluded = sorted(
+        {
+            f"{m} {k}: {n}"
+            for m, k, n, ok in zip(obs["method"], obs["key"], obs["note"], obs["protocol_ok"])
+            if not ok and n
+        }
+    )
     obs = obs.assign(setting=obs["setting"].fillna("").astype(str))
     native = obs["setting"] != ""
     keep = (obs["phase"] == "dense") | (native if spec.cells == "native" else ~native)
@@ -143,8 +165,9 @@ def build_table(records: Iterable[Mapping] | pd.DataFrame, spec: TableSpec | str
     id_cols = ["model", "method", "anchor_method", "ratio"] + (["setting"] if spec.cells == "native" else [])
 
     if spec.layout == "ratio_pivot":
-        cells = cells.assign(protocol_label=[f"{p}" + limit_suffix(lim, "ppl") for p, lim in
-                                             zip(cells["protocol"], cells["limit"])])
+        cells = cells.assign(
+            protocol_label=[f"{p}" + limit_suffix(lim, "ppl") for p, lim in zip(cells["protocol"], cells["limit"])]
+        )
         cells = cells.assign(column=[_ratio_header(r) for r in cells["ratio"]])
         id_cols = ["model", "method", "anchor_method", "protocol_label"]
     provenance = _provenance_notes(cells, spec)
@@ -153,14 +176,19 @@ def build_table(records: Iterable[Mapping] | pd.DataFrame, spec: TableSpec | str
     ours_std: list[dict] = []
     if len(cells):
         mean, std = _aggregate(cells, id_cols)
-        counts = cells.groupby(id_cols, dropna=False, sort=False)["seed"].agg(
-            lambda s: max(1, s.dropna().nunique()))
+        counts = cells.groupby(id_cols, dropna=False, sort=False)["seed"].agg(lambda s: max(1, s.dropna().nunique()))
         ach = cells.groupby(id_cols, dropna=False, sort=False)["achieved"].mean()
         pratio = cells.groupby(id_cols, dropna=False, sort=False)["paper_ratio"].first()
         for idx in mean.index:
             ident = dict(zip(id_cols, idx))
-            row = {**ident, "achieved": ach.get(idx), "n": counts.get(idx), "source": "ours", "block": "",
-                   "_paper_ratio": pratio.get(idx)}
+            row = {
+                **ident,
+                "achieved": ach.get(idx),
+                "n": counts.get(idx),
+                "source": "ours",
+                "block": "",
+                "_paper_ratio": pratio.get(idx),
+            }
             row.update(mean.loc[idx].to_dict())
             ours_rows.append(row)
             ours_std.append(std.loc[idx].to_dict())
@@ -177,8 +205,13 @@ def build_table(records: Iterable[Mapping] | pd.DataFrame, spec: TableSpec | str
             have = {r["anchor_method"] for r in ours_rows}
             pub = pub[pub["method"].isin(have)]
         else:
-            have = {(r["anchor_method"], round(float(r["_paper_ratio"] if r["_paper_ratio"] is not None
-                                                     else r["ratio"]), 4)) for r in ours_rows}
+            have = {
+                (
+                    r["anchor_method"],
+                    round(float(r["_paper_ratio"] if r["_paper_ratio"] is not None else r["ratio"]), 4),
+                )
+                for r in ours_rows
+            }
             pub = pub[[(m, round(float(x), 4)) in have for m, x in zip(pub["method"], pub["ratio"])]]
 
     pub_rows, pub_std, pub_printed = [], [], []
@@ -190,8 +223,15 @@ def build_table(records: Iterable[Mapping] | pd.DataFrame, spec: TableSpec | str
             keys = ["block", "model", "method", "ratio", "ratio_text"]
         for k, g in pub.groupby(keys, sort=False):
             ident = dict(zip(keys, k))
-            row = {"model": ident["model"], "method": ident["method"], "anchor_method": ident["method"],
-                   "achieved": None, "n": None, "source": "published", "block": ident["block"]}
+            row = {
+                "model": ident["model"],
+                "method": ident["method"],
+                "anchor_method": ident["method"],
+                "achieved": None,
+                "n": None,
+                "source": "published",
+                "block": ident["block"],
+            }
             printed = {}
             if spec.layout == "ratio_pivot":
                 row["protocol_label"] = ident["protocol_label"]
@@ -205,9 +245,11 @@ def build_table(records: Iterable[Mapping] | pd.DataFrame, spec: TableSpec | str
             pub_printed.append(printed)
 
     all_rows = ours_rows + pub_rows
-    value_cols = _column_order(spec, [c for r in all_rows for c in r if c not in _ID_KEYS]) \
-        if spec.layout != "ratio_pivot" else sorted({c for r in all_rows for c in r if c not in _ID_KEYS},
-                                                    key=_ratio_sort)
+    value_cols = (
+        _column_order(spec, [c for r in all_rows for c in r if c not in _ID_KEYS])
+        if spec.layout != "ratio_pivot"
+        else sorted({c for r in all_rows for c in r if c not in _ID_KEYS}, key=_ratio_sort)
+    )
     if spec.layout == "ratio_pivot":
         lead = ["model", "method", "protocol_label", "n", "source", "block"]
     elif spec.cells == "native":
@@ -246,8 +288,19 @@ def _provenance_notes(cells: pd.DataFrame, spec: TableSpec) -> list[str]:
     return notes
 
 
-_ID_KEYS = {"model", "method", "anchor_method", "ratio", "setting", "achieved", "n", "source", "block",
-            "_paper_ratio", "protocol_label"}
+_ID_KEYS = {
+    "model",
+    "method",
+    "anchor_method",
+    "ratio",
+    "setting",
+    "achieved",
+    "n",
+    "source",
+    "block",
+    "_paper_ratio",
+    "protocol_label",
+}
 
 
 def _ratio_header(r: float) -> str:
@@ -260,16 +313,19 @@ def _ratio_sort(col: str) -> float:
 
 def _row_order(frame: pd.DataFrame, spec: TableSpec) -> list[int]:
     """Ratio, then method (dense first), ours before the published row of the same (method, ratio)."""
+
     def key(i: int):
         r = frame.iloc[i]
         ratio = 0.0 if spec.layout == "ratio_pivot" else (r["ratio"] if pd.notna(r["ratio"]) else math.inf)
         method = str(r["anchor_method"])
         return (ratio, method != "dense", method, r["source"] != "ours", str(r["model"]), str(r["method"]))
+
     return sorted(range(len(frame)), key=key)
 
 
-def build_tables(records: Iterable[Mapping], names: Sequence[str] | None = None,
-                 published: str = "matched") -> dict[str, PaperTable]:
+def build_tables(
+    records: Iterable[Mapping], names: Sequence[str] | None = None, published: str = "matched"
+) -> dict[str, PaperTable]:
     """Every requested table (default: all), sharing one observation frame."""
     obs = observations(records)
     anchors = anchors_mod.load_anchors()
@@ -277,19 +333,29 @@ def build_tables(records: Iterable[Mapping], names: Sequence[str] | None = None,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pruning-lab tables",
-                                     description="Paper-style tables (Markdown, LaTeX, CSV) from a results store.")
-    parser.add_argument("--store", type=Path, default=None,
-                        help="store directory (default: $PRUNING_STORE or runs/store)")
+    parser = argparse.ArgumentParser(
+        prog="pruning-lab tables", description="Paper-style tables (Markdown, LaTeX, CSV) from a results store."
+    )
+    parser.add_argument(
+        "--store", type=Path, default=None, help="store directory (default: $PRUNING_STORE or runs/store)"
+    )
     parser.add_argument("--table", action="append", choices=sorted(TABLES), help="table to write (repeatable)")
     parser.add_argument("--all", action="store_true", help="write every table that has rows of ours")
     parser.add_argument("--out", type=Path, default=Path("results"), help="output directory (default: results/)")
     parser.add_argument("--format", default="md,tex,csv", help="comma list of md, tex, csv")
-    parser.add_argument("--published", choices=("matched", "all", "none"), default="matched",
-                        help="published rows: for our (method, ratio) pairs (default), the whole paper table, or none")
-    parser.add_argument("--summary", metavar="RATIOS", default=None,
-                        help="print (and write <table>_summary.md) the README view of each rows table at these "
-                             "comma-separated ratios, e.g. 0.2,0.5")
+    parser.add_argument(
+        "--published",
+        choices=("matched", "all", "none"),
+        default="matched",
+        help="published rows: for our (method, ratio) pairs (default), the whole paper table, or none",
+    )
+    parser.add_argument(
+        "--summary",
+        metavar="RATIOS",
+        default=None,
+        help="print (and write <table>_summary.md) the README view of each rows table at these "
+        "comma-separated ratios, e.g. 0.2,0.5",
+    )
     args = parser.parse_args(argv)
     if not args.table and not args.all:
         parser.error("give --table NAME (repeatable) or --all")
@@ -320,8 +386,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("wrote " + ", ".join(str(p) for p in paths) + "\n")
     if missing:
         obs = observations(records)
-        print(f"no rows of ours for {', '.join(missing)}: no record has these tables' protocols. Protocols in the "
-              f"store: {', '.join(protocols_present(obs)) or 'none'}", file=sys.stderr)
+        print(
+            f"no rows of ours for {', '.join(missing)}: no record has these tables' protocols. Protocols in the "
+            f"store: {', '.join(protocols_present(obs)) or 'none'}",
+            file=sys.stderr,
+        )
     return 1 if (missing and not args.all) or len(missing) == len(tables) else 0
 
 

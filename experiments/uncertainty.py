@@ -36,10 +36,10 @@ import numpy as np
 from experiments.persample import doc_values, window_values
 from experiments.record import NON_SEMANTIC
 
-LEVEL = 0.95          # default confidence level
-RESAMPLES = 2000      # default bootstrap resamples
-SEED = 0              # default bootstrap seed
-_BLOCK = 1 << 21      # indices drawn per block of resamples (bounds memory at ~16 MB per array)
+LEVEL = 0.95  # default confidence level
+RESAMPLES = 2000  # default bootstrap resamples
+SEED = 0  # default bootstrap seed
+_BLOCK = 1 << 21  # indices drawn per block of resamples (bounds memory at ~16 MB per array)
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,8 @@ class Interval:
     high: float
     level: float
     resamples: int
-    n: tuple[int, ...]     # units resampled: windows, or documents per task
-    unit: str              # "ppl", "%", "nats/token", "x" (ratio) or "points"
+    n: tuple[int, ...]  # units resampled: windows, or documents per task
+    unit: str  # "ppl", "%", "nats/token", "x" (ratio) or "points"
 
     @property
     def excludes_zero(self) -> bool:
@@ -67,7 +67,7 @@ class Paired:
     """a - b on shared units: ``diff`` (mean NLL in nats/token, or accuracy in points) and, for PPL, the ratio."""
 
     diff: Interval
-    ratio: Interval | None = None   # PPL_a / PPL_b = exp(diff)
+    ratio: Interval | None = None  # PPL_a / PPL_b = exp(diff)
 
     @property
     def resolved(self) -> bool:
@@ -75,8 +75,11 @@ class Paired:
         return self.diff.excludes_zero
 
     def as_dict(self) -> dict:
-        return {"diff": self.diff.as_dict(), "ratio": None if self.ratio is None else self.ratio.as_dict(),
-                "resolved": self.resolved}
+        return {
+            "diff": self.diff.as_dict(),
+            "ratio": None if self.ratio is None else self.ratio.as_dict(),
+            "resolved": self.resolved,
+        }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -105,14 +108,14 @@ def resampled_sums(groups: Sequence[np.ndarray], resamples: int, seed: int) -> l
         rows = max(1, _BLOCK // n)
         for b0 in range(0, resamples, rows):
             idx = rng.integers(0, n, size=(min(rows, resamples - b0), n))
-            for j, column in enumerate(columns):      # one contiguous gather + sum per column: ~6x a 3-D gather
+            for j, column in enumerate(columns):  # one contiguous gather + sum per column: ~6x a 3-D gather
                 sums[b0 : b0 + len(idx), j] = np.take(column, idx).sum(axis=1)
         out.append(sums)
     return out
 
 
 def _interval(estimate: float, replicates: np.ndarray, level: float, n: tuple[int, ...], unit: str) -> Interval:
-    if not np.all(np.isfinite(replicates)):   # an infinite / NaN PPL has no meaningful interval
+    if not np.all(np.isfinite(replicates)):  # an infinite / NaN PPL has no meaningful interval
         low = high = math.nan
     else:
         low, high = np.quantile(replicates, [(1 - level) / 2, (1 + level) / 2])
@@ -123,8 +126,9 @@ def _interval(estimate: float, replicates: np.ndarray, level: float, n: tuple[in
 # On arrays
 
 
-def ppl_interval(nll: Sequence[float], tokens: Sequence[int], *, level: float = LEVEL, resamples: int = RESAMPLES,
-                 seed: int = SEED) -> Interval:
+def ppl_interval(
+    nll: Sequence[float], tokens: Sequence[int], *, level: float = LEVEL, resamples: int = RESAMPLES, seed: int = SEED
+) -> Interval:
     """PPL over windows (per-window NLL sums and scored tokens) with its percentile bootstrap interval."""
     _check(level, resamples)
     nll, tokens = _same_length(nll, tokens)
@@ -134,24 +138,33 @@ def ppl_interval(nll: Sequence[float], tokens: Sequence[int], *, level: float = 
     return _interval(_ppl(nll.sum() / tokens.sum()), reps, level, (len(nll),), "ppl")
 
 
-def ppl_paired(nll_a: Sequence[float], nll_b: Sequence[float], tokens: Sequence[int], *, level: float = LEVEL,
-               resamples: int = RESAMPLES, seed: int = SEED) -> Paired:
+def ppl_paired(
+    nll_a: Sequence[float],
+    nll_b: Sequence[float],
+    tokens: Sequence[int],
+    *,
+    level: float = LEVEL,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+) -> Paired:
     """Model a vs model b on the same windows: difference of mean NLL (a - b) and PPL ratio a / b."""
     _check(level, resamples)
     nll_a, tokens = _same_length(nll_a, tokens)
     nll_b, _ = _same_length(nll_b, tokens)
-    d = nll_a - nll_b                                  # per window; exactly 0 when a and b are the same model
+    d = nll_a - nll_b  # per window; exactly 0 when a and b are the same model
     (s,) = resampled_sums([np.stack([d, tokens], axis=1)], resamples, seed)
     diff_reps = s[:, 0] / s[:, 1]
     diff = d.sum() / tokens.sum()
     n = (len(d),)
     with np.errstate(over="ignore"):
-        return Paired(_interval(diff, diff_reps, level, n, "nats/token"),
-                      _interval(_ppl(diff), np.exp(diff_reps), level, n, "x"))
+        return Paired(
+            _interval(diff, diff_reps, level, n, "nats/token"), _interval(_ppl(diff), np.exp(diff_reps), level, n, "x")
+        )
 
 
-def accuracy_interval(correct: Sequence[Sequence[bool]], *, level: float = LEVEL, resamples: int = RESAMPLES,
-                      seed: int = SEED) -> Interval:
+def accuracy_interval(
+    correct: Sequence[Sequence[bool]], *, level: float = LEVEL, resamples: int = RESAMPLES, seed: int = SEED
+) -> Interval:
     """Accuracy in % with its interval; with several tasks (one correctness array each), their plain average."""
     _check(level, resamples)
     groups = [np.asarray(c, dtype=np.float64) for c in correct]
@@ -160,8 +173,14 @@ def accuracy_interval(correct: Sequence[Sequence[bool]], *, level: float = LEVEL
     return _interval(_average_score(groups), reps, level, tuple(len(g) for g in groups), "%")
 
 
-def accuracy_paired(correct_a: Sequence[Sequence[bool]], correct_b: Sequence[Sequence[bool]], *,
-                    level: float = LEVEL, resamples: int = RESAMPLES, seed: int = SEED) -> Paired:
+def accuracy_paired(
+    correct_a: Sequence[Sequence[bool]],
+    correct_b: Sequence[Sequence[bool]],
+    *,
+    level: float = LEVEL,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+) -> Paired:
     """Model a vs model b on the same documents (per task): difference in accuracy points, a - b."""
     _check(level, resamples)
     if len(correct_a) != len(correct_b):
@@ -172,8 +191,9 @@ def accuracy_paired(correct_a: Sequence[Sequence[bool]], correct_b: Sequence[Seq
         diffs.append(a - b)
     sums = resampled_sums(diffs, resamples, seed)
     reps = np.mean([100.0 * s[:, 0] / len(d) for s, d in zip(sums, diffs)], axis=0)
-    estimate = _average_score([np.asarray(a, np.float64) for a in correct_a]) \
-        - _average_score([np.asarray(b, np.float64) for b in correct_b])
+    estimate = _average_score([np.asarray(a, np.float64) for a in correct_a]) - _average_score(
+        [np.asarray(b, np.float64) for b in correct_b]
+    )
     return Paired(_interval(estimate, reps, level, tuple(len(d) for d in diffs), "points"))
 
 
@@ -205,10 +225,10 @@ def _same_length(a, b) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True)
 class _Units:
-    kind: str                       # "ppl" or "acc"
-    groups: list[np.ndarray]        # ppl: [[n, 2] (nll, tokens)]; acc: one bool array per task
-    ids: tuple                      # what must agree for two records to be paired
-    reported: float                 # the number the record reports (PPL, or score in %)
+    kind: str  # "ppl" or "acc"
+    groups: list[np.ndarray]  # ppl: [[n, 2] (nll, tokens)]; acc: one bool array per task
+    ids: tuple  # what must agree for two records to be paired
+    reported: float  # the number the record reports (PPL, or score in %)
 
 
 def _block(record: Mapping, key: str) -> tuple[str, str, Mapping]:
@@ -229,8 +249,12 @@ def _units(record: Mapping, key: str) -> _Units:
             raise KeyError(f"no PPL entry {rest!r} in {block_name}; entries: {sorted(block)}")
         nll, tokens = window_values(entry)
         recomputed = _ppl(nll.sum() / tokens.sum())
-        if not (math.isclose(recomputed, entry["ppl"], rel_tol=1e-9) or recomputed == entry["ppl"]
-                or math.isnan(recomputed) and math.isnan(entry["ppl"])):
+        if not (
+            math.isclose(recomputed, entry["ppl"], rel_tol=1e-9)
+            or recomputed == entry["ppl"]
+            or math.isnan(recomputed)
+            and math.isnan(entry["ppl"])
+        ):
             raise ValueError(f"{key}: per-window values give PPL {recomputed!r}, the record reports {entry['ppl']!r}")
         ids = (entry["per_window"]["windows"], tuple(tokens.tolist()))
         return _Units("ppl", [np.stack([nll, tokens.astype(np.float64)], axis=1)], ids, float(entry["ppl"]))
@@ -239,8 +263,11 @@ def _units(record: Mapping, key: str) -> _Units:
     task, _, metric = rest.partition("/")
     if task == "average":
         avg = block.get("average") or {}
-        tasks = [t for t, row in block.items()
-                 if t not in ("protocol", "average") and isinstance(row, Mapping) and row.get("metric")]
+        tasks = [
+            t
+            for t, row in block.items()
+            if t not in ("protocol", "average") and isinstance(row, Mapping) and row.get("metric")
+        ]
         if len(tasks) != avg.get("n_tasks"):
             raise ValueError(f"{key}: {len(tasks)} scored task rows but the average says n_tasks={avg.get('n_tasks')}")
         pairs = [(t, block[t]["metric"]) for t in tasks]
@@ -262,8 +289,9 @@ def _units(record: Mapping, key: str) -> _Units:
     return _Units("acc", groups, ids, float(reported))
 
 
-def interval(record: Mapping, key: str, *, level: float = LEVEL, resamples: int = RESAMPLES,
-             seed: int = SEED) -> Interval:
+def interval(
+    record: Mapping, key: str, *, level: float = LEVEL, resamples: int = RESAMPLES, seed: int = SEED
+) -> Interval:
     """Bootstrap interval of one reported number; ``estimate`` is the reported value itself."""
     u = _units(record, key)
     if u.kind == "ppl":
@@ -273,15 +301,25 @@ def interval(record: Mapping, key: str, *, level: float = LEVEL, resamples: int 
     return Interval(u.reported, out.low, out.high, out.level, out.resamples, out.n, out.unit)
 
 
-def paired(record_a: Mapping, record_b: Mapping, key: str, key_b: str | None = None, *, level: float = LEVEL,
-           resamples: int = RESAMPLES, seed: int = SEED) -> Paired:
+def paired(
+    record_a: Mapping,
+    record_b: Mapping,
+    key: str,
+    key_b: str | None = None,
+    *,
+    level: float = LEVEL,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+) -> Paired:
     """a - b for one metric of two records (or two phases of one: ``key_b="dense_ppl/..."``) on their shared
     units; refuses when the windows or documents differ (another tokenizer, another limit, another task set)."""
     ua, ub = _units(record_a, key), _units(record_b, key_b or key)
     if ua.kind != ub.kind or ua.ids != ub.ids:
         what = "windows (token ids and counts)" if ua.kind == "ppl" else "tasks, metrics or documents"
-        raise ValueError(f"paired {key} vs {key_b or key}: the two were not scored on the same {what}; "
-                         f"a paired difference needs shared units")
+        raise ValueError(
+            f"paired {key} vs {key_b or key}: the two were not scored on the same {what}; "
+            f"a paired difference needs shared units"
+        )
     if ua.kind == "ppl":
         a, b = ua.groups[0], ub.groups[0]
         return ppl_paired(a[:, 0], b[:, 0], a[:, 1], level=level, resamples=resamples, seed=seed)
@@ -315,8 +353,10 @@ class SeedSummary:
         return len(self.values)
 
     def as_dict(self) -> dict:
-        return {**{k: getattr(self, k) for k in ("key", "seeds", "values", "mean", "std", "min", "max", "n")},
-                "sampling": [i.as_dict() for i in self.sampling]}
+        return {
+            **{k: getattr(self, k) for k in ("key", "seeds", "values", "mean", "std", "min", "max", "n")},
+            "sampling": [i.as_dict() for i in self.sampling],
+        }
 
 
 def _without_seeds(value):
@@ -333,23 +373,32 @@ def seed_label(record: Mapping) -> str:
     return f"seed={cfg.get('seed')}" + (f", calibration.seed={calib['seed']}" if "seed" in calib else "")
 
 
-def seed_summary(records: Sequence[Mapping], key: str, *, level: float = LEVEL, resamples: int = RESAMPLES,
-                 seed: int = SEED) -> SeedSummary:
+def seed_summary(
+    records: Sequence[Mapping], key: str, *, level: float = LEVEL, resamples: int = RESAMPLES, seed: int = SEED
+) -> SeedSummary:
     """Spread over the seeds of one cell plus each seed's interval; the records must differ only in seeds."""
     if not records:
         raise ValueError("seed_summary needs at least one record")
-    same = [{k: v for k, v in _without_seeds(r.get("config") or {}).items() if k not in NON_SEMANTIC}
-            for r in records]
+    same = [{k: v for k, v in _without_seeds(r.get("config") or {}).items() if k not in NON_SEMANTIC} for r in records]
     for r, cfg in zip(records[1:], same[1:]):
         if cfg != same[0]:
             diff = sorted(k for k in set(cfg) | set(same[0]) if cfg.get(k) != same[0].get(k))
-            raise ValueError(f"seed_summary: record {r.get('config_hash')} differs from "
-                             f"{records[0].get('config_hash')} in more than seeds (config keys {diff})")
+            raise ValueError(
+                f"seed_summary: record {r.get('config_hash')} differs from "
+                f"{records[0].get('config_hash')} in more than seeds (config keys {diff})"
+            )
     labels = [seed_label(r) for r in records]
     if len(set(labels)) != len(labels):
         raise ValueError(f"seed_summary: repeated seeds {labels}; keep one record per seed")
     sampling = tuple(interval(r, key, level=level, resamples=resamples, seed=seed) for r in records)
     values = np.array([i.estimate for i in sampling])
-    return SeedSummary(key, tuple(labels), tuple(values.tolist()), float(values.mean()),
-                       float(values.std(ddof=1)) if len(values) > 1 else math.nan,
-                       float(values.min()), float(values.max()), sampling)
+    return SeedSummary(
+        key,
+        tuple(labels),
+        tuple(values.tolist()),
+        float(values.mean()),
+        float(values.std(ddof=1)) if len(values) > 1 else math.nan,
+        float(values.min()),
+        float(values.max()),
+        sampling,
+    )

@@ -23,8 +23,18 @@ from typing import Any
 from experiments.record import _json_default, is_number
 
 # `name` selects the logger (none | wandb); the W&B run's own name is `run_name` (default: model-method-ratio-hash).
-DEFAULTS = {"name": "wandb", "project": "pruning-lab", "entity": None, "mode": "offline", "dir": "runs/wandb",
-            "group": None, "tags": [], "job_type": "cell", "run_name": None, "settings": {}}
+DEFAULTS = {
+    "name": "wandb",
+    "project": "pruning-lab",
+    "entity": None,
+    "mode": "offline",
+    "dir": "runs/wandb",
+    "group": None,
+    "tags": [],
+    "job_type": "cell",
+    "run_name": None,
+    "settings": {},
+}
 
 
 def _plain(cfg: Any) -> dict:
@@ -55,8 +65,11 @@ def summary_metrics(record: Mapping) -> dict[str, Any]:
 
     for block, entries in (record.get("metrics") or {}).items():
         head = str(block).rsplit("_", 1)[-1]
-        if isinstance(entries, Mapping) and entries and all(isinstance(e, Mapping) and head in e
-                                                            for e in entries.values()):
+        if (
+            isinstance(entries, Mapping)
+            and entries
+            and all(isinstance(e, Mapping) and head in e for e in entries.values())
+        ):
             for label, entry in entries.items():
                 if is_number(entry[head]):
                     out[f"{block}/{label}"] = entry[head]
@@ -82,8 +95,7 @@ def _paper_rows(wandb, record: Mapping) -> dict[str, Any]:
     from experiments.table_specs import TABLES
     from experiments.tables import build_table
 
-    out = {"results": wandb.Table(dataframe=records_table([record]).astype(object).where(
-        lambda d: d.notna(), None))}
+    out = {"results": wandb.Table(dataframe=records_table([record]).astype(object).where(lambda d: d.notna(), None))}
     obs = observations([record])
     for name, spec in TABLES.items():
         table = build_table(obs, spec, published="none")
@@ -103,26 +115,41 @@ def _log(record: Mapping, cfg: dict) -> Path:
     model = _name((record.get("config") or {}).get("model"))
     method = method_name(record)
     ratio = (record.get("params") or {}).get("target_ratio")
-    settings = {"console": "off", "disable_git": True, "x_disable_stats": True, "silent": True,
-                **(cfg.get("settings") or {})}
+    settings = {
+        "console": "off",
+        "disable_git": True,
+        "x_disable_stats": True,
+        "silent": True,
+        **(cfg.get("settings") or {}),
+    }
     name = cfg.get("run_name") or f"{model}-{method}-{ratio}-{str(record.get('config_hash'))[:8]}"
-    run = wandb.init(project=cfg["project"], entity=cfg.get("entity"), name=name,
-                     group=cfg.get("group") or str(model), job_type=cfg.get("job_type"),
-                     tags=[str(model), str(method), f"ratio={ratio}", *(cfg.get("tags") or [])],
-                     dir=str(run_dir), mode=cfg["mode"], config=dict(record.get("config") or {}),
-                     reinit="finish_previous", settings=wandb.Settings(**settings))
+    run = wandb.init(
+        project=cfg["project"],
+        entity=cfg.get("entity"),
+        name=name,
+        group=cfg.get("group") or str(model),
+        job_type=cfg.get("job_type"),
+        tags=[str(model), str(method), f"ratio={ratio}", *(cfg.get("tags") or [])],
+        dir=str(run_dir),
+        mode=cfg["mode"],
+        config=dict(record.get("config") or {}),
+        reinit="finish_previous",
+        settings=wandb.Settings(**settings),
+    )
     ok = False
     try:
         run.summary.update(summary_metrics(record))
         run.log({"widths": _widths_table(wandb, record), **_paper_rows(wandb, record)})
-        clean = {k: v for k, v in record.items() if not str(k).startswith("_")}   # minus _store_path etc.
+        clean = {k: v for k, v in record.items() if not str(k).startswith("_")}  # minus _store_path etc.
         files_dir = Path(run.dir)
         rec_path = files_dir / "record.json"
         rec_path.write_text(json.dumps(clean, default=_json_default, indent=2, allow_nan=True), encoding="utf-8")
         run.save(str(rec_path), base_path=str(files_dir), policy="now")
-        artifact = wandb.Artifact(f"record-{record.get('config_hash')}", type="record",
-                                  metadata={"config_hash": record.get("config_hash"), "model": model,
-                                            "method": method, "ratio": ratio})
+        artifact = wandb.Artifact(
+            f"record-{record.get('config_hash')}",
+            type="record",
+            metadata={"config_hash": record.get("config_hash"), "model": model, "method": method, "ratio": ratio},
+        )
         artifact.add_file(str(rec_path), name="record.json")
         run.log_artifact(artifact)
         ok = True
@@ -136,8 +163,11 @@ def log_record(record: Mapping, logger_cfg: Any = None) -> Path | None:
     cfg = {**DEFAULTS, **{k: v for k, v in _plain(logger_cfg).items() if v is not None}}
     try:
         return _log(record, cfg)
-    except Exception as exc:   # nothing here may cost the record, which is already on disk
+    except Exception as exc:  # nothing here may cost the record, which is already on disk
         where = record.get("_store_path") or f"the store (config hash {record.get('config_hash')})"
-        warnings.warn(f"W&B logging failed ({type(exc).__name__}: {exc}); the local record is unaffected: {where}",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"W&B logging failed ({type(exc).__name__}: {exc}); the local record is unaffected: {where}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return None

@@ -53,7 +53,7 @@ CHANNEL_STATS = ("mean", "var", "sqnorm", "absmean", "xtx")
 BLOCK_STATS = ("block_io",)
 MODES = ("dense", "sequential")
 LAST_BLOCK_OUTPUT = ("raw", "final_norm")
-_CHUNK_ELEMS = 1 << 22    # rows per float64 chunk ≈ 32 MB / D: bounds the upcast copy of a large batch
+_CHUNK_ELEMS = 1 << 22  # rows per float64 chunk ≈ 32 MB / D: bounds the upcast copy of a large batch
 
 
 class _Stop(Exception):
@@ -86,13 +86,14 @@ class ChannelStats:
             if "xtx" in self.want:
                 self._xtx = torch.zeros(d, d, dtype=torch.float64, device=x.device)
         if x.shape[1] != self._mean.shape[0]:
-            raise PruningError(f"site {self.site}: width changed from {self._mean.shape[0]} to {x.shape[1]} "
-                               "during collection")
+            raise PruningError(
+                f"site {self.site}: width changed from {self._mean.shape[0]} to {x.shape[1]} during collection"
+            )
         n = self.n + nb
         if "mean" in self.want or "var" in self.want:
             mean_b = x.mean(0)
             delta = mean_b - self._mean
-            if "var" in self.want:   # Chan et al.: merge (n, mean, M2) with the chunk's own (nb, mean_b, M2_b)
+            if "var" in self.want:  # Chan et al.: merge (n, mean, M2) with the chunk's own (nb, mean_b, M2_b)
                 self._m2 += (x - mean_b).pow(2).sum(0) + delta.pow(2) * (self.n * nb / n)
             self._mean += delta * (nb / n)
         if "sqnorm" in self.want:
@@ -105,8 +106,9 @@ class ChannelStats:
 
     def _get(self, name: str, value):
         if name not in self.want:
-            raise PruningError(f"statistic {name!r} was not collected at site {self.site!r} (collected: "
-                               f"{', '.join(self.want)})")
+            raise PruningError(
+                f"statistic {name!r} was not collected at site {self.site!r} (collected: {', '.join(self.want)})"
+            )
         if value is None:
             raise PruningError(f"site {self.site!r} saw no calibration tokens")
         return value
@@ -186,8 +188,9 @@ class LayerStats:
 
     def __getitem__(self, site: str) -> ChannelStats:
         if site not in self.sites:
-            raise PruningError(f"layer {self.layer}: no statistics at site {site!r} (collected: "
-                               f"{', '.join(self.sites) or 'none'})")
+            raise PruningError(
+                f"layer {self.layer}: no statistics at site {site!r} (collected: {', '.join(self.sites) or 'none'})"
+            )
         return self.sites[site]
 
 
@@ -198,8 +201,8 @@ class CalibrationStats(Mapping):
     layers: dict[int, LayerStats]
     mode: str
     n_samples: int
-    seq_len: int | None              # None: variable-length calibration (windows of different lengths)
-    tokens: int | None = None        # total tokens; defaults to n_samples * seq_len
+    seq_len: int | None  # None: variable-length calibration (windows of different lengths)
+    tokens: int | None = None  # total tokens; defaults to n_samples * seq_len
 
     @property
     def n_tokens(self) -> int:
@@ -225,7 +228,7 @@ class CalibrationStats(Mapping):
 
 @dataclass
 class _Spec:
-    sites: dict[str, tuple[str, ...]]   # site -> channel stats
+    sites: dict[str, tuple[str, ...]]  # site -> channel stats
     block_io: bool
     layers: list[int]
     batch_size: int
@@ -233,8 +236,9 @@ class _Spec:
     progress: bool
 
 
-def _parse(adapter: ModelAdapter, calib, stats, sites, layers, batch_size, block_last_output,
-           progress) -> tuple[_Spec, "_Calib"]:
+def _parse(
+    adapter: ModelAdapter, calib, stats, sites, layers, batch_size, block_last_output, progress
+) -> tuple[_Spec, "_Calib"]:
     """Validate the whole request before any forward pass, so a typo fails in one line."""
     if isinstance(stats, str):
         stats = (stats,)
@@ -251,8 +255,9 @@ def _parse(adapter: ModelAdapter, calib, stats, sites, layers, batch_size, block
             raise PruningError(f"unknown calibration site {site!r}; choices: {', '.join(SITES)}")
         bad = [w for w in want if w not in CHANNEL_STATS]
         if bad or not want:
-            raise PruningError(f"unknown statistics {bad or want} at site {site!r}; choices: "
-                               f"{', '.join(CHANNEL_STATS + BLOCK_STATS)}")
+            raise PruningError(
+                f"unknown statistics {bad or want} at site {site!r}; choices: {', '.join(CHANNEL_STATS + BLOCK_STATS)}"
+            )
     if not per_site and not block_io:
         raise PruningError("nothing to collect: name channel statistics and sites, or block_io")
     if block_last_output not in LAST_BLOCK_OUTPUT:
@@ -276,7 +281,7 @@ class _Calib:
 
     batches: list[torch.Tensor]
     n_samples: int
-    seq_len: int | None          # None when the lengths differ
+    seq_len: int | None  # None when the lengths differ
     n_tokens: int
     variable: bool
 
@@ -284,28 +289,43 @@ class _Calib:
     def of(cls, calib, batch_size: int) -> "_Calib":
         if isinstance(calib, torch.Tensor):
             if calib.dim() != 2 or calib.dtype not in (torch.long, torch.int):
-                raise PruningError(f"calibration input must be a token-id tensor [n_samples, seq_len] or a list of "
-                                   f"1-D token-id tensors, got {type(calib).__name__} {tuple(calib.shape)} "
-                                   f"{calib.dtype}; build it with pruning.data.draw_calibration")
+                raise PruningError(
+                    f"calibration input must be a token-id tensor [n_samples, seq_len] or a list of "
+                    f"1-D token-id tensors, got {type(calib).__name__} {tuple(calib.shape)} "
+                    f"{calib.dtype}; build it with pruning.data.draw_calibration"
+                )
             if calib.shape[0] < 1 or calib.shape[1] < 1:
                 raise PruningError(f"calibration input is empty: shape {tuple(calib.shape)}")
             ids = calib.long()
-            return cls([ids[s : s + batch_size] for s in range(0, ids.shape[0], batch_size)], int(ids.shape[0]),
-                       int(ids.shape[1]), int(ids.numel()), False)
-        ok = isinstance(calib, (list, tuple)) and len(calib) > 0 and all(
-            isinstance(w, torch.Tensor) and w.dim() == 1 and w.numel() > 0 and w.dtype in (torch.long, torch.int)
-            for w in calib)
+            return cls(
+                [ids[s : s + batch_size] for s in range(0, ids.shape[0], batch_size)],
+                int(ids.shape[0]),
+                int(ids.shape[1]),
+                int(ids.numel()),
+                False,
+            )
+        ok = (
+            isinstance(calib, (list, tuple))
+            and len(calib) > 0
+            and all(
+                isinstance(w, torch.Tensor) and w.dim() == 1 and w.numel() > 0 and w.dtype in (torch.long, torch.int)
+                for w in calib
+            )
+        )
         if not ok:
-            raise PruningError(f"calibration input must be a token-id tensor [n_samples, seq_len] or a non-empty "
-                               f"list of non-empty 1-D token-id tensors, got {type(calib).__name__}; build it with "
-                               "pruning.data.draw_calibration")
+            raise PruningError(
+                f"calibration input must be a token-id tensor [n_samples, seq_len] or a non-empty "
+                f"list of non-empty 1-D token-id tensors, got {type(calib).__name__}; build it with "
+                "pruning.data.draw_calibration"
+            )
         groups: dict[int, list[torch.Tensor]] = {}
         for w in calib:
             groups.setdefault(w.numel(), []).append(w.long())
         batches = [torch.stack(g[s : s + batch_size]) for g in groups.values() for s in range(0, len(g), batch_size)]
         lengths = set(groups)
-        return cls(batches, len(calib), lengths.pop() if len(lengths) == 1 else None,
-                   sum(w.numel() for w in calib), True)
+        return cls(
+            batches, len(calib), lengths.pop() if len(lengths) == 1 else None, sum(w.numel() for w in calib), True
+        )
 
     def sha256(self) -> str:
         """Content hash for the statistics cache (for a tensor: the same digest as before lists were accepted)."""
@@ -328,9 +348,11 @@ def fixed_length(calib, who: str) -> torch.Tensor:
     """The calibration as one [n, L] tensor, or one clear error for methods that need it (gradient scorers: one
     LM loss over a rectangular batch)."""
     if is_variable_length(calib):
-        raise PruningError(f"{who} needs fixed-length calibration [n_samples, seq_len], but the calibration windows "
-                           "have different lengths (calibration.sampler=documents); choose another sampler, e.g. "
-                           "calibration=c4")
+        raise PruningError(
+            f"{who} needs fixed-length calibration [n_samples, seq_len], but the calibration windows "
+            "have different lengths (calibration.sampler=documents); choose another sampler, e.g. "
+            "calibration=c4"
+        )
     return calib
 
 
@@ -348,13 +370,19 @@ def _attach(adapter: ModelAdapter, idx: int, spec: _Spec) -> tuple[LayerStats, l
     for site, want in spec.sites.items():
         acc = ls.sites[site] = ChannelStats(site, want)
         if site == "block_out":
-            handles.append(layer.register_forward_hook(
-                lambda m, a, out, acc=acc: acc.update(out[0] if isinstance(out, tuple) else out)))
+            handles.append(
+                layer.register_forward_hook(
+                    lambda m, a, out, acc=acc: acc.update(out[0] if isinstance(out, tuple) else out)
+                )
+            )
         else:
             module = layer if site == "block_in" else getattr(adapter, site)(layer)
             name = "hidden_states" if site == "block_in" else "input"
-            handles.append(module.register_forward_pre_hook(
-                lambda m, a, kw, acc=acc, name=name: acc.update(_first_arg(a, kw, name)), with_kwargs=True))
+            handles.append(
+                module.register_forward_pre_hook(
+                    lambda m, a, kw, acc=acc, name=name: acc.update(_first_arg(a, kw, name)), with_kwargs=True
+                )
+            )
     if spec.block_io:
         ls.block = BlockIO()
         normed = spec.last_output == "final_norm" and idx == len(adapter.layers) - 1
@@ -411,8 +439,7 @@ def _collect_dense(model, adapter: ModelAdapter, calib: _Calib, spec: _Spec) -> 
         handles.append(adapter.layers[spec.layers[-1]].register_forward_hook(stop))
         dev = input_device(model)
         with eval_mode(model), torch.no_grad():
-            for batch in tqdm(calib.batches, desc="calibration stats (dense)", unit="batch",
-                              disable=not spec.progress):
+            for batch in tqdm(calib.batches, desc="calibration stats (dense)", unit="batch", disable=not spec.progress):
                 try:
                     model(input_ids=batch.to(dev), use_cache=False)
                 except _Stop:
@@ -441,7 +468,7 @@ class LayerStep:
     adapter: ModelAdapter
     drops: dict[str, torch.Tensor] = field(default_factory=dict)
     skip: bool = False
-    read_only: bool = False     # sequential(prunes=False): the outputs were computed with the statistics
+    read_only: bool = False  # sequential(prunes=False): the outputs were computed with the statistics
 
     def drop(self, plan) -> None:
         from pruning.surgery.compensation import removed_inputs
@@ -454,8 +481,9 @@ class LayerStep:
 
     def _check_writable(self) -> None:
         if self.read_only:
-            raise PruningError("this sequential pass was opened with prunes=False; open it with prunes=True to "
-                               "prune between layers")
+            raise PruningError(
+                "this sequential pass was opened with prunes=False; open it with prunes=True to prune between layers"
+            )
 
     def drop_inputs(self, site: str, channels) -> None:
         self._check_writable()
@@ -470,10 +498,12 @@ def _drop_hooks(adapter: ModelAdapter, step: LayerStep) -> list:
     layer = adapter.layers[step.layer]
     handles = []
     for site, idx in step.drops.items():
+
         def pre(m, args, kwargs, idx=idx):
             x = _first_arg(args, kwargs, "input").clone()
             x[..., idx.to(x.device)] = 0
             return (x,) + tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "input"}
+
         handles.append(getattr(adapter, site)(layer).register_forward_pre_hook(pre, with_kwargs=True))
     return handles
 
@@ -518,23 +548,25 @@ def _run_layer(layer: nn.Module, bufs: list[torch.Tensor], kwargs_list: list, wr
                 buf.copy_(out)
 
 
-def _sequential_steps(model, adapter: ModelAdapter, calib: _Calib, spec: _Spec,
-                      interactive: bool) -> Iterator[LayerStep]:
+def _sequential_steps(
+    model, adapter: ModelAdapter, calib: _Calib, spec: _Spec, interactive: bool
+) -> Iterator[LayerStep]:
     from tqdm.auto import tqdm
 
     n_layers = len(adapter.layers)
     with eval_mode(model):
         bufs, kwargs_list = _capture_inputs(model, adapter, calib, spec)
         wanted = set(spec.layers)
-        bar = tqdm(range(spec.layers[-1] + 1), desc="calibration stats (sequential)", unit="layer",
-                   disable=not spec.progress)
+        bar = tqdm(
+            range(spec.layers[-1] + 1), desc="calibration stats (sequential)", unit="layer", disable=not spec.progress
+        )
         for i in bar:
             layer = adapter.layers[i]
             if i not in wanted:
                 _run_layer(layer, bufs, kwargs_list, write=True)
                 continue
             stats, handles = _attach(adapter, i, spec)
-            try:   # without a caller that may prune, the stats pass also produces the next layer's inputs
+            try:  # without a caller that may prune, the stats pass also produces the next layer's inputs
                 _run_layer(layer, bufs, kwargs_list, write=not interactive)
             finally:
                 _remove(handles)
@@ -543,10 +575,12 @@ def _sequential_steps(model, adapter: ModelAdapter, calib: _Calib, spec: _Spec,
             if not interactive:
                 continue
             if len(adapter.layers) != n_layers or adapter.layers[i] is not layer:
-                raise PruningError("the decoder-layer list changed during a sequential pass; plan block removals "
-                                   "with step.drop(plan) and apply them after the pass")
+                raise PruningError(
+                    "the decoder-layer list changed during a sequential pass; plan block removals "
+                    "with step.drop(plan) and apply them after the pass"
+                )
             if step.skip:
-                continue            # a removed block is the identity on the residual stream
+                continue  # a removed block is the identity on the residual stream
             handles = _drop_hooks(adapter, step)
             try:
                 _run_layer(layer, bufs, kwargs_list, write=True)
@@ -573,14 +607,22 @@ def cached_statistics(cache, key: dict):
     """
     token = _STATS_CACHE.set((cache, dict(key), []))
     try:
-        yield _STATS_CACHE.get()[2]          # list of (request, hit) for the record
+        yield _STATS_CACHE.get()[2]  # list of (request, hit) for the record
     finally:
         _STATS_CACHE.reset(token)
 
 
-def collect(model: nn.Module, calib: torch.Tensor, stats=("mean", "var"), sites=("o_proj", "down_proj"),
-            layers=None, mode: str = "dense", batch_size: int = 8, progress: bool = True,
-            block_last_output: str = "raw") -> CalibrationStats:
+def collect(
+    model: nn.Module,
+    calib: torch.Tensor,
+    stats=("mean", "var"),
+    sites=("o_proj", "down_proj"),
+    layers=None,
+    mode: str = "dense",
+    batch_size: int = 8,
+    progress: bool = True,
+    block_last_output: str = "raw",
+) -> CalibrationStats:
     """Statistics of ``layers`` over the calibration token ids ``calib``: a tensor [n_samples, seq_len], or a list
     of 1-D tensors of any lengths (batched by equal length; every token counts once, as for a tensor).
 
@@ -601,11 +643,16 @@ def collect(model: nn.Module, calib: torch.Tensor, stats=("mean", "var"), sites=
     active = _STATS_CACHE.get()
     if mode == "dense" and active is not None:
         cache, key, log = active
-        request = {"stats": stats if not isinstance(stats, Mapping) else dict(stats), "sites": list(sites),
-                   "layers": None if layers is None else list(layers), "block_last_output": block_last_output,
-                   "ids_sha256": cal.sha256()}
-        value, hit = cache.get_or_compute({**key, "request": request},
-                                          lambda: result(_collect_dense(model, adapter, cal, spec)))
+        request = {
+            "stats": stats if not isinstance(stats, Mapping) else dict(stats),
+            "sites": list(sites),
+            "layers": None if layers is None else list(layers),
+            "block_last_output": block_last_output,
+            "ids_sha256": cal.sha256(),
+        }
+        value, hit = cache.get_or_compute(
+            {**key, "request": request}, lambda: result(_collect_dense(model, adapter, cal, spec))
+        )
         log.append({"request": request, "cached": hit})
         return value
     if mode == "dense":
@@ -613,9 +660,17 @@ def collect(model: nn.Module, calib: torch.Tensor, stats=("mean", "var"), sites=
     return result({step.layer: step.stats for step in _sequential_steps(model, adapter, cal, spec, False)})
 
 
-def sequential(model: nn.Module, calib: torch.Tensor, stats=("sqnorm",), sites=("o_proj", "down_proj"),
-               layers=None, batch_size: int = 8, progress: bool = True,
-               block_last_output: str = "raw", prunes: bool = True) -> Iterator[LayerStep]:
+def sequential(
+    model: nn.Module,
+    calib: torch.Tensor,
+    stats=("sqnorm",),
+    sites=("o_proj", "down_proj"),
+    layers=None,
+    batch_size: int = 8,
+    progress: bool = True,
+    block_last_output: str = "raw",
+    prunes: bool = True,
+) -> Iterator[LayerStep]:
     """Layer-by-layer statistics on inputs produced by the (possibly already pruned) layers below.
 
     ``for step in sequential(model, calib, ...): ...score step.stats, prune layer step.layer...`` — the request is

@@ -35,14 +35,14 @@ PPL_FILES: dict[tuple[str, str], str] = {
     ("wikitext2", "test"): "ppl/wikitext2_raw/test.jsonl",
     ("ptb", "validation"): "ppl/ptb/ptb.valid.txt",
     ("ptb", "test"): "ppl/ptb/ptb.test.txt",
-    ("c4", "heldout"): "calib/c4/c4_validation_2k.parquet",   # C4_HELDOUT_DOCS: search objectives (AdaPruner)
+    ("c4", "heldout"): "calib/c4/c4_validation_2k.parquet",  # C4_HELDOUT_DOCS: search objectives (AdaPruner)
 }
 PPL_EMBEDDED: dict[tuple[str, str], str] = {("wikitext2", "test"): "wikitext2_test.jsonl.gz"}
 
 CALIB_FILES: dict[str, str] = {
     "c4": "calib/c4/c4_validation_2k.parquet",
     "alpaca": "calib/alpaca/alpaca_200.json",
-    "c4_search": "calib/c4/c4_validation_2k.parquet",   # the c4 documents outside C4_HELDOUT_DOCS
+    "c4_search": "calib/c4/c4_validation_2k.parquet",  # the c4 documents outside C4_HELDOUT_DOCS
 }
 # A block of C4 documents that a search (AdaPruner, METHODS.md §3.10) scores candidates on, as PPL text
 # ("c4"/"heldout"), so that the objective never saw its calibration data. Search calibration uses "c4_search", the
@@ -177,28 +177,34 @@ def alpaca_prompt(rec: dict, response: bool = True) -> str:
     """The Alpaca template (alpaca-lora's templates/alpaca.json); ``response=False`` gives the prompt alone, the
     prefix LoRA recovery masks out of the loss (LLM-Pruner's train_on_inputs=False)."""
     tpl = ALPACA_PROMPT_INPUT if rec.get("input") else ALPACA_PROMPT
-    return tpl.format(instruction=rec["instruction"], input=rec.get("input", ""),
-                      output=rec["output"] if response else "")
+    return tpl.format(
+        instruction=rec["instruction"], input=rec.get("input", ""), output=rec["output"] if response else ""
+    )
 
 
 def instruction_records(dataset: str) -> tuple[list[dict], Path]:
     """{instruction, input, output} records and the file read: a known name (``alpaca``: data root, 200 records)
     or a path to an Alpaca-format .json array / .jsonl (e.g. the full alpaca_data_cleaned.json)."""
     if dataset in CALIB_FILES and dataset != "alpaca":
-        raise PruningError(f"{dataset!r} is plain text, not instruction records; instruction data: alpaca or a "
-                           f".json/.jsonl file of {{instruction, input, output}} records")
+        raise PruningError(
+            f"{dataset!r} is plain text, not instruction records; instruction data: alpaca or a "
+            f".json/.jsonl file of {{instruction, input, output}} records"
+        )
     path = calibration_source(dataset) if dataset == "alpaca" else Path(dataset).expanduser()
     if path.suffix not in (".json", ".jsonl") or not path.is_file():
-        raise DataError(f"instruction data {dataset!r}: expected the name alpaca or an existing .json/.jsonl file "
-                        f"of {{instruction, input, output}} records")
+        raise DataError(
+            f"instruction data {dataset!r}: expected the name alpaca or an existing .json/.jsonl file "
+            f"of {{instruction, input, output}} records"
+        )
     try:
         recs = _read_jsonl(path) if path.suffix == ".jsonl" else json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise DataError(f"instruction data {path}: unreadable ({e})") from e
     if not isinstance(recs, list) or not recs:
         raise DataError(f"instruction data {path}: expected a non-empty list of records")
-    bad = next((i for i, r in enumerate(recs) if not (isinstance(r, dict) and "instruction" in r and "output" in r)),
-               None)
+    bad = next(
+        (i for i, r in enumerate(recs) if not (isinstance(r, dict) and "instruction" in r and "output" in r)), None
+    )
     if bad is not None:
         raise DataError(f"instruction data {path}: record {bad} lacks instruction/output (Alpaca format expected)")
     return recs, path
@@ -225,7 +231,7 @@ def c4_documents(path: Path, rows: range | None = None) -> list[str]:
     import pyarrow.parquet as pq
 
     docs = pq.read_table(path, columns=["text"]).column("text").to_pylist()
-    return docs if rows is None else docs[rows.start:rows.stop]
+    return docs if rows is None else docs[rows.start : rows.stop]
 
 
 def _tokenizer_key(tokenizer) -> tuple:
@@ -250,7 +256,7 @@ SAMPLERS: dict[str, str] = {
     "documents": "every document (or n_samples of them) cut into consecutive L-token windows, tails kept (ShortGPT)",
     "first_docs": "the first n_samples documents in file order, their first L tokens (parity tests)",
 }
-ORDERS = ("random", "file")          # file: documents (stream windows) in file order instead of drawn at random
+ORDERS = ("random", "file")  # file: documents (stream windows) in file order instead of drawn at random
 CALIB_FIELDS = ("sampler", "dataset", "n_samples", "seq_len", "seed", "order", "join", "paper_dataset")
 VARIABLE_LENGTH_SAMPLERS = ("documents",)
 
@@ -262,11 +268,11 @@ class CalibrationSpec:
 
     sampler: str
     dataset: str
-    n_samples: int | None        # documents: number of documents (None: all); otherwise number of samples
-    seq_len: int                 # documents: the window length (and stride)
+    n_samples: int | None  # documents: number of documents (None: all); otherwise number of samples
+    seq_len: int  # documents: the window length (and stride)
     seed: int
     order: str = "random"
-    join: str | None = None      # stream only: the string the documents are joined with
+    join: str | None = None  # stream only: the string the documents are joined with
     paper_dataset: str | None = None
 
     @property
@@ -285,7 +291,7 @@ def calibration_spec(cfg) -> CalibrationSpec:
     Cheap (no tokenizer, no model): the cell calls it first. A missing ``sampler`` means ``llm_pruner``, the only
     sampler before there was a choice, so old configs and records keep their meaning.
     """
-    c = dataclasses.asdict(cfg) if isinstance(cfg, CalibrationSpec) else dict(cfg)   # a replace()d spec: re-check
+    c = dataclasses.asdict(cfg) if isinstance(cfg, CalibrationSpec) else dict(cfg)  # a replace()d spec: re-check
     unknown = sorted(set(c) - set(CALIB_FIELDS))
     if unknown:
         raise PruningError(f"unknown calibration keys {unknown}; valid: {', '.join(CALIB_FIELDS)}")
@@ -296,13 +302,17 @@ def calibration_spec(cfg) -> CalibrationSpec:
     if order not in ORDERS:
         raise PruningError(f"calibration.order must be one of {', '.join(ORDERS)}, got {order!r}")
     if sampler == "first_docs" and order != "file":
-        raise PruningError("calibration.sampler=first_docs is deterministic: set calibration.order=file (or use "
-                           "sampler=llm_pruner for a random draw)")
+        raise PruningError(
+            "calibration.sampler=first_docs is deterministic: set calibration.order=file (or use "
+            "sampler=llm_pruner for a random draw)"
+        )
     join = c.get("join")
     if sampler == "stream":
         if not isinstance(join, str):
-            raise PruningError(f"calibration.sampler=stream needs calibration.join, the string the documents are "
-                               f"joined with (FLAP ' ', Search-LLM '\\n\\n'); got {join!r}")
+            raise PruningError(
+                f"calibration.sampler=stream needs calibration.join, the string the documents are "
+                f"joined with (FLAP ' ', Search-LLM '\\n\\n'); got {join!r}"
+            )
     elif join is not None:
         raise PruningError(f"calibration.join is only used by sampler=stream; set it to null for sampler={sampler}")
     for key in ("dataset", "seq_len", "seed"):
@@ -323,7 +333,7 @@ def calibration_spec(cfg) -> CalibrationSpec:
     paper = c.get("paper_dataset")
     if paper is not None and not isinstance(paper, str):
         raise PruningError(f"calibration.paper_dataset must be a dataset name or null, got {paper!r}")
-    calibration_source(str(c["dataset"]))            # unknown / refused / missing file: one line now
+    calibration_source(str(c["dataset"]))  # unknown / refused / missing file: one line now
     return CalibrationSpec(sampler, str(c["dataset"]), n, seq_len, seed, order, join, paper)
 
 
@@ -333,8 +343,15 @@ def draw_calibration(tokenizer, spec, progress: bool = True):
     1-D LongTensors. A shape the data cannot fill raises InfeasibleCalibrationError before returning anything."""
     spec = calibration_spec(spec)
     texts = calibration_texts(spec.dataset)
-    draw = {"llm_pruner": _draw_llm_pruner, "nirvana": _draw_nirvana, "stream": _draw_stream, "wanda": _draw_wanda,
-            "slicegpt": _draw_slicegpt, "documents": _draw_documents, "first_docs": _draw_first_docs}[spec.sampler]
+    draw = {
+        "llm_pruner": _draw_llm_pruner,
+        "nirvana": _draw_nirvana,
+        "stream": _draw_stream,
+        "wanda": _draw_wanda,
+        "slicegpt": _draw_slicegpt,
+        "documents": _draw_documents,
+        "first_docs": _draw_first_docs,
+    }[spec.sampler]
     return draw(tokenizer, texts, spec, progress)
 
 
@@ -342,8 +359,9 @@ def calibration_batches(
     tokenizer, dataset: str, n_samples: int, seq_len: int, seed: int, progress: bool = True
 ) -> "torch.LongTensor":
     """LLM-Pruner's sampler (example_samples.py, METHODS.md §1.6), with its exact draw sequence for a given seed."""
-    spec = calibration_spec({"sampler": "llm_pruner", "dataset": dataset, "n_samples": n_samples,
-                             "seq_len": seq_len, "seed": seed})
+    spec = calibration_spec(
+        {"sampler": "llm_pruner", "dataset": dataset, "n_samples": n_samples, "seq_len": seq_len, "seed": seed}
+    )
     return draw_calibration(tokenizer, spec, progress)
 
 
@@ -375,11 +393,20 @@ class _Docs:
 def _infeasible(spec: CalibrationSpec, have: int, of: int, what: str) -> InfeasibleCalibrationError:
     return InfeasibleCalibrationError(
         f"calibration dataset {spec.dataset!r} has only {have} of {of} {what}, fewer than n_samples="
-        f"{spec.n_samples} (sampler {spec.sampler}, order {spec.order}); lower calibration n_samples or seq_len")
+        f"{spec.n_samples} (sampler {spec.sampler}, order {spec.order}); lower calibration n_samples or seq_len"
+    )
 
 
-def _random_documents(tokenizer, texts: list[str], pool: list[int], spec: CalibrationSpec, min_len: int,
-                      unique: bool, what: str, progress: bool):
+def _random_documents(
+    tokenizer,
+    texts: list[str],
+    pool: list[int],
+    spec: CalibrationSpec,
+    min_len: int,
+    unique: bool,
+    what: str,
+    progress: bool,
+):
     """The document draw loop shared by LLM-Pruner, NIRVANA and Wanda-SP, with the official draw sequence.
 
     ``random.seed(seed)``, then per sample: redraw ``randint(0, len(pool) - 1)`` (tokenising that document alone)
@@ -411,20 +438,23 @@ def _random_documents(tokenizer, texts: list[str], pool: list[int], spec: Calibr
         if unique and q - len(used) < n - len(rows):
             raise _infeasible(spec, q, len(pool), what)
         if not unique and q == 0:
-            raise InfeasibleCalibrationError(f"calibration dataset {spec.dataset!r} has 0 of {len(pool)} {what}; "
-                                             f"sampler {spec.sampler} needs at least one; lower calibration seq_len")
+            raise InfeasibleCalibrationError(
+                f"calibration dataset {spec.dataset!r} has 0 of {len(pool)} {what}; "
+                f"sampler {spec.sampler} needs at least one; lower calibration seq_len"
+            )
 
     used: set[int] = set()
     if not pool or (unique and n > len(pool)):
-        for i in pool:          # count exactly for the message
+        for i in pool:  # count exactly for the message
             docs[i]
         check_all_seen()
     seen = sum(i in docs.cache for i in pool)
     if seen == len(pool):
         check_all_seen()
-    rng = random.Random(spec.seed)          # the same stream as the official random.seed(seed)
-    bar = tqdm(total=n, desc=f"calibration {spec.dataset} ({spec.sampler})", unit="sample", disable=not progress,
-               delay=1.0)
+    rng = random.Random(spec.seed)  # the same stream as the official random.seed(seed)
+    bar = tqdm(
+        total=n, desc=f"calibration {spec.dataset} ({spec.sampler})", unit="sample", disable=not progress, delay=1.0
+    )
     try:
         for _ in range(n):
             while True:
@@ -449,22 +479,45 @@ def _random_documents(tokenizer, texts: list[str], pool: list[int], spec: Calibr
 
 
 def _draw_llm_pruner(tokenizer, texts, spec, progress):
-    return _random_documents(tokenizer, texts, list(range(len(texts))), spec, spec.seq_len, True,
-                             f"documents with >= {spec.seq_len} tokens", progress)
+    return _random_documents(
+        tokenizer,
+        texts,
+        list(range(len(texts))),
+        spec,
+        spec.seq_len,
+        True,
+        f"documents with >= {spec.seq_len} tokens",
+        progress,
+    )
 
 
 def _draw_nirvana(tokenizer, texts, spec, progress):
     # get_bookcorpus: dataset.filter(len(text) > seq_len) on characters, then LLM-Pruner's loop over what is left
     pool = [i for i, t in enumerate(texts) if len(t) > spec.seq_len]
-    return _random_documents(tokenizer, texts, pool, spec, spec.seq_len, True,
-                             f"documents longer than {spec.seq_len} characters with >= {spec.seq_len} tokens",
-                             progress)
+    return _random_documents(
+        tokenizer,
+        texts,
+        pool,
+        spec,
+        spec.seq_len,
+        True,
+        f"documents longer than {spec.seq_len} characters with >= {spec.seq_len} tokens",
+        progress,
+    )
 
 
 def _draw_wanda(tokenizer, texts, spec, progress):
     # FLAP lib/data.py get_c4: `if len > seqlen: break` (strict, repeats allowed), window randint(0, len - L - 1)
-    return _random_documents(tokenizer, texts, list(range(len(texts))), spec, spec.seq_len + 1, False,
-                             f"documents with more than {spec.seq_len} tokens", progress)
+    return _random_documents(
+        tokenizer,
+        texts,
+        list(range(len(texts))),
+        spec,
+        spec.seq_len + 1,
+        False,
+        f"documents with more than {spec.seq_len} tokens",
+        progress,
+    )
 
 
 def _draw_first_docs(tokenizer, texts, spec, progress):
@@ -478,7 +531,8 @@ def _draw_first_docs(tokenizer, texts, spec, progress):
     if short is not None:
         raise InfeasibleCalibrationError(
             f"calibration sampler first_docs: document {short} of {spec.dataset!r} has {len(docs[short])} tokens, "
-            f"fewer than seq_len={L}; lower calibration seq_len or n_samples, or use sampler=llm_pruner order=file")
+            f"fewer than seq_len={L}; lower calibration seq_len or n_samples, or use sampler=llm_pruner order=file"
+        )
     return torch.tensor([docs[i][:L] for i in range(n)], dtype=torch.long)
 
 
@@ -497,12 +551,14 @@ def _draw_stream(tokenizer, texts, spec, progress):
         if n * L > N:
             raise InfeasibleCalibrationError(
                 f"calibration stream of {spec.dataset!r} joined with {spec.join!r} has {N} tokens, fewer than "
-                f"n_samples x seq_len = {n} x {L} consecutive windows (order file); lower n_samples or seq_len")
+                f"n_samples x seq_len = {n} x {L} consecutive windows (order file); lower n_samples or seq_len"
+            )
         return torch.tensor(ids[: n * L], dtype=torch.long).reshape(n, L)
     if N - L - 1 < 0:
         raise InfeasibleCalibrationError(
             f"calibration stream of {spec.dataset!r} has {N} tokens, too few for one window of seq_len={L} "
-            f"(randint(0, N - L - 1)); lower calibration seq_len")
+            f"(randint(0, N - L - 1)); lower calibration seq_len"
+        )
     rng = random.Random(spec.seed)
     starts = [rng.randint(0, N - L - 1) for _ in range(n)]
     return torch.tensor([ids[i : i + L] for i in starts], dtype=torch.long)
@@ -540,7 +596,8 @@ def _draw_slicegpt(tokenizer, texts, spec, progress):
     if len(samples) < n:
         raise InfeasibleCalibrationError(
             f"calibration sampler slicegpt: {spec.dataset!r} gives only {len(samples)} samples of {L} tokens "
-            f"(consecutive documents joined with '\\n\\n'), fewer than n_samples={n}; lower n_samples or seq_len")
+            f"(consecutive documents joined with '\\n\\n'), fewer than n_samples={n}; lower n_samples or seq_len"
+        )
     if all(len(s) == L for s in samples):
         return torch.tensor(samples, dtype=torch.long)
     return [torch.tensor(s, dtype=torch.long) for s in samples]
@@ -557,13 +614,15 @@ def _draw_documents(tokenizer, texts, spec, progress):
     n, L = spec.n_samples, spec.seq_len
     if n is not None and n > len(texts):
         raise _infeasible(spec, len(texts), len(texts), "documents")
-    order = range(len(texts)) if spec.order == "file" else \
-        torch.randperm(len(texts), generator=torch.Generator().manual_seed(spec.seed)).tolist()
+    order = (
+        range(len(texts))
+        if spec.order == "file"
+        else torch.randperm(len(texts), generator=torch.Generator().manual_seed(spec.seed)).tolist()
+    )
     chosen = list(order)[: len(texts) if n is None else n]
     docs = _Docs(tokenizer, texts)
     windows = []
-    for i in tqdm(chosen, desc=f"calibration {spec.dataset} (documents)", unit="doc", disable=not progress,
-                  delay=1.0):
+    for i in tqdm(chosen, desc=f"calibration {spec.dataset} (documents)", unit="doc", disable=not progress, delay=1.0):
         ids = torch.tensor(docs[i], dtype=torch.long)
         windows += list(ids.split(L))
     return windows

@@ -41,7 +41,7 @@ def seed_everything(seed: int) -> int:
         raise PruningError(f"seed must be an integer, got {seed!r}") from e
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)            # also seeds every CUDA device
+    torch.manual_seed(seed)  # also seeds every CUDA device
     return seed
 
 
@@ -86,21 +86,28 @@ def normalize_device_map(device_map):
         out = device_map.strip() if isinstance(device_map, str) else device_map
         if isinstance(out, str) and out.lower() in AUTO_MAPS:
             if not torch.cuda.is_available():
-                print(f"[pruning] device_map={out!r} on a machine without CUDA: the whole model loads on the CPU",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[pruning] device_map={out!r} on a machine without CUDA: the whole model loads on the CPU",
+                    file=sys.stderr,
+                    flush=True,
+                )
             return out
         values = [out]
     else:
-        raise PruningError(f"device_map must be null, one of {', '.join(AUTO_MAPS)}, a device (cpu, 0, cuda:0) or a "
-                           f"dict {{module: device}}, got {device_map!r}")
+        raise PruningError(
+            f"device_map must be null, one of {', '.join(AUTO_MAPS)}, a device (cpu, 0, cuda:0) or a "
+            f"dict {{module: device}}, got {device_map!r}"
+        )
     for v in values:
         if isinstance(v, str) and v.strip().lower() in ("cpu", "disk", "meta"):
             continue
         if not _is_gpu(v):
             raise PruningError(f"device_map value {v!r} is not a device (cpu, disk, a GPU index or cuda:N)")
         if not torch.cuda.is_available():
-            raise PruningError(f"device_map places modules on GPU {v!r} but CUDA is not available on this machine; "
-                               "use device_map=null (CPU) or run on a GPU machine")
+            raise PruningError(
+                f"device_map places modules on GPU {v!r} but CUDA is not available on this machine; "
+                "use device_map=null (CPU) or run on a GPU machine"
+            )
     return out
 
 
@@ -135,9 +142,20 @@ def resolve_dtype(dtype, device: str = "cpu", device_map=None) -> torch.dtype:
     return out
 
 
-FP16_CPU = ("dtype float16 on CPU is not supported: torch has only slow reference fp16 kernels on the CPU and fp16 "
-            "gradient scores underflow without loss scaling; use float32 (or bfloat16) on CPU, float16 on a GPU")
+FP16_CPU = (
+    "dtype float16 on CPU is not supported: torch has only slow reference fp16 kernels on the CPU and fp16 "
+    "gradient scores underflow without loss scaling; use float32 (or bfloat16) on CPU, float16 on a GPU"
+)
 
 
-__all__ = ["AUTO_MAPS", "DTYPES", "FP16_CPU", "check_device", "map_uses_gpu", "normalize_device_map", "resolve_dtype",
-           "seed_everything", "torch_dtype"]
+__all__ = [
+    "AUTO_MAPS",
+    "DTYPES",
+    "FP16_CPU",
+    "check_device",
+    "map_uses_gpu",
+    "normalize_device_map",
+    "resolve_dtype",
+    "seed_everything",
+    "torch_dtype",
+]

@@ -28,9 +28,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = [f"usage: {PROG} <command> [args]   ({PROG} <command> --help for a command's own options)", "",
-             "Structured pruning of LLaMA-family LLMs: published methods, physical surgery, honest evaluation.", "",
-             "commands:"]
+    lines = [
+        f"usage: {PROG} <command> [args]   ({PROG} <command> --help for a command's own options)",
+        "",
+        "Structured pruning of LLaMA-family LLMs: published methods, physical surgery, honest evaluation.",
+        "",
+        "commands:",
+    ]
     lines += [f"  {name:<{width}}  {about}" for name, (_, about) in COMMANDS.items()]
     lines += ["", "options:", "  -h, --help  show this message", "  --version   print the installed version"]
     return "\n".join(lines)
@@ -38,11 +42,14 @@ def usage() -> str:
 
 def bench(argv: list[str]) -> int:
     """benchmarks/ measures a checkout against its results/ folder, so it does not ship in the wheel."""
-    spec = find_spec("pruning")        # locates the package without importing it (and torch)
+    spec = find_spec("pruning")  # locates the package without importing it (and torch)
     root = Path(spec.origin).resolve().parents[1] if spec and spec.origin else None
     if root is None or not (root / "benchmarks" / "__main__.py").is_file():
-        print(f"error: {PROG} bench needs a source checkout (benchmarks/ is not part of the installed package); "
-              f"run it from a clone with an editable install (pip install -e .)", file=sys.stderr)
+        print(
+            f"error: {PROG} bench needs a source checkout (benchmarks/ is not part of the installed package); "
+            f"run it from a clone with an editable install (pip install -e .)",
+            file=sys.stderr,
+        )
         return 2
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
@@ -70,6 +77,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: unknown command {name!r}{hint}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module, _, function = COMMANDS[name][0].partition(":")
-    sys.argv = [f"{PROG} {name}", *rest]        # argparse's prog and Hydra's argv, as the user typed them
+    sys.argv = [f"{PROG} {name}", *rest]  # argparse's prog and Hydra's argv, as the user typed them
     code = getattr(import_module(module), function)(rest)
     return code if isinstance(code, int) else 0

@@ -31,18 +31,18 @@ CONF = conf_dir()
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from experiments.cell import one_line_table, run_cell      # torch: here, so `run --help` answers at once
+    from experiments.cell import one_line_table, run_cell  # torch: here, so `run --help` answers at once
     from pruning.errors import PruningError
 
     try:
         record = run_cell(cfg, run_dir=HydraConfig.get().runtime.output_dir)
     except PruningError as e:
         print(f"error: {e}", file=sys.stderr)
-        if "AdaPrunerSweeper" in str(HydraConfig.get().sweeper.get("_target_", "")):   # a study's trial:
-            raise                     # the study records it PRUNED (infeasible calibration) or FAIL, and goes on
+        if "AdaPrunerSweeper" in str(HydraConfig.get().sweeper.get("_target_", "")):  # a study's trial:
+            raise  # the study records it PRUNED (infeasible calibration) or FAIL, and goes on
         if HydraConfig.get().mode == RunMode.MULTIRUN:
-            return None               # one impossible cell of a sweep (e.g. a ratio a method cannot reach) is
-                                      # reported and writes no record; the other cells still run
+            return None  # one impossible cell of a sweep (e.g. a ratio a method cannot reach) is
+            # reported and writes no record; the other cells still run
         sys.exit(2)
     with __import__("pandas").option_context("display.width", 250, "display.max_columns", 50):
         print(one_line_table(record).to_string(index=False))
@@ -55,8 +55,10 @@ def main(cfg: DictConfig) -> float | None:
             from pruning.eval.efficiency import efficiency_table
 
             print(efficiency_table(metrics["efficiency"], metrics.get("dense_efficiency")).to_string(index=False))
-    print(f"record: {record['_store_path']}" + ("  (already complete: skipped; force=true recomputes)"
-                                               if record.get("_skipped") else ""))
+    print(
+        f"record: {record['_store_path']}"
+        + ("  (already complete: skipped; force=true recomputes)" if record.get("_skipped") else "")
+    )
     first = next(iter(record["metrics"].get("ppl", {}).values()), None)
     return None if first is None else float(first["ppl"])
 
@@ -64,7 +66,7 @@ def main(cfg: DictConfig) -> float | None:
 def check_group_choices(argv: list[str]) -> None:
     """One line for an unknown ``group=name`` (Hydra's own message spans a dozen lines and a search path), or for a
     key an older config layout had (e.g. ``allocation=layer_range``), naming the key that replaced it."""
-    from experiments.migrate import moved_override      # torch-free
+    from experiments.migrate import moved_override  # torch-free
 
     for arg in argv:
         moved = moved_override(arg)

@@ -33,8 +33,10 @@ def stories_text_ids():
     from pruning.models import load_model
 
     _, tok, _ = load_model(STORIES)
-    texts = ["Once upon a time, there was a little girl named Lily. She loved to play outside in the park.",
-             " = Robert Boulter = \n Robert Boulter is an English film , television and theatre actor ."]
+    texts = [
+        "Once upon a time, there was a little girl named Lily. She loved to play outside in the park.",
+        " = Robert Boulter = \n Robert Boulter is an English film , television and theatre actor .",
+    ]
     ids = [tok(t, return_tensors="pt").input_ids[0][:24] for t in texts]
     return torch.stack(ids)
 
@@ -50,6 +52,7 @@ def stories():
 def logits(model, ids):
     with torch.no_grad():
         return model(ids).logits
+
 
 # -- data and perplexity fixtures: the model comes straight from transformers, independent of pruning.models
 
@@ -92,16 +95,25 @@ def site_inputs(model, ids, sites=("o_proj", "down_proj")) -> dict[tuple[int, st
     "block_out") over the whole set, float64 [N, D], from plain torch hooks (independent of pruning.calibration)."""
     got, handles = {}, []
     for i, layer in enumerate(model.model.layers):
-        mods = {"q_proj": layer.self_attn.q_proj, "o_proj": layer.self_attn.o_proj,
-                "gate_proj": layer.mlp.gate_proj, "down_proj": layer.mlp.down_proj}
+        mods = {
+            "q_proj": layer.self_attn.q_proj,
+            "o_proj": layer.self_attn.o_proj,
+            "gate_proj": layer.mlp.gate_proj,
+            "down_proj": layer.mlp.down_proj,
+        }
         for name in sites:
             if name in mods:
-                handles.append(mods[name].register_forward_pre_hook(
-                    lambda m, a, key=(i, name): got.setdefault(key, []).append(a[0].detach())))
+                handles.append(
+                    mods[name].register_forward_pre_hook(
+                        lambda m, a, key=(i, name): got.setdefault(key, []).append(a[0].detach())
+                    )
+                )
         if "block_in" in sites or "block_out" in sites:
+
             def block(m, args, out, i=i):
                 got.setdefault((i, "block_in"), []).append(args[0].detach())
                 got.setdefault((i, "block_out"), []).append((out[0] if isinstance(out, tuple) else out).detach())
+
             handles.append(layer.register_forward_hook(block))
     with torch.no_grad():
         model(ids)

@@ -31,10 +31,10 @@ def closed_form_per_token(c, seq: int) -> int:
     for i in range(c.num_hidden_layers):
         a, m, o = c.layer_attn_input_dim[i], c.layer_mlp_input_dim[i], c.layer_mlp_output_dim[i]
         h, kv, inter = c.layer_num_attention_heads[i], c.layer_num_key_value_heads[i], c.layer_intermediate_size[i]
-        total += a * h * hd + 2 * a * kv * hd + h * hd * m          # q, k, v, o
-        total += 2 * m * inter + inter * o                          # gate, up, down
-        total += a * m + m * o                                      # the two residual shortcut matrices
-        total += 2 * h * hd * seq                                   # Q K^T and A V
+        total += a * h * hd + 2 * a * kv * hd + h * hd * m  # q, k, v, o
+        total += 2 * m * inter + inter * o  # gate, up, down
+        total += a * m + m * o  # the two residual shortcut matrices
+        total += 2 * h * hd * seq  # Q K^T and A V
     return total
 
 
@@ -73,13 +73,19 @@ def test_bad_options_fail_before_loading():
     with pytest.raises(SystemExit) as e:
         run_all(["--only", "no_such_benchmark"])
     assert e.value.code == 2
-    assert time.perf_counter() - t0 < 5          # nothing was loaded or run
+    assert time.perf_counter() - t0 < 5  # nothing was loaded or run
 
 
 def run_all_quick(tmp_path: Path, *args: str) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PRUNING_CACHE=str(tmp_path / "cache"))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", *args, "--quick", "--out", str(tmp_path)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", *args, "--quick", "--out", str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "benchmarks.json").read_text())
     md = (tmp_path / "benchmarks.md").read_text()
@@ -97,7 +103,7 @@ def test_run_all_sweep_cache_quick(tmp_path):
     r = json.loads((tmp_path / "bench_sweep_cache.json").read_text())
     assert (tmp_path / "bench_sweep_cache.md").is_file()
     # the rerun was all store hits; the warm sweep hit calibration ids and FLAP's statistics; cleared hit nothing
-    assert r["rerun"]["store_hits"] == r["rerun"]["cells"] == r["cold"]["cells"] == 1   # one flap cell
+    assert r["rerun"]["store_hits"] == r["rerun"]["cells"] == r["cold"]["cells"] == 1  # one flap cell
     assert r["cold"]["store_hits"] == 0
     (warm,), (cleared,) = r["warm"], r["cleared"]
     assert warm["calibration_hits"] == warm["calibrated_cells"] == 1
@@ -112,7 +118,7 @@ def test_run_all_sweep_cache_quick(tmp_path):
     assert [x["ratio"] for x in rows] == pytest.approx([r["ratio_rerun_over_cold"], r["ratio_warm_over_cleared"]])
 
 
-def test_run_all_latency_quick(tmp_path):        # ~7 s on an idle 2-core box: pruning + timing stories260K
+def test_run_all_latency_quick(tmp_path):  # ~7 s on an idle 2-core box: pruning + timing stories260K
     summary = run_all_quick(tmp_path, "--only", "latency")
     r = json.loads((tmp_path / "bench_latency.json").read_text())
     assert r["torch_threads"] == 1 and r["methods"] == ["llm_pruner"]
@@ -123,27 +129,38 @@ def test_run_all_latency_quick(tmp_path):        # ~7 s on an idle 2-core box: p
     c = load_model(STORIES)[0].config
     d, hd = c.hidden_size, c.head_dim
 
-    def macs(widths, seq):     # per-layer widths as recorded after surgery; tied embedding -> lm_head d x V
-        per_token = d * c.vocab_size + sum(2 * d * w["num_heads"] * hd + 2 * d * w["num_kv_heads"] * hd
-                                           + 3 * d * w["intermediate_size"] + 2 * w["num_heads"] * hd * seq
-                                           for w in widths)
+    def macs(widths, seq):  # per-layer widths as recorded after surgery; tied embedding -> lm_head d x V
+        per_token = d * c.vocab_size + sum(
+            2 * d * w["num_heads"] * hd
+            + 2 * d * w["num_kv_heads"] * hd
+            + 3 * d * w["intermediate_size"]
+            + 2 * w["num_heads"] * hd * seq
+            for w in widths
+        )
         return per_token * seq
 
-    dense_w = [{"num_heads": c.num_attention_heads, "num_kv_heads": c.num_key_value_heads,
-                "intermediate_size": c.intermediate_size}] * c.num_hidden_layers
+    dense_w = [
+        {
+            "num_heads": c.num_attention_heads,
+            "num_kv_heads": c.num_key_value_heads,
+            "intermediate_size": c.intermediate_size,
+        }
+    ] * c.num_hidden_layers
     s = r["summary"]
     for n in r["prefill"]:
         key = f"prefill_{n}"
         assert s["dense"][key]["macs"] == macs(dense_w, n)
         assert s["llm_pruner"][key]["macs"] == macs(info["widths"], n)
         assert s["llm_pruner"][key]["macs_ratio"] == pytest.approx(macs(info["widths"], n) / macs(dense_w, n))
-    for key, row in s["llm_pruner"].items():       # interleaved: one paired ratio per repeat, per metric
+    for key, row in s["llm_pruner"].items():  # interleaved: one paired ratio per repeat, per metric
         dense_raw, raw = s["dense"][key]["raw_seconds"], row["raw_seconds"]
         assert len(raw) == len(dense_raw) == r["repeats"] == 2
-        assert row["ratio_paired"]["median"] == pytest.approx(statistics.median(
-            [p / q for p, q in zip(raw, dense_raw)]))
+        assert row["ratio_paired"]["median"] == pytest.approx(
+            statistics.median([p / q for p, q in zip(raw, dense_raw)])
+        )
         cpu, dense_cpu = row["raw_cpu_seconds"], s["dense"][key]["raw_cpu_seconds"]
         assert all(x > 0 for x in cpu + dense_cpu)
-        assert row["ratio_paired_cpu"]["median"] == pytest.approx(statistics.median(
-            [p / q for p, q in zip(cpu, dense_cpu)]))
+        assert row["ratio_paired_cpu"]["median"] == pytest.approx(
+            statistics.median([p / q for p, q in zip(cpu, dense_cpu)])
+        )
     assert len(summary["rows"]) == 3 and all(x["benchmark"] == "latency" for x in summary["rows"])

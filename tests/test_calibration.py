@@ -29,9 +29,6 @@ def calib():
     return data.calibration_batches(tok, "c4", 6, 32, 0, progress=False)
 
 
-
-
-
 def test_channel_stats_equal_numpy(calib):
     model, _, _ = load_model(STORIES)
     st = collect(model, calib, stats=ALL, sites=SITES, batch_size=4, progress=False)
@@ -42,16 +39,18 @@ def test_channel_stats_equal_numpy(calib):
         assert s.n == x.shape[0] == 192
         np.testing.assert_allclose(s.mean.numpy(), x.mean(0), rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(s.var.numpy(), x.var(0, ddof=1), rtol=1e-9, atol=1e-12)
-        np.testing.assert_allclose(s.sqnorm.numpy(), (x ** 2).sum(0), rtol=1e-10)
-        np.testing.assert_allclose(s.mean_sq.numpy(), (x ** 2).mean(0), rtol=1e-10)
+        np.testing.assert_allclose(s.sqnorm.numpy(), (x**2).sum(0), rtol=1e-10)
+        np.testing.assert_allclose(s.mean_sq.numpy(), (x**2).mean(0), rtol=1e-10)
         np.testing.assert_allclose(s.absmean.numpy(), np.abs(x).mean(0), rtol=1e-10)
         np.testing.assert_allclose(s.xtx.numpy(), x.T @ x, rtol=1e-9, atol=1e-9)
 
 
 def test_streaming_is_batch_size_invariant(calib):
     model, _, _ = load_model(STORIES)
-    runs = [collect(model, calib, stats=ALL + ("block_io",), sites=("o_proj", "down_proj"), batch_size=b,
-                    progress=False) for b in (1, 4, 6)]
+    runs = [
+        collect(model, calib, stats=ALL + ("block_io",), sites=("o_proj", "down_proj"), batch_size=b, progress=False)
+        for b in (1, 4, 6)
+    ]
     for i in range(5):
         for site in ("o_proj", "down_proj"):
             for other in runs[1:]:
@@ -66,20 +65,18 @@ def _assert_same(a, b, rtol=1e-10):
     for i in a:
         for site in a[i].sites:
             for name in a[i][site].want:
-                torch.testing.assert_close(getattr(a[i][site], name), getattr(b[i][site], name), rtol=rtol,
-                                           atol=1e-9)
+                torch.testing.assert_close(getattr(a[i][site], name), getattr(b[i][site], name), rtol=rtol, atol=1e-9)
         if a[i].block is not None:
             assert a[i].block.bi == pytest.approx(b[i].block.bi, rel=rtol, abs=1e-12)
 
 
 def test_sequential_equals_dense_on_unpruned_model(calib):
     model, _, _ = load_model(STORIES)
-    req = dict(stats=("mean", "var", "sqnorm", "block_io"), sites=("o_proj", "down_proj"), batch_size=4,
-               progress=False)
+    req = dict(stats=("mean", "var", "sqnorm", "block_io"), sites=("o_proj", "down_proj"), batch_size=4, progress=False)
     dense = collect(model, calib, mode="dense", **req)
     seq = collect(model, calib, mode="sequential", **req)
-    steps = {s.layer: s.stats for s in sequential(model, calib, **req)}   # interactive pass, nothing pruned
-    read_only = {s.layer: s.stats for s in sequential(model, calib, prunes=False, **req)}   # one run per layer
+    steps = {s.layer: s.stats for s in sequential(model, calib, **req)}  # interactive pass, nothing pruned
+    read_only = {s.layer: s.stats for s in sequential(model, calib, prunes=False, **req)}  # one run per layer
     assert seq.mode == "sequential"
     _assert_same(dense, seq)
     _assert_same(dense.layers, steps)
@@ -95,7 +92,7 @@ def test_read_only_pass_refuses_drops(calib):
         step.drop(plan)
     with pytest.raises(PruningError, match="prunes=True"):
         step.drop_inputs("down_proj", [0])
-    step.drop(PrunePlan())        # nothing of this layer: allowed
+    step.drop(PrunePlan())  # nothing of this layer: allowed
 
 
 def test_read_only_pass_runs_each_layer_once(calib):
@@ -103,7 +100,8 @@ def test_read_only_pass_runs_each_layer_once(calib):
     calls = {True: 0, False: 0}
     for prunes in (True, False):
         handle = model.model.layers[1].register_forward_hook(
-            lambda m, a, o, prunes=prunes: calls.__setitem__(prunes, calls[prunes] + 1))
+            lambda m, a, o, prunes=prunes: calls.__setitem__(prunes, calls[prunes] + 1)
+        )
         for _ in sequential(model, calib, stats=("sqnorm",), batch_size=4, progress=False, prunes=prunes):
             pass
         handle.remove()
@@ -134,8 +132,7 @@ def test_sequential_sees_the_pruned_layers_below(calib, how):
     pruned = apply_plan(copy.deepcopy(model), plan)
     ref = collect(pruned, calib, stats=("mean", "var", "sqnorm", "block_io"), progress=False)
     got = {}
-    for step in sequential(model, calib, stats=("mean", "var", "sqnorm", "block_io"), batch_size=4,
-                           progress=False):
+    for step in sequential(model, calib, stats=("mean", "var", "sqnorm", "block_io"), batch_size=4, progress=False):
         got[step.layer] = step.stats
         layer_plan = PrunePlan({k: {step.layer: v[step.layer]} for k, v in plan.remove.items() if step.layer in v})
         if how == "drop":
@@ -145,20 +142,23 @@ def test_sequential_sees_the_pruned_layers_below(calib, how):
     for i in (2, 3, 4):
         _assert_same({i: ref[i]}, {i: got[i]}, rtol=1e-9)
     dense = collect(load_model(STORIES, "float64")[0], calib, stats=("var",), progress=False)
-    assert not torch.allclose(dense[2]["o_proj"].var, got[2]["o_proj"].var, rtol=1e-3)   # the check can fail
-    if how == "drop":   # drop leaves the weights alone
+    assert not torch.allclose(dense[2]["o_proj"].var, got[2]["o_proj"].var, rtol=1e-3)  # the check can fail
+    if how == "drop":  # drop leaves the weights alone
         assert adapter.widths(adapter.layers[0]).num_kv_heads == 4
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(stats=("mean", "varr")), "unknown statistics"),
-    (dict(sites=("o_proj", "v_proj")), "unknown calibration site"),
-    (dict(layers=[0, 5]), "subset of 0..4"),
-    (dict(batch_size=0), "batch_size"),
-    (dict(mode="streaming"), "mode"),
-    (dict(stats=(), sites=()), "nothing to collect"),
-    (dict(block_last_output="normed", stats=("block_io",)), "block_last_output"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(stats=("mean", "varr")), "unknown statistics"),
+        (dict(sites=("o_proj", "v_proj")), "unknown calibration site"),
+        (dict(layers=[0, 5]), "subset of 0..4"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(mode="streaming"), "mode"),
+        (dict(stats=(), sites=()), "nothing to collect"),
+        (dict(block_last_output="normed", stats=("block_io",)), "block_last_output"),
+    ],
+)
 def test_bad_requests_fail_before_any_forward(stories, calib, kwargs, match):
     model, _, _ = stories
     calls = []
@@ -210,11 +210,13 @@ def test_memory_is_bounded_by_one_layer_not_all_hidden_states():
 def test_per_site_requests(stories, calib):
     """A dict asks for different statistics per site (e.g. XᵀX only where a solver needs it)."""
     model, _, _ = stories
-    st = collect(model, calib, stats={"down_proj": ("xtx",), "block_in": ("mean",), "block_io": True},
-                 layers=[1], progress=False)
+    st = collect(
+        model, calib, stats={"down_proj": ("xtx",), "block_in": ("mean",), "block_io": True}, layers=[1], progress=False
+    )
     ref = _captured(model, calib)
-    np.testing.assert_allclose(st[1]["down_proj"].xtx.numpy(), ref[(1, "down_proj")].T @ ref[(1, "down_proj")],
-                               rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(
+        st[1]["down_proj"].xtx.numpy(), ref[(1, "down_proj")].T @ ref[(1, "down_proj")], rtol=1e-9, atol=1e-9
+    )
     np.testing.assert_allclose(st[1]["block_in"].mean.numpy(), ref[(1, "block_in")].mean(0), rtol=1e-10)
     assert st[1].block is not None and set(st[1].sites) == {"down_proj", "block_in"}
     with pytest.raises(PruningError, match="'mean' was not collected"):
@@ -222,5 +224,9 @@ def test_per_site_requests(stories, calib):
 
 
 def _captured(model, ids) -> dict[tuple[int, str], np.ndarray]:
-    return {k: v.numpy() for k, v in site_inputs(model, ids, ("q_proj", "o_proj", "gate_proj", "down_proj",
-                                                               "block_in", "block_out")).items()}
+    return {
+        k: v.numpy()
+        for k, v in site_inputs(
+            model, ids, ("q_proj", "o_proj", "gate_proj", "down_proj", "block_in", "block_out")
+        ).items()
+    }

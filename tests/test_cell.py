@@ -54,11 +54,12 @@ def test_callbacks_see_the_phases_in_order_and_replace_the_store(tmp_path):
     record = run_cell(composed(tmp_path, "method=magnitude", "pruning.ratio=0.2"), callbacks=[rec])
     assert rec.events == ["resume", "dense_baseline", "dense_evaluated", "finished"]
     assert rec.records["cell"] is record and "_store_path" not in record
-    assert not (tmp_path / "store").exists()                # the store is a callback: without it nothing is written
+    assert not (tmp_path / "store").exists()  # the store is a callback: without it nothing is written
     dense = rec.records["dense"]
     assert dense["config_hash"] == record["dense_record"] == config_hash(dense["config"])
-    assert dense["metrics"] == {k.removeprefix("dense_"): v for k, v in record["metrics"].items()
-                                if k.startswith("dense_")}
+    assert dense["metrics"] == {
+        k.removeprefix("dense_"): v for k, v in record["metrics"].items() if k.startswith("dense_")
+    }
     assert list(record["timings"]) == ["load", "eval_dense", "prune", "surgery", "eval_pruned", "total"]
 
 
@@ -95,10 +96,24 @@ def test_only_nirvana_declares_extra_calibration_draws(tmp_path):
 
 def test_cell_binds_the_sampler_of_a_method_that_draws_more(tmp_path):
     """NIRVANA's KL choice through the cell: the candidate sets are drawn with the run's sampler and shape."""
-    record = run_cell(composed(tmp_path, "method=nirvana", "pruning.ratio=0.2", "method.round_to=4",
-                               "calibration.n_samples=4", "calibration.seq_len=32", "method.kl_select.seeds=[0,1]",
-                               "method.kl_select.n_samples=4", "method.kl_select.seq_len=32"))
+    record = run_cell(
+        composed(
+            tmp_path,
+            "method=nirvana",
+            "pruning.ratio=0.2",
+            "method.round_to=4",
+            "calibration.n_samples=4",
+            "calibration.seq_len=32",
+            "method.kl_select.seeds=[0,1]",
+            "method.kl_select.n_samples=4",
+            "method.kl_select.seq_len=32",
+        )
+    )
     sel = record["plan"]["meta"]["kl_select"]
     assert sel["seeds"] == [0, 1] and sel["chosen_seed"] in (0, 1) and len(sel["kl"]) == 2
-    assert sel["calibration"] == {"sampler": record["calibration"]["sampler"], "dataset": "c4", "n_samples": 4,
-                                  "seq_len": 32}
+    assert sel["calibration"] == {
+        "sampler": record["calibration"]["sampler"],
+        "dataset": "c4",
+        "n_samples": 4,
+        "seq_len": 32,
+    }

@@ -34,40 +34,45 @@ print(json.dumps(results))
 
 
 def probe(*argvs: list[str]) -> list[dict]:
-    proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(argvs)], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps(argvs)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_help_typos_and_run_help_without_importing_torch():
-    help_, typo, bare, run_help, run_typo = probe(["--help"], ["tabels", "--all"], [], ["run", "--help"],
-                                                  ["run", "method=magnitud"])
+    help_, typo, bare, run_help, run_typo = probe(
+        ["--help"], ["tabels", "--all"], [], ["run", "--help"], ["run", "method=magnitud"]
+    )
     assert help_["code"] == 0 and help_["err"] == ""
-    listed = {line.split()[0]: " ".join(line.split()[1:]) for line in help_["out"].splitlines()
-              if line.startswith("  ") and not line.lstrip().startswith("-")}
+    listed = {
+        line.split()[0]: " ".join(line.split()[1:])
+        for line in help_["out"].splitlines()
+        if line.startswith("  ") and not line.lstrip().startswith("-")
+    }
     assert listed == {name: about for name, (_, about) in COMMANDS.items()}
     assert set(COMMANDS) >= {"run", "results", "tables", "report", "fetch", "convert", "bench"}
 
     assert typo["code"] == 2 and typo["out"] == ""
     lines = typo["err"].strip().splitlines()
     assert len(lines) == 1 and "unknown command 'tabels'" in lines[0] and "did you mean 'tables'" in lines[0]
-    assert bare["code"] == 2 and "commands:" in bare["err"]             # no command: the usage, on stderr
+    assert bare["code"] == 2 and "commands:" in bare["err"]  # no command: the usage, on stderr
 
     # `run` is the Hydra app of run.py: its help lists conf/'s groups; a bad group value is one line, exit 2
     assert run_help["code"] == 0 and "run is powered by Hydra" in run_help["out"]
     assert "stories260k" in run_help["out"]
     assert run_typo["code"] == 2 and run_typo["out"] == "" and len(run_typo["err"].strip().splitlines()) == 1
     assert "unknown method 'magnitud'" in run_typo["err"]
-    assert not run_typo["torch"]                                        # after all five
+    assert not run_typo["torch"]  # after all five
 
 
 def test_every_command_answers_its_own_help(capsys, monkeypatch):
     """In this process (torch is loaded already, so only each command's own module is imported)."""
-    monkeypatch.setattr(sys, "argv", list(sys.argv))                    # main() sets sys.argv for argparse
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # main() sets sys.argv for argparse
     for name in COMMANDS:
         if name == "run":
-            continue                                                    # Hydra's help: in the probe above
+            continue  # Hydra's help: in the probe above
         with pytest.raises(SystemExit) as exit_:
             main([name, "--help"])
         out = capsys.readouterr().out

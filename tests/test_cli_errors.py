@@ -18,8 +18,14 @@ ASSET = REPO / "pruning" / "assets" / "stories260K"
 def run_cli(args, tmp_path, env_extra=None):
     store = tmp_path / "store"
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", **(env_extra or {}))
-    proc = subprocess.run([sys.executable, "run.py", f"store.dir={store}", f"hydra.run.dir={tmp_path / 'run'}",
-                           "progress=false", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "run.py", f"store.dir={store}", f"hydra.run.dir={tmp_path / 'run'}", "progress=false", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     records = list((store / "records").glob("*")) if (store / "records").exists() else []
     return proc, lines, records
@@ -28,8 +34,9 @@ def run_cli(args, tmp_path, env_extra=None):
 def unsupported_checkpoint(tmp_path) -> str:
     d = tmp_path / "gpt2ish"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2,
-                                               "vocab_size": 50257}))
+    (d / "config.json").write_text(
+        json.dumps({"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 50257})
+    )
     return str(d)
 
 
@@ -48,29 +55,58 @@ CASES = {
     "ratio_negative": (lambda t: ["pruning.ratio=-0.1"], {}, ["[0, 1)"]),
     "ratio_empties_layer": (lambda t: ["pruning.ratio=0.7"], {}, ["would empty", "at most"]),
     "missing_data": (lambda t: [], {"PRUNING_DATA": "EMPTY"}, ["ptb.valid.txt", "PRUNING_DATA"]),
-    "unsupported_arch": (lambda t: [f"model.path={unsupported_checkpoint(t)}"], {},
-                         ["model_type='gpt2'", "supported families", "llama"]),
+    "unsupported_arch": (
+        lambda t: [f"model.path={unsupported_checkpoint(t)}"],
+        {},
+        ["model_type='gpt2'", "supported families", "llama"],
+    ),
     "corrupt_checkpoint": (lambda t: [f"model.path={corrupt_checkpoint(t)}"], {}, ["corrupt checkpoint"]),
-    "hub_model_offline": (lambda t: ["model=qwen25_7b"], {"HF_HUB_CACHE": "EMPTY"},
-                          ["hub model Qwen/Qwen2.5-7B", "offline", "PRUNING_MODEL_PATH"]),
-    "unknown_calibration_sampler": (lambda t: ["calibration.sampler=bookcorpus"], {},
-                                    ["unknown calibration.sampler 'bookcorpus'", "choices:", "slicegpt"]),
-    "calibration_shape_unfillable": (lambda t: ["method=wanda_sp", "calibration.seq_len=1000000"], {},
-                                     ["more than 1000000 tokens", "lower calibration seq_len"]),
-    "calibration_variable_length_for_gradients": (lambda t: ["method=llm_pruner", "calibration=shortgpt"], {},
-                                                  ["different lengths", "llm_pruner_element1 cannot take"]),
+    "hub_model_offline": (
+        lambda t: ["model=qwen25_7b"],
+        {"HF_HUB_CACHE": "EMPTY"},
+        ["hub model Qwen/Qwen2.5-7B", "offline", "PRUNING_MODEL_PATH"],
+    ),
+    "unknown_calibration_sampler": (
+        lambda t: ["calibration.sampler=bookcorpus"],
+        {},
+        ["unknown calibration.sampler 'bookcorpus'", "choices:", "slicegpt"],
+    ),
+    "calibration_shape_unfillable": (
+        lambda t: ["method=wanda_sp", "calibration.seq_len=1000000"],
+        {},
+        ["more than 1000000 tokens", "lower calibration seq_len"],
+    ),
+    "calibration_variable_length_for_gradients": (
+        lambda t: ["method=llm_pruner", "calibration=shortgpt"],
+        {},
+        ["different lengths", "llm_pruner_element1 cannot take"],
+    ),
     # a native knob and pruning.ratio would both claim to define the cell (issue 22): refused before any model work
-    "native_knob_with_ratio": (lambda t: ["method.group_ratio=0.25", "pruning.ratio=0.3"], {},
-                               ["method.group_ratio=0.25 sets the operating point", "pruning.ratio=0.3",
-                                "pruning.ratio=null"]),
-    "paper_ratio_with_ratio": (lambda t: ["method=slicegpt", "paper_ratio=0.25"], {},
-                               ["paper_ratio=0.25 (method.slicing=0.25)", "pass pruning.ratio=null"]),
-    "paper_ratio_without_paper": (lambda t: ["method=llm_bip", "paper_ratio=0.2", "pruning.ratio=null"], {},
-                                  ["paper_ratio=0.2 has no meaning for method llm_bip"]),
-    "no_ratio_no_knob": (lambda t: ["method=shortgpt", "pruning.ratio=null"], {},
-                         ["pruning.ratio is null", "method.n_blocks"]),
-    "removed_allocation_group": (lambda t: ["method=magnitude", "allocation=layer_range"], {},
-                                 ["allocation config group was removed", "method.layers"]),
+    "native_knob_with_ratio": (
+        lambda t: ["method.group_ratio=0.25", "pruning.ratio=0.3"],
+        {},
+        ["method.group_ratio=0.25 sets the operating point", "pruning.ratio=0.3", "pruning.ratio=null"],
+    ),
+    "paper_ratio_with_ratio": (
+        lambda t: ["method=slicegpt", "paper_ratio=0.25"],
+        {},
+        ["paper_ratio=0.25 (method.slicing=0.25)", "pass pruning.ratio=null"],
+    ),
+    "paper_ratio_without_paper": (
+        lambda t: ["method=llm_bip", "paper_ratio=0.2", "pruning.ratio=null"],
+        {},
+        ["paper_ratio=0.2 has no meaning for method llm_bip"],
+    ),
+    "no_ratio_no_knob": (
+        lambda t: ["method=shortgpt", "pruning.ratio=null"],
+        {},
+        ["pruning.ratio is null", "method.n_blocks"],
+    ),
+    "removed_allocation_group": (
+        lambda t: ["method=magnitude", "allocation=layer_range"],
+        {},
+        ["allocation config group was removed", "method.layers"],
+    ),
 }
 
 
@@ -80,7 +116,7 @@ def test_bad_input_one_line_no_record(case, tmp_path):
     if env.get("PRUNING_DATA") == "EMPTY":
         (tmp_path / "empty").mkdir()
         env = {"PRUNING_DATA": str(tmp_path / "empty")}
-    if env.get("HF_HUB_CACHE") == "EMPTY":           # no cached copy, whatever this machine's HF cache holds
+    if env.get("HF_HUB_CACHE") == "EMPTY":  # no cached copy, whatever this machine's HF cache holds
         (tmp_path / "hf").mkdir()
         env = {"HF_HUB_CACHE": str(tmp_path / "hf")}
     proc, lines, records = run_cli(make_args(tmp_path), tmp_path, env)

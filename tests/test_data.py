@@ -84,10 +84,18 @@ def test_build_assets_is_reproducible(tmp_path):
         assert (tmp_path / name).read_bytes() == (data.ASSETS / "data" / name).read_bytes(), name
 
 
-@pytest.mark.parametrize("split,n,fname,first", [
-    ("validation", 3370, "ptb.valid.txt", "consumers may want to move their telephones a little closer to the tv set"),
-    ("test", 3761, "ptb.test.txt", "no it was n't black monday"),
-])
+@pytest.mark.parametrize(
+    "split,n,fname,first",
+    [
+        (
+            "validation",
+            3370,
+            "ptb.valid.txt",
+            "consumers may want to move their telephones a little closer to the tv set",
+        ),
+        ("test", 3761, "ptb.test.txt", "no it was n't black monday"),
+    ],
+)
 def test_ptb_text(split, n, fname, first):
     raw = root_file(f"ppl/ptb/{fname}").read_text(encoding="utf-8").split("\n")
     assert raw[-1] == "" and len(raw) - 1 == n
@@ -110,7 +118,8 @@ def test_calibration_texts():
         assert data.calibration_texts("alpaca")[0].endswith(
             "### Instruction:\nGive three tips for staying healthy.\n\n### Response:\n1.Eat a balanced diet"
             " and make sure to include plenty of fruits and vegetables. \n2. Exercise regularly to keep your body"
-            " active and strong. \n3. Get enough sleep and maintain a consistent sleep schedule.")
+            " active and strong. \n3. Get enough sleep and maintain a consistent sleep schedule."
+        )
 
 
 def test_calibration_shape_and_seed(tiny):

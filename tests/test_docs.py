@@ -59,8 +59,9 @@ def documented_commands() -> list[tuple[str, list[str]]]:
                     env[assignment.group(1)] = tokens[0].split("=", 1)[1]
                     continue
                 tokens = [env.get(t[1:], t) if t.startswith("$") else t for t in tokens]
-                if tokens[:2] in (["python", "run.py"], [".venv/bin/python", "run.py"]) and \
-                        tokens[2:] not in [argv for _, argv in found]:        # the same command on two pages: once
+                if tokens[:2] in (["python", "run.py"], [".venv/bin/python", "run.py"]) and tokens[2:] not in [
+                    argv for _, argv in found
+                ]:  # the same command on two pages: once
                     found.append((f"{page.relative_to(REPO)}: {' '.join(tokens[2:]) or '(no overrides)'}", tokens[2:]))
     return found
 
@@ -104,10 +105,13 @@ def compose_documented(argv: list[str]):
         overrides = first_values(overrides)
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
-        if multirun:                     # the preset's own grid, where the command line did not set the key
+        if multirun:  # the preset's own grid, where the command line did not set the key
             given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-            grid = [f"{k}={v}" for k, v in (cfg.hydra.sweeper.get("params") or {}).items()
-                    if str(k).lstrip("+~") not in given]
+            grid = [
+                f"{k}={v}"
+                for k, v in (cfg.hydra.sweeper.get("params") or {}).items()
+                if str(k).lstrip("+~") not in given
+            ]
             if grid:
                 cfg = compose("config", overrides=overrides + first_values(grid), return_hydra_config=True)
     return cfg
@@ -120,7 +124,7 @@ def test_documented_run_command_passes_the_config_checks(where, argv):
     from pruning.recovery import check_recovery
 
     cfg = compose_documented(argv)
-    if "cuda" in " ".join(argv):         # a GPU command: this machine can only compose it
+    if "cuda" in " ".join(argv):  # a GPU command: this machine can only compose it
         return
     check_eval(cfg.eval)
     method = build_method(cfg)
@@ -154,15 +158,22 @@ def test_install_commands_agree():
     assert len(snippet) == 2 and all(line in readme for line in snippet)
 
 
-@pytest.mark.skipif(shutil.which("mkdocs", path=str(Path(sys.executable).parent)) is None,
-                    reason="the docs extra is not installed (pip install -e '.[docs]')")
+@pytest.mark.skipif(
+    shutil.which("mkdocs", path=str(Path(sys.executable).parent)) is None,
+    reason="the docs extra is not installed (pip install -e '.[docs]')",
+)
 def test_site_builds_strict(tmp_path):
     """mkdocs build --strict: every warning (broken link or anchor, page outside the nav, unresolved API module,
     missing snippet) fails the build. About 5 s."""
     mkdocs = shutil.which("mkdocs", path=str(Path(sys.executable).parent))
-    proc = subprocess.run([mkdocs, "build", "--strict", "--site-dir", str(tmp_path / "site")], cwd=REPO,
-                          capture_output=True, text=True, env={"NO_MKDOCS_2_WARNING": "1", "PATH": "/usr/bin:/bin"},
-                          timeout=300)
+    proc = subprocess.run(
+        [mkdocs, "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={"NO_MKDOCS_2_WARNING": "1", "PATH": "/usr/bin:/bin"},
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (tmp_path / "site" / "methods" / "flap" / "index.html").is_file()
     assert (tmp_path / "site" / "results" / "ratio_sweep" / "index.html").is_file()

@@ -28,8 +28,18 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
-from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from conftest import logits
 from experiments.cell import build_method
@@ -60,24 +70,51 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ------------------------------------------------------------------------------------------- small models
 
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
-COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=4, rms_norm_eps=1e-6,
-              initializer_range=0.1, bos_token_id=1, eos_token_id=2, max_position_embeddings=512)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
+COMMON = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=4,
+    rms_norm_eps=1e-6,
+    initializer_range=0.1,
+    bos_token_id=1,
+    eos_token_id=2,
+    max_position_embeddings=512,
+)
 # family -> (config class, model class, config fields, architecture facts for the closed form)
 SMALL = {
-    "llama": (LlamaConfig, LlamaForCausalLM,       # Llama-3 style: GQA 4:1 and llama3 RoPE scaling
-              dict(num_attention_heads=8, num_key_value_heads=2, head_dim=8, rope_parameters=LLAMA3_ROPE),
-              dict(head_dim=8, qkv_bias=False, qk_norm=False)),
-    "mistral": (MistralConfig, MistralForCausalLM,  # a window shorter than the test text, so it matters
-                dict(num_attention_heads=8, num_key_value_heads=2, head_dim=8, sliding_window=16),
-                dict(head_dim=8, qkv_bias=False, qk_norm=False)),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM,         # q/k/v biases
-              dict(num_attention_heads=8, num_key_value_heads=4),
-              dict(head_dim=8, qkv_bias=True, qk_norm=False)),
-    "qwen3": (Qwen3Config, Qwen3ForCausalLM,         # q_norm/k_norm, head_dim decoupled from hidden, tied head
-              dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
-              dict(head_dim=16, qkv_bias=False, qk_norm=True)),
+    "llama": (
+        LlamaConfig,
+        LlamaForCausalLM,  # Llama-3 style: GQA 4:1 and llama3 RoPE scaling
+        dict(num_attention_heads=8, num_key_value_heads=2, head_dim=8, rope_parameters=LLAMA3_ROPE),
+        dict(head_dim=8, qkv_bias=False, qk_norm=False),
+    ),
+    "mistral": (
+        MistralConfig,
+        MistralForCausalLM,  # a window shorter than the test text, so it matters
+        dict(num_attention_heads=8, num_key_value_heads=2, head_dim=8, sliding_window=16),
+        dict(head_dim=8, qkv_bias=False, qk_norm=False),
+    ),
+    "qwen2": (
+        Qwen2Config,
+        Qwen2ForCausalLM,  # q/k/v biases
+        dict(num_attention_heads=8, num_key_value_heads=4),
+        dict(head_dim=8, qkv_bias=True, qk_norm=False),
+    ),
+    "qwen3": (
+        Qwen3Config,
+        Qwen3ForCausalLM,  # q_norm/k_norm, head_dim decoupled from hidden, tied head
+        dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
+        dict(head_dim=16, qkv_bias=False, qk_norm=True),
+    ),
 }
 
 
@@ -86,7 +123,7 @@ def small_model(family: str, seed: int = 0) -> torch.nn.Module:
     config = config_cls(**COMMON, **fields)
     torch.manual_seed(seed)
     model = model_cls(config).to(torch.float64).eval()
-    with torch.no_grad():      # HF starts biases at 0 and norm scales at 1: randomise them so they must be kept
+    with torch.no_grad():  # HF starts biases at 0 and norm scales at 1: randomise them so they must be kept
         for name, p in model.named_parameters():
             if p.dim() == 1:
                 p.copy_((1.0 if "norm" in name else 0.0) + 0.3 * torch.randn_like(p))
@@ -114,10 +151,12 @@ def sized_calibration(calibration) -> data.CalibrationSpec:
 @pytest.fixture(scope="module")
 def text_ids():
     """Real text, longer than Mistral's window and than Llama-3's original RoPE length."""
-    texts = ["Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her "
-             "dog. One day the sun was hot and they sat under a big tree to rest.",
-             " = Robert Boulter = \n Robert Boulter is an English film , television and theatre actor . He had a "
-             "guest @-@ starring role on the television series The Bill in 2000 ."]
+    texts = [
+        "Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her "
+        "dog. One day the sun was hot and they sat under a big tree to rest.",
+        " = Robert Boulter = \n Robert Boulter is an English film , television and theatre actor . He had a "
+        "guest @-@ starring role on the television series The Bill in 2000 .",
+    ]
     ids = [tokenizer()(t, return_tensors="pt").input_ids[0][:40] for t in texts]
     assert min(len(i) for i in ids) == 40
     return torch.stack(ids)
@@ -152,8 +191,12 @@ def run_method(cfg, model):
         spec = sized_calibration(cfg.calibration)
         calib = batches(spec)
         if isinstance(method, DrawsCalibration):
-            method.bind_sampler(lambda ds, n, seq_len, seed: batches(dataclasses.replace(
-                spec, dataset=ds, n_samples=n, seq_len=seq_len, seed=seed)), dict(cfg.calibration))
+            method.bind_sampler(
+                lambda ds, n, seq_len, seed: batches(
+                    dataclasses.replace(spec, dataset=ds, n_samples=n, seq_len=seq_len, seed=seed)
+                ),
+                dict(cfg.calibration),
+            )
     plan = method.prune(model, RATIO, calib)
     method.apply(model, plan, calib)
     return method, plan, calib
@@ -162,17 +205,25 @@ def run_method(cfg, model):
 def masked_reference(cfg, method, dense, plan, calib):
     """The method's own masked form of its plan (shapes unchanged), as its per-method test builds it."""
     ref = copy.deepcopy(dense)
-    if isinstance(method, Flap) and method.bias:        # test_flap: the same method with surgery=mask
+    if isinstance(method, Flap) and method.bias:  # test_flap: the same method with surgery=mask
         cfg = copy.deepcopy(cfg)
         with open_dict(cfg):
             cfg.method.surgery = "mask"
         masked = build_method(cfg)
         assert masked.prune(ref, RATIO, calib).to_dict() == plan.to_dict()
         return masked.apply(ref, plan, calib)
-    if isinstance(method, Numerical) and method.compensate:   # test_numerical: OBS refit, then mask
-        obs_compensation(ref, plan, calib, comp_inputs=method.comp_inputs, damp=method.comp_damp,
-                         batch_size=method.batch_size, progress=False, surgery=False)
-    if isinstance(method, SearchLLM) and method.admm["enabled"]:   # test_search_llm: ADMM reform, then mask
+    if isinstance(method, Numerical) and method.compensate:  # test_numerical: OBS refit, then mask
+        obs_compensation(
+            ref,
+            plan,
+            calib,
+            comp_inputs=method.comp_inputs,
+            damp=method.comp_damp,
+            batch_size=method.batch_size,
+            progress=False,
+            surgery=False,
+        )
+    if isinstance(method, SearchLLM) and method.admm["enabled"]:  # test_search_llm: ADMM reform, then mask
         method.reform(ref, plan, calib)
     return mask_plan(ref, plan)
 
@@ -192,8 +243,9 @@ def kept_widths(config, plan: PrunePlan, added_bias: bool) -> list[tuple]:
         kv_rm, q_rm = set(plan.units("kv_group", layer)), set(plan.units("q_head", layer))
         kept = [h for h in range(H) if h // g not in kv_rm and h not in q_rm]
         inter = I - len(set(plan.units("mlp", layer)))
-        out.append((len(kept), len({h // g for h in kept}), inter, added_bias and len(kept) < H,
-                    added_bias and inter < I))
+        out.append(
+            (len(kept), len({h // g for h in kept}), inter, added_bias and len(kept) < H, added_bias and inter < I)
+        )
     return out
 
 
@@ -236,8 +288,8 @@ def zero_padded(model):
 
 # ----------------------------------------------------------------------------------------------- the grid
 
-DEFAULT_FAMILY = "qwen2"    # the default pass runs every quick method on the family with the most to keep in step
-SLOW_METHODS = ("nirvana", "numerical")   # backward passes per candidate seed / OBS refits: the slow CI pass
+DEFAULT_FAMILY = "qwen2"  # the default pass runs every quick method on the family with the most to keep in step
+SLOW_METHODS = ("nirvana", "numerical")  # backward passes per candidate seed / OBS refits: the slow CI pass
 
 
 def is_slow(family: str, name: str) -> bool:
@@ -277,8 +329,16 @@ def test_family_method(family, name, text_ids, tmp_path):
         a, L, d = plan.meta["sliced_hidden_size"], COMMON["num_hidden_layers"], COMMON["hidden_size"]
         _, _, fields, facts = SMALL[family]
         o = [a] * (L - 1) + [a if cfg.method.slice_head else d]
-        expect = sliced_closed_form(COMMON["vocab_size"], facts["head_dim"], fields["num_attention_heads"],
-                                    fields["num_key_value_heads"], COMMON["intermediate_size"], [a] * L, [a] * L, o)
+        expect = sliced_closed_form(
+            COMMON["vocab_size"],
+            facts["head_dim"],
+            fields["num_attention_heads"],
+            fields["num_key_value_heads"],
+            COMMON["intermediate_size"],
+            [a] * L,
+            [a] * L,
+            o,
+        )
         assert n == expect + L * fixed_per_layer(family) == plan.meta["params_closed_form"]
         # slicing == zeroing the trailing directions of the rotated model
         assert (logits(zero_padded(model), text_ids) - out).abs().max().item() <= 1e-8
@@ -294,13 +354,15 @@ def test_family_method(family, name, text_ids, tmp_path):
     else:
         added = isinstance(method, Flap) and method.bias
         widths = kept_widths(dense.config, plan, added)
-        got = [(w.num_heads, w.num_kv_heads, w.intermediate_size, w.o_proj_bias, w.down_proj_bias)
-               for w in adapter.all_widths()]
+        got = [
+            (w.num_heads, w.num_kv_heads, w.intermediate_size, w.o_proj_bias, w.down_proj_bias)
+            for w in adapter.all_widths()
+        ]
         assert got == widths
         assert n == closed_form(family, widths, tied)
         ref = masked_reference(cfg, method, dense, plan, calib)
         ref_state = ref.state_dict()
-        assert all(ref_state[k].shape == v.shape for k, v in dense.state_dict().items())   # masked, not cut
+        assert all(ref_state[k].shape == v.shape for k, v in dense.state_dict().items())  # masked, not cut
         assert (logits(ref, text_ids) - out).abs().max().item() <= 1e-8
 
     saved = save_pruned(model, tmp_path / "pruned", tokenizer())
@@ -356,12 +418,12 @@ def heterogeneous(family: str):
     return model
 
 
-@pytest.mark.slow   # a second interpreter (~15 s on a busy machine); test_save / test_slicegpt cover Llama by default
+@pytest.mark.slow  # a second interpreter (~15 s on a busy machine); test_save / test_slicegpt cover Llama by default
 def test_save_formats_reload_with_trust_remote_code(text_ids, tmp_path):
     """pruned_<family> and sliced_<family> for every family, reloaded in one clean process without pruning."""
     dirs, refs = [], {}
     cfg = method_config("slicegpt")
-    cfg.calibration.n_samples, cfg.calibration.seq_len = 16, 32      # the format is under test here, not the PCA
+    cfg.calibration.n_samples, cfg.calibration.seq_len = 16, 32  # the format is under test here, not the PCA
     for family in SMALL:
         sliced = small_model(family, seed=2)
         run_method(cfg, sliced)
@@ -373,8 +435,12 @@ def test_save_formats_reload_with_trust_remote_code(text_ids, tmp_path):
             dirs.append(str(out))
             refs[str(out)] = logits(model, text_ids)
     torch.save(text_ids, tmp_path / "ids.pt")
-    proc = subprocess.run([sys.executable, "-c", REMOTE, str(tmp_path / "ids.pt"), str(tmp_path / "out.pt"), *dirs],
-                          cwd=tmp_path, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", REMOTE, str(tmp_path / "ids.pt"), str(tmp_path / "out.pt"), *dirs],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(tmp_path / "out.pt")
     for d in dirs:
@@ -397,8 +463,10 @@ def test_uneven_query_heads_every_family(family, text_ids, tmp_path):
     widths = kept_widths(masked.config, plan, False)
     g = masked.config.num_attention_heads // masked.config.num_key_value_heads
     kv = masked.config.num_key_value_heads
-    assert [w.kv_group_sizes for w in adapter.all_widths()[:2]] == [(g - 1,) + (g,) * (kv - 1),
-                                                                    (g - 1,) + (g,) * (kv - 2)]
+    assert [w.kv_group_sizes for w in adapter.all_widths()[:2]] == [
+        (g - 1,) + (g,) * (kv - 1),
+        (g - 1,) + (g,) * (kv - 2),
+    ]
     assert adapter.num_params() == closed_form(family, widths, adapter.is_tied)
     kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
     assert torch.equal(model.generate(text_ids[:, :12], **kw), masked.generate(text_ids[:, :12], **kw))
@@ -442,8 +510,10 @@ def test_every_family_has_a_small_model_and_save_classes():
     for name in ADAPTERS.names():
         cls = ADAPTERS.get(name)
         assert cls.family == name and set(cls.model_types) == {name, f"pruned_{name}", f"sliced_{name}"}
-        for module, classes in ((modeling_pruned_llama, modeling_pruned_llama.PRUNED[name]),
-                                (modeling_sliced_llama, modeling_sliced_llama.SLICED[name])):
+        for module, classes in (
+            (modeling_pruned_llama, modeling_pruned_llama.PRUNED[name]),
+            (modeling_sliced_llama, modeling_sliced_llama.SLICED[name]),
+        ):
             assert all(getattr(module, c.__name__, None) is c for c in classes)
 
 
@@ -451,32 +521,126 @@ def test_every_family_has_a_small_model_and_save_classes():
 
 # Published architectures (the models' config.json files); totals are the published parameter counts.
 REAL = {
-    "llama_7b": dict(family="llama", hub_id="baffo32/decapoda-research-llama-7B-hf", total=6_738_415_616,
-                     hidden=4096, layers=32, heads=32, kv=32, inter=11008, vocab=32000, tie=False),
-    "llama2_7b": dict(family="llama", hub_id="meta-llama/Llama-2-7b-hf", total=6_738_415_616,
-                      hidden=4096, layers=32, heads=32, kv=32, inter=11008, vocab=32000, tie=False),
-    "llama2_13b": dict(family="llama", hub_id="meta-llama/Llama-2-13b-hf", total=13_015_864_320,
-                       hidden=5120, layers=40, heads=40, kv=40, inter=13824, vocab=32000, tie=False),
-    "llama3_8b": dict(family="llama", hub_id="meta-llama/Meta-Llama-3-8B", total=8_030_261_248,
-                      hidden=4096, layers=32, heads=32, kv=8, inter=14336, vocab=128256, tie=False),
-    "vicuna_7b": dict(family="llama", hub_id="lmsys/vicuna-7b-v1.3", total=6_738_415_616,
-                      hidden=4096, layers=32, heads=32, kv=32, inter=11008, vocab=32000, tie=False),
-    "mistral_7b": dict(family="mistral", hub_id="mistralai/Mistral-7B-v0.1", total=7_241_732_096,
-                       hidden=4096, layers=32, heads=32, kv=8, inter=14336, vocab=32000, tie=False),
-    "qwen25_7b": dict(family="qwen2", hub_id="Qwen/Qwen2.5-7B", total=7_615_616_512,
-                      hidden=3584, layers=28, heads=28, kv=4, inter=18944, vocab=152064, tie=False, qkv_bias=True),
-    "qwen3_8b": dict(family="qwen3", hub_id="Qwen/Qwen3-8B", total=8_190_735_360,
-                     hidden=4096, layers=36, heads=32, kv=8, inter=12288, vocab=151936, tie=False, head_dim=128,
-                     qk_norm=True),
+    "llama_7b": dict(
+        family="llama",
+        hub_id="baffo32/decapoda-research-llama-7B-hf",
+        total=6_738_415_616,
+        hidden=4096,
+        layers=32,
+        heads=32,
+        kv=32,
+        inter=11008,
+        vocab=32000,
+        tie=False,
+    ),
+    "llama2_7b": dict(
+        family="llama",
+        hub_id="meta-llama/Llama-2-7b-hf",
+        total=6_738_415_616,
+        hidden=4096,
+        layers=32,
+        heads=32,
+        kv=32,
+        inter=11008,
+        vocab=32000,
+        tie=False,
+    ),
+    "llama2_13b": dict(
+        family="llama",
+        hub_id="meta-llama/Llama-2-13b-hf",
+        total=13_015_864_320,
+        hidden=5120,
+        layers=40,
+        heads=40,
+        kv=40,
+        inter=13824,
+        vocab=32000,
+        tie=False,
+    ),
+    "llama3_8b": dict(
+        family="llama",
+        hub_id="meta-llama/Meta-Llama-3-8B",
+        total=8_030_261_248,
+        hidden=4096,
+        layers=32,
+        heads=32,
+        kv=8,
+        inter=14336,
+        vocab=128256,
+        tie=False,
+    ),
+    "vicuna_7b": dict(
+        family="llama",
+        hub_id="lmsys/vicuna-7b-v1.3",
+        total=6_738_415_616,
+        hidden=4096,
+        layers=32,
+        heads=32,
+        kv=32,
+        inter=11008,
+        vocab=32000,
+        tie=False,
+    ),
+    "mistral_7b": dict(
+        family="mistral",
+        hub_id="mistralai/Mistral-7B-v0.1",
+        total=7_241_732_096,
+        hidden=4096,
+        layers=32,
+        heads=32,
+        kv=8,
+        inter=14336,
+        vocab=32000,
+        tie=False,
+    ),
+    "qwen25_7b": dict(
+        family="qwen2",
+        hub_id="Qwen/Qwen2.5-7B",
+        total=7_615_616_512,
+        hidden=3584,
+        layers=28,
+        heads=28,
+        kv=4,
+        inter=18944,
+        vocab=152064,
+        tie=False,
+        qkv_bias=True,
+    ),
+    "qwen3_8b": dict(
+        family="qwen3",
+        hub_id="Qwen/Qwen3-8B",
+        total=8_190_735_360,
+        hidden=4096,
+        layers=36,
+        heads=32,
+        kv=8,
+        inter=12288,
+        vocab=151936,
+        tie=False,
+        head_dim=128,
+        qk_norm=True,
+    ),
 }
-ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-        "qwen3": "Qwen3ForCausalLM"}
+ARCH = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 
 
 def real_config_json(r: dict) -> dict:
-    cfg = {"model_type": r["family"], "architectures": [ARCH[r["family"]]], "hidden_size": r["hidden"],
-           "num_hidden_layers": r["layers"], "num_attention_heads": r["heads"], "num_key_value_heads": r["kv"],
-           "intermediate_size": r["inter"], "vocab_size": r["vocab"], "tie_word_embeddings": r["tie"]}
+    cfg = {
+        "model_type": r["family"],
+        "architectures": [ARCH[r["family"]]],
+        "hidden_size": r["hidden"],
+        "num_hidden_layers": r["layers"],
+        "num_attention_heads": r["heads"],
+        "num_key_value_heads": r["kv"],
+        "intermediate_size": r["inter"],
+        "vocab_size": r["vocab"],
+        "tie_word_embeddings": r["tie"],
+    }
     if "head_dim" in r:
         cfg["head_dim"] = r["head_dim"]
     return cfg
@@ -506,7 +670,7 @@ def test_real_model_config_shapes_and_counts(name, tmp_path, monkeypatch):
     ckpt.mkdir()
     (ckpt / "config.json").write_text(json.dumps(real_config_json(r)))
     monkeypatch.setenv("PRUNING_MODEL_PATH", str(ckpt))
-    assert cfg.model.path == str(ckpt)                 # the local-path override
+    assert cfg.model.path == str(ckpt)  # the local-path override
 
     config = read_config(ckpt)
     cls = adapter_class(config)
@@ -515,16 +679,20 @@ def test_real_model_config_shapes_and_counts(name, tmp_path, monkeypatch):
         model = AutoModelForCausalLM.from_config(config)
     assert type(model).__name__ == ARCH[r["family"]]
     assert cls(model).num_params() == r["total"] == real_closed_form(r)
-    with pytest.raises(CheckpointError, match="no \\*.safetensors"):   # adapter accepted; weights are what is missing
+    with pytest.raises(CheckpointError, match="no \\*.safetensors"):  # adapter accepted; weights are what is missing
         load_model(cfg.model.path)
 
 
-@pytest.mark.parametrize("arch", [{"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4},
-                                  {"model_type": "phi", "hidden_size": 64, "num_hidden_layers": 2,
-                                   "num_attention_heads": 4}])
+@pytest.mark.parametrize(
+    "arch",
+    [
+        {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4},
+        {"model_type": "phi", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
+    ],
+)
 def test_unsupported_architecture_fails_in_one_line_before_weights(arch, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(arch))
-    (tmp_path / "model.safetensors").write_bytes(b"not a weight file")   # never opened: the check comes first
+    (tmp_path / "model.safetensors").write_bytes(b"not a weight file")  # never opened: the check comes first
     with pytest.raises(UnsupportedModelError) as e:
         load_model(str(tmp_path))
     msg = str(e.value)

@@ -27,7 +27,7 @@ from pruning.surgery.compensation import bias_compensation, bias_deltas
 from pruning.surgery.plan import PrunePlan
 from pruning.surgery.save import save_pruned
 
-D, HD, G = 64, 8, 2   # stories260K: hidden size, head_dim, query heads per KV group
+D, HD, G = 64, 8, 2  # stories260K: hidden size, head_dim, query heads per KV group
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +36,13 @@ def calib():
     return data.calibration_batches(tok, "c4", 8, 32, 0, progress=False)
 
 
-
-
-
 @pytest.mark.parametrize("metric", ["WIFV", "IFV", "WIFN"])
 def test_fluctuation_equals_numpy(stories, calib, metric):
     model, _, adapter = stories
     x = {k: v.numpy() for k, v in site_inputs(model, calib).items()}
-    scorer = FluctuationScorer(metric).bind(collect(model, calib, stats=FluctuationScorer(metric).requires,
-                                                    progress=False))
+    scorer = FluctuationScorer(metric).bind(
+        collect(model, calib, stats=FluctuationScorer(metric).requires, progress=False)
+    )
     for layer in (0, 3):
         for kind in ("kv_group", "q_head", "mlp"):
             (sset,) = structure_sets(adapter, kind, [layer])
@@ -53,12 +51,11 @@ def test_fluctuation_equals_numpy(stories, calib, metric):
             w = getattr(model.model.layers[layer], "mlp" if kind == "mlp" else "self_attn")
             w = getattr(w, site).weight.detach().double().numpy()
             var = xs.var(0, ddof=1)
-            ch = {"IFV": var, "WIFV": var * (w ** 2).sum(0),
-                  "WIFN": np.abs(w).mean(0) * np.sqrt((xs ** 2).mean(0))}[metric]
+            ch = {"IFV": var, "WIFV": var * (w**2).sum(0), "WIFN": np.abs(w).mean(0) * np.sqrt((xs**2).mean(0))}[metric]
             if kind != "mlp":
-                ch = ch ** 2                      # FLAP's code squares the attention metric
+                ch = ch**2  # FLAP's code squares the attention metric
             width = {"kv_group": G * HD, "q_head": HD, "mlp": 1}[kind]
-            expected = ch.reshape(-1, width).sum(1)   # a unit's contiguous o_proj/down_proj input channels
+            expected = ch.reshape(-1, width).sum(1)  # a unit's contiguous o_proj/down_proj input channels
             np.testing.assert_allclose(scorer.channel_scores(sset).numpy(), ch, rtol=1e-9, atol=1e-300)
             np.testing.assert_allclose(scorer(sset).numpy(), expected, rtol=1e-9, atol=1e-300)
 
@@ -73,9 +70,10 @@ def test_al_standardisation_and_unit_means(stories, calib):
             z = standardize(ch)
             assert abs(z.mean().item()) < 1e-12 and z.std().item() == pytest.approx(1.0, abs=1e-12)
             width = G * HD if kind == "kv_group" else 1
-            np.testing.assert_allclose(alloc.unit_scores(sset, ch).numpy(), z.reshape(-1, width).mean(1).numpy(),
-                                       rtol=1e-12)
-    assert torch.equal(standardize(torch.ones(5)), torch.zeros(5))   # no ranking information -> no NaN
+            np.testing.assert_allclose(
+                alloc.unit_scores(sset, ch).numpy(), z.reshape(-1, width).mean(1).numpy(), rtol=1e-12
+            )
+    assert torch.equal(standardize(torch.ones(5)), torch.zeros(5))  # no ranking information -> no NaN
 
 
 def counts(adapter):
@@ -89,11 +87,11 @@ def test_al_am_hits_the_target_and_counts_biases(calib):
     method.apply(model, plan)
     achieved = 1 - adapter.num_params() / 292_800
     assert achieved == pytest.approx(plan.meta["planned_ratio"], abs=1e-12)
-    assert abs(achieved - 0.2) * 292_800 <= 4 * D * HD    # within one step: a query head with its freed KV head
+    assert abs(achieved - 0.2) * 292_800 <= 4 * D * HD  # within one step: a query head with its freed KV head
     widths = adapter.all_widths()
     biased = sum(w.o_proj_bias for w in widths) + sum(w.down_proj_bias for w in widths)
     assert biased == sum(1 for k in ("q_head", "mlp") for layer in plan.remove.get(k, {}) if plan.remove[k][layer])
-    assert len(set(counts(adapter))) > 1                     # adaptive: layers differ
+    assert len(set(counts(adapter))) > 1  # adaptive: layers differ
 
 
 def test_adaptive_modes_never_empty_a_layer(calib):
@@ -103,7 +101,7 @@ def test_adaptive_modes_never_empty_a_layer(calib):
     method.apply(model, plan)
     assert all(kv >= 1 and inter >= 1 for _, kv, inter in counts(adapter))
     with pytest.raises(InfeasibleRatioError, match="at most"):
-        flap(progress=False).budget(load_model(STORIES)[0], 0.76)   # from counts, before any calibration
+        flap(progress=False).budget(load_model(STORIES)[0], 0.76)  # from counts, before any calibration
 
 
 def test_ul_um_is_uniform(calib):
@@ -119,8 +117,9 @@ def test_ul_um_is_uniform(calib):
     assert 1 - adapter.num_params() / 292_800 == pytest.approx(plan.meta["planned_ratio"], abs=1e-12)
 
 
-@pytest.mark.parametrize("structures,kind,heads", [(("q_head", "mlp"), "q_head", 7),
-                                                   (("kv_group", "mlp"), "kv_group", 6)])
+@pytest.mark.parametrize(
+    "structures,kind,heads", [(("q_head", "mlp"), "q_head", 7), (("kv_group", "mlp"), "kv_group", 6)]
+)
 @pytest.mark.parametrize("structure", ["UL-MM", "AL-MM"])
 def test_manual_mix_removes_remove_heads(calib, structure, structures, kind, heads):
     model, _, adapter = load_model(STORIES)
@@ -128,7 +127,7 @@ def test_manual_mix_removes_remove_heads(calib, structure, structures, kind, hea
     plan = method.prune(model, 0.2, calib)
     assert sum(len(u) for u in plan.remove[kind].values()) == 5
     method.apply(model, plan)
-    if structure == "UL-MM":                       # remove_heads // 5 layers = one unit per layer
+    if structure == "UL-MM":  # remove_heads // 5 layers = one unit per layer
         assert {h for h, _, _ in counts(adapter)} == {heads} and len({c for _, _, c in counts(adapter)}) == 1
     assert abs(1 - adapter.num_params() / 292_800 - 0.2) < 0.01
 
@@ -147,11 +146,11 @@ def test_query_heads_go_one_at_a_time(calib):
     method = flap(progress=False)
     plan = method.prune(model, 0.5, calib)
     per_layer = [len(plan.units("q_head", i)) for i in range(5)]
-    assert len(set(per_layer)) > 1 and any(n % 4 for n in per_layer)     # not multiples of the 4 KV groups
+    assert len(set(per_layer)) > 1 and any(n % 4 for n in per_layer)  # not multiples of the 4 KV groups
     method.apply(model, plan)
     widths = adapter.all_widths()
     assert any(not w.even for w in widths) and all(w.num_heads >= 1 for w in widths)
-    for i, w in enumerate(widths):       # a KV head stays exactly while one of its query heads does
+    for i, w in enumerate(widths):  # a KV head stays exactly while one of its query heads does
         kept = [h for h in range(8) if h not in plan.units("q_head", i)]
         assert w.num_kv_heads == len({h // G for h in kept}) and w.num_heads == len(kept)
     assert 1 - adapter.num_params() / 292_800 == pytest.approx(plan.meta["planned_ratio"], abs=1e-12)
@@ -185,7 +184,7 @@ def test_constant_inputs_make_compensation_exact(dtype, tol):
     for out in outs:
         assert (out - ref).abs().max().item() <= tol
     uncompensated = apply_plan(copy.deepcopy(model), plans[0])
-    assert (logits(uncompensated, ids) - ref).abs().max().item() > 1e-1     # the check can fail
+    assert (logits(uncompensated, ids) - ref).abs().max().item() > 1e-1  # the check can fail
 
 
 def test_bias_is_the_removed_columns_times_the_mean(stories, calib):
@@ -193,7 +192,7 @@ def test_bias_is_the_removed_columns_times_the_mean(stories, calib):
     stats = collect(model, calib, progress=False)
     means = {(i, s): stats[i][s].mean for i in stats for s in ("o_proj", "down_proj")}
     plan = PrunePlan()
-    plan.add("kv_group", 1, [0, 2])        # query heads 0,1 and 4,5 -> o_proj inputs 0..15 and 32..47
+    plan.add("kv_group", 1, [0, 2])  # query heads 0,1 and 4,5 -> o_proj inputs 0..15 and 32..47
     plan.add("mlp", 3, [7, 100, 171])
     layer1, layer3 = model.model.layers[1], model.model.layers[3]
     o_w = layer1.self_attn.o_proj.weight.detach().double().clone()
@@ -274,14 +273,27 @@ def test_cli_allocation_modes_are_selectable(tmp_path):
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "run.py", "-m", "method=flap", "method.structure=AL-AM,UL-UM,UL-MM",
-                           "method.remove_heads=5", "pruning.ratio=0.2", "eval=quick", "progress=false",
-                           f"store.dir={tmp_path}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-                          cwd=repo, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "run.py",
+            "-m",
+            "method=flap",
+            "method.structure=AL-AM,UL-UM,UL-MM",
+            "method.remove_heads=5",
+            "pruning.ratio=0.2",
+            "eval=quick",
+            "progress=false",
+            f"store.dir={tmp_path}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     recs = [json.loads(p.read_text()) for p in (tmp_path / "records").glob("*.json")]
-    recs = {r["plan"]["meta"]["allocation"]["structure"]: r for r in recs
-            if r["plan"]["meta"].get("method") == "flap"}
+    recs = {r["plan"]["meta"]["allocation"]["structure"]: r for r in recs if r["plan"]["meta"].get("method") == "flap"}
     assert set(recs) == {"AL-AM", "UL-UM", "UL-MM"}
     for rec in recs.values():
         assert abs(rec["params"]["achieved_ratio"] - 0.2) < 0.02
@@ -312,8 +324,9 @@ def test_al_am_native_threshold_is_the_official_code(stories, calib):
     sorted_prune, indices = torch.sort(prune_metric, descending=True)
     compression_weight = torch.ones_like(indices)
     compression_weight[indices < attn_metric.numel()] = 4 * HD / 3
-    threshold = sorted_prune[torch.argmin(torch.abs(torch.cumsum(compression_weight, 0)
-                                                    - torch.sum(compression_weight) * (1 - p)))]
+    threshold = sorted_prune[
+        torch.argmin(torch.abs(torch.cumsum(compression_weight, 0) - torch.sum(compression_weight) * (1 - p)))
+    ]
     attn_mask, mlp_mask = attn_metric > threshold, mlp_metric > threshold
     plan = method.allocation.allocate(sets, scores, method.allocation.budget(sets, None, 292_800))
     for layer in range(5):
@@ -323,11 +336,14 @@ def test_al_am_native_threshold_is_the_official_code(stories, calib):
     assert "spared" not in plan.meta["allocation"] and plan.meta["allocation"]["attn_mlp_ratio"] == p
 
 
-@pytest.mark.parametrize("structure,remove_heads,heads,mlp", [
-    ("UL-UM", None, [1] * 5, [34] * 5),        # int(0.2·8), int(0.2·172) in every layer
-    ("UL-MM", 5, [1] * 5, [40] * 5),           # cal_remove_neuron: int((0.2·(3·172·64 + 4·64²) − 4·64·8) / (3·64))
-    ("AL-MM", 7, None, None),                  # 7 heads over all layers; int((5·0.2·49408 − 4·64·8·7) / 192) = 182
-])
+@pytest.mark.parametrize(
+    "structure,remove_heads,heads,mlp",
+    [
+        ("UL-UM", None, [1] * 5, [34] * 5),  # int(0.2·8), int(0.2·172) in every layer
+        ("UL-MM", 5, [1] * 5, [40] * 5),  # cal_remove_neuron: int((0.2·(3·172·64 + 4·64²) − 4·64·8) / (3·64))
+        ("AL-MM", 7, None, None),  # 7 heads over all layers; int((5·0.2·49408 − 4·64·8·7) / 192) = 182
+    ],
+)
 def test_native_counts_per_mode(calib, structure, remove_heads, heads, mlp):
     model, _, adapter = load_model(STORIES)
     method = flap(structure, remove_heads=remove_heads, attn_mlp_ratio=0.2, progress=False)
@@ -367,15 +383,16 @@ class BiasGPT:
     def add_batch(self, inp):
         inp = inp.reshape(-1, inp.shape[-1]).t().double()
         batch_size = 1
-        old_baseline_inp = self.baseline_inp          # an alias: the in-place update below changes it too
+        old_baseline_inp = self.baseline_inp  # an alias: the in-place update below changes it too
         self.baseline_inp *= self.nsamples / (self.nsamples + batch_size)
         self.baseline_inp += torch.mean(inp, dim=1) / (self.nsamples + batch_size)
         if self.nsamples == 0:
             self.fluc_inp = 0
         else:
             self.fluc_inp *= (self.nsamples - 1) / (self.nsamples + batch_size - 1)
-            self.fluc_inp += torch.sum((inp - self.baseline_inp.unsqueeze(1)) * (inp - old_baseline_inp.unsqueeze(1)),
-                                       dim=1) / (self.nsamples + batch_size)
+            self.fluc_inp += torch.sum(
+                (inp - self.baseline_inp.unsqueeze(1)) * (inp - old_baseline_inp.unsqueeze(1)), dim=1
+            ) / (self.nsamples + batch_size)
         self.nsamples += batch_size
 
 
@@ -396,7 +413,7 @@ def test_streaming_fluctuation_is_flaps_estimator(stories, calib):
     for h in handles:
         h.remove()
     got = streaming_fluctuation(model, calib, list(range(5)), progress=False)
-    as_windows = streaming_fluctuation(model, list(calib), list(range(5)), progress=False)   # variable-length form
+    as_windows = streaming_fluctuation(model, list(calib), list(range(5)), progress=False)  # variable-length form
     exact = collect(model, calib, progress=False)
     for key, w in wrapped.items():
         torch.testing.assert_close(got[key], w.fluc_inp, rtol=1e-9, atol=1e-12)

@@ -59,8 +59,7 @@ def test_layerwise_scores_equal_whole_model(f64, variant, strategy):
 def test_layerwise_gives_the_same_plan(f64, variant):
     """ratio 0.3: KV groups and MLP channels both go (LLM-Pruner's layer range on the tiny model)."""
     model, _, _, calib = f64
-    plans = [llm_pruner(importance=variant, memory=mem).prune(model, 0.3, calib)
-             for mem in ({}, {"layerwise": True})]
+    plans = [llm_pruner(importance=variant, memory=mem).prune(model, 0.3, calib) for mem in ({}, {"layerwise": True})]
     assert plans[0].remove == plans[1].remove and plans[0].remove["kv_group"] and plans[0].remove["mlp"]
     assert plans[1].meta["scoring"]["layerwise"] is True
 
@@ -90,12 +89,15 @@ def test_tied_head_is_folded_once_and_matches_plain_autograd(one_thread):
     model.zero_grad(set_to_none=True)
     model(calib, labels=calib).loss.backward()
     ref = torch.zeros(64, dtype=torch.float64)
-    for name, p in model.named_parameters():      # named_parameters lists the tied matrix once
+    for name, p in model.named_parameters():  # named_parameters lists the tied matrix once
         t = (p.detach() * p.grad).abs()
         ref += t if p.dim() == 1 else t.sum(1) if name.endswith(("o_proj.weight", "down_proj.weight")) else t.sum(0)
     model.zero_grad(set_to_none=True)
-    for memory in ({"layerwise": True}, {"layerwise": True, "micro_batch": 4},
-                   {"layerwise": True, "offload": True, "device": "cpu"}):
+    for memory in (
+        {"layerwise": True},
+        {"layerwise": True, "micro_batch": 4},
+        {"layerwise": True, "offload": True, "device": "cpu"},
+    ):
         got, _ = fitted(model, [hid], calib, **memory)
         assert rel_diff(got, ref) <= REL, memory
 
@@ -103,8 +105,12 @@ def test_tied_head_is_folded_once_and_matches_plain_autograd(one_thread):
 def test_layerwise_with_micro_batches_offload_and_cpu_device(f64):
     model, _, _, calib = f64
     sets = llm_pruner().sets(model)
-    for variant, memory in (("element2", {"micro_batch": 2, "budget": 0.3}), ("element1", {"micro_batch": 3}),
-                            ("element1", {"offload": True}), ("element1", {"device": "cpu"})):
+    for variant, memory in (
+        ("element2", {"micro_batch": 2, "budget": 0.3}),
+        ("element1", {"micro_batch": 3}),
+        ("element1", {"offload": True}),
+        ("element1", {"device": "cpu"}),
+    ):
         ref, _ = fitted(model, sets, calib, variant)
         got, meta = fitted(model, sets, calib, variant, layerwise=True, **memory)
         assert rel_diff(got, ref) <= REL, memory
@@ -134,7 +140,7 @@ def test_layerwise_peak_is_a_fraction_of_the_whole_model_peak(stories):
     whole = fitted(model, sets, calib)[1]["memory"]
     lw = fitted(model, sets, calib, layerwise=True)[1]["memory"]
     assert lw["peak_extra_bytes"] < 0.5 * whole["peak_extra_bytes"]
-    assert lw["state_ratio"] == whole["state_ratio"]          # the same gradients are folded the same way
+    assert lw["state_ratio"] == whole["state_ratio"]  # the same gradients are folded the same way
 
 
 def test_bad_memory_options_fail_before_any_pass(stories):
@@ -187,8 +193,16 @@ def test_layerwise_on_other_families(family):
     from pruning.errors import UnsupportedModelError
     from pruning.models import adapter_for
 
-    common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
+    common = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+    )
     cfg = MistralConfig(sliding_window=8, **common) if family == "mistral" else Qwen3Config(**common)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).double().eval()
@@ -231,7 +245,7 @@ def test_collector_holds_one_layer_at_a_time(stories):
     deep = peaks()
     adapter.set_layers([0, 1])
     shallow = peaks()
-    stats_bytes = 3 * 64 * 8                              # sqnorm at o_proj of the 3 extra layers
+    stats_bytes = 3 * 64 * 8  # sqnorm at o_proj of the 3 extra layers
     for mode in ("dense", "sequential"):
         assert deep[mode] <= 1.1 * shallow[mode] + stats_bytes, mode
     assert deep["backward"] > 1.5 * shallow["backward"]

@@ -38,8 +38,9 @@ def calib():
 def scores(model, adapter, calib, kinds=("kv_group", "q_head", "mlp"), layers=(0, 1, 2, 3, 4), propagate="none"):
     scorer = BIPScorer(propagate=propagate)
     with scorer.recording(model, list(layers)):
-        stats = collect(model, calib, stats={"down_proj": ("absmean",)}, layers=list(layers), mode="sequential",
-                        progress=False)
+        stats = collect(
+            model, calib, stats={"down_proj": ("absmean",)}, layers=list(layers), mode="sequential", progress=False
+        )
     scorer.bind(stats)
     return {(k, i): scorer(s) for k in kinds for i in layers for s in structure_sets(adapter, k, [i])}
 
@@ -47,10 +48,13 @@ def scores(model, adapter, calib, kinds=("kv_group", "q_head", "mlp"), layers=(0
 def captured(model, ids, layer):
     """(o_proj input, down_proj input, block output) of one layer from plain hooks, float64 [N, ·]."""
     blk, got = model.model.layers[layer], {}
-    hs = [blk.self_attn.o_proj.register_forward_pre_hook(lambda m, a: got.setdefault("o", a[0].detach())),
-          blk.mlp.down_proj.register_forward_pre_hook(lambda m, a: got.setdefault("a", a[0].detach())),
-          blk.register_forward_hook(lambda m, a, out: got.setdefault("y", (out[0] if isinstance(out, tuple)
-                                                                            else out).detach()))]
+    hs = [
+        blk.self_attn.o_proj.register_forward_pre_hook(lambda m, a: got.setdefault("o", a[0].detach())),
+        blk.mlp.down_proj.register_forward_pre_hook(lambda m, a: got.setdefault("a", a[0].detach())),
+        blk.register_forward_hook(
+            lambda m, a, out: got.setdefault("y", (out[0] if isinstance(out, tuple) else out).detach())
+        ),
+    ]
     with torch.no_grad():
         model(ids)
     for h in hs:
@@ -67,12 +71,17 @@ def test_scores_equal_interp_v1_definition(stories, calib):
         wd = blk.mlp.down_proj.weight.detach().double().numpy()
         wo = blk.self_attn.o_proj.weight.detach().double().numpy()
         a, o = cap["a"].numpy(), cap["o"].numpy()
-        np.testing.assert_allclose(got[("mlp", layer)].numpy(),
-                                   np.abs(a).mean(0) * np.linalg.norm(wd, axis=0), rtol=1e-9)
-        q = [np.linalg.norm(o[:, h * HD:(h + 1) * HD] @ wo[:, h * HD:(h + 1) * HD].T, axis=1).mean()
-             for h in range(H)]
-        kv = [np.linalg.norm(o[:, j * G * HD:(j + 1) * G * HD] @ wo[:, j * G * HD:(j + 1) * G * HD].T, axis=1).mean()
-              for j in range(H // G)]
+        np.testing.assert_allclose(
+            got[("mlp", layer)].numpy(), np.abs(a).mean(0) * np.linalg.norm(wd, axis=0), rtol=1e-9
+        )
+        q = [
+            np.linalg.norm(o[:, h * HD : (h + 1) * HD] @ wo[:, h * HD : (h + 1) * HD].T, axis=1).mean()
+            for h in range(H)
+        ]
+        kv = [
+            np.linalg.norm(o[:, j * G * HD : (j + 1) * G * HD] @ wo[:, j * G * HD : (j + 1) * G * HD].T, axis=1).mean()
+            for j in range(H // G)
+        ]
         np.testing.assert_allclose(got[("q_head", layer)].numpy(), q, rtol=1e-9)
         np.testing.assert_allclose(got[("kv_group", layer)].numpy(), kv, rtol=1e-9)
 
@@ -87,20 +96,22 @@ def test_scores_equal_measured_ablations(calib):
         mod = getattr(blk.mlp if site == "down_proj" else blk.self_attn, site)
         width = 1 if kind == "mlp" else G * HD
         for u in units:
+
             def zero(m, a, u=u):
                 x = a[0].clone()
-                x[..., u * width:(u + 1) * width] = 0
+                x[..., u * width : (u + 1) * width] = 0
                 return (x,)
+
             h = mod.register_forward_pre_hook(zero)
             out_hook, seen = None, {}
-            if kind == "kv_group":   # the attention-branch output itself (o_proj output) with/without the unit
+            if kind == "kv_group":  # the attention-branch output itself (o_proj output) with/without the unit
                 out_hook = mod.register_forward_hook(lambda m, a, out: seen.setdefault("z", out.detach()))
             abl = captured(model, calib, layer)
             h.remove()
             if out_hook is not None:
                 out_hook.remove()
                 measured = (base["o"] @ mod.weight.detach().T - seen["z"].reshape(-1, D)).norm(dim=-1).mean()
-            else:       # an MLP channel: the block output changes by exactly −a_k·W_down[:, k]
+            else:  # an MLP channel: the block output changes by exactly −a_k·W_down[:, k]
                 measured = (base["y"] - abl["y"]).norm(dim=-1).mean()
             assert got[(kind, layer)][u].item() == pytest.approx(measured.item(), rel=1e-5)
 
@@ -113,13 +124,15 @@ def test_mlp_jvp_matches_block_output_change_to_first_order(calib):
         blk.self_attn.o_proj.weight.mul_(1e-3)
     plain = scores(model, adapter, calib, kinds=("kv_group", "mlp"), layers=(layer,))
     got = scores(model, adapter, calib, kinds=("kv_group", "mlp"), layers=(layer,), propagate="mlp_jvp")
-    assert torch.equal(got[("mlp", layer)], plain[("mlp", layer)])   # the JVP never feeds the MLP statistics
+    assert torch.equal(got[("mlp", layer)], plain[("mlp", layer)])  # the JVP never feeds the MLP statistics
     base = captured(model, calib, layer)["y"]
     for u in range(H // G):
+
         def zero(m, a, u=u):
             x = a[0].clone()
-            x[..., u * G * HD:(u + 1) * G * HD] = 0
+            x[..., u * G * HD : (u + 1) * G * HD] = 0
             return (x,)
+
         h = blk.self_attn.o_proj.register_forward_pre_hook(zero)
         measured = (base - captured(model, calib, layer)["y"]).norm(dim=-1).mean().item()
         h.remove()
@@ -131,11 +144,11 @@ def test_zero_weight_units_score_zero(calib):
     model, _, adapter = load_model(STORIES)
     blk = model.model.layers[1]
     with torch.no_grad():
-        blk.mlp.down_proj.weight[:, 5] = 0            # W_down column
-        blk.mlp.gate_proj.weight[9] = 0               # gate row -> a = silu(0)·up = 0
-        blk.mlp.up_proj.weight[11] = 0                # up row -> a = 0
-        blk.self_attn.o_proj.weight[:, 0:G * HD] = 0  # KV group 0's o_proj columns
-        blk.self_attn.v_proj.weight[2 * HD:3 * HD] = 0  # KV head 2's v rows -> its query heads' contexts are 0
+        blk.mlp.down_proj.weight[:, 5] = 0  # W_down column
+        blk.mlp.gate_proj.weight[9] = 0  # gate row -> a = silu(0)·up = 0
+        blk.mlp.up_proj.weight[11] = 0  # up row -> a = 0
+        blk.self_attn.o_proj.weight[:, 0 : G * HD] = 0  # KV group 0's o_proj columns
+        blk.self_attn.v_proj.weight[2 * HD : 3 * HD] = 0  # KV head 2's v rows -> its query heads' contexts are 0
     got = scores(model, adapter, calib, layers=(1,))
     assert got[("mlp", 1)][[5, 9, 11]].abs().max().item() == 0
     assert got[("kv_group", 1)][[0, 2]].abs().max().item() == 0
@@ -152,9 +165,10 @@ def test_one_forward_no_backward_and_bad_switches(stories, calib):
             llm_bip(**kw)
 
 
-@pytest.mark.parametrize("mode,structures,ratio", [("per_layer", ("kv_group", "mlp"), 0.2),
-                                                    ("global", ("kv_group", "mlp"), 0.2),
-                                                    ("global", ("q_head", "mlp"), 0.6)])   # uneven GQA groups
+@pytest.mark.parametrize(
+    "mode,structures,ratio",
+    [("per_layer", ("kv_group", "mlp"), 0.2), ("global", ("kv_group", "mlp"), 0.2), ("global", ("q_head", "mlp"), 0.6)],
+)  # uneven GQA groups
 def test_plan_masking_equals_surgery(calib, stories_text_ids, mode, structures, ratio):
     model, _, adapter = load_model(STORIES, dtype="float64")
     meth = llm_bip(allocation_mode=mode, structures=structures, progress=False)
@@ -172,9 +186,23 @@ def test_plan_masking_equals_surgery(calib, stories_text_ids, mode, structures, 
 @pytest.mark.slow
 def test_cli_llm_bip_writes_record(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
-    proc = subprocess.run([sys.executable, "run.py", "method=llm_bip", "pruning.ratio=0.2", "eval=quick",
-                           "progress=false", f"store.dir={tmp_path / 'store'}", f"hydra.run.dir={tmp_path / 'run'}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "run.py",
+            "method=llm_bip",
+            "pruning.ratio=0.2",
+            "eval=quick",
+            "progress=false",
+            f"store.dir={tmp_path / 'store'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = [json.loads(p.read_text()) for p in (tmp_path / "store" / "records").glob("*.json")]
     rec = next(r for r in recs if r["plan"]["meta"].get("method") == "llm_bip")

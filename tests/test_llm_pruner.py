@@ -20,10 +20,25 @@ from pruning.models import adapter_for, load_model
 from pruning.surgery.apply import mask_plan
 from pruning.surgery.save import save_pruned
 
-LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                num_hidden_layers=32, vocab_size=32000, tie_word_embeddings=False)
-LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                 num_hidden_layers=32, vocab_size=128256, tie_word_embeddings=False, head_dim=128)
+LLAMA_7B = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    num_hidden_layers=32,
+    vocab_size=32000,
+    tie_word_embeddings=False,
+)
+LLAMA3_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    num_hidden_layers=32,
+    vocab_size=128256,
+    tie_word_embeddings=False,
+    head_dim=128,
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,14 +53,20 @@ def calib():
 def closed_form(config, widths, d, tied) -> int:
     """METHODS.md §1.1 with hidden size d: P = V·d·(1 or 2) + d + Σ_l [d·d_h·(2H_l + 2H_kv,l) + 3·d·I_l + 2d]."""
     hd, V = config.head_dim, config.vocab_size
-    return V * d * (1 if tied else 2) + d + sum(d * hd * (2 * w.num_heads + 2 * w.num_kv_heads)
-                                                + 3 * d * w.intermediate_size + 2 * d for w in widths)
+    return (
+        V * d * (1 if tied else 2)
+        + d
+        + sum(d * hd * (2 * w.num_heads + 2 * w.num_kv_heads) + 3 * d * w.intermediate_size + 2 * d for w in widths)
+    )
 
 
-@pytest.mark.parametrize("shape,kv_removed,mlp_kept,expect", [
-    (LLAMA_7B, 8, 8256, 5_422_977_024),       # issue #34 log: 6,738,415,616 -> 5,422,977,024
-    (LLAMA3_8B, 2, 10752, 6_612_586_496),     # more_results/README.md: 8,030,261,248 -> 6,612,586,496
-])
+@pytest.mark.parametrize(
+    "shape,kv_removed,mlp_kept,expect",
+    [
+        (LLAMA_7B, 8, 8256, 5_422_977_024),  # issue #34 log: 6,738,415,616 -> 5,422,977,024
+        (LLAMA3_8B, 2, 10752, 6_612_586_496),  # more_results/README.md: 8,030,261,248 -> 6,612,586,496
+    ],
+)
 def test_paper_counts_on_config_only_models(shape, kv_removed, mlp_kept, expect):
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(**shape))
@@ -56,7 +77,7 @@ def test_paper_counts_on_config_only_models(shape, kv_removed, mlp_kept, expect)
     assert adapter.num_params() == expect
     kv = shape["num_key_value_heads"]
     for i, w in enumerate(adapter.all_widths()):
-        pruned = 4 <= i < 30                    # [4, 30) = floor(0.125·32 + ½), floor(0.9375·32 + ½)
+        pruned = 4 <= i < 30  # [4, 30) = floor(0.125·32 + ½), floor(0.9375·32 + ½)
         assert w.num_kv_heads == (kv - kv_removed if pruned else kv)
         assert w.num_heads == w.num_kv_heads * 32 // kv
         assert w.intermediate_size == (mlp_kept if pruned else shape["intermediate_size"])
@@ -68,10 +89,10 @@ def test_tiny_count_rule_rounds_kv_groups_down(stories):
     model, _, adapter = stories
     for p, groups in ((0.2, 0), (0.25, 1)):
         plan = llm_pruner(importance="random", group_ratio=p).prune(model, 0.2)
-        assert {l: len(u) for l, u in plan.remove.get("kv_group", {}).items()} == \
-            ({} if groups == 0 else {i: groups for i in range(1, 5)})
-        assert {l: len(u) for l, u in plan.remove["mlp"].items()} == \
-            {i: 172 - int(172 * (1 - p)) for i in range(1, 5)}
+        assert {l: len(u) for l, u in plan.remove.get("kv_group", {}).items()} == (
+            {} if groups == 0 else {i: groups for i in range(1, 5)}
+        )
+        assert {l: len(u) for l, u in plan.remove["mlp"].items()} == {i: 172 - int(172 * (1 - p)) for i in range(1, 5)}
 
 
 def test_block_strategy_leaves_everything_outside_the_range_bit_identical(stories, calib, stories_text_ids):
@@ -84,8 +105,7 @@ def test_block_strategy_leaves_everything_outside_the_range_bit_identical(storie
     method.apply(model, plan)
     assert sorted(int(l) for l in plan.remove["mlp"]) == [1, 2, 3, 4]
     after = dict(model.named_parameters())
-    outside = [n for n in before if not any(f"layers.{i}." in n for i in (1, 2, 3, 4))
-               or "layernorm" in n]
+    outside = [n for n in before if not any(f"layers.{i}." in n for i in (1, 2, 3, 4)) or "layernorm" in n]
     assert any("embed_tokens" in n for n in outside) and any("lm_head" in n for n in outside)
     assert all(torch.equal(before[n], after[n]) for n in outside)
     # GQA: whole KV groups only; the kept query heads are exactly those whose group ⌊h/g⌋ was kept
@@ -172,8 +192,13 @@ def test_channel_pruned_model_reloads_with_trust_remote_code(calib, stories_text
 
     model, out = channel_pruned_saved(calib, tmp_path)
     torch.save(stories_text_ids, tmp_path / "ids.pt")
-    proc = subprocess.run([sys.executable, "-c", REMOTE, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "l.pt")],
-                          cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", REMOTE, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "l.pt")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["MeanDimRMSNorm", "51", "64"]
     assert (torch.load(tmp_path / "l.pt") - logits(model, stories_text_ids)).abs().max().item() <= 1e-6
@@ -216,7 +241,7 @@ def test_ratio_zero_and_empty_range_leave_the_model_untouched(stories, calib):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for method, ratio in ((llm_pruner(), 0.0), (llm_pruner(layers={"start": 2, "end": 2}), 0.2)):
         plan = method.prune(model, ratio, calib)
-        assert plan.is_empty() and "scoring" not in plan.meta       # no backward pass was needed
+        assert plan.is_empty() and "scoring" not in plan.meta  # no backward pass was needed
         method.apply(model, plan)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
@@ -233,7 +258,7 @@ def test_bad_settings_fail_before_any_backward(stories):
         llm_pruner(surgery={"hidden_norm": "mean"})
     with pytest.raises(PruningError, match="memory"):
         llm_pruner(memory={"microbatch": 2})
-    with pytest.raises(InfeasibleRatioError):        # no calibration given: the ratio check must come first
+    with pytest.raises(InfeasibleRatioError):  # no calibration given: the ratio check must come first
         llm_pruner().prune(model, 0.9, None)
     with pytest.raises(PruningError, match="calibration"):
         llm_pruner().prune(model, 0.2, None)
@@ -267,7 +292,7 @@ def test_channel_strategy_on_smollm2_keeps_its_tie_and_equals_masking(tmp_path):
     assert adapter.is_tied and model.config.hidden_size == 576 - n
     assert adapter.num_params() == closed_form(model.config, adapter.all_widths(), 576 - n, True)
     ref = logits(masked, ids)
-    assert (logits(model, ids) - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()   # measured 5e-5 of 39
+    assert (logits(model, ids) - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()  # measured 5e-5 of 39
     reloaded = AutoModelForCausalLM.from_pretrained(save_pruned(model, tmp_path / "s", tok))
     assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
     assert (logits(reloaded, ids) - logits(model, ids)).abs().max().item() <= 1e-5

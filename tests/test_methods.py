@@ -18,13 +18,13 @@ def test_magnitude_kv_group_scores_match_independent_loop(stories, p):
     layer = model.model.layers[2]
     attn, hd, g = layer.self_attn, 8, 2
     expected = []
-    for j in range(4):                      # KV group j: k/v rows of head j, q rows / o cols of heads 2j, 2j+1
-        q = attn.q_proj.weight[j * g * hd:(j + 1) * g * hd]
-        k = attn.k_proj.weight[j * hd:(j + 1) * hd]
-        v = attn.v_proj.weight[j * hd:(j + 1) * hd]
-        o = attn.o_proj.weight[:, j * g * hd:(j + 1) * g * hd]
+    for j in range(4):  # KV group j: k/v rows of head j, q rows / o cols of heads 2j, 2j+1
+        q = attn.q_proj.weight[j * g * hd : (j + 1) * g * hd]
+        k = attn.k_proj.weight[j * hd : (j + 1) * hd]
+        v = attn.v_proj.weight[j * hd : (j + 1) * hd]
+        o = attn.o_proj.weight[:, j * g * hd : (j + 1) * g * hd]
         member = [float((t.detach().double().abs() ** p).sum()) for t in (q, k, v, o)]
-        expected.append(sum(member) / 4)    # mean over the 4 members (LLM-Pruner default group_reduction)
+        expected.append(sum(member) / 4)  # mean over the 4 members (LLM-Pruner default group_reduction)
     (sset,) = structure_sets(adapter, "kv_group", [2])
     got = MagnitudeScorer(p=p, aggregation="mean")(sset)
     assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-12)
@@ -33,11 +33,19 @@ def test_magnitude_kv_group_scores_match_independent_loop(stories, p):
 def test_magnitude_mlp_scores_and_aggregations(stories):
     model, _, adapter = stories
     mlp = model.model.layers[0].mlp
-    per = [mlp.gate_proj.weight.double().pow(2).sum(1), mlp.up_proj.weight.double().pow(2).sum(1),
-           mlp.down_proj.weight.double().pow(2).sum(0)]
+    per = [
+        mlp.gate_proj.weight.double().pow(2).sum(1),
+        mlp.up_proj.weight.double().pow(2).sum(1),
+        mlp.down_proj.weight.double().pow(2).sum(0),
+    ]
     (sset,) = structure_sets(adapter, "mlp", [0])
-    for how, ref in [("sum", per[0] + per[1] + per[2]), ("max", torch.stack(per).max(0).values),
-                     ("first", per[0]), ("last", per[2]), ("prod", per[0] * per[1] * per[2])]:
+    for how, ref in [
+        ("sum", per[0] + per[1] + per[2]),
+        ("max", torch.stack(per).max(0).values),
+        ("first", per[0]),
+        ("last", per[2]),
+        ("prod", per[0] * per[1] * per[2]),
+    ]:
         assert torch.allclose(MagnitudeScorer(2, how)(sset), ref, rtol=1e-12), how
 
 
@@ -99,7 +107,7 @@ def test_uniform_budget_follows_count_rule_and_reports_achieved(stories):
     # LLM-Pruner's rule: KV groups counted on k_proj's 4·8 channels, rounded down to whole heads
     per_layer = count_rule(4 * 8, budget.p) // 8 * 3072 + count_rule(172, budget.p) * 192
     assert budget.removed_params == 5 * per_layer
-    assert abs(budget.achieved - 0.2) < 0.01       # closest achievable, reported exactly
+    assert abs(budget.achieved - 0.2) < 0.01  # closest achievable, reported exactly
 
 
 def test_aggregate_rejects_unknown():

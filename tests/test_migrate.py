@@ -26,8 +26,15 @@ CASES = json.loads((REPO / "tests" / "fixtures" / "schema1_cells.json").read_tex
 
 
 def old_record(case: dict, **extra) -> dict:
-    return {"schema": 1, "config": case["config"], "config_hash": case["config_hash"], "seed": 0,
-            "created": "2026-11-28T00:00:00+00:00", "metrics": {"ppl": {"x": {"ppl": 1.0}}}, **extra}
+    return {
+        "schema": 1,
+        "config": case["config"],
+        "config_hash": case["config_hash"],
+        "seed": 0,
+        "created": "2026-11-28T00:00:00+00:00",
+        "metrics": {"ppl": {"x": {"ppl": 1.0}}},
+        **extra,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -56,16 +63,20 @@ def test_the_allocation_moved_where_the_method_reads_it(composed):
     assert llm["layers"] == {"start_frac": 0.125, "end_frac": 0.9375, "start": None, "end": None}
     assert llm["count_rule"] == "llm_pruner"
     wanda = upgrade_record(old_record(by["model=stories260k method=wanda_sp pruning.ratio=0.2"]))["config"]["method"]
-    assert wanda["count_rule"] == "floor" and wanda["layers"]["start_frac"] == 0.0      # its own rule, not the group's
+    assert wanda["count_rule"] == "floor" and wanda["layers"]["start_frac"] == 0.0  # its own rule, not the group's
     for name in ("nirvana", "slicegpt", "search_llm"):
-        method = upgrade_record(old_record(by[f"model=stories260k method={name} pruning.ratio=0.2"]))["config"]["method"]
+        method = upgrade_record(old_record(by[f"model=stories260k method={name} pruning.ratio=0.2"]))["config"][
+            "method"
+        ]
         assert "layers" not in method and "count_rule" not in method
     # NIRVANA ignored the allocation: two schema-1 cells that differed only there are one cell now
     a = upgrade_record(old_record(by["model=stories260k method=nirvana pruning.ratio=0.2"]))
     b = upgrade_record(old_record(by["model=stories260k method=nirvana pruning.ratio=0.2 allocation=layer_range"]))
-    assert a["config_hash"] == b["config_hash"] != by["model=stories260k method=nirvana pruning.ratio=0.2"]["config_hash"]
+    assert (
+        a["config_hash"] == b["config_hash"] != by["model=stories260k method=nirvana pruning.ratio=0.2"]["config_hash"]
+    )
     dense = by["model=stories260k method=dense"]
-    assert upgrade_record(old_record(dense))["config_hash"] == dense["config_hash"]   # no allocation: same identity
+    assert upgrade_record(old_record(dense))["config_hash"] == dense["config_hash"]  # no allocation: same identity
 
 
 def test_a_group_ratio_the_new_schema_cannot_hold_is_refused():
@@ -79,16 +90,19 @@ def test_a_group_ratio_the_new_schema_cannot_hold_is_refused():
 def test_migrate_store_renames_keeps_everything_and_is_idempotent(tmp_path):
     store = ResultsStore(tmp_path / "store")
     by = {" ".join(c["overrides_schema1"]): c for c in CASES}
-    names = ["model=stories260k method=llm_pruner pruning.ratio=0.2", "model=stories260k method=dense",
-             "model=stories260k method=nirvana pruning.ratio=0.2",
-             "model=stories260k method=nirvana pruning.ratio=0.2 allocation=layer_range"]
+    names = [
+        "model=stories260k method=llm_pruner pruning.ratio=0.2",
+        "model=stories260k method=dense",
+        "model=stories260k method=nirvana pruning.ratio=0.2",
+        "model=stories260k method=nirvana pruning.ratio=0.2 allocation=layer_range",
+    ]
     store.records_dir.mkdir(parents=True)
-    for k, name in enumerate(names):     # written as the schema-1 code wrote them, under their old hashes
+    for k, name in enumerate(names):  # written as the schema-1 code wrote them, under their old hashes
         rec = old_record(by[name], created=f"2026-11-28T00:00:0{k}+00:00")
         (store.records_dir / f"{rec['config_hash']}.json").write_text(json.dumps(rec))
     with pytest.warns(RuntimeWarning, match="3 records .* older schema"):
-        assert len(store.records()) == 4                       # readable before the rewrite, upgraded on read
-    assert store.get(by[names[0]]["config_hash"]) is None        # an old name is not the cell's hash any more
+        assert len(store.records()) == 4  # readable before the rewrite, upgraded on read
+    assert store.get(by[names[0]]["config_hash"]) is None  # an old name is not the cell's hash any more
 
     moved, left = migrate_store(store.root, log=lambda *_: None)
     assert not left and len(moved) == 4
@@ -96,12 +110,12 @@ def test_migrate_store_renames_keeps_everything_and_is_idempotent(tmp_path):
     assert sorted(p.stem for p in store.records_dir.glob("*.json")) == sorted(set(new.values()))
     assert store.get(new[names[0]])["config"]["method"]["layers"]["start_frac"] == 0.125
     assert store.get(new[names[1]])["schema"] == SCHEMA_VERSION
-    kept = store.get(new[names[2]])                              # the newer of the two NIRVANA records stays ...
+    kept = store.get(new[names[2]])  # the newer of the two NIRVANA records stays ...
     assert kept["created"].endswith("03+00:00") and kept["migrations"][0]["config_hash"] == by[names[3]]["config_hash"]
-    (gone,) = (store.root / "superseded").glob("*.json")         # ... and the other is kept aside, not deleted
+    (gone,) = (store.root / "superseded").glob("*.json")  # ... and the other is kept aside, not deleted
     assert gone.stem == by[names[2]]["config_hash"] and json.loads(gone.read_text())["schema"] == SCHEMA_VERSION
 
-    assert migrate_store(store.root, log=lambda *_: None) == ({}, {})     # a second run has nothing to do
+    assert migrate_store(store.root, log=lambda *_: None) == ({}, {})  # a second run has nothing to do
     assert len(store.records()) == 3
 
 
@@ -115,17 +129,20 @@ def test_committed_store_is_migrated():
         assert "allocation" not in rec["config"]
 
 
-@pytest.mark.parametrize("arg,new", [
-    ("allocation=layer_range", "method.layers.start_frac=0.125 method.layers.end_frac=0.9375"),
-    ("allocation=uniform", "drop the override"),
-    ("allocation.layer_start_frac=0.2", "use method.layers.start_frac=0.2"),
-    ("allocation.layer_end_frac=0.5", "use method.layers.end_frac=0.5"),
-    ("allocation.layer_start=1", "use method.layers.start=1"),
-    ("+allocation.layer_end=3", "use method.layers.end=3"),
-    ("allocation.count_rule=floor", "use method.count_rule=floor"),
-    ("allocation.group_ratio=0.25", "use method.group_ratio=0.25"),
-    ("~allocation", "allocation settings are method keys now"),
-])
+@pytest.mark.parametrize(
+    "arg,new",
+    [
+        ("allocation=layer_range", "method.layers.start_frac=0.125 method.layers.end_frac=0.9375"),
+        ("allocation=uniform", "drop the override"),
+        ("allocation.layer_start_frac=0.2", "use method.layers.start_frac=0.2"),
+        ("allocation.layer_end_frac=0.5", "use method.layers.end_frac=0.5"),
+        ("allocation.layer_start=1", "use method.layers.start=1"),
+        ("+allocation.layer_end=3", "use method.layers.end=3"),
+        ("allocation.count_rule=floor", "use method.count_rule=floor"),
+        ("allocation.group_ratio=0.25", "use method.group_ratio=0.25"),
+        ("~allocation", "allocation settings are method keys now"),
+    ],
+)
 def test_old_overrides_get_one_line_naming_the_new_key(arg, new):
     msg = moved_override(arg)
     assert msg is not None and "\n" not in msg and new in msg
@@ -135,18 +152,19 @@ def test_old_overrides_get_one_line_naming_the_new_key(arg, new):
 
 def test_other_overrides_pass():
     check_overrides(["method=llm_pruner", "method.layers.start=1", "method.count_rule=floor", "pruning.ratio=0.2"])
-    assert moved_override("method.allocation_mode=global") is None       # llm_bip's own key, not the old group
+    assert moved_override("method.allocation_mode=global") is None  # llm_bip's own key, not the old group
 
 
 def test_old_allocation_overrides_are_not_in_the_new_conf():
     assert not (REPO / "conf" / "allocation").exists()
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["method=magnitude", "method.layers.start=1", "method.layers.end=4",
-                                           "method.count_rule=floor"])
+        cfg = compose(
+            "config",
+            overrides=["method=magnitude", "method.layers.start=1", "method.layers.end=4", "method.count_rule=floor"],
+        )
     method = build_method(cfg)
     assert method.allocation.layers(5) == [1, 2, 3] and method.allocation.count_rule == "floor"
     assert "allocation" not in cfg
-
 
 
 def test_bad_layer_range_keys_fail_with_one_line():

@@ -17,7 +17,7 @@ from pruning.models import load_model
 from pruning.structures import structure_sets
 from pruning.surgery.apply import mask_plan
 
-ATTN_MLP = 5 * (4 * 3072 + 172 * 192)     # stories260K: L·(H_kv·P_a + I·P_m) = 226,560
+ATTN_MLP = 5 * (4 * 3072 + 172 * 192)  # stories260K: L·(H_kv·P_a + I·P_m) = 226,560
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,11 +51,19 @@ def test_saliency_equals_its_definition(calib):
     model.zero_grad(set_to_none=True)
     model(calib).logits.max(dim=1).values.mean().backward()
     for i, layer in enumerate(adapter.layers):
-        S = {n: (getattr(adapter, n)(layer).weight.grad * getattr(adapter, n)(layer).weight).abs().detach()
-             for n in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
-        kv = torch.stack([S["q_proj"][16 * j:16 * (j + 1)].sum() + S["k_proj"][8 * j:8 * (j + 1)].sum()
-                          + S["v_proj"][8 * j:8 * (j + 1)].sum() + S["o_proj"][:, 16 * j:16 * (j + 1)].sum()
-                          for j in range(4)])
+        S = {
+            n: (getattr(adapter, n)(layer).weight.grad * getattr(adapter, n)(layer).weight).abs().detach()
+            for n in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        }
+        kv = torch.stack(
+            [
+                S["q_proj"][16 * j : 16 * (j + 1)].sum()
+                + S["k_proj"][8 * j : 8 * (j + 1)].sum()
+                + S["v_proj"][8 * j : 8 * (j + 1)].sum()
+                + S["o_proj"][:, 16 * j : 16 * (j + 1)].sum()
+                for j in range(4)
+            ]
+        )
         mlp = S["gate_proj"].sum(1) + S["up_proj"].sum(1) + S["down_proj"].sum(0)
         torch.testing.assert_close(scorer(sets[i]), kv, rtol=1e-9, atol=0)
         torch.testing.assert_close(scorer(sets[5 + i]), mlp, rtol=1e-9, atol=0)
@@ -66,8 +74,11 @@ def test_zero_weights_score_zero(stories, calib):
     model, _, adapter = stories
     layer = adapter.layers[3]
     with torch.no_grad():
-        for proj, rows in ((adapter.q_proj, slice(32, 48)), (adapter.k_proj, slice(16, 24)),
-                           (adapter.v_proj, slice(16, 24))):
+        for proj, rows in (
+            (adapter.q_proj, slice(32, 48)),
+            (adapter.k_proj, slice(16, 24)),
+            (adapter.v_proj, slice(16, 24)),
+        ):
             proj(layer).weight[rows] = 0
         adapter.o_proj(layer).weight[:, 32:48] = 0
         adapter.gate_proj(layer).weight[100] = 0
@@ -104,7 +115,7 @@ def test_allocation_invariants(calib, stories_text_ids, round_to, ratio):
     widths = adapter.all_widths()
     assert all(w.num_kv_heads >= 1 and w.num_heads == 2 * w.num_kv_heads for w in widths)
     assert all(w.intermediate_size == 172 or w.intermediate_size % round_to == 0 for w in widths)
-    assert len({w.intermediate_size for w in widths}) > 1        # global thresholds: widths differ per layer
+    assert len({w.intermediate_size for w in widths}) > 1  # global thresholds: widths differ per layer
     achieved = 1 - adapter.num_params() / 292_800
     assert abs(achieved - ratio) <= 0.02, achieved
     alloc = plan.meta["allocation"]
@@ -119,8 +130,9 @@ def test_kl_is_zero_to_itself_and_positive_after_pruning(stories, tok):
     ids = data.calibration_batches(tok, "alpaca", 8, 32, 42, progress=False)
     ref = next_token_logprobs(model, ids, batch_size=3)
     assert kl_to_reference(model, ids, ref, batch_size=5) == 0.0
-    plan = nirvana(kl_select={"seeds": []}).prune(model, 0.3, data.calibration_batches(tok, "c4", 8, 64, 0,
-                                                                                         progress=False))
+    plan = nirvana(kl_select={"seeds": []}).prune(
+        model, 0.3, data.calibration_batches(tok, "c4", 8, 64, 0, progress=False)
+    )
     pruned = mask_plan(copy.deepcopy(model), plan)
     kl = kl_to_reference(pruned, ids, ref)
     # independent: D_KL(P‖Q) = Σ_v p (log p − log q), mean over every position
@@ -139,7 +151,8 @@ def test_kl_selection_keeps_the_candidate_closest_to_dense(stories, tok):
     assert sel["chosen_seed"] == sel["seeds"][sel["kl"].index(min(sel["kl"]))]
     # the chosen plan is exactly the plan of that seed's calibration set
     again = nirvana(round_to=4, kl_select={"seeds": []}).prune(
-        model, 0.2, data.calibration_batches(tok, "c4", 8, 64, sel["chosen_seed"], progress=False))
+        model, 0.2, data.calibration_batches(tok, "c4", 8, 64, sel["chosen_seed"], progress=False)
+    )
     assert again.remove == plan.remove
 
 

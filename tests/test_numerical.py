@@ -35,10 +35,7 @@ D, HD, G = 64, 8, 2
 @pytest.fixture(scope="module")
 def calib():
     _, tok, _ = load_model(STORIES)
-    return data.calibration_batches(tok, "c4", 8, 32, 0, progress=False)   # 256 tokens > I = 172
-
-
-
+    return data.calibration_batches(tok, "c4", 8, 32, 0, progress=False)  # 256 tokens > I = 172
 
 
 def weight(model, layer, site):
@@ -62,13 +59,17 @@ def test_newton_gradient_and_step(stories, calib, site):
     r = (1 - rho) * d
     z = torch.rand(d, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     g = newton_gradient(a, z, lam, r)
-    eps, coords = 1e-5, torch.randperm(d, generator=torch.Generator().manual_seed(1))[:24]   # 24 coordinates
-    fd = torch.stack([(objective(x, w, z + eps * e, lam, r) - objective(x, w, z - eps * e, lam, r)) / (2 * eps)
-                      for e in torch.eye(d, dtype=torch.float64)[coords]])
+    eps, coords = 1e-5, torch.randperm(d, generator=torch.Generator().manual_seed(1))[:24]  # 24 coordinates
+    fd = torch.stack(
+        [
+            (objective(x, w, z + eps * e, lam, r) - objective(x, w, z - eps * e, lam, r)) / (2 * eps)
+            for e in torch.eye(d, dtype=torch.float64)[coords]
+        ]
+    )
     assert torch.linalg.norm(g[coords] - fd) / torch.linalg.norm(fd) < 1e-4
     z1 = relaxed_mask(a, rho, lam)
     z2 = relaxed_mask(a, rho, lam, z0=torch.zeros(d, dtype=torch.float64))
-    assert torch.allclose(z1, z2, rtol=1e-8, atol=1e-8)                    # one step from any z0
+    assert torch.allclose(z1, z2, rtol=1e-8, atol=1e-8)  # one step from any z0
     assert newton_gradient(a, z1, lam, r).abs().max() < 1e-6 * a.diagonal().max()
     assert torch.allclose(relaxed_mask(a, 0.0, math.inf), torch.ones(d, dtype=torch.float64))
     assert relaxed_mask(a, rho, math.inf).sum().item() == pytest.approx(r, rel=1e-9)
@@ -89,8 +90,9 @@ def test_scorer_equals_numpy_closed_form(stories, calib):
             a = a + 0.01 * np.mean(np.diag(a)) * np.eye(a.shape[0])
             ainv1 = np.linalg.solve(a, np.ones(a.shape[0]))
             z = 1 - (a.shape[0] * 0.25) * ainv1 / ainv1.sum()
-            width, alpha = {"kv_group": (G * HD, 2 * (G + 1) * HD / 3), "q_head": (HD, 2 * HD / 3),
-                            "mlp": (1, 1.0)}[kind]
+            width, alpha = {"kv_group": (G * HD, 2 * (G + 1) * HD / 3), "q_head": (HD, 2 * HD / 3), "mlp": (1, 1.0)}[
+                kind
+            ]
             np.testing.assert_allclose(scorer(sset).numpy(), alpha * z.reshape(-1, width).mean(1), rtol=1e-7)
 
 
@@ -106,7 +108,7 @@ def test_global_param_budget_within_one_unit(stories):
         removed = sum(len(plan.units(s.kind, s.layer)) * s.params_per_unit for s in sets)
         assert abs(removed - ratio * total) <= max(s.params_per_unit for s in sets) / 2 + 1
         assert plan.meta["allocation"]["achieved"] == removed / total
-        for s in sets:       # never empties a layer, and the kept unit is the set's best
+        for s in sets:  # never empties a layer, and the kept unit is the set's best
             kept = set(range(s.n_units)) - set(plan.units(s.kind, s.layer))
             assert kept and max(range(s.n_units), key=lambda u: scores[sets.index(s)][u]) in kept
     with pytest.raises(InfeasibleRatioError):
@@ -123,8 +125,9 @@ def test_global_rank_takes_single_query_heads_with_exact_accounting(stories):
     sets = [s for k in ("q_head", "mlp") for s in structure_sets(adapter, k)]
     total = adapter.num_params()
     gen = torch.Generator().manual_seed(3)
-    scores = [torch.rand(s.n_units, generator=gen, dtype=torch.float64) * (0.5 if s.kind == "q_head" else 1.0)
-              for s in sets]
+    scores = [
+        torch.rand(s.n_units, generator=gen, dtype=torch.float64) * (0.5 if s.kind == "q_head" else 1.0) for s in sets
+    ]
     alloc = GlobalRank()
     plan = alloc.allocate(sets, scores, alloc.budget(sets, 0.3, total))
     removed, uneven = 0, False
@@ -134,7 +137,7 @@ def test_global_rank_takes_single_query_heads_with_exact_accounting(stories):
         removed += len(gone) * s.params_per_unit
         if s.kind == "q_head":
             left = [sum(1 for h in range(2 * j, 2 * j + 2) if h not in gone) for j in range(4)]
-            removed += left.count(0) * 2 * 64 * 8          # emptied KV heads: their k and v rows
+            removed += left.count(0) * 2 * 64 * 8  # emptied KV heads: their k and v rows
             uneven |= len(set(v for v in left if v)) > 1 or (0 in left and any(left))
     assert uneven and plan.meta["allocation"]["achieved"] == removed / total
     assert abs(removed - 0.3 * total) <= 2 * 1024
@@ -144,8 +147,14 @@ def test_global_rank_takes_single_query_heads_with_exact_accounting(stories):
 
 
 def test_bad_options_fail_fast():
-    for kw in ({"lam": -1.0}, {"comp_inputs": "online"}, {"unit_ratio": 1.5}, {"damp": -0.1},
-               {"alpha": "huge"}, {"bogus": 1}):
+    for kw in (
+        {"lam": -1.0},
+        {"comp_inputs": "online"},
+        {"unit_ratio": 1.5},
+        {"damp": -0.1},
+        {"alpha": "huge"},
+        {"bogus": 1},
+    ):
         with pytest.raises(PruningError):
             numerical(**kw)
     assert math.isinf(numerical(**{"lambda": "inf"}).scorer.lam)
@@ -161,7 +170,7 @@ def test_obs_equals_lstsq_and_paper_formula(stories, calib):
         pruned = torch.randperm(d, generator=gen)[: d // 4]
         keep = torch.tensor([j for j in range(d) if j not in set(pruned.tolist())])
         new = obs_update(w, x.T @ x, pruned, damp=0.0)
-        ref = torch.linalg.lstsq(x[:, keep], x @ w.T, driver="gelsd").solution.T      # [out, kept]
+        ref = torch.linalg.lstsq(x[:, keep], x @ w.T, driver="gelsd").solution.T  # [out, kept]
         assert torch.linalg.norm(new[:, keep] - ref) / torch.linalg.norm(ref) < 1e-4
         assert torch.count_nonzero(new[:, pruned]) == 0
         # the paper's multi-row OBS update δW* = −H⁻¹M(MᵀH⁻¹M)⁻¹MᵀW in X·W notation, with its damping
@@ -240,9 +249,23 @@ def test_ratio_zero_is_identity(stories, calib, stories_text_ids):
 @pytest.mark.slow
 def test_cli_numerical_writes_record(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
-    proc = subprocess.run([sys.executable, "run.py", "method=numerical", "pruning.ratio=0.2", "eval=quick",
-                           "progress=false", f"store.dir={tmp_path / 'store'}", f"hydra.run.dir={tmp_path / 'run'}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "run.py",
+            "method=numerical",
+            "pruning.ratio=0.2",
+            "eval=quick",
+            "progress=false",
+            f"store.dir={tmp_path / 'store'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = list((tmp_path / "store" / "records").glob("*.json"))
     rec = next(json.loads(p.read_text()) for p in recs if "numerical" in p.read_text())

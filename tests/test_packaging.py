@@ -22,7 +22,7 @@ def lock_pins() -> dict[str, Version]:
         if m:
             pins[canonicalize_name(m[1])] = Version(m[2])
         else:
-            assert not line or line[0] in " #", f"requirements.lock: not a plain pin: {line!r}"   # no paths, URLs
+            assert not line or line[0] in " #", f"requirements.lock: not a plain pin: {line!r}"  # no paths, URLs
     return pins
 
 

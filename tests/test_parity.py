@@ -23,14 +23,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "parity" / "stories260k_official.json").read_text())
 RUNS = {r["run"]: r for r in FIXTURE["runs"]}
 FULL_WIKITEXT = PPLProtocol("ppl128-lp", "wikitext2", "test", seq_len=128, stride=128, bos="once", batch_size=64)
-PPL_TOL = 0.005          # issue 22: PPL within 0.5% of the official code where the index sets are identical
+PPL_TOL = 0.005  # issue 22: PPL within 0.5% of the official code where the index sets are identical
 
 
 def draw(tokenizer, sampler: str, n: int, seq_len: int, **kw) -> torch.Tensor:
     """The fixture's calibration through our own samplers in their deterministic (file-order) mode; the tests in
     test_samplers.py check these draws against the fixture's rules token for token."""
-    spec = data.CalibrationSpec(sampler=sampler, dataset="c4", n_samples=n, seq_len=seq_len, seed=0, order="file",
-                                **kw)
+    spec = data.CalibrationSpec(sampler=sampler, dataset="c4", n_samples=n, seq_len=seq_len, seed=0, order="file", **kw)
     return data.draw_calibration(tokenizer, spec, progress=False)
 
 
@@ -39,8 +38,10 @@ def wikitext_ppl(model, tokenizer) -> float:
 
 
 def pruned_sets(plan, layer: int) -> dict:
-    return {"pruned_kv_heads": sorted(plan.units("kv_group", layer)),
-            "pruned_mlp_channels": sorted(plan.units("mlp", layer))}
+    return {
+        "pruned_kv_heads": sorted(plan.units("kv_group", layer)),
+        "pruned_mlp_channels": sorted(plan.units("mlp", layer)),
+    }
 
 
 def test_fixture_dense_ppl_is_our_evaluator():
@@ -49,14 +50,17 @@ def test_fixture_dense_ppl_is_our_evaluator():
     assert wikitext_ppl(model, tok) == pytest.approx(FIXTURE["dense"]["ppl_wikitext2_test_ppl128"], rel=1e-6)
 
 
-@pytest.mark.parametrize("run,importance,group_ratio,layers", [
-    ("llm_pruner_element1_g0.2_layers1-4", "element1", 0.2, (1, 5)),
-    ("llm_pruner_element2_g0.2_layers1-4", "element2", 0.2, (1, 5)),
-    ("llm_pruner_l2_g0.2_layers1-4", "l2", 0.2, (1, 5)),
-    ("llm_pruner_element1_g0.25_layers1-4", "element1", 0.25, (1, 5)),
-    ("llm_pruner_element1_g0.2_all_layers", "element1", 0.2, (0, 5)),
-    ("llm_pruner_element2_g0.2_all_layers", "element2", 0.2, (0, 5)),
-])
+@pytest.mark.parametrize(
+    "run,importance,group_ratio,layers",
+    [
+        ("llm_pruner_element1_g0.2_layers1-4", "element1", 0.2, (1, 5)),
+        ("llm_pruner_element2_g0.2_layers1-4", "element2", 0.2, (1, 5)),
+        ("llm_pruner_l2_g0.2_layers1-4", "l2", 0.2, (1, 5)),
+        ("llm_pruner_element1_g0.25_layers1-4", "element1", 0.25, (1, 5)),
+        ("llm_pruner_element1_g0.2_all_layers", "element1", 0.2, (0, 5)),
+        ("llm_pruner_element2_g0.2_all_layers", "element2", 0.2, (0, 5)),
+    ],
+)
 def test_llm_pruner_matches_official(run, importance, group_ratio, layers):
     """Same calibration tokens, same --pruning_ratio and layer range -> the same KV groups and MLP channels in every
     layer, the same parameter count and the PPL within 0.5%. The official llama3.py credits KV group j with query
@@ -67,11 +71,11 @@ def test_llm_pruner_matches_official(run, importance, group_ratio, layers):
     ref = RUNS[run]
     model, tok, adapter = load_model("embedded:stories260K")
     span = {"start": layers[0], "end": layers[1]}
-    if importance == "l2":       # --pruner_type l2: MagnitudeImportance(p=2), group_reduction "mean"
+    if importance == "l2":  # --pruner_type l2: MagnitudeImportance(p=2), group_reduction "mean"
         method = magnitude(p=2, aggregation="mean", group_ratio=group_ratio, gqa_fold="official", layers=span)
     else:
         method = llm_pruner(importance=importance, group_ratio=group_ratio, gqa_fold="official", layers=span)
-    plan = method.prune(model, None, draw(tok, "first_docs", 10, 64))     # the first 64 tokens of documents 0-9
+    plan = method.prune(model, None, draw(tok, "first_docs", 10, 64))  # the first 64 tokens of documents 0-9
     for layer in range(len(adapter.layers)):
         want = {k: ref["per_layer"][str(layer)][k] for k in ("pruned_kv_heads", "pruned_mlp_channels")}
         assert pruned_sets(plan, layer) == want, f"layer {layer}"
@@ -83,7 +87,7 @@ def test_llm_pruner_matches_official(run, importance, group_ratio, layers):
 @pytest.fixture(scope="module")
 def slicegpt_calib():
     _, tok, _ = load_model("embedded:stories260K")
-    return draw(tok, "slicegpt", 128, 128)      # consecutive documents from the first unused one, "\n\n"-joined
+    return draw(tok, "slicegpt", 128, 128)  # consecutive documents from the first unused one, "\n\n"-joined
 
 
 def sliced(fusion: str, slicing: float, round_interval: int, calib):
@@ -96,8 +100,10 @@ def sliced(fusion: str, slicing: float, round_interval: int, calib):
     return wikitext_ppl(model, tok), adapter.num_params(), plan.meta["sliced_hidden_size"]
 
 
-@pytest.mark.parametrize("run,slicing,round_interval,width", [
-    ("slicegpt_0.0", 0.0, 8, 64), ("slicegpt_0.2_round8", 0.2, 8, 48), ("slicegpt_0.2_round1", 0.2, 1, 51)])
+@pytest.mark.parametrize(
+    "run,slicing,round_interval,width",
+    [("slicegpt_0.0", 0.0, 8, 64), ("slicegpt_0.2_round8", 0.2, 8, 48), ("slicegpt_0.2_round1", 0.2, 1, 51)],
+)
 def test_slicegpt_official_fusion_reproduces_the_official_code(run, slicing, round_interval, width, slicegpt_calib):
     """With the official fusion (embedding rows centred) our rotation, slicing and shortcuts give the official
     PPL to the fixture's 4 decimals, with the same parameter count: the algorithm is the official one."""
@@ -129,8 +135,8 @@ def test_slicegpt_exact_fusion_against_the_official_numbers(slicegpt_calib):
 
 # -- FLAP and Wanda-SP (CASIA-LMC-Lab/FLAP lib/prune.py on an MHA expansion of the GQA checkpoint) -------------------
 
-GQA_PARAMS_TOL = 0.01    # issue 22: a GQA parameter count within 1% of the fixture's GQA-equivalent count
-FLAP_PPL_TOL = 0.03      # issue 22: within 3% of the official PPL with query-head units
+GQA_PARAMS_TOL = 0.01  # issue 22: a GQA parameter count within 1% of the fixture's GQA-equivalent count
+FLAP_PPL_TOL = 0.03  # issue 22: within 3% of the official PPL with query-head units
 
 
 def gqa_params(ref: dict) -> int:
@@ -139,8 +145,10 @@ def gqa_params(ref: dict) -> int:
 
 
 def head_and_channel_sets(plan, layer: int) -> dict:
-    return {"pruned_q_heads": sorted(plan.units("q_head", layer)),
-            "pruned_mlp_channels": sorted(plan.units("mlp", layer))}
+    return {
+        "pruned_q_heads": sorted(plan.units("q_head", layer)),
+        "pruned_mlp_channels": sorted(plan.units("mlp", layer)),
+    }
 
 
 def test_wanda_sp_matches_official():
@@ -152,8 +160,8 @@ def test_wanda_sp_matches_official():
     ref = RUNS["wanda_sp_0.2"]
     model, tok, adapter = load_model("embedded:stories260K")
     method = wanda_sp(attn_mlp_ratio=0.2, progress=False)
-    plan = method.prune(model, None, draw(tok, "wanda", 128, 128))   # the first 128 tokens of the k-th document
-                                                                     # with more than 128 tokens, k = 0..127
+    plan = method.prune(model, None, draw(tok, "wanda", 128, 128))  # the first 128 tokens of the k-th document
+    # with more than 128 tokens, k = 0..127
     for layer in range(len(adapter.layers)):
         want = {k: ref["per_layer"][str(layer)][k] for k in ("pruned_q_heads", "pruned_mlp_channels")}
         assert head_and_channel_sets(plan, layer) == want, f"layer {layer}"
@@ -177,11 +185,13 @@ def test_flap_matches_official(variance):
     ref = RUNS["flap_wifv_al_am_0.2"]
     model, tok, adapter = load_model("embedded:stories260K")
     method = flap(attn_mlp_ratio=0.2, variance=variance, progress=False)
-    plan = method.prune(model, None, draw(tok, "stream", 1024, 128, join=" "))   # " ".join(C4 documents) tokenised
-                                                              # once, the first 1024 non-overlapping 128-token windows
+    plan = method.prune(model, None, draw(tok, "stream", 1024, 128, join=" "))  # " ".join(C4 documents) tokenised
+    # once, the first 1024 non-overlapping 128-token windows
     got = [head_and_channel_sets(plan, layer) for layer in range(len(adapter.layers))]
-    want = [{k: ref["per_layer"][str(layer)][k] for k in ("pruned_q_heads", "pruned_mlp_channels")}
-            for layer in range(len(adapter.layers))]
+    want = [
+        {k: ref["per_layer"][str(layer)][k] for k in ("pruned_q_heads", "pruned_mlp_channels")}
+        for layer in range(len(adapter.layers))
+    ]
     assert [g["pruned_q_heads"] for g in got] == [w["pruned_q_heads"] for w in want]
     ours = {(layer, c) for layer, g in enumerate(got) for c in g["pruned_mlp_channels"]}
     official = {(layer, c) for layer, w in enumerate(want) for c in w["pruned_mlp_channels"]}
@@ -189,7 +199,7 @@ def test_flap_matches_official(variance):
     if variance == "official_streaming":
         assert ours == official
     else:
-        assert len(ours ^ official) <= 2, sorted(ours ^ official)     # one swapped boundary channel, see above
+        assert len(ours ^ official) <= 2, sorted(ours ^ official)  # one swapped boundary channel, see above
     method.apply(model, plan)
     assert adapter.num_params() == pytest.approx(gqa_params(ref), rel=GQA_PARAMS_TOL)
     tol = PPL_TOL if variance == "official_streaming" else FLAP_PPL_TOL

@@ -29,7 +29,7 @@ def plain_ppl(model, stream: list[int], L: int, n_max: int, stride: int | None =
     body = L if bos is None else L - 1
     stride = stride or body
     total, count, k = 0.0, 0, 0
-    per_window = []   # (NLL sum, scored tokens) of each window
+    per_window = []  # (NLL sum, scored tokens) of each window
     while k < n_max and k * stride + body <= len(stream):
         window = stream[k * stride : k * stride + body]
         if bos is not None:
@@ -83,12 +83,21 @@ def test_ptb_matches_plain(tiny):
 def test_sliding_window_and_every_window_bos_match_plain(tiny, wikitext_rows):
     model, tok = tiny
     text = "\n\n".join(wikitext_rows)
-    got = _check(model, tok, PPLProtocol("t", "wikitext2", "test", 128, stride=48, batch_size=4, max_windows=9),
-                 tok(text).input_ids)
+    got = _check(
+        model,
+        tok,
+        PPLProtocol("t", "wikitext2", "test", 128, stride=48, batch_size=4, max_windows=9),
+        tok(text).input_ids,
+    )
     assert got["n_tokens_scored"] == 127 + 8 * 48
-    assert window_values(got)[1].tolist() == [127] + [48] * 8     # windows differ: the counts are stored
-    _check(model, tok, PPLProtocol("t", "wikitext2", "test", 64, bos="every_window", batch_size=4, max_windows=9),
-           tok(text, add_special_tokens=False).input_ids, bos=tok.bos_token_id)
+    assert window_values(got)[1].tolist() == [127] + [48] * 8  # windows differ: the counts are stored
+    _check(
+        model,
+        tok,
+        PPLProtocol("t", "wikitext2", "test", 64, bos="every_window", batch_size=4, max_windows=9),
+        tok(text, add_special_tokens=False).input_ids,
+        bos=tok.bos_token_id,
+    )
 
 
 def test_batch_size_does_not_change_ppl(tiny):
@@ -97,9 +106,10 @@ def test_batch_size_does_not_change_ppl(tiny):
     b = perplexity(model, tok, PPLProtocol("t", "wikitext2", "test", 128, batch_size=7, max_windows=22), progress=False)
     assert abs(a["ppl"] / b["ppl"] - 1) <= 1e-6 and a["n_tokens_scored"] == b["n_tokens_scored"]
     assert window_values(a)[0] == pytest.approx(window_values(b)[0], rel=1e-6)
-    assert a["per_window"]["windows"] == b["per_window"]["windows"]          # the same windows: pairable
-    c = perplexity(model, tok, PPLProtocol("t", "wikitext2", "test", 128, bos="every_window", max_windows=22),
-                   progress=False)
+    assert a["per_window"]["windows"] == b["per_window"]["windows"]  # the same windows: pairable
+    c = perplexity(
+        model, tok, PPLProtocol("t", "wikitext2", "test", 128, bos="every_window", max_windows=22), progress=False
+    )
     assert c["n_windows"] == 22 and c["per_window"]["windows"] != a["per_window"]["windows"]
 
 
@@ -134,10 +144,18 @@ def test_token_windows_cover_the_stream_once():
     assert w.input_ids[:, 0].tolist() == [7, 7, 7] and torch.equal(w.input_ids[:, 1:].reshape(-1), ids[:297])
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(dataset="ptb", split="train"), dict(bos="twice"), dict(stride=129), dict(stride=0), dict(batch_size=0),
-    dict(max_windows=0), dict(seq_len=1),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(dataset="ptb", split="train"),
+        dict(bos="twice"),
+        dict(stride=129),
+        dict(stride=0),
+        dict(batch_size=0),
+        dict(max_windows=0),
+        dict(seq_len=1),
+    ],
+)
 def test_protocol_validation(kwargs):
     base = dict(name="t", dataset="wikitext2", split="test", seq_len=128)
     with pytest.raises(PruningError):

@@ -14,13 +14,14 @@ from experiments import persample as S
 
 def test_floats_round_trip_bit_exact_through_json():
     rng = np.random.default_rng(0)
-    values = np.concatenate([rng.normal(300.0, 40.0, 2500), [0.0, -0.0, np.inf, -np.inf, np.nan, 5e-324,
-                                                             np.finfo(np.float64).max, 1 / 3]])
+    values = np.concatenate(
+        [rng.normal(300.0, 40.0, 2500), [0.0, -0.0, np.inf, -np.inf, np.nan, 5e-324, np.finfo(np.float64).max, 1 / 3]]
+    )
     text = json.loads(json.dumps({"x": S.pack_floats(values)}))["x"]
     back = S.unpack_floats(text)
     assert back.dtype == np.float64 and back.flags.writeable
-    assert back.tobytes() == values.astype(np.float64).tobytes()          # bit for bit, NaN and -0.0 included
-    assert len(text) == 4 * -(-8 * len(values) // 3)                     # base64 of 8 bytes per value
+    assert back.tobytes() == values.astype(np.float64).tobytes()  # bit for bit, NaN and -0.0 included
+    assert len(text) == 4 * -(-8 * len(values) // 3)  # base64 of 8 bytes per value
     # the documented layout, decoded without the module: little-endian float64
     assert struct.unpack("<3d", base64.b64decode(S.pack_floats([1.5, -2.0, 1e300]))) == (1.5, -2.0, 1e300)
     assert S.unpack_floats(S.pack_floats([])).size == 0
@@ -36,26 +37,33 @@ def test_counts_and_bits_round_trip():
     assert S.unpack_bits("").size == 0
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: S.pack_counts([1, -1]), "integers in"),
-    (lambda: S.pack_counts([2**32]), "integers in"),
-    (lambda: S.pack_counts([1.5]), "integers in"),
-    (lambda: S.pack_bits([1.0, 0.5]), "0 or 1"),
-    (lambda: S.pack_bits([float("nan")]), "0 or 1"),
-    (lambda: S.unpack_bits("10x1"), "only '0' and '1'"),
-    (lambda: S.unpack_floats("not base64!"), "not valid base64"),
-    (lambda: S.unpack_floats(base64.b64encode(b"1234567").decode()), "whole number of 8-byte"),
-    (lambda: S.window_block([1.0, 2.0], [3], "h"), "2 window NLL sums but 1"),
-    (lambda: S.doc_block({"acc": [1, 0], "acc_norm": [1]}, "h"), "differ in length"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: S.pack_counts([1, -1]), "integers in"),
+        (lambda: S.pack_counts([2**32]), "integers in"),
+        (lambda: S.pack_counts([1.5]), "integers in"),
+        (lambda: S.pack_bits([1.0, 0.5]), "0 or 1"),
+        (lambda: S.pack_bits([float("nan")]), "0 or 1"),
+        (lambda: S.unpack_bits("10x1"), "only '0' and '1'"),
+        (lambda: S.unpack_floats("not base64!"), "not valid base64"),
+        (lambda: S.unpack_floats(base64.b64encode(b"1234567").decode()), "whole number of 8-byte"),
+        (lambda: S.window_block([1.0, 2.0], [3], "h"), "2 window NLL sums but 1"),
+        (lambda: S.doc_block({"acc": [1, 0], "acc_norm": [1]}, "h"), "differ in length"),
+    ],
+)
 def test_bad_values_are_refused(call, match):
     with pytest.raises(ValueError, match=match):
         call()
 
 
 def test_record_blocks_read_back_and_check_totals():
-    entry = {"ppl": 0.0, "n_windows": 3, "n_tokens_scored": 127 + 48 + 48,
-             "per_window": S.window_block([10.5, 4.25, 3.0], [127, 48, 48], S.digest([b"ids"]))}
+    entry = {
+        "ppl": 0.0,
+        "n_windows": 3,
+        "n_tokens_scored": 127 + 48 + 48,
+        "per_window": S.window_block([10.5, 4.25, 3.0], [127, 48, 48], S.digest([b"ids"])),
+    }
     entry = json.loads(json.dumps(entry))
     nll, tokens = S.window_values(entry)
     assert nll.tolist() == [10.5, 4.25, 3.0] and tokens.tolist() == [127, 48, 48]

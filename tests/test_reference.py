@@ -17,17 +17,35 @@ REFERENCE_STORE = REPO / "results" / "store" / "records"
 
 def test_committed_stories_cell_reproduces(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
-    proc = subprocess.run([sys.executable, "run.py", "experiment=ratio_sweep", "model=stories260k", "method=llm_pruner",
-                           "pruning.ratio=0.2", "calibration.seed=0", f"store.dir={tmp_path / 'store'}",
-                           f"hydra.run.dir={tmp_path / 'run'}", "progress=false"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "run.py",
+            "experiment=ratio_sweep",
+            "model=stories260k",
+            "method=llm_pruner",
+            "pruning.ratio=0.2",
+            "calibration.seed=0",
+            f"store.dir={tmp_path / 'store'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            "progress=false",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (path,) = [p for p in (tmp_path / "store" / "records").glob("*.json")
-               if json.loads(p.read_text())["plan"]["meta"].get("method") != "dense"]
+    (path,) = [
+        p
+        for p in (tmp_path / "store" / "records").glob("*.json")
+        if json.loads(p.read_text())["plan"]["meta"].get("method") != "dense"
+    ]
     new = json.loads(path.read_text())
     committed = REFERENCE_STORE / f"{new['config_hash']}.json"
     assert committed.is_file(), f"the committed command composed a cell that results/store does not hold: {committed}"
-    ref = json.loads(committed.read_text())                  # the same cell (same hash) as committed
+    ref = json.loads(committed.read_text())  # the same cell (same hash) as committed
     assert ref["plan"]["meta"]["method"] == "llm_pruner_element1" and ref["config"]["model"]["name"] == "stories260k"
     assert new["plan"]["remove"] == ref["plan"]["remove"]
     assert new["params"] == ref["params"]

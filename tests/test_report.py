@@ -29,11 +29,14 @@ def store(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("report")
     with pytest.MonkeyPatch.context() as mp, initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         mp.setenv("PRUNING_CACHE", str(root / "cache"))
-        for overrides in (["method=dense"], ["method=magnitude", "pruning.ratio=0.2"],
-                          ["method=magnitude", "pruning.ratio=0.4"], ["method=random", "pruning.ratio=0.2"],
-                          ["method=random", "pruning.ratio=0.4", "method.structures=[block]"]):
-            run_cell(compose("config", overrides=[f"store.dir={root / 'store'}", "progress=false", *SMALL,
-                                                  *overrides]))
+        for overrides in (
+            ["method=dense"],
+            ["method=magnitude", "pruning.ratio=0.2"],
+            ["method=magnitude", "pruning.ratio=0.4"],
+            ["method=random", "pruning.ratio=0.2"],
+            ["method=random", "pruning.ratio=0.4", "method.structures=[block]"],
+        ):
+            run_cell(compose("config", overrides=[f"store.dir={root / 'store'}", "progress=false", *SMALL, *overrides]))
     return root / "store"
 
 
@@ -52,9 +55,9 @@ def test_report_has_titled_plots_and_tables(store, tmp_path):
         w, h = _png_size(base64.b64decode(b64))
         assert w > 300 and h > 200
     captions = re.findall(r"<figcaption>(.*?)</figcaption>", page)
-    assert any(f"ppl128-lp:wikitext2:test[:{W} windows]" in c for c in captions)     # titled with the protocol
-    assert "No data for this section" in page                                          # zero-shot section
-    assert "LLM-Pruner Table 1" in page and "published (A1)" in page and "<tr class=\"pub\">" in page
+    assert any(f"ppl128-lp:wikitext2:test[:{W} windows]" in c for c in captions)  # titled with the protocol
+    assert "No data for this section" in page  # zero-shot section
+    assert "LLM-Pruner Table 1" in page and "published (A1)" in page and '<tr class="pub">' in page
     assert page.count("<h2>") == 6 and "document.body.dataset.rendered" in page
     # every method label of the store is in the header line
     methods = {r["plan"]["meta"]["method"] for r in records}
@@ -79,8 +82,19 @@ def test_empty_partial_and_damaged_stores_give_a_report(store, tmp_path):
 def _chromium_dom(html: Path) -> str:
     exe = R.find_chromium()
     with tempfile.TemporaryDirectory() as profile:
-        res = subprocess.run([exe, *R.CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=5000",
-                              "--dump-dom", html.resolve().as_uri()], capture_output=True, text=True, timeout=120)
+        res = subprocess.run(
+            [
+                exe,
+                *R.CHROMIUM_FLAGS,
+                f"--user-data-dir={profile}",
+                "--virtual-time-budget=5000",
+                "--dump-dom",
+                html.resolve().as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert res.returncode == 0, res.stderr[-2000:]
     return res.stdout
 

@@ -40,7 +40,7 @@ def test_seed_everything_seeds_python_numpy_and_torch():
 def test_dtype_policy():
     assert resolve_dtype("auto", "cpu") == torch.float32
     assert resolve_dtype("float32", "cpu") == torch.float32
-    assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16           # slow on CPU, but sound
+    assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16  # slow on CPU, but sound
     assert resolve_dtype(torch.float64, "cpu") == torch.float64
     with pytest.raises(PruningError, match="float16 on CPU"):
         resolve_dtype("float16", "cpu")
@@ -85,7 +85,7 @@ def test_device_map_and_dtype_pass_through_to_from_pretrained(stories_text_ids):
 
     ref, _, _ = load_model(STORIES)
     want = logits(ref, stories_text_ids)
-    for dm in ("cpu", {"": "cpu"}, OmegaConf.create({"": "cpu"})):   # a Hydra dict arrives as a DictConfig
+    for dm in ("cpu", {"": "cpu"}, OmegaConf.create({"": "cpu"})):  # a Hydra dict arrives as a DictConfig
         model, _, _ = load_model(STORIES, device_map=dm)
         assert getattr(model, "hf_device_map", {"": "cpu"}) == {"": "cpu"}
         assert torch.equal(logits(model, stories_text_ids), want)

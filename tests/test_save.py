@@ -20,7 +20,7 @@ from pruning.surgery.save import save_pruned
 def heterogeneous_plan() -> PrunePlan:
     plan = PrunePlan()
     plan.add("kv_group", 0, [1])
-    plan.add("q_head", 1, [0, 1, 4])          # uneven GQA groups: KV head 0 leaves, KV head 2 keeps one query head
+    plan.add("q_head", 1, [0, 1, 4])  # uneven GQA groups: KV head 0 leaves, KV head 2 keeps one query head
     plan.add("mlp", 2, list(range(0, 172, 4)))
     plan.add("mlp", 3, [5, 6])
     plan.add("block", None, [4])
@@ -59,8 +59,12 @@ def test_heterogeneous_save_reload_both_ways(stories, stories_text_ids, tmp_path
 
     # 2) trust_remote_code in a clean process, run from a directory where `pruning` is not importable
     torch.save(stories_text_ids, tmp_path / "ids.pt")
-    proc = subprocess.run([sys.executable, "-c", REMOTE, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "l.pt")],
-                          cwd=tmp_path, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", REMOTE, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "l.pt")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "transformers_modules" in proc.stdout
     remote = torch.load(tmp_path / "l.pt")
@@ -72,7 +76,7 @@ def test_uniform_widths_save_as_plain_llama(stories, stories_text_ids, tmp_path)
     model, tok, _ = stories
     plan = PrunePlan()
     for layer in range(5):
-        plan.add("kv_group", layer, [0, 2])     # 4 heads / 2 KV heads everywhere: LlamaConfig accepts 64 % 4
+        plan.add("kv_group", layer, [0, 2])  # 4 heads / 2 KV heads everywhere: LlamaConfig accepts 64 % 4
         plan.add("mlp", layer, list(range(40)))
     apply_plan(model, plan)
     out = save_pruned(model, tmp_path / "plain", tok)
@@ -89,7 +93,7 @@ def test_uniform_but_indivisible_heads_fall_back_to_pruned_format(stories, tmp_p
     model, tok, _ = stories
     plan = PrunePlan()
     for layer in range(5):
-        plan.add("kv_group", layer, [3])        # 6 heads: 64 % 6 != 0
+        plan.add("kv_group", layer, [3])  # 6 heads: 64 % 6 != 0
     apply_plan(model, plan)
     cfg = json.loads((save_pruned(model, tmp_path / "p6", tok) / "config.json").read_text())
     assert cfg["model_type"] == "pruned_llama"

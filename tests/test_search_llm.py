@@ -71,7 +71,7 @@ def test_saliency_equals_its_definition(stories, calib):
     kv, mlp = structure_sets(adapter, "kv_group", [2])[0], structure_sets(adapter, "mlp", [2])[0]
     layer, hd, g = adapter.layers[2], adapter.head_dim, 2
 
-    def phi(w, site):                      # Φ_ij = W_ij² / [(2XᵀX + λI)⁻¹]_jj with X captured here
+    def phi(w, site):  # Φ_ij = W_ij² / [(2XᵀX + λI)⁻¹]_jj with X captured here
         x = _captured_inputs(model, adapter, calib, 2, site)
         h = 2 * x.T @ x
         h = h + 0.01 * h.diagonal().mean() * torch.eye(h.shape[0], dtype=torch.float64)
@@ -79,9 +79,15 @@ def test_saliency_equals_its_definition(stories, calib):
 
     q, k, v = (phi(getattr(adapter, n)(layer).weight, "q_proj") for n in ("q_proj", "k_proj", "v_proj"))
     o = phi(adapter.o_proj(layer).weight, "o_proj")
-    expect_kv = torch.stack([q[j * g * hd:(j + 1) * g * hd].sum() + k[j * hd:(j + 1) * hd].sum()
-                             + v[j * hd:(j + 1) * hd].sum() + o[:, j * g * hd:(j + 1) * g * hd].sum()
-                             for j in range(4)])
+    expect_kv = torch.stack(
+        [
+            q[j * g * hd : (j + 1) * g * hd].sum()
+            + k[j * hd : (j + 1) * hd].sum()
+            + v[j * hd : (j + 1) * hd].sum()
+            + o[:, j * g * hd : (j + 1) * g * hd].sum()
+            for j in range(4)
+        ]
+    )
     gate, up = (phi(getattr(adapter, n)(layer).weight, "gate_proj") for n in ("gate_proj", "up_proj"))
     down = phi(adapter.down_proj(layer).weight, "down_proj")
     expect_mlp = gate.sum(1) + up.sum(1) + down.sum(0)
@@ -102,7 +108,7 @@ def test_admm_converges_to_lstsq_on_kept_columns(stories, calib, site, n_keep):
     ls = torch.zeros_like(w)
     ls[:, keep] = torch.linalg.lstsq(x[:, keep], x @ w.T).solution.T
     g = x.T @ x
-    z = admm_reform(w, g, keep)                           # paper defaults: rho 1, 30 iterations
+    z = admm_reform(w, g, keep)  # paper defaults: rho 1, 30 iterations
     assert torch.all(z[:, ~keep] == 0)
     # real activations (condition number ~50): weights within 5e-3 of lstsq, the objective within 1e-5 of its optimum
     assert ((z - ls).norm() / ls.norm()).item() <= 5e-3
@@ -110,7 +116,7 @@ def test_admm_converges_to_lstsq_on_kept_columns(stories, calib, site, n_keep):
     z_long = admm_reform(w, g, keep, iterations=300)
     assert ((z_long - ls).norm() / ls.norm()).item() <= 1e-8
     # reformation lowers the layer-output error ‖(Ŵ−W)X‖ against plain removal, measured on X directly
-    err = lambda m: ((x @ (m - w).T) ** 2).sum().item()   # noqa: E731
+    err = lambda m: ((x @ (m - w).T) ** 2).sum().item()  # noqa: E731
     assert err(z) < 0.8 * err(w * keep)
     assert output_error(z, w, g) == pytest.approx(err(z), rel=1e-9)
     # no pruned columns: W is a fixed point; huge rho and few iterations: ≈ the masked original
@@ -122,9 +128,9 @@ def test_admm_converges_to_lstsq_on_kept_columns(stories, calib, site, n_keep):
 def test_admm_meets_lstsq_within_1e3_on_a_well_conditioned_case(stories):
     """METHODS.md §3.9 invariant 4 / the issue's criterion: ≤ 1e-3 relative after the configured 30 iterations."""
     _, _, adapter = stories
-    w = adapter.down_proj(adapter.layers[0]).weight.detach().double()          # real weight [64, 172]
+    w = adapter.down_proj(adapter.layers[0]).weight.detach().double()  # real weight [64, 172]
     x = torch.randn(8192, w.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    x = x * torch.linspace(0.1, 10.0, w.shape[1], dtype=torch.float64)          # scales the preconditioner removes
+    x = x * torch.linspace(0.1, 10.0, w.shape[1], dtype=torch.float64)  # scales the preconditioner removes
     keep = torch.arange(w.shape[1]) % 3 != 0
     ls = torch.zeros_like(w)
     ls[:, keep] = torch.linalg.lstsq(x[:, keep], x @ w.T).solution.T
@@ -145,13 +151,13 @@ def test_admm_rejects_bad_settings():
 
 def test_mask_mutation_invariants():
     rng = np.random.default_rng(0)
-    parent = tuple(range(0, 40, 2))                         # 20 of 40
+    parent = tuple(range(0, 40, 2))  # 20 of 40
     changed = 0
     for k in (16, 20, 24):
         for _ in range(50):
             child = mutate_mask(parent, 40, k, 1.0, 0.5, 1000, rng)
             assert len(child) == k and len(set(child)) == k and all(0 <= u < 40 for u in child)
-            assert len(set(child) & set(parent)) >= math.ceil(0.5 * min(20, k))   # success is near-certain here
+            assert len(set(child) & set(parent)) >= math.ceil(0.5 * min(20, k))  # success is near-certain here
             changed += child != parent
     assert changed > 100
     # ratio already right and the draw exceeds P_m: the parent itself
@@ -160,7 +166,7 @@ def test_mask_mutation_invariants():
     scores = torch.arange(40, dtype=torch.float64)
     assert mutate_mask(parent, 40, 20, 1.0, 1.0, 1000, rng) == parent
     shrunk = mutate_mask(parent, 40, 18, 1.0, 1.0, 0, rng, scores)
-    assert shrunk == tuple(sorted(parent)[2:])             # the two lowest-scored units go
+    assert shrunk == tuple(sorted(parent)[2:])  # the two lowest-scored units go
 
 
 # ------------------------------------------------------------------------------------------------ the search
@@ -172,7 +178,7 @@ def test_search_is_seeded_in_band_and_restores_weights(stories, calib):
     m1 = _method()
     plan1 = m1.prune(model, 0.2, calib)
     after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)   # bit-identical after every candidate
+    assert all(torch.equal(before[k], after[k]) for k in before)  # bit-identical after every candidate
     sp = m1._space(model, 0.2)
     evaluated = m1.allocation.evaluated
     assert len(evaluated) >= 3
@@ -184,12 +190,12 @@ def test_search_is_seeded_in_band_and_restores_weights(stories, calib):
     hist = plan1.meta["search"]
     assert len(hist["generations"]) == TINY_SEARCH["generations"]
     bests = [g["best"] for g in hist["generations"]]
-    assert bests == sorted(bests, reverse=True)             # elitist: the best never gets worse
+    assert bests == sorted(bests, reverse=True)  # elitist: the best never gets worse
     assert hist["best"]["fitness"] == bests[-1] <= hist["initial"]["fitness"]
     # same seed, fresh model: identical history and plan
     m2 = _method()
     plan2 = m2.prune(copy.deepcopy(model), 0.2, calib)
-    strip = lambda h: {k: v for k, v in h.items() if "seconds" not in k}   # noqa: E731
+    strip = lambda h: {k: v for k, v in h.items() if "seconds" not in k}  # noqa: E731
     assert strip(plan2.meta["search"]) == strip(hist)
     assert plan2.remove == plan1.remove and plan2.blocks == plan1.blocks
 
@@ -199,8 +205,9 @@ def test_in_place_fitness_equals_masked_copy(stories, calib):
     m = _method()
     sp = m._space(model, 0.2)
     rng = np.random.default_rng(1)
-    c = m.allocation._draw(lambda: m.allocation.mutate(m.allocation.initial(sp, None), sp, None, rng, 1.0, 1.0,
-                                                       1.0), None, sp)
+    c = m.allocation._draw(
+        lambda: m.allocation.mutate(m.allocation.initial(sp, None), sp, None, rng, 1.0, 1.0, 1.0), None, sp
+    )
     assert c is not None
     plan = sp.plan(c)
     ids = calib[:4]
@@ -234,8 +241,11 @@ def test_final_plan_masking_equals_surgery_and_reformation_helps(stories, calib)
     assert rep and all(r["reformed_error"] < r["removal_error"] for r in rep.values())
     # the reformed model's fitness-set NLL beats plain removal
     fit = calib[-4:]
-    nll = lambda mod: torch.nn.functional.cross_entropy(  # noqa: E731
-        logits(mod, fit)[:, :-1].reshape(-1, 512), fit[:, 1:].reshape(-1)).item()
+    nll = (
+        lambda mod: torch.nn.functional.cross_entropy(  # noqa: E731
+            logits(mod, fit)[:, :-1].reshape(-1, 512), fit[:, 1:].reshape(-1)
+        ).item()
+    )
     assert nll(model) < nll(cut)
     assert sp.n_layers == len(adapter.layers)
 
@@ -243,7 +253,7 @@ def test_final_plan_masking_equals_surgery_and_reformation_helps(stories, calib)
 def test_bad_input_fails_before_compute(stories, calib):
     model, _, _ = stories
     with pytest.raises(InfeasibleRatioError):
-        _method().budget(model, 0.7)                        # beyond Table 1's bounds on this model
+        _method().budget(model, 0.7)  # beyond Table 1's bounds on this model
     with pytest.raises(PruningError):
         search_llm(search={"populaton": 3})
     with pytest.raises(PruningError):
@@ -251,7 +261,7 @@ def test_bad_input_fails_before_compute(stories, calib):
     with pytest.raises(PruningError):
         search_llm(search={"mutation": 90, "crossover": 20})
     with pytest.raises(PruningError):
-        _method().prune(model, 0.2, calib[:4])              # nothing left besides the fitness windows
+        _method().prune(model, 0.2, calib[:4])  # nothing left besides the fitness windows
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -260,14 +270,29 @@ def test_bad_input_fails_before_compute(stories, calib):
 @pytest.mark.slow
 def test_quick_cli_run_records_history(tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "run.py", "method=search_llm_quick", "pruning.ratio=0.2", "eval=quick", "threads=1",
-           "progress=false", "method.search.generations=2", "method.search.population=8",
-           "method.search.mutation=4", "method.search.crossover=2", "method.search.parents=3",
-           f"store.dir={tmp_path / 'store'}", f"hydra.run.dir={run_dir}"]
+    cmd = [
+        sys.executable,
+        "run.py",
+        "method=search_llm_quick",
+        "pruning.ratio=0.2",
+        "eval=quick",
+        "threads=1",
+        "progress=false",
+        "method.search.generations=2",
+        "method.search.population=8",
+        "method.search.mutation=4",
+        "method.search.crossover=2",
+        "method.search.parents=3",
+        f"store.dir={tmp_path / 'store'}",
+        f"hydra.run.dir={run_dir}",
+    ]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    (rec_path,) = [p for p in (tmp_path / "store" / "records").glob("*.json")
-                   if json.loads(p.read_text())["plan"]["meta"].get("method") == "search_llm"]
+    (rec_path,) = [
+        p
+        for p in (tmp_path / "store" / "records").glob("*.json")
+        if json.loads(p.read_text())["plan"]["meta"].get("method") == "search_llm"
+    ]
     rec = json.loads(rec_path.read_text())
     hist = rec["plan"]["meta"]["search"]
     assert len(hist["generations"]) == 2 and "best_mlp_keep" in hist["generations"][-1]

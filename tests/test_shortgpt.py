@@ -67,15 +67,15 @@ def test_block_influence_equals_one_minus_cos(stories, calib):
     got = scores(model, adapter, calib)
     np.testing.assert_allclose(got.numpy(), bi, rtol=1e-9)
     assert ((got >= 0) & (got <= 2)).all()
-    hf = scores(model, adapter, calib, hf=True)       # official quirk: the last block vs the normed output
+    hf = scores(model, adapter, calib, hf=True)  # official quirk: the last block vs the normed output
     assert hf[-1].item() == pytest.approx(last_hf, rel=1e-9) and torch.equal(hf[:-1], got[:-1])
     ang = scores(model, adapter, calib, angular=True)
-    assert torch.equal(torch.argsort(ang), torch.argsort(got))   # arccos is monotone in cos
+    assert torch.equal(torch.argsort(ang), torch.argsort(got))  # arccos is monotone in cos
 
 
 def test_identity_block_scores_zero_and_goes_first(calib):
     model, _, adapter = load_model(STORIES)
-    with torch.no_grad():       # o_proj and down_proj zero: the block adds nothing to the residual stream
+    with torch.no_grad():  # o_proj and down_proj zero: the block adds nothing to the residual stream
         model.model.layers[2].self_attn.o_proj.weight.zero_()
         model.model.layers[2].mlp.down_proj.weight.zero_()
     got = scores(model, adapter, calib)
@@ -88,7 +88,7 @@ def test_ratio_removes_the_lowest_bi_blocks(calib, stories_text_ids):
     model, _, adapter = load_model(STORIES)
     bi = scores(model, adapter, calib)
     method = shortgpt(progress=False)
-    assert method.budget(model, 0.2).removed_params == BLOCK     # 1 block (15.5%) is closest to 20%
+    assert method.budget(model, 0.2).removed_params == BLOCK  # 1 block (15.5%) is closest to 20%
     plan = method.prune(model, 0.2, calib)
     assert plan.blocks == torch.argsort(bi, stable=True)[:1].tolist()
     assert plan.meta["block_influence"] == pytest.approx({i: v for i, v in enumerate(bi.tolist())})
@@ -124,7 +124,7 @@ def test_ties_go_to_the_lower_index():
     s = BlockInfluenceScorer().bind(stats)(blocks)
     alloc = Uniform()
     plan = alloc.allocate([blocks], [s], alloc.budget([blocks], 2 * BLOCK / 292_800, 292_800))
-    assert plan.blocks == [1, 4]     # BI 0.05 for layers 1 and 4 (lowest), not 0 or 2
+    assert plan.blocks == [1, 4]  # BI 0.05 for layers 1 and 4 (lowest), not 0 or 2
 
 
 def test_save_reload_as_plain_llama(calib, stories_text_ids, tmp_path):

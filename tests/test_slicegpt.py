@@ -48,7 +48,7 @@ def test_fusion_keeps_logits(stories_text_ids):
         norms = [m for m in model.modules() if isinstance(m, RMSN)]
         assert len(norms) == 11 and all(n.mean_dim == 64 for n in norms)
         assert not any("norm" in name for name, _ in model.named_parameters())
-        assert (logits(model, stories_text_ids) - ref).abs().max().item() <= tol   # fp64: far below 1e-5
+        assert (logits(model, stories_text_ids) - ref).abs().max().item() <= tol  # fp64: far below 1e-5
 
 
 def test_rotation_without_slicing_is_exact_and_bases_are_orthonormal(stories, stories_text_ids, calib):
@@ -60,7 +60,7 @@ def test_rotation_without_slicing_is_exact_and_bases_are_orthonormal(stories, st
     for Q in bases["inputs"] + bases["mids"]:
         assert Q.dtype == torch.float64
         assert (Q.T @ Q - torch.eye(64, dtype=torch.float64)).abs().max().item() <= 1e-6
-    layer = adapter.layers[2]     # shortcuts Q_inᵀQ_mid and Q_midᵀQ_out, both orthogonal at full width
+    layer = adapter.layers[2]  # shortcuts Q_inᵀQ_mid and Q_midᵀQ_out, both orthogonal at full width
     assert torch.allclose(layer.attn_shortcut_Q.double(), bases["inputs"][2].T @ bases["mids"][2], atol=1e-6)
     assert torch.allclose(layer.mlp_shortcut_Q.double(), bases["mids"][2].T @ bases["inputs"][3], atol=1e-6)
 
@@ -93,14 +93,14 @@ def test_bases_are_the_official_signals(calib):
     model, _, adapter = load_model(STORIES, dtype="float64")
     fuse_norms(model)
     layer = adapter.layers[0]
-    X = adapter.embed_tokens(calib)                                   # [n, T, d]
+    X = adapter.embed_tokens(calib)  # [n, T, d]
     H0 = torch.einsum("ntd,nte->de", X, X)
     Q0 = pca(H0)[1]
     P0 = _leading_projector(Q0, a)
     seen = {}
     h = layer.post_attention_layernorm.register_forward_pre_hook(lambda m, args: seen.update(mid=args[0]))
     with torch.no_grad():
-        model(inputs_embeds=X @ P0)                                    # = layer 0 on sliced inputs, d-dim basis
+        model(inputs_embeds=X @ P0)  # = layer 0 on sliced inputs, d-dim basis
     h.remove()
     mid = seen["mid"]
     Qm = pca(torch.einsum("ntd,nte->de", mid, mid))[1]
@@ -133,7 +133,7 @@ def test_sliced_model_params_equal_closed_form_and_weights_shrink(stories, stori
     assert plan.meta["sliced_hidden_size"] == 48 and plan.units("hidden", -1) == list(range(48, 64))
     method.apply(model, plan, calib)
     kept = plan.meta["kept_variance"]
-    assert len(kept["mid"]) == len(kept["out"]) == 5 and kept["out"][-1] == pytest.approx(1.0)   # head unsliced
+    assert len(kept["mid"]) == len(kept["out"]) == 5 and kept["out"][-1] == pytest.approx(1.0)  # head unsliced
     assert all(0.5 < k < 1.0 for k in [kept["embeddings"], *kept["mid"], *kept["out"][:-1]])
     expected = closed_form(512, 8, 8, 4, 172, [48] * 5, [48] * 5, [48] * 4 + [64])
     assert adapter.num_params() == expected == plan.meta["params_closed_form"]
@@ -154,8 +154,9 @@ def test_ratio_picks_closest_width_and_errors_early(stories):
     model, _, adapter = stories
     method = slicegpt(progress=False)
     total = adapter.num_params()
-    achieved = {w: 1 - closed_form(512, 8, 8, 4, 172, [w] * 5, [w] * 5, [w] * 4 + [64]) / total
-                for w in range(8, 65, 8)}
+    achieved = {
+        w: 1 - closed_form(512, 8, 8, 4, 172, [w] * 5, [w] * 5, [w] * 4 + [64]) / total for w in range(8, 65, 8)
+    }
     for r in (0.1, 0.2, 0.3):
         w = method.width_for(model, r)
         assert w % 8 == 0 and abs(achieved[w] - r) == min(abs(v - r) for v in achieved.values())
@@ -185,7 +186,7 @@ def test_save_reload_both_ways(stories, stories_text_ids, calib, tmp_path):
     method = slicegpt(slicing=0.25, progress=False)
     method.apply(model, method.prune(model, 0.0, calib), calib)
     ref = logits(model, stories_text_ids)
-    out = save_pruned(model, tmp_path / "sliced", tok, meta={"note": "test"})   # dispatches to save_sliced
+    out = save_pruned(model, tmp_path / "sliced", tok, meta={"note": "test"})  # dispatches to save_sliced
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "sliced_llama" and cfg["tie_word_embeddings"] is False
     assert cfg["layer_mlp_output_dim"] == [48, 48, 48, 48, 64] and cfg["rms_norm_mean_dim"] == 64
@@ -197,13 +198,17 @@ def test_save_reload_both_ways(stories, stories_text_ids, calib, tmp_path):
     assert sum(p.numel() for p in reloaded.parameters()) == adapter.num_params()
 
     torch.save(stories_text_ids, tmp_path / "ids.pt")
-    proc = subprocess.run([sys.executable, "-c", REMOTE, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "l.pt")],
-                          cwd=tmp_path, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", REMOTE, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "l.pt")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "transformers_modules" in proc.stdout
     assert (torch.load(tmp_path / "l.pt") - ref).abs().max().item() <= 1e-6
 
-    m2, _, ad2 = load_model(str(out))       # the project's loader and adapter accept it too
+    m2, _, ad2 = load_model(str(out))  # the project's loader and adapter accept it too
     assert (logits(m2, stories_text_ids) - ref).abs().max().item() <= 1e-6 and len(ad2.layers) == 5
 
 
@@ -225,9 +230,23 @@ def test_tied_embeddings_are_untied_and_function_kept(stories, stories_text_ids,
 @pytest.mark.slow
 def test_cli_run_writes_record(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
-    proc = subprocess.run([sys.executable, "run.py", "method=slicegpt", "pruning.ratio=0.2", "eval=quick",
-                           "progress=false", f"store.dir={tmp_path / 'store'}", f"hydra.run.dir={tmp_path / 'run'}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "run.py",
+            "method=slicegpt",
+            "pruning.ratio=0.2",
+            "eval=quick",
+            "progress=false",
+            f"store.dir={tmp_path / 'store'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "slicegpt" in proc.stdout
     records = [json.loads(p.read_text()) for p in (tmp_path / "store" / "records").glob("*.json")]

@@ -33,8 +33,10 @@ REPO = Path(__file__).resolve().parents[1]
 SMOL = OmegaConf.load(REPO / "conf/model/smollm2_135m.yaml").model.path
 SMOL_GGUF = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 STORIES_GGUF = "models/stories260K/stories260K.gguf"
-TEXTS = ["The capital of France is Paris. It is known for the Eiffel Tower and its museums, and",
-         " = Robert Boulter = \n Robert Boulter is an English film , television and theatre actor . He had a"]
+TEXTS = [
+    "The capital of France is Paris. It is known for the Eiffel Tower and its museums, and",
+    " = Robert Boulter = \n Robert Boulter is an English film , television and theatre actor . He had a",
+]
 
 
 def root_gguf(rel: str) -> Path:
@@ -76,14 +78,14 @@ def test_gguf_spec_parsing():
 
 
 def test_missing_gguf_offline_names_the_file_and_the_fixes(monkeypatch, tmp_path, tmp_cache):
-    monkeypatch.setenv("PRUNING_DATA", str(tmp_path))      # a data root without the model
+    monkeypatch.setenv("PRUNING_DATA", str(tmp_path))  # a data root without the model
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DataError) as e:
         load_model(SMOL)
     msg = str(e.value)
     assert str(tmp_path / SMOL_GGUF) in msg and "$PRUNING_DATA" in msg
     assert "HF_HUB_OFFLINE" in msg and "HuggingFaceTB/SmolLM2-135M-Instruct" in msg
-    assert not tmp_cache.exists()                          # failed before any conversion work
+    assert not tmp_cache.exists()  # failed before any conversion work
     with pytest.raises(DataError, match="nowhere.gguf"):
         resolve_checkpoint(f"gguf:{tmp_path / 'nowhere.gguf'}")
 
@@ -94,7 +96,7 @@ def test_corrupt_gguf_is_one_clear_error(tmp_path, tmp_cache):
     bad.write_bytes(gguf.read_bytes()[:100_000])
     with pytest.raises(CheckpointError, match="cannot convert GGUF .*half.gguf"):
         load_model(f"gguf:{bad}")
-    assert not any((tmp_cache / "gguf").glob("*-v*/COMPLETE"))   # nothing half-written is left to be trusted
+    assert not any((tmp_cache / "gguf").glob("*-v*/COMPLETE"))  # nothing half-written is left to be trusted
 
 
 def test_gguf_hash_is_remembered_by_path_size_mtime(tmp_path, tmp_cache):
@@ -133,13 +135,15 @@ def test_cache_converts_once_and_rebuilds_corrupt_entries(tmp_cache, capfd):
 
     # A truncated file (size check) and a same-size rewrite (mtime changed -> re-hash) are rebuilt, never used.
     for corrupt, why in ((lambda b: b[: len(b) // 2], "wrong size"), (lambda b: b[:-8] + b"\0" * 8, "sha256")):
-        model = adapter = None   # loaded weights are mmapped from the cache file; never keep them across an in-place edit
+        model = adapter = (
+            None  # loaded weights are mmapped from the cache file; never keep them across an in-place edit
+        )
         weights.write_bytes(corrupt(ref))
         assert why in conv.verify_entry(entry)
         model, _, adapter = load_model(spec)
         err = capfd.readouterr().err
         assert "unusable" in err and why in err and "converting" in err
-        assert weights.read_bytes() == ref                 # the conversion is deterministic
+        assert weights.read_bytes() == ref  # the conversion is deterministic
         assert conv.verify_entry(entry, full=True) is None
     assert adapter.num_params() == 292_800
 
@@ -166,14 +170,17 @@ D, HD, V, L, I_MLP = 576, 64, 49152, 30, 1536
 
 def closed_form(widths) -> int:
     """METHODS.md §1.1 with the tied embedding counted once: V·d + d + Σ_l [d·hd·(2H+2H_kv) + 3·d·I + 2d]."""
-    return V * D + D + sum(D * HD * (2 * w.num_heads + 2 * w.num_kv_heads) + 3 * D * w.intermediate_size + 2 * D
-                           for w in widths)
+    return (
+        V * D
+        + D
+        + sum(D * HD * (2 * w.num_heads + 2 * w.num_kv_heads) + 3 * D * w.intermediate_size + 2 * D for w in widths)
+    )
 
 
 @pytest.fixture(scope="module")
 def smol_dir():
     root_gguf(SMOL_GGUF)
-    return resolve_checkpoint(SMOL)          # the user cache: converted once per machine
+    return resolve_checkpoint(SMOL)  # the user cache: converted once per machine
 
 
 @pytest.fixture
@@ -196,20 +203,20 @@ def test_dense_smollm2_facts(smol, smol_ids):
     assert len(adapter.layers) == L and adapter.head_dim == HD
     assert {(w.num_heads, w.num_kv_heads, w.intermediate_size) for w in adapter.all_widths()} == {(9, 3, I_MLP)}
     assert adapter.num_params() == closed_form(adapter.all_widths()) == 134_515_008
-    assert sum(p.numel() for p in model.parameters()) == 134_515_008   # torch also yields the shared matrix once
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008  # torch also yields the shared matrix once
     ids = tok("Hello world").input_ids
-    assert tok.bos_token_id == 1 and ids[0] != tok.bos_token_id        # SmolLM2's tokenizer adds no BOS
+    assert tok.bos_token_id == 1 and ids[0] != tok.bos_token_id  # SmolLM2's tokenizer adds no BOS
     # A real pretrained model: greedy continuation of a factual prompt (SOURCE.md's check).
     prompt = tok("The capital of France is", return_tensors="pt").input_ids
     out = model.generate(prompt, max_new_tokens=2, do_sample=False)
-    assert "Paris" in tok.decode(out[0, prompt.shape[1]:])
+    assert "Paris" in tok.decode(out[0, prompt.shape[1] :])
 
 
 def _mask_vs_surgery(model, adapter, plan, ids):
     from pruning.surgery.apply import apply_plan, mask_plan
 
-    masked = mask_plan(copy.deepcopy(model).double(), plan)    # float64: float32 summation order alone moves
-    apply_plan(model, plan)                                    # SmolLM2's logits by ~4e-4
+    masked = mask_plan(copy.deepcopy(model).double(), plan)  # float64: float32 summation order alone moves
+    apply_plan(model, plan)  # SmolLM2's logits by ~4e-4
     diff = (logits(copy.deepcopy(model).double(), ids) - logits(masked, ids)).abs().max().item()
     assert diff <= 1e-9, diff
     assert adapter.is_tied
@@ -217,11 +224,14 @@ def _mask_vs_surgery(model, adapter, plan, ids):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,ratio,expect", [
-    ("kv_group", 0.05, (6, 2, I_MLP)),     # 1 of 3 KV groups (with its 3 query heads) in layers 6..29
-    ("q_head", 0.035, (6, 3, I_MLP)),     # 1 query head from every group: g 3 -> 2
-    ("mlp", 0.1, None),
-])
+@pytest.mark.parametrize(
+    "kind,ratio,expect",
+    [
+        ("kv_group", 0.05, (6, 2, I_MLP)),  # 1 of 3 KV groups (with its 3 query heads) in layers 6..29
+        ("q_head", 0.035, (6, 3, I_MLP)),  # 1 query head from every group: g 3 -> 2
+        ("mlp", 0.1, None),
+    ],
+)
 def test_mask_equals_surgery_on_smollm2(smol, smol_ids, kind, ratio, expect):
     from pruning.methods.baselines import random
 
@@ -250,12 +260,12 @@ def test_query_heads_go_from_three_to_two_to_one_per_group(smol, smol_ids):
         plan = PrunePlan()
         for layer in (0, 14, 29):
             g = adapter.kv_group_size(adapter.layers[layer])
-            plan.add("q_head", layer, [j * g + (j + layer) % g for j in range(3)])   # one head from every group
+            plan.add("q_head", layer, [j * g + (j + layer) % g for j in range(3)])  # one head from every group
         _mask_vs_surgery(model, adapter, plan, smol_ids)
         assert [adapter.widths(adapter.layers[i]).num_heads for i in (0, 14, 29)] == [3 * g_after] * 3
         assert all(adapter.layers[i].self_attn.num_key_value_groups == g_after for i in (0, 14, 29))
     plan = PrunePlan()
-    plan.add("q_head", 0, [0, 1, 2])        # g = 1: the last query head of every group cannot go
+    plan.add("q_head", 0, [0, 1, 2])  # g = 1: the last query head of every group cannot go
     with pytest.raises(InfeasibleRatioError):
         apply_plan(model, plan)
 
@@ -277,7 +287,7 @@ def _check_saved(out: Path, model, adapter, ids, tmp_path, remote: bool):
 
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is True
-    with safe_open(out / "model.safetensors", "pt") as f:      # the shared matrix is stored once
+    with safe_open(out / "model.safetensors", "pt") as f:  # the shared matrix is stored once
         assert "model.embed_tokens.weight" in f.keys() and "lm_head.weight" not in f.keys()
     ref = logits(model, ids)
     reloaded = AutoModelForCausalLM.from_pretrained(out)
@@ -286,8 +296,12 @@ def _check_saved(out: Path, model, adapter, ids, tmp_path, remote: bool):
     assert sum(p.numel() for p in reloaded.parameters()) == adapter.num_params()
     if remote:
         torch.save(ids, tmp_path / "ids.pt")
-        proc = subprocess.run([sys.executable, "-c", REMOTE, str(out), str(tmp_path / "ids.pt"),
-                               str(tmp_path / "l.pt")], cwd=tmp_path, capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", REMOTE, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "l.pt")],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "transformers_modules" in proc.stdout and "tied" in proc.stdout.split()
         assert (torch.load(tmp_path / "l.pt") - ref).abs().max().item() <= 1e-5
@@ -322,7 +336,7 @@ def test_uniform_save_is_plain_llama_and_keeps_the_tie(smol, smol_ids, tmp_path)
     model, tok, adapter = smol
     plan = PrunePlan()
     for layer in range(L):
-        plan.add("kv_group", layer, [layer % 3])           # 6 heads / 2 KV heads everywhere; 576 % 6 == 0
+        plan.add("kv_group", layer, [layer % 3])  # 6 heads / 2 KV heads everywhere; 576 % 6 == 0
     apply_plan(model, plan)
     cfg = _check_saved(save_pruned(model, tmp_path / "plain", tok), model, adapter, smol_ids, tmp_path, False)
     assert cfg["model_type"] == "llama" and (cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (6, 2)
@@ -337,8 +351,16 @@ def test_dense_ppl_equals_a_plain_computation(smol_dir, wikitext_rows):
 
     n, seq = 6, 128
     model, tok, _ = load_model(SMOL)
-    proto = PPLProtocol(name="ppl128-lp", dataset="wikitext2", split="test", seq_len=seq, stride=seq,
-                        bos="once", batch_size=4, max_windows=n)         # batches of 4 + 2
+    proto = PPLProtocol(
+        name="ppl128-lp",
+        dataset="wikitext2",
+        split="test",
+        seq_len=seq,
+        stride=seq,
+        bos="once",
+        batch_size=4,
+        max_windows=n,
+    )  # batches of 4 + 2
     got = perplexity(model, tok, proto, progress=False)
     assert got["n_windows"] == n and got["n_tokens_scored"] == n * (seq - 1) and got["max_windows"] == n
 
@@ -348,16 +370,16 @@ def test_dense_ppl_equals_a_plain_computation(smol_dir, wikitext_rows):
     # tokenise differently, and the prefix holds about twice the tokens the windows use.
     ids = plain_tok("\n\n".join(wikitext_rows)[:8000]).input_ids
     assert len(ids) > 1.5 * n * seq
-    assert ids[0] != plain_tok.bos_token_id                  # no BOS: the stream starts with text
+    assert ids[0] != plain_tok.bos_token_id  # no BOS: the stream starts with text
     nll = []
     with torch.no_grad():
         for k in range(n):
-            w = torch.tensor(ids[k * seq:(k + 1) * seq])[None]
+            w = torch.tensor(ids[k * seq : (k + 1) * seq])[None]
             logp = torch.log_softmax(plain(w).logits[0, :-1].double(), dim=-1)
             nll.append(-logp.gather(1, w[0, 1:, None]).squeeze(1))
     want = math.exp(torch.cat(nll).mean().item())
     assert abs(got["ppl"] / want - 1) <= 1e-4, (got["ppl"], want)
-    assert 10 < want < 200                                   # a real LM on WikiText (SOURCE.md: 53.9 on 200 windows)
+    assert 10 < want < 200  # a real LM on WikiText (SOURCE.md: 53.9 on 200 windows)
 
 
 @pytest.mark.slow
@@ -367,12 +389,12 @@ def test_smollm2_cache_load_times_and_rebuild(smol_dir, tmp_cache, capfd, smol_i
     The private cache is seeded with a copy of the user-cache entry (mtimes kept), so only one conversion runs.
     """
     entry = tmp_cache / "gguf" / smol_dir.name
-    shutil.copytree(smol_dir, entry)                          # copy2: sizes and mtimes match COMPLETE
+    shutil.copytree(smol_dir, entry)  # copy2: sizes and mtimes match COMPLETE
     model, _, _ = load_model(SMOL)
     assert "converting" not in capfd.readouterr().err
     assert resolve_checkpoint(SMOL) == entry
     ref = logits(model, smol_ids)
-    del model      # its weights are mmapped from the file truncated below: touching them would be a SIGBUS
+    del model  # its weights are mmapped from the file truncated below: touching them would be a SIGBUS
 
     weights = entry / "model.safetensors"
     with open(weights, "r+b") as f:

@@ -12,8 +12,15 @@ from pathlib import Path
 import pytest
 
 from experiments import store as store_mod
-from experiments.record import (NON_SEMANTIC, SCHEMA_VERSION, config_hash, git_info, make_record, package_versions,
-                                to_jsonable)
+from experiments.record import (
+    NON_SEMANTIC,
+    SCHEMA_VERSION,
+    config_hash,
+    git_info,
+    make_record,
+    package_versions,
+    to_jsonable,
+)
 from experiments.store import ResultsStore, flatten_metrics
 
 LABEL = "ppl128-lp:wikitext2:test"
@@ -61,8 +68,13 @@ def test_config_hash_ignores_non_semantic_keys_and_tracks_semantic_ones():
     h = config_hash(base)
     assert len(h) == 16 and all(c in "0123456789abcdef" for c in h)
 
-    changed_bookkeeping = _cfg(store={"dir": "/elsewhere"}, logger={"name": "wandb"}, force=True, progress=False,
-                               hydra={"run": {"dir": "outputs/x"}})
+    changed_bookkeeping = _cfg(
+        store={"dir": "/elsewhere"},
+        logger={"name": "wandb"},
+        force=True,
+        progress=False,
+        hydra={"run": {"dir": "outputs/x"}},
+    )
     assert config_hash(changed_bookkeeping) == h
     without_bookkeeping = {k: v for k, v in base.items() if k not in NON_SEMANTIC}
     assert config_hash(without_bookkeeping) == h
@@ -121,8 +133,18 @@ def test_to_jsonable_converts_torch_and_rejects_unknown():
 
 def test_package_versions_and_git_info(tmp_path):
     versions = package_versions()
-    assert {"torch", "transformers", "peft", "lm_eval", "datasets", "hydra-core", "numpy", "pandas", "wandb",
-            "python"} <= set(versions)
+    assert {
+        "torch",
+        "transformers",
+        "peft",
+        "lm_eval",
+        "datasets",
+        "hydra-core",
+        "numpy",
+        "pandas",
+        "wandb",
+        "python",
+    } <= set(versions)
     assert versions["torch"] and versions["torch"].startswith("2.")
     assert git_info(tmp_path) == {"sha": None, "dirty": None}  # not a repository
     here = git_info(Path(__file__).resolve().parents[1])
@@ -197,8 +219,15 @@ def _writer(root: str, worker: int, n: int, shared: int, barrier) -> None:
     for i in range(n):
         h = f"{i:016x}" if i < shared else f"{worker:08x}{i:08x}"
         payload = f"w{worker}-i{i}-" * 20_000  # ~200 KB so that a torn write would be visible
-        store.write({"schema": SCHEMA_VERSION, "config_hash": h, "worker": worker, "payload": payload,
-                     "digest": hashlib.sha256(payload.encode()).hexdigest()})
+        store.write(
+            {
+                "schema": SCHEMA_VERSION,
+                "config_hash": h,
+                "worker": worker,
+                "payload": payload,
+                "digest": hashlib.sha256(payload.encode()).hexdigest(),
+            }
+        )
         for j in range(shared):
             hj = f"{j:016x}"
             if store.path(hj).exists():
@@ -236,7 +265,13 @@ def test_concurrent_writers_leave_only_complete_records(tmp_path):
 def test_table_flattens_two_records(tmp_path):
     store = ResultsStore(tmp_path)
     r1 = _record(_cfg(), 50.0, 40.0, before=1000, after=800)
-    r2 = _record(_cfg(pruning={"ratio": 0.5}, method={"_target_": "pruning.methods.wanda_sp"}), 90.0, 40.0, before=1000, after=500)
+    r2 = _record(
+        _cfg(pruning={"ratio": 0.5}, method={"_target_": "pruning.methods.wanda_sp"}),
+        90.0,
+        40.0,
+        before=1000,
+        after=500,
+    )
     r2["metrics"]["ppl"][LABEL2] = _ppl_block(70.0, 2048)
     r2["metrics"]["zeroshot"] = {"arc_easy": {"acc": 0.25, "acc_norm": 0.26, "harness": "0.4.13", "bos": True}}
     r2["metrics"]["efficiency"] = {"macs": 1.5e6, "latency_ms": {"p50": 3.0}}
@@ -246,9 +281,22 @@ def test_table_flattens_two_records(tmp_path):
 
     df = store.table()
     assert list(df.columns) == [
-        "model", "method", "ratio", "achieved_ratio", "params_before", "params_after",
-        LABEL, f"dense {LABEL}", LABEL2, "zeroshot/arc_easy/acc", "zeroshot/arc_easy/acc_norm",
-        "efficiency/macs", "efficiency/latency_ms/p50", "wall_s", "config_hash", "created",
+        "model",
+        "method",
+        "ratio",
+        "achieved_ratio",
+        "params_before",
+        "params_after",
+        LABEL,
+        f"dense {LABEL}",
+        LABEL2,
+        "zeroshot/arc_easy/acc",
+        "zeroshot/arc_easy/acc_norm",
+        "efficiency/macs",
+        "efficiency/latency_ms/p50",
+        "wall_s",
+        "config_hash",
+        "created",
     ]
     assert len(df) == 2
     first, second = df.iloc[0], df.iloc[1]  # oldest first
@@ -269,12 +317,14 @@ def test_table_flattens_two_records(tmp_path):
 
 
 def test_flatten_metrics_generic_blocks():
-    flat = flatten_metrics({
-        "dense_ppl": {"a:b:c": {"ppl": None, "seq_len": 128}},
-        "lora_recovered_ppl": {"x": {"ppl": 9.0}},
-        "efficiency": {"params": 10, "flag": True, "note": "str"},
-        "score": 1.5,
-    })
+    flat = flatten_metrics(
+        {
+            "dense_ppl": {"a:b:c": {"ppl": None, "seq_len": 128}},
+            "lora_recovered_ppl": {"x": {"ppl": 9.0}},
+            "efficiency": {"params": 10, "flag": True, "note": "str"},
+            "score": 1.5,
+        }
+    )
     assert flat == {"dense a:b:c": None, "lora recovered x": 9.0, "efficiency/params": 10, "score": 1.5}
 
 

@@ -30,9 +30,14 @@ def test_dense_param_count_matches_closed_form(stories):
     assert adapter.num_params() == 292_800 == closed_form_params(model.config, adapter.all_widths())
 
 
-CASES = [(["kv_group"], r) for r in (0.03, 0.08, 0.12)] + [(["q_head"], r) for r in (0.04, 0.055)] \
-    + [(["mlp"], r) for r in (0.05, 0.2, 0.4)] + [(["block"], r) for r in (0.15, 0.3, 0.45)] \
-    + [(["kv_group", "mlp"], r) for r in (0.1, 0.3, 0.45)] + [(["q_head", "mlp"], r) for r in (0.1, 0.25)]
+CASES = (
+    [(["kv_group"], r) for r in (0.03, 0.08, 0.12)]
+    + [(["q_head"], r) for r in (0.04, 0.055)]
+    + [(["mlp"], r) for r in (0.05, 0.2, 0.4)]
+    + [(["block"], r) for r in (0.15, 0.3, 0.45)]
+    + [(["kv_group", "mlp"], r) for r in (0.1, 0.3, 0.45)]
+    + [(["q_head", "mlp"], r) for r in (0.1, 0.25)]
+)
 
 
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-4)])
@@ -60,8 +65,8 @@ def test_surgery_equals_masking(stories_text_ids, structures, ratio, dtype, tol)
 def test_surgery_shapes_and_counts_follow_the_plan(stories):
     model, _, adapter = stories
     plan = PrunePlan()
-    plan.add("kv_group", 1, [0, 3])          # group 0 -> query heads 0,1; group 3 -> 6,7
-    plan.add("q_head", 2, [1, 2, 5, 6])      # one head from each of the 4 groups
+    plan.add("kv_group", 1, [0, 3])  # group 0 -> query heads 0,1; group 3 -> 6,7
+    plan.add("q_head", 2, [1, 2, 5, 6])  # one head from each of the 4 groups
     plan.add("mlp", 3, [0, 5, 171])
     plan.add("block", None, [4])
     q_before = adapter.q_proj(adapter.layers[1]).weight.detach().clone()
@@ -73,7 +78,7 @@ def test_surgery_shapes_and_counts_follow_the_plan(stories):
     assert w[3].intermediate_size == 169
     assert adapter.layers[2].self_attn.num_key_value_groups == 1
     # kept query heads of layer 1 are exactly the heads of groups 1 and 2 (heads 2..5), in order
-    assert torch.equal(adapter.q_proj(adapter.layers[1]).weight, q_before[2 * 8: 6 * 8])
+    assert torch.equal(adapter.q_proj(adapter.layers[1]).weight, q_before[2 * 8 : 6 * 8])
     assert [layer.self_attn.layer_idx for layer in adapter.layers] == [0, 1, 2, 3]
 
 
@@ -82,15 +87,16 @@ def test_structure_members_cover_the_right_channels(stories):
     (kv,) = structure_sets(adapter, "kv_group", [0])
     q = next(m for m in kv.members if m.name == "q_proj")
     assert kv.n_units == 4 and q.index.shape == (4, 16) and q.index[1].tolist() == list(range(16, 32))
-    assert kv.params_per_unit == 3072   # METHODS.md §1.1, tiny model
+    assert kv.params_per_unit == 3072  # METHODS.md §1.1, tiny model
     (mlp,) = structure_sets(adapter, "mlp", [0])
     assert mlp.params_per_unit == 192
     (blk,) = structure_sets(adapter, "block")
     assert blk.params_per_unit == 45_440
 
 
-@pytest.mark.parametrize("bad", [{"kv_group": [0, 1, 2, 3]}, {"mlp": list(range(172))},
-                                 {"q_head": [0, 2, 4, 6, 1, 3, 5, 7]}])
+@pytest.mark.parametrize(
+    "bad", [{"kv_group": [0, 1, 2, 3]}, {"mlp": list(range(172))}, {"q_head": [0, 2, 4, 6, 1, 3, 5, 7]}]
+)
 def test_plan_that_empties_a_layer_is_refused_before_any_change(stories, bad):
     from pruning.errors import InfeasibleRatioError
 
@@ -128,17 +134,22 @@ def test_uneven_query_heads_surgery_equals_masking(stories_text_ids):
     plan = uneven_plan()
     masked = mask_plan(copy.deepcopy(model), plan)
     k1 = masked.model.layers[1].self_attn.k_proj.weight
-    assert k1[:8].abs().max() == 0 and k1[8:].abs().min() > 0          # KV head 0 of layer 1 lost its heads
+    assert k1[:8].abs().max() == 0 and k1[8:].abs().min() > 0  # KV head 0 of layer 1 lost its heads
     apply_plan(model, plan)
     assert (logits(model, stories_text_ids) - logits(masked, stories_text_ids)).abs().max().item() <= 1e-10
     w = adapter.all_widths()
-    assert [(x.num_heads, x.num_kv_heads, x.kv_group_sizes) for x in w[:3]] == \
-        [(7, 4, (1, 2, 2, 2)), (5, 3, (2, 1, 2)), (3, 2, (2, 1))]
+    assert [(x.num_heads, x.num_kv_heads, x.kv_group_sizes) for x in w[:3]] == [
+        (7, 4, (1, 2, 2, 2)),
+        (5, 3, (2, 1, 2)),
+        (3, 2, (2, 1)),
+    ]
     assert adapter.num_params() == closed_form_params(model.config, w) == 292_800 - 12 * 1024 - 3 * 192
     q2 = adapter.q_proj(adapter.layers[2]).weight
     assert torch.equal(q2, before["model.layers.2.self_attn.q_proj.weight"][list(range(0, 16)) + list(range(56, 64))])
-    assert torch.equal(adapter.k_proj(adapter.layers[2]).weight,
-                       before["model.layers.2.self_attn.k_proj.weight"][list(range(0, 8)) + list(range(24, 32))])
+    assert torch.equal(
+        adapter.k_proj(adapter.layers[2]).weight,
+        before["model.layers.2.self_attn.k_proj.weight"][list(range(0, 8)) + list(range(24, 32))],
+    )
     for i, layer in enumerate(model.model.layers):
         attn = layer.self_attn
         if i < 3:
@@ -164,7 +175,7 @@ def test_uneven_query_heads_generate_with_a_kv_cache_and_every_attention_impleme
     out = model(cached, use_cache=True)
     assert [out.past_key_values.layers[i].keys.shape[1] for i in range(5)] == [4, 3, 2, 4, 4]
     sdpa = logits(model, stories_text_ids)
-    model.set_attn_implementation("eager")    # eager's softmax runs in float32 by design: close, not identical
+    model.set_attn_implementation("eager")  # eager's softmax runs in float32 by design: close, not identical
     assert 0 < (logits(model, stories_text_ids) - sdpa).abs().max().item() <= 1e-5
 
 
@@ -186,10 +197,10 @@ def test_pruning_an_uneven_model_again_follows_its_map(stories_text_ids):
     second = PrunePlan()
     second.add("q_head", 1, [2])
     apply_plan(model, second)
-    assert adapter.widths(adapter.layers[1]).kv_group_sizes == (2, 2)    # even again: the stock path
+    assert adapter.widths(adapter.layers[1]).kv_group_sizes == (2, 2)  # even again: the stock path
     assert adapter.layers[1].self_attn.config is model.config
     assert (logits(model, stories_text_ids) - logits(masked, stories_text_ids)).abs().max().item() <= 1e-10
-    with pytest.raises(PruningError, match="uneven KV groups"):        # layer 2 is (2, 1): no whole-group units
+    with pytest.raises(PruningError, match="uneven KV groups"):  # layer 2 is (2, 1): no whole-group units
         structure_sets(adapter, "kv_group", [2])
     bad = PrunePlan()
     bad.add("kv_group", 2, [0])

@@ -20,8 +20,7 @@ SWEEP = ["method=random,magnitude", "pruning.ratio=0.1,0.3", "eval=quick", "prog
 
 
 def sweep_cmd(store: Path, tmp: Path, *extra: str) -> list[str]:
-    return [sys.executable, "run.py", "-m", *SWEEP, f"store.dir={store}", f"hydra.sweep.dir={tmp / 'sweep'}",
-            *extra]
+    return [sys.executable, "run.py", "-m", *SWEEP, f"store.dir={store}", f"hydra.sweep.dir={tmp / 'sweep'}", *extra]
 
 
 def env() -> dict:
@@ -35,8 +34,7 @@ def records(store: Path) -> dict[str, dict]:
 def check_sweep_records(store: Path) -> None:
     recs = records(store)
     methods = sorted((r["plan"]["meta"].get("method", "dense"), r["params"]["target_ratio"]) for r in recs.values())
-    assert methods == [("dense", 0.0), ("magnitude_l2", 0.1), ("magnitude_l2", 0.3), ("random", 0.1),
-                       ("random", 0.3)]
+    assert methods == [("dense", 0.0), ("magnitude_l2", 0.1), ("magnitude_l2", 0.3), ("random", 0.1), ("random", 0.3)]
     dense_hash = next(h for h, r in recs.items() if r["plan"]["meta"].get("method") == "dense")
     assert all(r["dense_record"] == dense_hash for r in recs.values() if r["plan"]["meta"].get("method") != "dense")
 
@@ -45,13 +43,21 @@ def check_sweep_records(store: Path) -> None:
 @pytest.mark.parametrize("launcher", ["basic", "joblib_local"])
 def test_local_sweep(tmp_path, launcher):
     store = tmp_path / "store"
-    proc = subprocess.run(sweep_cmd(store, tmp_path, f"hydra/launcher={launcher}"), cwd=REPO, env=env(),
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        sweep_cmd(store, tmp_path, f"hydra/launcher={launcher}"),
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_sweep_records(store)
     # the paper tables and the report are produced from exactly these records
-    for cmd in (["-m", "experiments.tables", "--store", str(store), "--all", "--out", str(tmp_path / "tables")],
-                ["-m", "experiments.report", "--store", str(store), "--out", str(tmp_path / "report.html")]):
+    for cmd in (
+        ["-m", "experiments.tables", "--store", str(store), "--all", "--out", str(tmp_path / "tables")],
+        ["-m", "experiments.report", "--store", str(store), "--out", str(tmp_path / "report.html")],
+    ):
         out = subprocess.run([sys.executable, *cmd], cwd=REPO, env=env(), capture_output=True, text=True)
         assert out.returncode == 0, out.stderr[-2000:]
     assert list((tmp_path / "tables").glob("*.md")) and (tmp_path / "report.html").stat().st_size > 10_000
@@ -62,8 +68,14 @@ def test_local_sweep(tmp_path, launcher):
 @pytest.mark.skipif(shutil.which("sbatch") is None, reason="no local SLURM (scripts/slurm_local.sh start)")
 def test_slurm_sweep(tmp_path):
     store = tmp_path / "store"
-    proc = subprocess.run(sweep_cmd(store, tmp_path, "hydra/launcher=slurm_local"), cwd=REPO, env=env(),
-                          capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        sweep_cmd(store, tmp_path, "hydra/launcher=slurm_local"),
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_sweep_records(store)
     assert list((tmp_path / "sweep" / ".submitit").iterdir()), "cells did not go through SLURM"
@@ -73,22 +85,24 @@ def test_slurm_sweep(tmp_path):
 def test_kill9_joblib_sweep_then_resume(tmp_path):
     store = tmp_path / "store"
     cmd = sweep_cmd(store, tmp_path, "hydra/launcher=joblib_local")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 600
     while time.time() < deadline and len(records(store) if (store / "records").exists() else {}) < 2:
         assert proc.poll() is None, "sweep finished before it could be killed"
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)           # the launcher and every joblib worker, mid-sweep
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every joblib worker, mid-sweep
     proc.wait()
-    before = {h: (r["created"], (store / "records" / f"{h}.json").stat().st_mtime_ns)
-              for h, r in records(store).items()}
+    before = {
+        h: (r["created"], (store / "records" / f"{h}.json").stat().st_mtime_ns) for h, r in records(store).items()
+    }
     assert 2 <= len(before) < 5
     done = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     check_sweep_records(store)
     after = records(store)
-    for h, (created, mtime) in before.items():    # finished cells were skipped, not recomputed
+    for h, (created, mtime) in before.items():  # finished cells were skipped, not recomputed
         assert after[h]["created"] == created
         assert (store / "records" / f"{h}.json").stat().st_mtime_ns == mtime
 
@@ -109,10 +123,12 @@ def test_second_cell_reuses_dense_baseline_and_calibration(tmp_path, monkeypatch
 
     handle = torch.nn.modules.module.register_module_forward_hook(count)
     try:
+
         def run(*overrides):
             with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-                cfg = compose("config", overrides=[f"store.dir={tmp_path / 'store'}", "progress=false",
-                                                   "eval=quick", *overrides])
+                cfg = compose(
+                    "config", overrides=[f"store.dir={tmp_path / 'store'}", "progress=false", "eval=quick", *overrides]
+                )
             calls["n"] = 0
             clear_token_cache()
             rec = cell.run_cell(cfg)
@@ -124,8 +140,8 @@ def test_second_cell_reuses_dense_baseline_and_calibration(tmp_path, monkeypatch
     finally:
         handle.remove()
     assert n_dense > 0
-    assert n_first == 2 * n_dense            # dense + pruned evaluation
-    assert n_second == n_dense               # pruned evaluation only: the dense record was reused
+    assert n_first == 2 * n_dense  # dense + pruned evaluation
+    assert n_second == n_dense  # pruned evaluation only: the dense record was reused
     assert second["dense_record"] == first["dense_record"] and "eval_dense" not in second["timings"]
     assert second["metrics"]["dense_ppl"] == first["metrics"]["dense_ppl"]
     assert len(records(tmp_path / "store")) == 3
@@ -163,9 +179,18 @@ def test_second_cell_reuses_calibration_statistics(tmp_path, monkeypatch):
 
     def run(ratio, method="flap", *extra):
         with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-            cfg = compose("config", overrides=[f"store.dir={tmp_path / 'store'}", "progress=false", "eval=quick",
-                                               f"method={method}", f"pruning.ratio={ratio}",
-                                               "calibration.n_samples=16", *extra])
+            cfg = compose(
+                "config",
+                overrides=[
+                    f"store.dir={tmp_path / 'store'}",
+                    "progress=false",
+                    "eval=quick",
+                    f"method={method}",
+                    f"pruning.ratio={ratio}",
+                    "calibration.n_samples=16",
+                    *extra,
+                ],
+            )
         calls["n"] = 0
         rec = cell.run_cell(cfg)
         return rec, calls["n"]
@@ -174,23 +199,33 @@ def test_second_cell_reuses_calibration_statistics(tmp_path, monkeypatch):
     try:
         first, n_first = run(0.1)
         second, n_second = run(0.2)
-        _, n_eval = run(0.0, "dense", "force=true")     # one evaluation pass of the model, nothing else
+        _, n_eval = run(0.0, "dense", "force=true")  # one evaluation pass of the model, nothing else
     finally:
         handle.remove()
     assert [s["cached"] for s in first["calibration"]["statistics"]] == [False]
     assert [s["cached"] for s in second["calibration"]["statistics"]] == [True]
-    assert second["calibration"]["cached"] is True          # the calibration ids too
-    calib_pass = 5 * 2      # 5 decoder layers x 2 batches of 8 calibration samples
-    assert n_second == n_eval                               # pruned evaluation only
-    assert n_first == 2 * n_eval + calib_pass               # dense eval + calibration statistics + pruned eval
+    assert second["calibration"]["cached"] is True  # the calibration ids too
+    calib_pass = 5 * 2  # 5 decoder layers x 2 batches of 8 calibration samples
+    assert n_second == n_eval  # pruned evaluation only
+    assert n_first == 2 * n_eval + calib_pass  # dense eval + calibration statistics + pruned eval
 
 
 def test_impossible_cell_does_not_stop_the_sweep(tmp_path):
     """0.75 would empty a layer of stories260K: that cell reports one error line and writes nothing; the 0.1 cell
     after it still runs, and the sweep exits 0."""
     store = tmp_path / "store"
-    cmd = [sys.executable, "run.py", "-m", "method=random", "pruning.ratio=0.75,0.1", "eval=quick", "progress=false",
-           "threads=1", f"store.dir={store}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    cmd = [
+        sys.executable,
+        "run.py",
+        "-m",
+        "method=random",
+        "pruning.ratio=0.75,0.1",
+        "eval=quick",
+        "progress=false",
+        "threads=1",
+        f"store.dir={store}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "error: " in proc.stderr and "would empty" in proc.stderr

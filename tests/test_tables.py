@@ -22,13 +22,13 @@ from experiments import tables as T
 from experiments.store import ResultsStore
 
 REPO = Path(__file__).resolve().parents[1]
-W = 6                                     # PPL windows per text: enough to be real, small enough to be fast
+W = 6  # PPL windows per text: enough to be real, small enough to be fast
 LP = f"ppl128-lp:wikitext2:test[:{W} windows]"
 LP_PTB = f"ppl128-lp:ptb:validation[:{W} windows]"
 SMALL = ["eval=quick", f"eval.ppl.0.max_windows={W}", f"eval.ppl.1.max_windows={W}"]
 SL = ["eval=ppl2048", "eval.ppl.0.max_windows=1", "eval.ppl.1.max_windows=1"]
-NATIVE = ["pruning.ratio=null"]           # paper tables hold cells set by each paper's own knob (group_ratio here:
-P20, P39, P31 = 0.25, 0.5, 0.4            # LLM-Pruner's p; on LLaMA-7B it removes 19.52%, 39.04%, 30.59% -> labels)
+NATIVE = ["pruning.ratio=null"]  # paper tables hold cells set by each paper's own knob (group_ratio here:
+P20, P39, P31 = 0.25, 0.5, 0.4  # LLM-Pruner's p; on LLaMA-7B it removes 19.52%, 39.04%, 30.59% -> labels)
 
 
 def run_cells(store: Path, cells: list[list[str]]) -> None:
@@ -46,24 +46,35 @@ def store(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tables")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PRUNING_CACHE", str(root / "cache"))
-        run_cells(root / "store", [
-            [*SMALL, "method=dense"],
-            [*SMALL, "method=magnitude", *NATIVE, f"method.group_ratio={P20}"],   # anchor id l2 (A1 has it at 0.20)
-            [*SMALL, "method=magnitude_l1", *NATIVE, f"method.group_ratio={P20}"],   # no anchor
-            [*SMALL, "method=magnitude", *NATIVE, f"method.group_ratio={P39}"],
-            [*SMALL, "method=random", *NATIVE, f"method.group_ratio={P20}", "seed=0"],
-            [*SMALL, "method=random", *NATIVE, f"method.group_ratio={P20}", "seed=1"],
-            [*SMALL, "method=random", *NATIVE, f"method.group_ratio={P20}", "method.structures=[block]"],
-            # a user mistake: the protocol name says ppl128-lp but the windows are 64 tokens long
-            ["eval=quick", "eval.ppl.0.max_windows=4", "eval.ppl.1.max_windows=4", "eval.ppl.0.seq_len=64",
-             "eval.ppl.0.stride=64", "method=magnitude", *NATIVE, f"method.group_ratio={P31}"],
-            [*SL, "method=magnitude", *NATIVE, f"method.group_ratio={P20}"],    # Search-LLM's seq-2048 protocol
-            # the cross-method sweep's cells: pruning.ratio, the share of all parameters
-            [*SMALL, "method=magnitude", "pruning.ratio=0.2"],
-            [*SMALL, "method=magnitude", "pruning.ratio=0.4"],
-            [*SMALL, "method=random", "pruning.ratio=0.2", "seed=0"],
-            [*SMALL, "method=random", "pruning.ratio=0.2", "seed=1"],
-        ])
+        run_cells(
+            root / "store",
+            [
+                [*SMALL, "method=dense"],
+                [*SMALL, "method=magnitude", *NATIVE, f"method.group_ratio={P20}"],  # anchor id l2 (A1 has it at 0.20)
+                [*SMALL, "method=magnitude_l1", *NATIVE, f"method.group_ratio={P20}"],  # no anchor
+                [*SMALL, "method=magnitude", *NATIVE, f"method.group_ratio={P39}"],
+                [*SMALL, "method=random", *NATIVE, f"method.group_ratio={P20}", "seed=0"],
+                [*SMALL, "method=random", *NATIVE, f"method.group_ratio={P20}", "seed=1"],
+                [*SMALL, "method=random", *NATIVE, f"method.group_ratio={P20}", "method.structures=[block]"],
+                # a user mistake: the protocol name says ppl128-lp but the windows are 64 tokens long
+                [
+                    "eval=quick",
+                    "eval.ppl.0.max_windows=4",
+                    "eval.ppl.1.max_windows=4",
+                    "eval.ppl.0.seq_len=64",
+                    "eval.ppl.0.stride=64",
+                    "method=magnitude",
+                    *NATIVE,
+                    f"method.group_ratio={P31}",
+                ],
+                [*SL, "method=magnitude", *NATIVE, f"method.group_ratio={P20}"],  # Search-LLM's seq-2048 protocol
+                # the cross-method sweep's cells: pruning.ratio, the share of all parameters
+                [*SMALL, "method=magnitude", "pruning.ratio=0.2"],
+                [*SMALL, "method=magnitude", "pruning.ratio=0.4"],
+                [*SMALL, "method=random", "pruning.ratio=0.2", "seed=0"],
+                [*SMALL, "method=random", "pruning.ratio=0.2", "seed=1"],
+            ],
+        )
     return root / "store"
 
 
@@ -73,12 +84,20 @@ def _records(store: Path) -> list[dict]:
 
 def _find(records, method, ratio=None, seed=0, structures=None, eval_len=128, group_ratio=None):
     """One record by method and either pruning.ratio (``ratio``) or LLM-Pruner's knob (``group_ratio``)."""
-    hits = [r for r in records if r["plan"]["meta"].get("method") == method
-            and (r["params"]["target_ratio"] is None if ratio is None else
-                 math.isclose(r["params"]["target_ratio"] or -1, ratio))
-            and r["config"]["method"].get("group_ratio") == group_ratio and r["config"]["seed"] == seed
-            and r["config"]["eval"]["ppl"][0]["seq_len"] == eval_len
-            and (structures is None or r["config"]["method"].get("structures") == structures)]
+    hits = [
+        r
+        for r in records
+        if r["plan"]["meta"].get("method") == method
+        and (
+            r["params"]["target_ratio"] is None
+            if ratio is None
+            else math.isclose(r["params"]["target_ratio"] or -1, ratio)
+        )
+        and r["config"]["method"].get("group_ratio") == group_ratio
+        and r["config"]["seed"] == seed
+        and r["config"]["eval"]["ppl"][0]["seq_len"] == eval_len
+        and (structures is None or r["config"]["method"].get("structures") == structures)
+    ]
     assert len(hits) == 1, [(r["plan"]["meta"], r["config_hash"]) for r in hits]
     return hits[0]
 
@@ -90,12 +109,21 @@ def _row(table: T.PaperTable, method: str, ratio: float, source: str = "ours") -
     return hit.iloc[0]
 
 
-def _anchor_value(block: str, method: str, ratio: float, task: str, protocol: str, metric: str | None = None,
-                  model: str = "LLaMA-7B"):
+def _anchor_value(
+    block: str, method: str, ratio: float, task: str, protocol: str, metric: str | None = None, model: str = "LLaMA-7B"
+):
     with open(REPO / "experiments" / "anchors.csv", newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if r["block"] == block and r["method"] == method and r["model"] == model
-                and float(r["ratio"]) == ratio and r["task"] == task and r["protocol"] == protocol
-                and (metric is None or r["metric"] == metric)]
+        rows = [
+            r
+            for r in csv.DictReader(f)
+            if r["block"] == block
+            and r["method"] == method
+            and r["model"] == model
+            and float(r["ratio"]) == ratio
+            and r["task"] == task
+            and r["protocol"] == protocol
+            and (metric is None or r["metric"] == metric)
+        ]
     assert len(rows) == 1, rows
     return rows[0]["value"]
 
@@ -121,13 +149,14 @@ def test_anchor_parsing_keeps_printed_text_and_parses_numbers():
     assert A.parse_ratio("3/7") == pytest.approx(3 / 7) and A.parse_ratio("0.20") == 0.2
     df = A.load_anchors()
     flap = A.select(df, block="C1", model="LLaMA-7B", method="flap", ratio=0.1, task="c4")
-    assert list(flap["value"]) == ["8.058"]          # printed oddity kept as printed (METHODS.md §4)
+    assert list(flap["value"]) == ["8.058"]  # printed oddity kept as printed (METHODS.md §4)
     assert list(A.select(df, block="E1", ratio=0.25)["value_num"]) == [7.24]
     # model names compare without case or punctuation, ratios numerically
     a = A.select(df, paper="LLM-Pruner", model="llama-7b", method="l2", ratio=0.2, protocol="ppl128-lp")
     assert dict(zip(a["task"], a["value"])) == {
         "wikitext2": _anchor_value("A1", "l2", 0.2, "wikitext2", "ppl128-lp"),
-        "ptb": _anchor_value("A1", "l2", 0.2, "ptb", "ppl128-lp")}
+        "ptb": _anchor_value("A1", "l2", 0.2, "ptb", "ppl128-lp"),
+    }
 
 
 # ------------------------------------------------------------------------------------------------------- tables
@@ -138,14 +167,15 @@ def test_llm_pruner_table_values_are_the_records_values(store):
     table = T.build_table(ResultsStore(store).records(), "llm_pruner_t1")
     wt, ptb = f"WikiText-2 [first {W} windows]", f"PTB [first {W} windows]"
     mag = _find(recs, "magnitude_l2", group_ratio=P20)
-    row = _row(table, "magnitude_l2", 0.2)                 # the paper's label for p = 0.25
+    row = _row(table, "magnitude_l2", 0.2)  # the paper's label for p = 0.25
     assert row[wt] == mag["metrics"]["ppl"][LP]["ppl"] and row[ptb] == mag["metrics"]["ppl"][LP_PTB]["ppl"]
     assert row["achieved"] == pytest.approx(mag["params"]["achieved_ratio"]) and row["n"] == 1
     assert row["setting"] == "group_ratio=0.25"
     assert mag["params"]["operating_point"]["knob"] == "method.group_ratio"
     # cells set by pruning.ratio belong to the ratio sweep, never to a paper table
-    assert not (table.frame["setting"] == "").any() or set(table.frame.loc[table.frame["setting"] == "", "method"]) \
-        <= {"dense"}
+    assert not (table.frame["setting"] == "").any() or set(table.frame.loc[table.frame["setting"] == "", "method"]) <= {
+        "dense"
+    }
     assert any(n.startswith("setting group_ratio: LLM-Pruner --pruning_ratio") for n in render.footnotes(table))
     dense = _row(table, "dense", 0.0)
     assert dense[wt] == mag["metrics"]["dense_ppl"][LP]["ppl"]
@@ -153,10 +183,15 @@ def test_llm_pruner_table_values_are_the_records_values(store):
     ours = table.frame[table.frame["source"] == "ours"]
     assert ours["WikiText-2"].isna().all() and ours["PTB"].isna().all()
     # seeds: mean and sample std of the two random runs
-    vals = [_find(recs, "random", group_ratio=P20, seed=s, structures=["kv_group", "mlp"])["metrics"]["ppl"][LP]["ppl"]
-            for s in (0, 1)]
-    rnd = table.frame[(table.frame["method"].str.startswith("random")) & table.frame["method"].str.contains(
-        "kv_group") & (table.frame["source"] == "ours")]
+    vals = [
+        _find(recs, "random", group_ratio=P20, seed=s, structures=["kv_group", "mlp"])["metrics"]["ppl"][LP]["ppl"]
+        for s in (0, 1)
+    ]
+    rnd = table.frame[
+        (table.frame["method"].str.startswith("random"))
+        & table.frame["method"].str.contains("kv_group")
+        & (table.frame["source"] == "ours")
+    ]
     assert len(rnd) == 1 and rnd.iloc[0]["n"] == 2 and vals[0] != vals[1]
     i = rnd.index[0]
     assert rnd.iloc[0][wt] == pytest.approx(statistics.mean(vals), rel=1e-12)
@@ -164,7 +199,9 @@ def test_llm_pruner_table_values_are_the_records_values(store):
     assert "±" in render.display(table).loc[i, wt]
     # one method run with two structure sets: two rows, told apart by the differing config value
     assert {m for m in ours["method"] if m.startswith("random")} == {
-        "random [structures=kv_group+mlp]", "random [structures=block]"}
+        "random [structures=kv_group+mlp]",
+        "random [structures=block]",
+    }
 
 
 def test_published_rows_sit_beside_ours_with_their_source(store):
@@ -185,8 +222,9 @@ def test_published_rows_sit_beside_ours_with_their_source(store):
     assert set(shown.loc[pubs.index, "source"]) == {"published (A1)"}
     assert shown.loc[pubs.index[0], "WikiText-2"] == _anchor_value("A1", "dense", 0.0, "wikitext2", "ppl128-lp")
     assert "LLM-Pruner paper Table 1" in table.sources["A1"]
-    assert not (T.build_table(ResultsStore(store).records(), "llm_pruner_t1", published="none")
-                .frame["source"] != "ours").any()
+    assert not (
+        T.build_table(ResultsStore(store).records(), "llm_pruner_t1", published="none").frame["source"] != "ours"
+    ).any()
     full = T.build_table(ResultsStore(store).records(), "llm_pruner_t1", published="all")
     assert {"llm_pruner/element1", "llm_pruner/vector+lora"} <= set(full.frame["method"])
 
@@ -195,8 +233,9 @@ def test_protocol_mismatch_and_other_protocols_are_kept_out(store):
     recs = _records(store)
     t1 = T.build_table(ResultsStore(store).records(), "llm_pruner_t1")
     # the seq_len=64 entry that calls itself ppl128-lp is excluded (and listed), its PTB entry is fine
-    (bad,) = [r for r in recs if r["config"]["eval"]["ppl"][0]["seq_len"] == 64
-              and r["plan"]["meta"].get("method") != "dense"]
+    (bad,) = [
+        r for r in recs if r["config"]["eval"]["ppl"][0]["seq_len"] == 64 and r["plan"]["meta"].get("method") != "dense"
+    ]
     row = _row(t1, "magnitude_l2", 0.31)
     assert pd.isna(row.get("WikiText-2 [first 4 windows]"))
     assert row["PTB [first 4 windows]"] == bad["metrics"]["ppl"]["ppl128-lp:ptb:validation[:4 windows]"]["ppl"]
@@ -206,7 +245,7 @@ def test_protocol_mismatch_and_other_protocols_are_kept_out(store):
     t2 = T.build_table(ResultsStore(store).records(), "search_llm_t2")
     r2 = _row(t2, "magnitude_l2", 0.2)
     assert r2["WikiText-2 [first 1 windows]"] == sl["metrics"]["ppl"]["ppl2048-sl:wikitext2:test[:1 windows]"]["ppl"]
-    assert (t2.frame["source"] == "ours").sum() == 2                           # dense + magnitude_l2 only
+    assert (t2.frame["source"] == "ours").sum() == 2  # dense + magnitude_l2 only
     assert not any("[first 1 windows]" in c for c in t1.value_columns)
     assert T.build_table(ResultsStore(store).records(), "slicegpt_t1").n_ours == 0
 
@@ -214,8 +253,11 @@ def test_protocol_mismatch_and_other_protocols_are_kept_out(store):
 def test_flap_pivot_has_ratios_as_columns(store):
     recs = _records(store)
     t = T.build_table(ResultsStore(store).records(), "flap_lm")
-    ours = t.frame[(t.frame["method"] == "magnitude_l2") & (t.frame["source"] == "ours")
-                   & (t.frame["protocol"] == f"ppl128-lp [first {W} windows]")]
+    ours = t.frame[
+        (t.frame["method"] == "magnitude_l2")
+        & (t.frame["source"] == "ours")
+        & (t.frame["protocol"] == f"ppl128-lp [first {W} windows]")
+    ]
     assert len(ours) == 1
     assert ours.iloc[0]["20%"] == _find(recs, "magnitude_l2", group_ratio=P20)["metrics"]["ppl"][LP]["ppl"]
     assert ours.iloc[0]["39%"] == _find(recs, "magnitude_l2", group_ratio=P39)["metrics"]["ppl"][LP]["ppl"]
@@ -241,7 +283,7 @@ def test_writers_and_cli(store, tmp_path):
     names = {p.name for p in out.iterdir()}
     for name in ("llm_pruner_t1", "search_llm_t2", "flap_lm"):
         assert {f"{name}.md", f"{name}.tex", f"{name}.csv"} <= names
-    assert not any(n.startswith("slicegpt_t1") for n in names)        # no rows of ours under ppl2048-sg
+    assert not any(n.startswith("slicegpt_t1") for n in names)  # no rows of ours under ppl2048-sg
     assert T.main(["--store", str(store), "--table", "slicegpt_t1", "--out", str(out)]) == 1
     assert T.main(["--store", str(tmp_path / "empty"), "--all", "--out", str(out)]) == 1
 
@@ -253,7 +295,7 @@ def test_summary_view_pivots_ratios_with_seed_counts(store, tmp_path):
     lines = text.splitlines()
     head = lines[2].strip("| ").split(" | ")
     assert head[:2] == ["method", "20%: WikiText-2"] and "20%: n" in head and "40%: WikiText-2" in head
-    assert "group_ratio" not in text                    # paper-knob cells stay out of the cross-method sweep
+    assert "group_ratio" not in text  # paper-knob cells stay out of the cross-method sweep
     col = {h: i for i, h in enumerate(head)}
     mag = next(ln for ln in lines if ln.startswith("| magnitude_l2 |")).strip("| ").split(" | ")
     w2_20 = _find(recs, "magnitude_l2", 0.2)["metrics"]["ppl"][LP]["ppl"]
@@ -264,7 +306,7 @@ def test_summary_view_pivots_ratios_with_seed_counts(store, tmp_path):
     assert " ± " in rnd[col["20%: WikiText-2"]] and rnd[col["20%: n"]] == "2" and rnd[col["40%: n"]] == "–"
     body = [ln.split(" | ")[1] for ln in lines[4:] if ln.startswith("| ")]
     values = [float(v.split(" ± ")[0].replace(",", "")) for v in body]
-    assert values == sorted(values)                                       # best first
+    assert values == sorted(values)  # best first
     out = tmp_path / "summary"
     assert T.main(["--store", str(store), "--table", "ratio_sweep", "--summary", "0.2,0.4", "--out", str(out)]) == 0
     assert (out / "ratio_sweep_summary.md").read_text() == text
@@ -279,20 +321,31 @@ def test_zero_shot_columns_follow_each_papers_metric(tmp_path, monkeypatch):
     run_cells(tmp_path / "store", [[*zs, "method=magnitude", *NATIVE, f"method.group_ratio={P31}"]])
     (rec,) = [r for r in _records(tmp_path / "store") if r["plan"]["meta"]["method"] != "dense"]
     records = ResultsStore(tmp_path / "store").records()
-    lp = {"boolq": ("BoolQ", "acc"), "piqa": ("PIQA", "acc"), "hellaswag": ("HellaSwag", "acc_norm"),
-          "winogrande": ("WinoGrande", "acc"), "arc_easy": ("ARC-e", "acc"),
-          "arc_challenge": ("ARC-c", "acc_norm"), "openbookqa": ("OBQA", "acc_norm")}
+    lp = {
+        "boolq": ("BoolQ", "acc"),
+        "piqa": ("PIQA", "acc"),
+        "hellaswag": ("HellaSwag", "acc_norm"),
+        "winogrande": ("WinoGrande", "acc"),
+        "arc_easy": ("ARC-e", "acc"),
+        "arc_challenge": ("ARC-c", "acc_norm"),
+        "openbookqa": ("OBQA", "acc_norm"),
+    }
     t1 = T.build_table(records, "llm_pruner_t1")
     for method, block in (("magnitude_l2", rec["metrics"]["zeroshot"]), ("dense", rec["metrics"]["dense_zeroshot"])):
         row = _row(t1, method, 0.31 if method != "dense" else 0.0)
         expect = {h: 100 * block[task][m] for task, (h, m) in lp.items()}
         for header, value in expect.items():
             assert row[f"{header} [limit 4]"] == pytest.approx(value, abs=1e-9)
-            assert pd.isna(row[header])                                 # never in the full-set column
+            assert pd.isna(row[header])  # never in the full-set column
         assert row["Average [limit 4]"] == pytest.approx(statistics.mean(expect.values()), abs=1e-9)
         assert row["Average [limit 4]"] == pytest.approx(block["average"]["score"], abs=1e-9)
-    sg = {"piqa": ("PIQA", "acc_norm"), "hellaswag": ("HellaSwag", "acc_norm"), "winogrande": ("WinoGrande", "acc"),
-          "arc_easy": ("ARC-e", "acc_norm"), "arc_challenge": ("ARC-c", "acc_norm")}
+    sg = {
+        "piqa": ("PIQA", "acc_norm"),
+        "hellaswag": ("HellaSwag", "acc_norm"),
+        "winogrande": ("WinoGrande", "acc"),
+        "arc_easy": ("ARC-e", "acc_norm"),
+        "arc_challenge": ("ARC-c", "acc_norm"),
+    }
     t_sg = T.build_table(records, "slicegpt_t1")
     row = _row(t_sg, "magnitude_l2", 0.31)
     block = rec["metrics"]["zeroshot"]

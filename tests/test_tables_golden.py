@@ -39,8 +39,7 @@ def rendered() -> dict:
     return build_tables(golden_records(), sorted(TABLES))
 
 
-@pytest.mark.parametrize("name", ["flap_lm", "flap_zs", "llm_pruner_t1", "ratio_sweep", "search_llm_t2",
-                                  "slicegpt_t1"])
+@pytest.mark.parametrize("name", ["flap_lm", "flap_zs", "llm_pruner_t1", "ratio_sweep", "search_llm_t2", "slicegpt_t1"])
 def test_tables_render_as_before(rendered, name):
     from experiments import render
 
@@ -62,9 +61,11 @@ def test_golden_covers_every_table():
 
 def test_reading_and_tables_stay_torch_free():
     """Records, tables and the uncertainty module load without torch (and without the pruning package)."""
-    code = ("import sys; import experiments.tables, experiments.uncertainty, experiments.store; "
-            "from experiments.store import ResultsStore; ResultsStore('results/store').records(); "
-            "bad = sorted(k for k in sys.modules if k == 'torch' or k == 'pruning' or k.startswith('pruning.')); "
-            "assert not bad, bad")
+    code = (
+        "import sys; import experiments.tables, experiments.uncertainty, experiments.store; "
+        "from experiments.store import ResultsStore; ResultsStore('results/store').records(); "
+        "bad = sorted(k for k in sys.modules if k == 'torch' or k == 'pruning' or k.startswith('pruning.')); "
+        "assert not bad, bad"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -46,7 +46,7 @@ def fisher(model, ids):
     """F = (1/N) Σ_n g_n², each g_n from its own batch-1 backward."""
     out = {}
     for i in range(ids.shape[0]):
-        for n, g in plain_grads(model, ids[i:i + 1]).items():
+        for n, g in plain_grads(model, ids[i : i + 1]).items():
             out[n] = out.get(n, 0) + g.square() / ids.shape[0]
     return out
 
@@ -66,13 +66,18 @@ def unit_members(adapter, kind, layer, u):
         g = adapter.kv_group_size(adapter.layers[layer])
         q = slice(u * g * hd, (u + 1) * g * hd)
         kv = slice(u * hd, (u + 1) * hd)
-        return [(f"{lay}.self_attn.q_proj.weight", (q, slice(None)), 1),
-                (f"{lay}.self_attn.k_proj.weight", (kv, slice(None)), 1),
-                (f"{lay}.self_attn.v_proj.weight", (kv, slice(None)), 1),
-                (f"{lay}.self_attn.o_proj.weight", (slice(None), q), 0)]
+        return [
+            (f"{lay}.self_attn.q_proj.weight", (q, slice(None)), 1),
+            (f"{lay}.self_attn.k_proj.weight", (kv, slice(None)), 1),
+            (f"{lay}.self_attn.v_proj.weight", (kv, slice(None)), 1),
+            (f"{lay}.self_attn.o_proj.weight", (slice(None), q), 0),
+        ]
     c = slice(u, u + 1)
-    return [(f"{lay}.mlp.gate_proj.weight", (c, slice(None)), 1), (f"{lay}.mlp.up_proj.weight", (c, slice(None)), 1),
-            (f"{lay}.mlp.down_proj.weight", (slice(None), c), 0)]
+    return [
+        (f"{lay}.mlp.gate_proj.weight", (c, slice(None)), 1),
+        (f"{lay}.mlp.up_proj.weight", (c, slice(None)), 1),
+        (f"{lay}.mlp.down_proj.weight", (slice(None), c), 0),
+    ]
 
 
 def reference_scores(model, adapter, ids, variant, kind, layer):
@@ -85,8 +90,9 @@ def reference_scores(model, adapter, ids, variant, kind, layer):
     for u in range(n_units):
         total = 0.0
         for name, sel, red in unit_members(adapter, kind, layer, u):
-            t = element_term(variant, params[name].detach()[sel], g[name][sel], f.get(name, torch.zeros(1))[sel]
-                             if f else None)
+            t = element_term(
+                variant, params[name].detach()[sel], g[name][sel], f.get(name, torch.zeros(1))[sel] if f else None
+            )
             total += (t.sum(red).abs().sum() if variant == "vector" else t.abs().sum()).item()
         out.append(total)
     return torch.tensor(out, dtype=torch.float64)
@@ -101,8 +107,9 @@ def test_scores_equal_plain_autograd(f64, variant):
     sets = block_sets(adapter)
     scorer = taylor_scorer(variant)
     meta = scorer.fit(model, calib, sets)
-    assert meta["backward_passes"] == {"element1": 1, "vector": 1, "element2_fisher": 6}.get(variant,
-                                                                                            meta["chunks"] * 7)
+    assert meta["backward_passes"] == {"element1": 1, "vector": 1, "element2_fisher": 6}.get(
+        variant, meta["chunks"] * 7
+    )
     for s in sets:
         if s.layer in (1, 4):
             ref = reference_scores(model, adapter, calib, variant, s.kind, s.layer)
@@ -117,9 +124,9 @@ def test_vector_at_most_element1_and_element2_differs(f64):
         sc = taylor_scorer(v)
         sc.fit(model, calib, sets)
         got[v] = torch.cat([sc(s) for s in sets])
-    assert (got["vector"] <= got["element1"] + 1e-12).all()          # triangle inequality, every unit
+    assert (got["vector"] <= got["element1"] + 1e-12).all()  # triangle inequality, every unit
     assert (got["vector"] < got["element1"]).float().mean() > 0.9
-    assert not torch.allclose(got["element2"], got["element1"])      # the Fisher term is really there
+    assert not torch.allclose(got["element2"], got["element1"])  # the Fisher term is really there
 
 
 def test_aggregations_reduce_the_member_scores(f64):
@@ -132,18 +139,25 @@ def test_aggregations_reduce_the_member_scores(f64):
     params = dict(model.named_parameters())
     hd = adapter.head_dim
 
-    def per_channel(n, sel, red):   # |w·g| summed over each row (red=1) or column (red=0), folded onto d_h
+    def per_channel(n, sel, red):  # |w·g| summed over each row (red=1) or column (red=0), folded onto d_h
         return (params[n].detach()[sel] * g[n][sel]).abs().sum(red).reshape(-1, hd).sum(0)
 
-    per = torch.stack([torch.stack([per_channel(*m) for m in unit_members(adapter, "kv_group", 2, u)])
-                       for u in range(4)])                              # [unit, member (q, k, v, o), d_h]
-    expect = {"sum": per.sum(1), "mean": per.mean(1), "max": per.max(1).values, "prod": per.prod(1),
-              "first": per[:, 1], "last": per[:, 3]}
+    per = torch.stack(
+        [torch.stack([per_channel(*m) for m in unit_members(adapter, "kv_group", 2, u)]) for u in range(4)]
+    )  # [unit, member (q, k, v, o), d_h]
+    expect = {
+        "sum": per.sum(1),
+        "mean": per.mean(1),
+        "max": per.max(1).values,
+        "prod": per.prod(1),
+        "first": per[:, 1],
+        "last": per[:, 3],
+    }
     for how, ref in expect.items():
         sc = taylor_scorer("element1", aggregation=how)
         sc.fit(model, calib, [kv])
         torch.testing.assert_close(sc(kv), ref.sum(-1), rtol=1e-9, atol=0, msg=how)
-    per_unit = per.sum(-1)                         # members summed over channels first: differs for max and prod
+    per_unit = per.sum(-1)  # members summed over channels first: differs for max and prod
     assert not torch.allclose(per.max(1).values.sum(-1), per_unit.max(1).values)
 
 
@@ -151,7 +165,7 @@ def test_zero_unit_scores_zero_for_every_variant(stories):
     model, tok, adapter = stories
     calib = data.calibration_batches(tok, "c4", 4, 32, 1, progress=False)
     layer = adapter.layers[2]
-    with torch.no_grad():                      # KV group 1 (query heads 2, 3) and MLP channel 7 of layer 2
+    with torch.no_grad():  # KV group 1 (query heads 2, 3) and MLP channel 7 of layer 2
         adapter.q_proj(layer).weight[16:32] = 0
         adapter.k_proj(layer).weight[8:16] = 0
         adapter.v_proj(layer).weight[8:16] = 0
@@ -195,7 +209,7 @@ def test_hidden_channel_scores_cover_every_residual_member(f64):
             ref += t
         elif name.endswith(("o_proj.weight", "down_proj.weight")):
             ref += t.sum(1)
-        else:                              # embedding, lm_head and every projection reading the residual stream
+        else:  # embedding, lm_head and every projection reading the residual stream
             ref += t.sum(0)
     torch.testing.assert_close(sc(hid), ref, rtol=1e-9, atol=0)
 
@@ -230,16 +244,16 @@ def test_same_calibration_gives_bit_identical_scores(stories):
 
 def test_peak_memory_probe_sees_torch_cpu_allocations():
     with peak_memory("cpu") as mem:
-        a = torch.ones(1_000_000)               # 4 MB live ...
-        b = torch.ones(500_000)                 # ... + 2 MB at the peak
+        a = torch.ones(1_000_000)  # 4 MB live ...
+        b = torch.ones(500_000)  # ... + 2 MB at the peak
         del a, b
-        c = torch.ones(250_000)                 # 1 MB after the peak
+        c = torch.ones(250_000)  # 1 MB after the peak
         del c
     assert 6_000_000 <= mem["peak_extra_bytes"] < 6_100_000
     assert "profiler" in mem["method"]
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as outer:   # never start a second session inside someone's
+    with profile(activities=[ProfilerActivity.CPU]) as outer:  # never start a second session inside someone's
         with peak_memory("cpu") as inner:
             torch.ones(10).sum()
     assert inner["peak_extra_bytes"] is None and any(e.name == "aten::sum" for e in outer.events())

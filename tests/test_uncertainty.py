@@ -20,9 +20,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 PPL = "ppl128-lp:wikitext2:test[:32 windows]"
-EVAL = {"ppl": [{"name": "ppl128-lp", "dataset": "wikitext2", "split": "test", "seq_len": 128, "max_windows": 32,
-                 "batch_size": 8}],
-        "zeroshot": {"tasks": ["piqa", "winogrande", "arc_easy"], "limit": 30, "batch_size": 8}}
+EVAL = {
+    "ppl": [
+        {
+            "name": "ppl128-lp",
+            "dataset": "wikitext2",
+            "split": "test",
+            "seq_len": 128,
+            "max_windows": 32,
+            "batch_size": 8,
+        }
+    ],
+    "zeroshot": {"tasks": ["piqa", "winogrande", "arc_easy"], "limit": 30, "batch_size": 8},
+}
 SEEDS = (0, 1, 2)
 
 
@@ -44,11 +54,20 @@ def records():
         method = random_method(seed=seed)
         method.apply(model, method.prune(model, 0.2))
         pruned = evaluate(model, tok, EVAL, progress=False)
-        cfg = {"model": {"name": "stories260k"}, "method": {"_target_": "pruning.methods.baselines.random",
-                                                            "seed": seed},
-               "pruning": {"ratio": 0.2}, "calibration": {"seed": seed}, "seed": seed, "eval": EVAL}
-        rec = make_record(cfg, metrics={**{f"dense_{k}": v for k, v in dense.items()}, **pruned},
-                          params={"before": 1, "after": 1, "achieved_ratio": 0.0}, timings={"total": 0.0})
+        cfg = {
+            "model": {"name": "stories260k"},
+            "method": {"_target_": "pruning.methods.baselines.random", "seed": seed},
+            "pruning": {"ratio": 0.2},
+            "calibration": {"seed": seed},
+            "seed": seed,
+            "eval": EVAL,
+        }
+        rec = make_record(
+            cfg,
+            metrics={**{f"dense_{k}": v for k, v in dense.items()}, **pruned},
+            params={"before": 1, "after": 1, "achieved_ratio": 0.0},
+            timings={"total": 0.0},
+        )
         out.append(json.loads(json.dumps(rec)))
     return out
 
@@ -56,8 +75,10 @@ def records():
 def stored_windows(entry) -> tuple[np.ndarray, np.ndarray]:
     """Decoded by hand from the documented layout (little-endian float64 / uint32), not with persample."""
     w = entry["per_window"]
-    return (np.frombuffer(base64.b64decode(w["nll_sum"]), "<f8"),
-            np.frombuffer(base64.b64decode(w["n_tokens"]), "<u4").astype(float))
+    return (
+        np.frombuffer(base64.b64decode(w["nll_sum"]), "<f8"),
+        np.frombuffer(base64.b64decode(w["n_tokens"]), "<u4").astype(float),
+    )
 
 
 def stored_bits(row, metric) -> np.ndarray:
@@ -84,12 +105,11 @@ def test_ppl_interval_equals_plain_computation_on_stored_windows(records):
     nll, tok = stored_windows(entry)
     assert len(nll) == 32 and math.exp(nll.sum() / tok.sum()) == pytest.approx(entry["ppl"], rel=1e-12, abs=0)
     iv = U.interval(rec, f"ppl/{PPL}", level=0.9, resamples=500, seed=7)
-    reps = plain_replicates([np.stack([nll, tok], 1)], lambda g: math.exp(g[0][:, 0].sum() / g[0][:, 1].sum()),
-                            500, 7)
+    reps = plain_replicates([np.stack([nll, tok], 1)], lambda g: math.exp(g[0][:, 0].sum() / g[0][:, 1].sum()), 500, 7)
     low, high = np.percentile(reps, [5, 95])
     assert (iv.low, iv.high) == pytest.approx((low, high), rel=1e-12)
     assert iv.estimate == entry["ppl"] and iv.low < iv.estimate < iv.high and iv.n == (32,) and iv.level == 0.9
-    assert U.interval(rec, f"ppl/{PPL}", level=0.9, resamples=500, seed=7) == iv          # deterministic
+    assert U.interval(rec, f"ppl/{PPL}", level=0.9, resamples=500, seed=7) == iv  # deterministic
     assert U.interval(rec, f"ppl/{PPL}", level=0.9, resamples=500, seed=8) != iv
 
 
@@ -114,7 +134,7 @@ def test_accuracy_and_average_intervals_equal_plain_computation(records):
 def test_blocks_do_not_change_the_draws(records, monkeypatch):
     full = U.interval(records[0], f"ppl/{PPL}", resamples=300)
     avg = U.interval(records[0], "zeroshot/average", resamples=300)
-    monkeypatch.setattr(U, "_BLOCK", 70)           # one or two resamples per block
+    monkeypatch.setattr(U, "_BLOCK", 70)  # one or two resamples per block
     assert U.interval(records[0], f"ppl/{PPL}", resamples=300) == full
     assert U.interval(records[0], "zeroshot/average", resamples=300) == avg
 
@@ -122,8 +142,9 @@ def test_blocks_do_not_change_the_draws(records, monkeypatch):
 # ------------------------------------------------------------------------------ paired differences
 
 
-@pytest.mark.parametrize("key", [f"ppl/{PPL}", f"dense_ppl/{PPL}", "zeroshot/piqa", "zeroshot/arc_easy/acc_norm",
-                                 "zeroshot/average"])
+@pytest.mark.parametrize(
+    "key", [f"ppl/{PPL}", f"dense_ppl/{PPL}", "zeroshot/piqa", "zeroshot/arc_easy/acc_norm", "zeroshot/average"]
+)
 def test_paired_difference_of_a_model_with_itself_is_exactly_zero(records, key):
     p = U.paired(records[0], records[0], key)
     assert (p.diff.estimate, p.diff.low, p.diff.high) == (0.0, 0.0, 0.0) and not p.resolved
@@ -143,7 +164,7 @@ def test_paired_pruned_vs_dense_on_the_same_windows(records):
     reps = plain_replicates([np.stack([a - b, tok], 1)], lambda g: g[0][:, 0].sum() / g[0][:, 1].sum(), 500, 1)
     assert (p.diff.low, p.diff.high) == pytest.approx(tuple(np.percentile(reps, [5, 95])), rel=1e-12)
     assert (p.ratio.low, p.ratio.high) == pytest.approx(tuple(np.percentile(np.exp(reps), [5, 95])), rel=1e-12)
-    assert p.resolved and p.diff.low > 0            # random pruning of 20% is clearly worse than dense
+    assert p.resolved and p.diff.low > 0  # random pruning of 20% is clearly worse than dense
     # pairing cancels each window's shared difficulty: tighter than the two separate intervals combined
     sep = [U.interval(rec, k, level=0.9, resamples=500, seed=1) for k in (f"ppl/{PPL}", f"dense_ppl/{PPL}")]
     separate = math.log(sep[0].high / sep[0].low) + math.log(sep[1].high / sep[1].low)
@@ -165,7 +186,7 @@ def test_paired_accuracy_equals_plain_computation(records):
 def test_pairing_needs_the_same_units(records):
     other = json.loads(json.dumps(records[0]))
     w = other["metrics"]["dense_ppl"][PPL]["per_window"]
-    w["windows"] = "0" * 16                           # as if another tokenizer had cut other windows
+    w["windows"] = "0" * 16  # as if another tokenizer had cut other windows
     with pytest.raises(ValueError, match="same windows"):
         U.paired(records[0], other, f"dense_ppl/{PPL}")
     with pytest.raises(ValueError, match="same tasks, metrics or documents"):
@@ -176,8 +197,11 @@ def test_pairing_needs_the_same_units(records):
 
 def test_records_without_per_sample_values_say_so():
     """The committed store predates per-window storage: a clear message, not a wrong interval."""
-    path = next(p for p in sorted((REPO / "results/store/records").glob("*.json"))
-                if "ppl" in json.loads(p.read_text())["metrics"])
+    path = next(
+        p
+        for p in sorted((REPO / "results/store/records").glob("*.json"))
+        if "ppl" in json.loads(p.read_text())["metrics"]
+    )
     old = json.loads(path.read_text())
     if "per_window" in next(iter(old["metrics"]["ppl"].values())):
         pytest.skip("the committed store already carries per-window values")
@@ -210,8 +234,9 @@ def test_seed_summary_keeps_spread_and_sampling_apart(records):
     s = U.seed_summary(records, key, resamples=300)
     values = [r["metrics"]["ppl"][PPL]["ppl"] for r in records]
     assert s.values == tuple(values) and s.n == 3
-    assert (s.mean, s.std, s.min, s.max) == pytest.approx((np.mean(values), np.std(values, ddof=1), min(values),
-                                                           max(values)), rel=1e-12)
+    assert (s.mean, s.std, s.min, s.max) == pytest.approx(
+        (np.mean(values), np.std(values, ddof=1), min(values), max(values)), rel=1e-12
+    )
     assert s.sampling == tuple(U.interval(r, key, resamples=300) for r in records)
     assert s.seeds == tuple(f"seed={k}, calibration.seed={k}" for k in SEEDS)
     assert json.loads(json.dumps(s.as_dict()))["sampling"][0]["estimate"] == values[0]

@@ -34,7 +34,7 @@ def test_atomic_file_error_keeps_old_file_and_removes_temp(tmp_path):
 
 
 def test_sha256_file_matches_hashlib_over_chunks(tmp_path):
-    data = os.urandom((1 << 22) + 12345)         # more than one 4 MiB chunk
+    data = os.urandom((1 << 22) + 12345)  # more than one 4 MiB chunk
     (tmp_path / "f").write_bytes(data)
     assert sha256_file(tmp_path / "f") == hashlib.sha256(data).hexdigest()
 
@@ -59,4 +59,4 @@ def test_input_device_is_the_embedding_device(stories):
     model, _, adapter = stories
     assert input_device(model) == adapter.embed_tokens.weight.device == torch.device("cpu")
     assert module_device(adapter.layers[0]) == adapter.layers[0].self_attn.q_proj.weight.device
-    assert input_device(torch.nn.Linear(2, 2)) == torch.device("cpu")   # no get_input_embeddings: first parameter
+    assert input_device(torch.nn.Linear(2, 2)) == torch.device("cpu")  # no get_input_embeddings: first parameter

@@ -46,11 +46,14 @@ def test_scores_equal_numpy(stories, calib):
     model, _, adapter = stories
     layer = model.model.layers[2]
     got = wanda_scores(model, adapter, calib, 2)
-    for kind, mod, width in (("kv_group", layer.self_attn.o_proj, G * HD), ("q_head", layer.self_attn.o_proj, HD),
-                             ("mlp", layer.mlp.down_proj, 1)):
+    for kind, mod, width in (
+        ("kv_group", layer.self_attn.o_proj, G * HD),
+        ("q_head", layer.self_attn.o_proj, HD),
+        ("mlp", layer.mlp.down_proj, 1),
+    ):
         x = inputs_of(mod, model, calib)
         w = mod.weight.detach().double().numpy()
-        s = np.abs(w).mean(0) * np.sqrt((x ** 2).mean(0))        # mean_i |W_ij| · sqrt(mean_t x_tj²)
+        s = np.abs(w).mean(0) * np.sqrt((x**2).mean(0))  # mean_i |W_ij| · sqrt(mean_t x_tj²)
         np.testing.assert_allclose(got[kind].numpy(), s.reshape(-1, width).sum(1), rtol=1e-9)
 
 
@@ -85,7 +88,7 @@ def test_uniform_counts_and_untouched_survivors(calib):
     assert len(set(heads)) == 1 and len(set(mlp)) == 1 and heads[0] >= 1 and mlp[0] >= 1
     method.apply(model, plan)
     assert 1 - adapter.num_params() / 292_800 == pytest.approx(plan.meta["planned_ratio"], abs=1e-12)
-    for i, layer in enumerate(model.model.layers):      # surviving weights are bit-identical (no compensation)
+    for i, layer in enumerate(model.model.layers):  # surviving weights are bit-identical (no compensation)
         keep = [c for c in range(172) if c not in plan.units("mlp", i)]
         assert torch.equal(layer.mlp.down_proj.weight, before[f"model.layers.{i}.mlp.down_proj.weight"][:, keep])
         assert layer.mlp.down_proj.bias is None and layer.self_attn.o_proj.bias is None
@@ -159,7 +162,7 @@ def test_flap_ratio_on_smollm2_removes_one_query_head_and_307_channels_per_layer
     path = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/model/smollm2_135m.yaml").model.path
     try:
         model, tok, adapter = load_model(path)
-    except Exception as e:     # noqa: BLE001 - the data root may not hold the model
+    except Exception as e:  # noqa: BLE001 - the data root may not hold the model
         pytest.skip(f"SmolLM2 not available: {e}")
     calib = data.calibration_batches(tok, "c4", 2, 16, 0, progress=False)
     method = wanda_sp(attn_mlp_ratio=0.2, progress=False)

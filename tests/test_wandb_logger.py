@@ -26,15 +26,25 @@ def run(tmp_path: Path, *overrides: str) -> dict:
     from experiments.cell import run_cell
 
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"store.dir={tmp_path / 'store'}", "progress=false", *SMALL,
-                                           "method=magnitude", "pruning.ratio=0.3", *overrides])
+        cfg = compose(
+            "config",
+            overrides=[
+                f"store.dir={tmp_path / 'store'}",
+                "progress=false",
+                *SMALL,
+                "method=magnitude",
+                "pruning.ratio=0.3",
+                *overrides,
+            ],
+        )
     return run_cell(cfg)
 
 
 def inspect_summary(run_dir: Path) -> dict:
     exe = Path(sys.executable).with_name("wandb")
-    res = subprocess.run([str(exe), "leet", "inspect", "--summary", "--json", str(run_dir)],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [str(exe), "leet", "inspect", "--summary", "--json", str(run_dir)], capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     return json.loads(res.stdout)
 
@@ -59,7 +69,7 @@ def test_offline_run_summary_holds_the_records_metrics(tmp_path, monkeypatch):
     assert info["config"]["method"]["_target_"] == on_disk["config"]["method"]["_target_"]
     assert info["config"]["pruning"]["ratio"] == 0.3
     files = runs[0] / "files"
-    assert json.loads((files / "record.json").read_text()) == on_disk          # the full record travels with the run
+    assert json.loads((files / "record.json").read_text()) == on_disk  # the full record travels with the run
     widths = json.loads(next((files / "media" / "table").glob("widths_*.table.json")).read_text())
     col = widths["columns"].index("intermediate_size")
     assert [row[col] for row in widths["data"]] == [w["intermediate_size"] for w in on_disk["widths"]]

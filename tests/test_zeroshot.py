@@ -29,8 +29,15 @@ ZS = "zeroshot"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # METHODS.md §1.5 table
-COUNTS = {"boolq": 3270, "piqa": 1838, "hellaswag": 10042, "winogrande": 1267, "arc_easy": 2376,
-          "arc_challenge": 1172, "openbookqa": 500}
+COUNTS = {
+    "boolq": 3270,
+    "piqa": 1838,
+    "hellaswag": 10042,
+    "winogrande": 1267,
+    "arc_easy": 2376,
+    "arc_challenge": 1172,
+    "openbookqa": 500,
+}
 
 
 def root() -> Path:
@@ -95,24 +102,30 @@ def test_prompts_are_the_installed_harness_definitions(name):
     for key in ("doc_to_text", "doc_to_target", "doc_to_choice", "process_docs"):
         if not callable(ref.get(key)):
             assert ours.get(key) == ref.get(key), key
-    if callable(ref.get("process_docs")):   # HellaSwag: our copy of lm-eval's process_docs, same output
+    if callable(ref.get("process_docs")):  # HellaSwag: our copy of lm-eval's process_docs, same output
         import datasets
 
         ds = datasets.Dataset.from_list(sample)
         assert ours["process_docs"](ds).to_list() == ref["process_docs"](ds).to_list()
     for key in ("doc_to_text", "doc_to_target", "doc_to_choice"):
-        if callable(ref.get(key)):          # WinoGrande's partial-evaluation functions
+        if callable(ref.get(key)):  # WinoGrande's partial-evaluation functions
             assert [ours[key](d) for d in sample] == [ref[key](d) for d in sample], key
 
 
 def test_winogrande_partial_scoring_round_trip():
     d = docs("winogrande")[0]
-    assert d == {"sentence": "Sarah was a much better surgeon than Maria so _ always got the easier cases.",
-                 "option1": "Sarah", "option2": "Maria", "answer": "2"}
-    assert utils.winogrande_doc_to_choice(d) == ["Sarah was a much better surgeon than Maria so Sarah",
-                                                 "Sarah was a much better surgeon than Maria so Maria"]
+    assert d == {
+        "sentence": "Sarah was a much better surgeon than Maria so _ always got the easier cases.",
+        "option1": "Sarah",
+        "option2": "Maria",
+        "answer": "2",
+    }
+    assert utils.winogrande_doc_to_choice(d) == [
+        "Sarah was a much better surgeon than Maria so Sarah",
+        "Sarah was a much better surgeon than Maria so Maria",
+    ]
     assert utils.winogrande_doc_to_target(d) == "always got the easier cases."
-    assert utils.winogrande_doc_to_text(d) == 1          # the gold *context*
+    assert utils.winogrande_doc_to_text(d) == 1  # the gold *context*
     labels = (root() / "winogrande/dev-labels.lst").read_text().split()
     assert [r["answer"] for r in docs("winogrande")] == labels
 
@@ -125,7 +138,7 @@ def test_hellaswag_reconstruction():
         assert f"{r['activity_label']}: {r['ctx']}" == lines[6 * k]
         assert r["endings"] == lines[6 * k + 2 : 6 * k + 6] and r["label"] == lines[6 * k + 1]
     wikihow = [r for r in rows if r["activity_label"] in utils.WIKIHOW_CATEGORIES]
-    assert (len(wikihow), len(rows) - len(wikihow)) == (6799, 3243)   # HellaSwag val: WikiHow / ActivityNet
+    assert (len(wikihow), len(rows) - len(wikihow)) == (6799, 3243)  # HellaSwag val: WikiHow / ActivityNet
     assert all(r["ctx_b"] == "" for r in wikihow)
     assert sum(bool(r["ctx_b"]) for r in rows) == 3236
     q = utils.process_docs(__import__("datasets").Dataset.from_list(rows[:2])).to_list()
@@ -138,8 +151,10 @@ def test_openbookqa_and_arc_rows():
     assert o["id"] == "8-343" and o["answerKey"] == "B" and o["choices"]["label"] == list("ABCD")
     assert o["choices"]["text"][1] == "quit eating lunch out"
     a = docs("arc_challenge")[0]
-    assert a["id"] == "Mercury_7175875" and a["choices"]["text"][a["choices"]["label"].index(a["answerKey"])] \
-        == "Planetary days will become shorter."
+    assert (
+        a["id"] == "Mercury_7175875"
+        and a["choices"]["text"][a["choices"]["label"].index(a["answerKey"])] == "Planetary days will become shorter."
+    )
     b = docs("boolq")[0]
     assert b["label"] == 0 and b["passage"].startswith("Ethanol fuel -- ")
 
@@ -167,12 +182,12 @@ def test_config_errors_before_any_model():
 def test_missing_file_is_a_data_error_naming_it(tmp_path, monkeypatch):
     src = root()
     (tmp_path / ZS / "piqa").mkdir(parents=True)
-    shutil.copy(src / "piqa/valid.jsonl", tmp_path / ZS / "piqa/valid.jsonl")   # labels file missing
+    shutil.copy(src / "piqa/valid.jsonl", tmp_path / ZS / "piqa/valid.jsonl")  # labels file missing
     monkeypatch.setenv("PRUNING_DATA", str(tmp_path))
     with pytest.raises(DataError, match="zero-shot task 'piqa'.*not found: .*zeroshot/piqa/valid-labels.lst"):
         check_eval(OmegaConf.create({"zeroshot": {"tasks": ["piqa"]}}))
     with pytest.raises(DataError, match="zeroshot/boolq/val.jsonl"):
-        check_eval(OmegaConf.create({"zeroshot": {}}))       # an empty block = the 7 tasks
+        check_eval(OmegaConf.create({"zeroshot": {}}))  # an empty block = the 7 tasks
 
 
 # ------------------------------------------------------------------------------ known answers with the real model
@@ -183,7 +198,7 @@ def plain_loglik(model, tok, context: str, continuation: str) -> float:
     ctx = tok(context).input_ids
     whole = tok(context + continuation).input_ids
     assert whole[: len(ctx)] == ctx
-    cont = whole[len(ctx):]
+    cont = whole[len(ctx) :]
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([whole[:-1]])).logits[0].double(), -1)
     return sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
@@ -232,7 +247,7 @@ def harness_run():
     model, tok, _ = load_model(STORIES)
     cfg = Z.ZeroShotConfig(limit=6, batch_size=4)
     lm = Z.make_lm(model, tok, cfg.batch_size)
-    assert lm.model is model            # the in-memory object, not a re-load
+    assert lm.model is model  # the in-memory object, not a re-load
     raw = Z.run_harness(lm, cfg, log_samples=True)
     return model, tok, cfg, raw
 
@@ -245,14 +260,14 @@ def test_known_answer_against_plain_loglikelihood(harness_run, name):
     assert len(samples) == len(expected) == cfg.limit
     accs, norms = [], []
     for s, (reqs, gold, choices) in zip(samples, expected):
-        assert [tuple(a) for a in s["arguments"]] == reqs            # lm-eval built the same prompts
+        assert [tuple(a) for a in s["arguments"]] == reqs  # lm-eval built the same prompts
         ours = [plain_loglik(model, tok, c, x) for c, x in reqs]
         theirs = [r[0] for r in s["filtered_resps"]]
         assert theirs == pytest.approx(ours, abs=2e-3, rel=1e-4)
         pred = max(range(len(ours)), key=ours.__getitem__)
         assert s["acc"] == float(pred == gold)
         accs.append(s["acc"])
-        if choices is not None:   # acc_norm: divide by the choice's length in characters (lm-eval's len(str))
+        if choices is not None:  # acc_norm: divide by the choice's length in characters (lm-eval's len(str))
             pn = max(range(len(ours)), key=lambda i: ours[i] / len(choices[i]))
             assert s["acc_norm"] == float(pn == gold)
             norms.append(s["acc_norm"])
@@ -270,7 +285,7 @@ def test_hellaswag_arc_challenge_obqa_scored_on_the_same_loglikelihoods(harness_
             assert [r[0] for r in s["filtered_resps"]] == pytest.approx(ours, abs=2e-3, rel=1e-4)
             gold = s["target"]
             assert s["acc"] == float(max(range(len(ours)), key=ours.__getitem__) == gold)
-            lens = [len(x) - 1 for _, x in s["arguments"]]        # continuation minus the " " delimiter
+            lens = [len(x) - 1 for _, x in s["arguments"]]  # continuation minus the " " delimiter
             assert s["acc_norm"] == float(max(range(len(ours)), key=lambda i: ours[i] / lens[i]) == gold)
 
 
@@ -300,7 +315,7 @@ def test_per_document_correctness_is_lm_evals_and_gives_the_reported_accuracy(ha
     """The stored bits are lm-eval's per-sample acc/acc_norm in doc_id order; their mean is the reported number
     exactly (lm-eval's mean is sum/len), and so is the preset average."""
     _, _, cfg, raw = harness_run
-    block = json.loads(json.dumps(Z.summarize(raw, cfg)))          # as read back from a record
+    block = json.loads(json.dumps(Z.summarize(raw, cfg)))  # as read back from a record
     for t in Z.TASK_ORDER:
         row = block[t]
         samples = sorted(raw["samples"][t], key=lambda s: s["doc_id"])
@@ -309,10 +324,11 @@ def test_per_document_correctness_is_lm_evals_and_gives_the_reported_accuracy(ha
         for m in metrics:
             bits = doc_values(row, m)
             assert bits.tolist() == [s[m] == 1.0 for s in samples] and len(bits) == cfg.limit
-            assert sum(bits.astype(float).tolist()) / len(bits) == row[m]           # bit for bit
+            assert sum(bits.astype(float).tolist()) / len(bits) == row[m]  # bit for bit
         assert row["per_doc"]["docs"] == digest(s["doc_hash"] for s in samples)
-    scores = [100.0 * (sum(doc_values(block[t], block[t]["metric"]).astype(float).tolist()) / cfg.limit)
-              for t in Z.TASK_ORDER]
+    scores = [
+        100.0 * (sum(doc_values(block[t], block[t]["metric"]).astype(float).tolist()) / cfg.limit) for t in Z.TASK_ORDER
+    ]
     assert sum(scores) / len(scores) == block["average"]["score"]
     assert "per_doc" not in Z.summarize({k: v for k, v in raw.items() if k != "samples"}, cfg)["piqa"]
     broken = {**raw, "samples": {**raw["samples"], "piqa": raw["samples"]["piqa"][1:]}}
@@ -336,8 +352,12 @@ def test_pruned_in_memory_equals_saved_and_reloaded(tmp_path):
 
     def run(m):
         raw = Z.run_harness(Z.make_lm(m, tok, 8), cfg, log_samples=True)
-        lls = [r[0] for t in cfg.tasks for s in sorted(raw["samples"][t], key=lambda s: s["doc_id"])
-               for r in s["filtered_resps"]]
+        lls = [
+            r[0]
+            for t in cfg.tasks
+            for s in sorted(raw["samples"][t], key=lambda s: s["doc_id"])
+            for r in s["filtered_resps"]
+        ]
         return Z.summarize(raw, cfg), lls
 
     _, dense_lls = run(model)
@@ -349,7 +369,7 @@ def test_pruned_in_memory_equals_saved_and_reloaded(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     again, again_lls = run(reloaded)
     assert pruned_lls == pytest.approx(again_lls, abs=1e-4)
-    assert dense_lls != pytest.approx(pruned_lls, abs=1e-2)     # the harness saw the pruned weights
+    assert dense_lls != pytest.approx(pruned_lls, abs=1e-2)  # the harness saw the pruned weights
     for t in cfg.tasks:
         assert (pruned[t]["acc"], pruned[t]["acc_norm"]) == (again[t]["acc"], again[t]["acc_norm"]), t
     assert pruned["average"]["score"] == again["average"]["score"]
@@ -361,9 +381,14 @@ def test_pruned_in_memory_equals_saved_and_reloaded(tmp_path):
 
 def _run(args, tmp_path, timeout=3600):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
-    return subprocess.run([sys.executable, "run.py", f"store.dir={tmp_path / 'store'}",
-                           f"hydra.run.dir={tmp_path / 'run'}", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "run.py", f"store.dir={tmp_path / 'store'}", f"hydra.run.dir={tmp_path / 'run'}", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _check_cli(proc, tmp_path, limit, tasks=Z.TASK_ORDER):
@@ -380,7 +405,7 @@ def _check_cli(proc, tmp_path, limit, tasks=Z.TASK_ORDER):
     assert [zs[t]["metric"] for t in tasks] == [Z.PRESETS["llm_pruner"][t] for t in tasks]
     assert zs["average"]["score"] == pytest.approx(sum(zs[t]["score"] for t in tasks) / len(tasks))
     assert f"{zs['average']['score']:.2f}" in out
-    for t in tasks:                                  # the record carries each document's correctness
+    for t in tasks:  # the record carries each document's correctness
         bits = doc_values(zs[t], zs[t]["metric"])
         assert len(bits) == zs[t]["n_docs"] and 100.0 * (sum(bits.astype(float).tolist()) / len(bits)) == zs[t]["score"]
     return zs
@@ -391,8 +416,22 @@ def test_cli_quick_preset_prints_scores_and_records(tmp_path):
     fast; the 7-task full run is the slow test below)."""
     root()
     tasks = ["arc_challenge", "winogrande"]
-    _check_cli(_run(["eval=zeroshot7_quick", "method=dense", "threads=1", "eval.zeroshot.limit=4", "eval.ppl=[]",
-                     f"eval.zeroshot.tasks=[{','.join(tasks)}]"], tmp_path), tmp_path, 4, tasks)
+    _check_cli(
+        _run(
+            [
+                "eval=zeroshot7_quick",
+                "method=dense",
+                "threads=1",
+                "eval.zeroshot.limit=4",
+                "eval.ppl=[]",
+                f"eval.zeroshot.tasks=[{','.join(tasks)}]",
+            ],
+            tmp_path,
+        ),
+        tmp_path,
+        4,
+        tasks,
+    )
 
 
 @pytest.mark.slow
@@ -405,11 +444,23 @@ def test_cli_full_sets_stories_near_chance(tmp_path):
     """
     root()
     zs = _check_cli(_run(["eval=zeroshot7", "method=dense", "threads=1"], tmp_path), tmp_path, None)
-    chance = {"boolq": 62.2, "piqa": 50, "hellaswag": 25, "winogrande": 50, "arc_easy": 25.5,
-              "arc_challenge": 25.5, "openbookqa": 25}
+    chance = {
+        "boolq": 62.2,
+        "piqa": 50,
+        "hellaswag": 25,
+        "winogrande": 50,
+        "arc_easy": 25.5,
+        "arc_challenge": 25.5,
+        "openbookqa": 25,
+    }
     for t, c in chance.items():
         assert zs[t]["score"] < c + 4, (t, zs[t]["score"])
     for t in ("piqa", "hellaswag", "winogrande", "arc_easy"):
         assert abs(zs[t]["score"] - chance[t]) < 3, (t, zs[t]["score"])
-    print({t: round(zs[t]["score"], 2) for t in Z.TASK_ORDER}, "avg", round(zs["average"]["score"], 2),
-          "seconds", zs["protocol"]["seconds"])
+    print(
+        {t: round(zs[t]["score"], 2) for t in Z.TASK_ORDER},
+        "avg",
+        round(zs["average"]["score"], 2),
+        "seconds",
+        zs["protocol"]["seconds"],
+    )

@@ -20,10 +20,12 @@ from pruning.surgery.plan import MODEL_WIDE, PrunePlan
 def plan_params(sets: list[StructureSet], plan: PrunePlan) -> int:
     """Parameters a plan removes from these sets: exact for heads and channels (the last query head of a KV head
     frees its k/v rows too), the sets' mean block size for blocks."""
+
     def units(s: StructureSet) -> list[int]:
         if s.kind == "block":
             return [u for u, layer in enumerate(s.unit_layers) if layer in set(plan.blocks)]
         return plan.units(s.kind, MODEL_WIDE if s.kind == "hidden" else s.layer)
+
     return sum(removed_params(s, units(s)) for s in sets)
 
 
@@ -36,8 +38,9 @@ def check_ratio(ratio: float | None, name: str = "pruning.ratio") -> float:
     return ratio
 
 
-def layer_range(n_layers: int, start_frac: float, end_frac: float,
-                start: int | None = None, end: int | None = None) -> list[int]:
+def layer_range(
+    n_layers: int, start_frac: float, end_frac: float, start: int | None = None, end: int | None = None
+) -> list[int]:
     """Layers [start, end) as fractions of depth, index = floor(frac * L + 0.5), so [4, 30) on 32 layers."""
     s = int(start_frac * n_layers + 0.5) if start is None else int(start)
     e = int(end_frac * n_layers + 0.5) if end is None else int(end)
@@ -75,15 +78,15 @@ def _removed(sset: StructureSet, p: float, rule: str = "llm_pruner") -> int:
     if sset.partition is not None:
         groups = int(sset.partition.max()) + 1
         return count_rule(sset.n_units // groups, p) * groups
-    c = sset.count_channels    # LLM-Pruner: floor((C - int(C(1-p))) / d_h) KV groups with C = H_kv·d_h
+    c = sset.count_channels  # LLM-Pruner: floor((C - int(C(1-p))) / d_h) KV groups with C = H_kv·d_h
     return count_rule(sset.n_units * c, p) // c
 
 
 @dataclass
 class Budget:
-    target: float          # requested fraction of all params
+    target: float  # requested fraction of all params
     total_params: int
-    p: float               # per-kind unit fraction chosen
+    p: float  # per-kind unit fraction chosen
     removed_params: int
 
     @property
@@ -105,8 +108,8 @@ class Uniform:
     layer_end_frac: float = 1.0
     layer_start: int | None = None
     layer_end: int | None = None
-    group_ratio: float | None = None   # set p directly (paper presets, e.g. LLM-Pruner 0.25)
-    count_rule: str = "llm_pruner"     # llm_pruner (C - int(C(1-p)) on root channels) | floor (int(p·n), FLAP repo)
+    group_ratio: float | None = None  # set p directly (paper presets, e.g. LLM-Pruner 0.25)
+    count_rule: str = "llm_pruner"  # llm_pruner (C - int(C(1-p)) on root channels) | floor (int(p·n), FLAP repo)
 
     def __post_init__(self):
         if self.count_rule not in COUNT_RULES:
@@ -121,8 +124,13 @@ class Uniform:
         if unknown:
             raise PruningError(f"unknown method.layers keys {unknown}; choices: {', '.join(LAYER_KEYS)}")
         r = {**default, **layers}
-        return cls(layer_start_frac=float(r["start_frac"]), layer_end_frac=float(r["end_frac"]),
-                   layer_start=r["start"], layer_end=r["end"], **kwargs)
+        return cls(
+            layer_start_frac=float(r["start_frac"]),
+            layer_end_frac=float(r["end_frac"]),
+            layer_start=r["start"],
+            layer_end=r["end"],
+            **kwargs,
+        )
 
     def layers(self, n_layers: int) -> list[int]:
         return layer_range(n_layers, self.layer_start_frac, self.layer_end_frac, self.layer_start, self.layer_end)
@@ -140,8 +148,9 @@ class Uniform:
             p = float(self.group_ratio)
             bad = [s for s in sets if self.removed(s, p) >= s.n_units]
             if bad:
-                raise InfeasibleRatioError(f"group_ratio={p} would remove every {bad[0].kind} unit of layer "
-                                           f"{bad[0].layer}")
+                raise InfeasibleRatioError(
+                    f"group_ratio={p} would remove every {bad[0].kind} unit of layer {bad[0].layer}"
+                )
             return Budget(ratio, total_params, p, self._params_at(sets, p))
         ratio = check_ratio(ratio)
         if not sets or ratio == 0.0:
@@ -157,11 +166,12 @@ class Uniform:
         if ratio > best_max + 1e-9:
             kinds = sorted({s.kind for s in sets})
             layers = sorted({s.layer for s in sets if s.layer is not None})
-            span = f"layers {layers[0]}..{layers[-1]}" if layers else "the model"   # hidden/block sets: model-wide
+            span = f"layers {layers[0]}..{layers[-1]}" if layers else "the model"  # hidden/block sets: model-wide
             raise InfeasibleRatioError(
                 f"pruning.ratio={ratio} would empty a layer's {'/'.join(kinds)}: uniform allocation over "
                 f"{span} can remove at most {best_max:.4f} of all parameters while keeping at "
-                f"least one unit of each kind per layer")
+                f"least one unit of each kind per layer"
+            )
         p = min(feasible, key=lambda q: (abs(self._params_at(sets, q) / total_params - ratio), q))
         return Budget(ratio, total_params, p, self._params_at(sets, p))
 
@@ -171,7 +181,7 @@ class Uniform:
             n = self.removed(sset, budget.p)
             if n == 0:
                 continue
-            if sset.partition is not None and self.count_rule == "llm_pruner":   # lowest m inside every KV group
+            if sset.partition is not None and self.count_rule == "llm_pruner":  # lowest m inside every KV group
                 groups = int(sset.partition.max()) + 1
                 m = n // groups
                 for g in range(groups):
@@ -183,7 +193,11 @@ class Uniform:
                 if sset.kind == "block":
                     lowest = [sset.unit_layers[u] for u in lowest]
                 plan.add(sset.kind, sset.layer, lowest)
-        plan.meta["allocation"] = {"type": "uniform", "p": budget.p, "count_rule": self.count_rule,
-                                   "target": budget.target,
-                                   "achieved": plan_params(sets, plan) / budget.total_params}
+        plan.meta["allocation"] = {
+            "type": "uniform",
+            "p": budget.p,
+            "count_rule": self.count_rule,
+            "target": budget.target,
+            "achieved": plan_params(sets, plan) / budget.total_params,
+        }
         return plan

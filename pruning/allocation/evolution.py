@@ -45,8 +45,13 @@ from pruning.surgery.plan import PrunePlan
 
 # Table 1 (LLaMA-7B): inheriting ratio -> (depth_min as a fraction of L, γ_attn lower bound, γ_mlp lower bound).
 # The 70% row's γ_attn bound is printed 0.3 (0.7 likely); used as printed (METHODS.md §4).
-TABLE1 = {0.9: (1.0, 0.9, 0.6), 0.8: (1.0, 0.8, 0.4), 0.7: (30 / 32, 0.3, 0.2), 0.6: (28 / 32, 0.6, 0.1),
-          0.5: (28 / 32, 0.6, 0.1)}
+TABLE1 = {
+    0.9: (1.0, 0.9, 0.6),
+    0.8: (1.0, 0.8, 0.4),
+    0.7: (30 / 32, 0.3, 0.2),
+    0.6: (28 / 32, 0.6, 0.1),
+    0.5: (28 / 32, 0.6, 0.1),
+}
 
 
 def table1_row(inheriting: float) -> float:
@@ -57,8 +62,8 @@ def table1_row(inheriting: float) -> float:
 @dataclass(frozen=True)
 class Candidate:
     depth: int
-    attn: tuple[tuple[int, ...], ...]     # kept attention units per layer (sorted)
-    mlp: tuple[tuple[int, ...], ...]      # kept MLP channels per layer (sorted)
+    attn: tuple[tuple[int, ...], ...]  # kept attention units per layer (sorted)
+    mlp: tuple[tuple[int, ...], ...]  # kept MLP channels per layer (sorted)
 
     def summary(self) -> dict:
         return {"depth": self.depth, "attn_keep": [len(a) for a in self.attn], "mlp_keep": [len(m) for m in self.mlp]}
@@ -66,11 +71,11 @@ class Candidate:
 
 @dataclass
 class SearchSpace:
-    row: float                            # Table 1 row (inheriting ratio)
+    row: float  # Table 1 row (inheriting ratio)
     n_layers: int
-    n_attn: list[int]                     # attention units per layer
+    n_attn: list[int]  # attention units per layer
     n_mlp: list[int]
-    attn_counts: list[list[int]]          # allowed kept counts per layer (ascending)
+    attn_counts: list[list[int]]  # allowed kept counts per layer (ascending)
     mlp_counts: list[list[int]]
     depths: list[int]
     attn_unit_params: list[int]
@@ -96,8 +101,8 @@ class SearchSpace:
 
     def in_bounds(self, c: Candidate) -> bool:
         return c.depth in self.depths and all(
-            len(c.attn[i]) in self.attn_counts[i] and len(c.mlp[i]) in self.mlp_counts[i]
-            for i in range(self.n_layers))
+            len(c.attn[i]) in self.attn_counts[i] and len(c.mlp[i]) in self.mlp_counts[i] for i in range(self.n_layers)
+        )
 
     def plan(self, c: Candidate) -> PrunePlan:
         plan = PrunePlan()
@@ -113,8 +118,14 @@ class SearchSpace:
         return plan
 
     def describe(self) -> dict:
-        return {"table1_row": self.row, "attn_counts": self.attn_counts, "mlp_counts": self.mlp_counts,
-                "depths": self.depths, "band": self.band, "attn_unit": self.attn_kind}
+        return {
+            "table1_row": self.row,
+            "attn_counts": self.attn_counts,
+            "mlp_counts": self.mlp_counts,
+            "depths": self.depths,
+            "band": self.band,
+            "attn_unit": self.attn_kind,
+        }
 
 
 def _grid(lo: float, step: float) -> list[float]:
@@ -130,8 +141,16 @@ def _log_comb(n: int, k: int) -> float:
     return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
 
 
-def mutate_mask(parent: tuple[int, ...], n: int, k: int, p_mask: float, alpha: float, eta: int,
-                rng: np.random.Generator, scores: torch.Tensor | None = None) -> tuple[int, ...]:
+def mutate_mask(
+    parent: tuple[int, ...],
+    n: int,
+    k: int,
+    p_mask: float,
+    alpha: float,
+    eta: int,
+    rng: np.random.Generator,
+    scores: torch.Tensor | None = None,
+) -> tuple[int, ...]:
     """Alg. 1 M(S, P_m, γ, α, η) with k = γN kept units, sampled exactly (module docstring)."""
     s = len(parent)
     if s == k and rng.random() > p_mask:
@@ -147,15 +166,16 @@ def mutate_mask(parent: tuple[int, ...], n: int, k: int, p_mask: float, alpha: f
         w = np.exp(logs - logs.max())
         o = lo + int(rng.choice(len(w), p=w / w.sum()))
         comp = np.setdiff1d(np.arange(n), np.asarray(parent, dtype=np.int64))
-        pick = np.concatenate([rng.choice(np.asarray(parent, dtype=np.int64), o, replace=False),
-                               rng.choice(comp, k - o, replace=False)])
+        pick = np.concatenate(
+            [rng.choice(np.asarray(parent, dtype=np.int64), o, replace=False), rng.choice(comp, k - o, replace=False)]
+        )
         return tuple(sorted(int(i) for i in pick))
     if s == k:
         return parent
     sc = scores if scores is not None else torch.zeros(n, dtype=torch.float64)
-    if k < s:                                  # drop the parent's lowest-saliency units
-        kept = sorted(parent, key=lambda u: (float(sc[u]), u))[s - k:]
-    else:                                      # add the best pruned units
+    if k < s:  # drop the parent's lowest-saliency units
+        kept = sorted(parent, key=lambda u: (float(sc[u]), u))[s - k :]
+    else:  # add the best pruned units
         out = sorted(set(range(n)) - set(parent), key=lambda u: (-float(sc[u]), u))
         kept = list(parent) + out[: k - s]
     return tuple(sorted(kept))
@@ -186,7 +206,7 @@ def masked_in_place(model: nn.Module, plan: PrunePlan):
                 save(linear.weight, m.dim, idx)
                 if m.dim == 0 and linear.bias is not None:
                     save(linear.bias, 0, idx)
-            if kind == "q_head":     # masking also zeroes the k/v rows of a KV head whose last query head goes
+            if kind == "q_head":  # masking also zeroes the k/v rows of a KV head whose last query head goes
                 for linear in (adapter.k_proj(layer), adapter.v_proj(layer)):
                     for p in (linear.weight, linear.bias):
                         if p is not None:
@@ -214,38 +234,46 @@ class EvolutionarySearch:
     crossover: int = 30
     parents: int = 10
     generations: int = 50
-    prob_mask_init: float = 0.6       # P⁰_m
-    prob_ratio_init: float = 0.3      # P⁰_s
-    prob_mask: float = 0.3            # P_m
-    prob_ratio: float = 0.1           # P_s
-    prob_depth: float = 0.1           # P_d
+    prob_mask_init: float = 0.6  # P⁰_m
+    prob_ratio_init: float = 0.3  # P⁰_s
+    prob_mask: float = 0.3  # P_m
+    prob_ratio: float = 0.1  # P_s
+    prob_depth: float = 0.1  # P_d
     alpha: float = 0.8
     eta: int = 1000
     param_band: float = 0.005
     attn_step: float = 0.01
     mlp_step: float = 0.05
-    max_tries: int = 200              # draws per population slot until a candidate lands in the band
+    max_tries: int = 200  # draws per population slot until a candidate lands in the band
     seed: int = 0
     progress: bool = True
     history: dict = field(default_factory=dict, repr=False)
-    evaluated: list = field(default_factory=list, repr=False)   # (candidate, fitness) in evaluation order
+    evaluated: list = field(default_factory=list, repr=False)  # (candidate, fitness) in evaluation order
 
     def __post_init__(self):
-        counts = {"population": self.population, "parents": self.parents, "eta": self.eta,
-                  "max_tries": self.max_tries}
+        counts = {"population": self.population, "parents": self.parents, "eta": self.eta, "max_tries": self.max_tries}
         bad = [k for k, v in counts.items() if int(v) != v or v < 1]
-        bad += [k for k in ("mutation", "crossover", "generations") if int(getattr(self, k)) != getattr(self, k)
-                or getattr(self, k) < 0]
+        bad += [
+            k
+            for k in ("mutation", "crossover", "generations")
+            if int(getattr(self, k)) != getattr(self, k) or getattr(self, k) < 0
+        ]
         if bad:
-            raise PruningError(f"search_llm search settings {bad} must be integers (population, parents, eta and "
-                               f"max_tries >= 1; mutation, crossover, generations >= 0)")
+            raise PruningError(
+                f"search_llm search settings {bad} must be integers (population, parents, eta and "
+                f"max_tries >= 1; mutation, crossover, generations >= 0)"
+            )
         if self.mutation + self.crossover > self.population:
-            raise PruningError(f"search_llm: mutation ({self.mutation}) + crossover ({self.crossover}) exceed the "
-                               f"population ({self.population})")
+            raise PruningError(
+                f"search_llm: mutation ({self.mutation}) + crossover ({self.crossover}) exceed the "
+                f"population ({self.population})"
+            )
         if self.parents > self.population:
             raise PruningError(f"search_llm: parents ({self.parents}) exceed the population ({self.population})")
-        probs = {k: getattr(self, k) for k in ("prob_mask_init", "prob_ratio_init", "prob_mask", "prob_ratio",
-                                                "prob_depth", "alpha")}
+        probs = {
+            k: getattr(self, k)
+            for k in ("prob_mask_init", "prob_ratio_init", "prob_mask", "prob_ratio", "prob_depth", "alpha")
+        }
         if any(not 0.0 <= v <= 1.0 for v in probs.values()):
             raise PruningError(f"search_llm probabilities and alpha must lie in [0, 1]: {probs}")
         if not 0.0 < self.param_band < 1.0 or not 0 < self.mlp_step <= 1 or not 0 < self.attn_step <= 1:
@@ -257,8 +285,7 @@ class EvolutionarySearch:
 
     # -------------------------------------------------------------------------------------------- search space
 
-    def space(self, sets: list[StructureSet], ratio: float, total_params: int, block_params: list[int]
-              ) -> SearchSpace:
+    def space(self, sets: list[StructureSet], ratio: float, total_params: int, block_params: list[int]) -> SearchSpace:
         """Bounds from Table 1 and feasibility from counts alone (before any statistics are collected)."""
         ratio = check_ratio(ratio)
         attn = sorted((s for s in sets if s.kind in ("kv_group", "q_head")), key=lambda s: s.layer)
@@ -271,17 +298,32 @@ class EvolutionarySearch:
         attn_counts = [sorted({_count(g, s.n_units) for g in _grid(lo_a, self.attn_step)}) for s in attn]
         mlp_counts = [sorted({_count(g, s.n_units) for g in _grid(lo_m, self.mlp_step)}) for s in mlp]
         depths = list(range(max(1, math.floor(depth_frac * n + 1e-9)), n + 1))
-        sp = SearchSpace(row, n, [s.n_units for s in attn], [s.n_units for s in mlp], attn_counts, mlp_counts,
-                         depths, [s.params_per_unit for s in attn], [s.params_per_unit for s in mlp],
-                         list(block_params), total_params, ratio, float(self.param_band), attn[0].kind)
-        smallest = Candidate(depths[0], tuple(tuple(range(c[0])) for c in attn_counts),
-                             tuple(tuple(range(c[0])) for c in mlp_counts))
+        sp = SearchSpace(
+            row,
+            n,
+            [s.n_units for s in attn],
+            [s.n_units for s in mlp],
+            attn_counts,
+            mlp_counts,
+            depths,
+            [s.params_per_unit for s in attn],
+            [s.params_per_unit for s in mlp],
+            list(block_params),
+            total_params,
+            ratio,
+            float(self.param_band),
+            attn[0].kind,
+        )
+        smallest = Candidate(
+            depths[0], tuple(tuple(range(c[0])) for c in attn_counts), tuple(tuple(range(c[0])) for c in mlp_counts)
+        )
         most = sp.ratio(smallest)
         if most < ratio - self.param_band:
             raise InfeasibleRatioError(
                 f"pruning.ratio={ratio} is outside Search-LLM's search space (Table 1 row {row:.0%} inheriting: "
                 f"γ_attn ≥ {lo_a}, γ_mlp ≥ {lo_m}, depth ≥ {depths[0]}): it can remove at most {most:.4f} of all "
-                f"parameters")
+                f"parameters"
+            )
         return sp
 
     def budget(self, sets, ratio, total_params, block_params) -> Budget:
@@ -298,8 +340,9 @@ class EvolutionarySearch:
         for ga in _grid(lo_a, self.attn_step):
             for gm in _grid(lo_m, self.mlp_step):
                 counts = [(_count(ga, sp.n_attn[i]), _count(gm, sp.n_mlp[i])) for i in range(sp.n_layers)]
-                c = Candidate(sp.n_layers, tuple(tuple(range(a)) for a, _ in counts),
-                              tuple(tuple(range(m)) for _, m in counts))
+                c = Candidate(
+                    sp.n_layers, tuple(tuple(range(a)) for a, _ in counts), tuple(tuple(range(m)) for _, m in counts)
+                )
                 key = (abs(sp.ratio(c) - sp.target), -ga, -gm)
                 if best is None or key < best[0]:
                     best = (key, counts)
@@ -311,28 +354,34 @@ class EvolutionarySearch:
             order = torch.argsort(-score.double(), stable=True)[:k]
             return tuple(sorted(int(u) for u in order))
 
-        return Candidate(sp.n_layers,
-                         tuple(top(scores and scores[i][0], sp.n_attn[i], a) for i, (a, _) in enumerate(counts)),
-                         tuple(top(scores and scores[i][1], sp.n_mlp[i], m) for i, (_, m) in enumerate(counts)))
+        return Candidate(
+            sp.n_layers,
+            tuple(top(scores and scores[i][0], sp.n_attn[i], a) for i, (a, _) in enumerate(counts)),
+            tuple(top(scores and scores[i][1], sp.n_mlp[i], m) for i, (_, m) in enumerate(counts)),
+        )
 
     # -------------------------------------------------------------------------------------------- operators
 
-    def mutate(self, c: Candidate, sp: SearchSpace, scores, rng, p_mask: float, p_ratio: float,
-               p_depth: float) -> Candidate:
+    def mutate(
+        self, c: Candidate, sp: SearchSpace, scores, rng, p_mask: float, p_ratio: float, p_depth: float
+    ) -> Candidate:
         depth = int(rng.choice(sp.depths)) if rng.random() < p_depth else c.depth
         attn, mlp = [], []
         for i in range(sp.n_layers):
             ka = int(rng.choice(sp.attn_counts[i])) if rng.random() < p_ratio else len(c.attn[i])
             km = int(rng.choice(sp.mlp_counts[i])) if rng.random() < p_ratio else len(c.mlp[i])
-            sa, sm = (scores[i] if scores else (None, None))
+            sa, sm = scores[i] if scores else (None, None)
             attn.append(mutate_mask(c.attn[i], sp.n_attn[i], ka, p_mask, self.alpha, self.eta, rng, sa))
             mlp.append(mutate_mask(c.mlp[i], sp.n_mlp[i], km, p_mask, self.alpha, self.eta, rng, sm))
         return Candidate(depth, tuple(attn), tuple(mlp))
 
     def cross(self, a: Candidate, b: Candidate, sp: SearchSpace, rng) -> Candidate:
         pick = rng.random(sp.n_layers) < 0.5
-        return Candidate(a.depth, tuple(b.attn[i] if pick[i] else a.attn[i] for i in range(sp.n_layers)),
-                         tuple(b.mlp[i] if pick[i] else a.mlp[i] for i in range(sp.n_layers)))
+        return Candidate(
+            a.depth,
+            tuple(b.attn[i] if pick[i] else a.attn[i] for i in range(sp.n_layers)),
+            tuple(b.mlp[i] if pick[i] else a.mlp[i] for i in range(sp.n_layers)),
+        )
 
     def _draw(self, make: Callable[[], Candidate], fallback: Candidate, sp: SearchSpace) -> Candidate:
         """Draw until the candidate lies in the band (the paper drops out-of-range candidates)."""
@@ -362,20 +411,30 @@ class EvolutionarySearch:
             return cache[c]
 
         def rank(cands) -> list[Candidate]:
-            uniq = list(dict.fromkeys(cands))        # first occurrence order: deterministic ties
+            uniq = list(dict.fromkeys(cands))  # first occurrence order: deterministic ties
             return sorted(uniq, key=lambda c: (fit(c), uniq.index(c)))
 
         init = self.initial(sp, scores)
         init_fit = fit(init)
-        history = {"space": sp.describe(), "settings": {k: v for k, v in asdict(self).items()
-                                                         if k not in ("history", "evaluated", "progress")},
-                   "initial": {**init.summary(), "fitness": init_fit, "removed_ratio": sp.ratio(init),
-                               "in_band": sp.in_band(init)},
-                   "generations": []}
-        if self.generations == 0:   # the initialisation ablation is the uniform subnet as it is: its achieved
+        history = {
+            "space": sp.describe(),
+            "settings": {k: v for k, v in asdict(self).items() if k not in ("history", "evaluated", "progress")},
+            "initial": {
+                **init.summary(),
+                "fitness": init_fit,
+                "removed_ratio": sp.ratio(init),
+                "in_band": sp.in_band(init),
+            },
+            "generations": [],
+        }
+        if self.generations == 0:  # the initialisation ablation is the uniform subnet as it is: its achieved
             if not sp.in_band(init):  # ratio (history.initial, the record's params) says how far off the band it is
-                warnings.warn(f"search_llm: the uniform initial subnet removes {sp.ratio(init):.4f}, outside "
-                              f"{sp.target} ± {sp.band}; kept as it is (generations 0)", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"search_llm: the uniform initial subnet removes {sp.ratio(init):.4f}, outside "
+                    f"{sp.target} ± {sp.band}; kept as it is (generations 0)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             best, parents = init, [init]
         else:
             parents = [init] if sp.in_band(init) else []
@@ -384,39 +443,74 @@ class EvolutionarySearch:
                 children = []
                 if g == 0:
                     for _ in range(self.population):
-                        children.append(self._draw(lambda: self.mutate(init, sp, scores, rng, self.prob_mask_init,
-                                                                       self.prob_ratio_init, 0.0), None, sp))
+                        children.append(
+                            self._draw(
+                                lambda: self.mutate(
+                                    init, sp, scores, rng, self.prob_mask_init, self.prob_ratio_init, 0.0
+                                ),
+                                None,
+                                sp,
+                            )
+                        )
                 else:
+
                     def pick():
                         return parents[int(rng.integers(len(parents)))]
+
                     for _ in range(self.mutation):
                         p = pick()
-                        children.append(self._draw(lambda: self.mutate(p, sp, scores, rng, self.prob_mask,
-                                                                       self.prob_ratio, self.prob_depth), p, sp))
+                        children.append(
+                            self._draw(
+                                lambda: self.mutate(
+                                    p, sp, scores, rng, self.prob_mask, self.prob_ratio, self.prob_depth
+                                ),
+                                p,
+                                sp,
+                            )
+                        )
                     for _ in range(self.crossover):
                         a, b = pick(), pick()
                         children.append(self._draw(lambda: self.cross(a, b, sp, rng), a, sp))
                     for _ in range(self.population - self.mutation - self.crossover):
                         p = pick()
-                        children.append(self._draw(lambda: self.mutate(p, sp, scores, rng, self.prob_mask_init,
-                                                                       self.prob_ratio_init, self.prob_depth), p, sp))
+                        children.append(
+                            self._draw(
+                                lambda: self.mutate(
+                                    p, sp, scores, rng, self.prob_mask_init, self.prob_ratio_init, self.prob_depth
+                                ),
+                                p,
+                                sp,
+                            )
+                        )
                 children = [c for c in children if c is not None]
                 if not children and not parents:
-                    raise PruningError(f"search_llm: no candidate within {sp.target} ± {sp.band} of all parameters "
-                                       f"after {self.max_tries} draws per slot; widen search.param_band")
+                    raise PruningError(
+                        f"search_llm: no candidate within {sp.target} ± {sp.band} of all parameters "
+                        f"after {self.max_tries} draws per slot; widen search.param_band"
+                    )
                 n_before = len(cache)
                 child_fit = [fit(c) for c in children]
                 parents = rank(parents + children)[: self.parents]
                 best = parents[0]
-                entry = {"generation": g, "best": cache[best], "children_mean": float(np.mean(child_fit)),
-                         "children_min": float(np.min(child_fit)), "new_evaluations": len(cache) - n_before,
-                         "best_removed_ratio": sp.ratio(best), **{f"best_{k}": v for k, v in best.summary().items()}}
+                entry = {
+                    "generation": g,
+                    "best": cache[best],
+                    "children_mean": float(np.mean(child_fit)),
+                    "children_min": float(np.min(child_fit)),
+                    "new_evaluations": len(cache) - n_before,
+                    "best_removed_ratio": sp.ratio(best),
+                    **{f"best_{k}": v for k, v in best.summary().items()},
+                }
                 history["generations"].append(entry)
                 bar.set_postfix(best=f"{cache[best]:.3f}", evals=len(cache))
             bar.close()
-        history["best"] = {**best.summary(), "fitness": cache[best], "removed_ratio": sp.ratio(best),
-                           "attn_ratio": [len(a) / n for a, n in zip(best.attn, sp.n_attn)],
-                           "mlp_ratio": [len(m) / n for m, n in zip(best.mlp, sp.n_mlp)]}
+        history["best"] = {
+            **best.summary(),
+            "fitness": cache[best],
+            "removed_ratio": sp.ratio(best),
+            "attn_ratio": [len(a) / n for a, n in zip(best.attn, sp.n_attn)],
+            "mlp_ratio": [len(m) / n for m, n in zip(best.mlp, sp.n_mlp)],
+        }
         history["n_evaluations"] = len(cache)
         history["eval_seconds"] = t_eval
         others = [sp.ratio(c) for c, _ in self.evaluated if c is not init] or [sp.ratio(init)]

@@ -152,9 +152,9 @@ class FlapBudget(Budget):
 @dataclass
 class FlapAllocation:
     structure: str = "AL-AM"
-    remove_heads: int | None = None      # UL-MM / AL-MM: attention units removed in total over the layers
-    uniform: Uniform = field(default_factory=Uniform)   # layer range; UL-UM's per-layer fraction
-    bias_params: int = 0                 # params added per (layer, o_proj|down_proj) that loses units
+    remove_heads: int | None = None  # UL-MM / AL-MM: attention units removed in total over the layers
+    uniform: Uniform = field(default_factory=Uniform)  # layer range; UL-UM's per-layer fraction
+    bias_params: int = 0  # params added per (layer, o_proj|down_proj) that loses units
     attn_mlp_ratio: float | None = None  # native knob: FLAP's --pruning_ratio with the official counts
 
     def __post_init__(self):
@@ -162,9 +162,11 @@ class FlapAllocation:
             raise PruningError(f"unknown FLAP structure {self.structure!r}; choices: {', '.join(STRUCTURES)}")
         if self.structure in ("UL-MM", "AL-MM"):
             if self.remove_heads is None or int(self.remove_heads) < 0:
-                raise PruningError(f"FLAP structure {self.structure} needs remove_heads >= 0 (attention units "
-                                   "removed in total over the layers, FLAP's --remove_heads); e.g. "
-                                   "method.remove_heads=5")
+                raise PruningError(
+                    f"FLAP structure {self.structure} needs remove_heads >= 0 (attention units "
+                    "removed in total over the layers, FLAP's --remove_heads); e.g. "
+                    "method.remove_heads=5"
+                )
             self.remove_heads = int(self.remove_heads)
         if self.attn_mlp_ratio is not None:
             if not 0.0 <= float(self.attn_mlp_ratio) < 1.0:
@@ -204,8 +206,10 @@ class FlapAllocation:
         per_layer = self.remove_heads // max(len(attn), 1)
         for s in attn:
             if per_layer >= s.n_units:
-                raise InfeasibleRatioError(f"remove_heads={self.remove_heads} removes {per_layer} attention units "
-                                           f"per layer, emptying layer {s.layer} ({s.n_units} units)")
+                raise InfeasibleRatioError(
+                    f"remove_heads={self.remove_heads} removes {per_layer} attention units "
+                    f"per layer, emptying layer {s.layer} ({s.n_units} units)"
+                )
         return per_layer
 
     def _native_uniform(self) -> Uniform:
@@ -234,9 +238,11 @@ class FlapAllocation:
             out = {-1: int((p * w - self.remove_heads * head) / d3)}
             bad = [(-1, out[-1])] if not 0 <= out[-1] <= sum(s.n_units - 1 for s in mlp) else []
         if bad:
-            raise InfeasibleRatioError(f"FLAP {self.structure}: attn_mlp_ratio={p} with remove_heads="
-                                       f"{self.remove_heads} gives {bad[0][1]} MLP channels to remove, outside what "
-                                       "a layer can lose")
+            raise InfeasibleRatioError(
+                f"FLAP {self.structure}: attn_mlp_ratio={p} with remove_heads="
+                f"{self.remove_heads} gives {bad[0][1]} MLP channels to remove, outside what "
+                "a layer can lose"
+            )
         return out
 
     def budget(self, sets: list[StructureSet], ratio: float | None, total_params: int) -> FlapBudget:
@@ -251,14 +257,13 @@ class FlapAllocation:
         if self.structure == "UL-UM":
             b = self.uniform.budget(sets, ratio, total_params)
             over = self._overhead(sets, [self.uniform.removed(s, b.p) for s in sets])
-            if over:   # aim the weights at target + the biases they bring
+            if over:  # aim the weights at target + the biases they bring
                 b = self.uniform.budget(sets, min(ratio + over / total_params, 0.999999), total_params)
                 over = self._overhead(sets, [self.uniform.removed(s, b.p) for s in sets])
-            return FlapBudget(ratio, total_params, b.p, b.removed_params - over, self.structure,
-                              {"p": b.p})
+            return FlapBudget(ratio, total_params, b.p, b.removed_params - over, self.structure, {"p": b.p})
         if self.structure == "UL-MM":
             per_layer = self._heads_per_layer(attn)
-            attn_params = sum(per_layer * s.params_per_unit for s in attn)   # before scoring: heads alone
+            attn_params = sum(per_layer * s.params_per_unit for s in attn)  # before scoring: heads alone
             best = None
             for c in range(min((s.n_units for s in mlp), default=1)):
                 removed = [per_layer] * len(attn) + [c] * len(mlp)
@@ -266,30 +271,36 @@ class FlapAllocation:
                 if best is None or abs(net - target) < abs(best[1] - target):
                     best = (c, net)
             if attn_params - self._overhead(attn, [per_layer] * len(attn)) > target + 1e-9:
-                raise InfeasibleRatioError(f"remove_heads={self.remove_heads} alone removes more than "
-                                           f"pruning.ratio={ratio} of all parameters")
+                raise InfeasibleRatioError(
+                    f"remove_heads={self.remove_heads} alone removes more than pruning.ratio={ratio} of all parameters"
+                )
             c, net = best
-            return FlapBudget(ratio, total_params, 0.0, net, self.structure,
-                              {"attn_units_per_layer": per_layer, "mlp_per_layer": c})
+            return FlapBudget(
+                ratio, total_params, 0.0, net, self.structure, {"attn_units_per_layer": per_layer, "mlp_per_layer": c}
+            )
         # adaptive modes: feasibility from counts (every set keeps its best unit)
         max_removed = sum(_max_removed(s) for s in sets) - self._overhead(sets, [s.n_units for s in sets])
         if target > max_removed + 1e-9:
             raise InfeasibleRatioError(
                 f"pruning.ratio={ratio} is infeasible for FLAP {self.structure}: keeping one attention unit and one "
-                f"MLP channel per layer, at most {max_removed / total_params:.4f} of all parameters can be removed")
+                f"MLP channel per layer, at most {max_removed / total_params:.4f} of all parameters can be removed"
+            )
         if self.structure == "AL-MM":
             self._check_remove_heads(attn)
             ppu = max((s.params_per_unit for s in attn), default=0)
             if self.remove_heads * ppu > target + 1e-9:
-                raise InfeasibleRatioError(f"remove_heads={self.remove_heads} alone removes more than "
-                                           f"pruning.ratio={ratio} of all parameters")
+                raise InfeasibleRatioError(
+                    f"remove_heads={self.remove_heads} alone removes more than pruning.ratio={ratio} of all parameters"
+                )
         return FlapBudget(ratio, total_params, 0.0, int(round(target)), self.structure)
 
     def _check_remove_heads(self, attn: list[StructureSet]) -> None:
         n_attn = sum(s.n_units - 1 for s in attn)
         if self.remove_heads > n_attn:
-            raise InfeasibleRatioError(f"remove_heads={self.remove_heads} exceeds the {n_attn} attention units "
-                                       "that can go without emptying a layer")
+            raise InfeasibleRatioError(
+                f"remove_heads={self.remove_heads} exceeds the {n_attn} attention units "
+                "that can go without emptying a layer"
+            )
 
     def _native_budget(self, sets: list[StructureSet], total_params: int) -> FlapBudget:
         """Counts from shapes alone; the removed parameters are an estimate (p of the sets' weights) until the
@@ -303,8 +314,7 @@ class FlapAllocation:
         if self.structure == "UL-UM":
             estimate = self._native_uniform().budget(sets, None, total_params).removed_params
         elif self.structure == "UL-MM":
-            counts.update(attn_units_per_layer=self._heads_per_layer(attn),
-                          mlp_per_layer=self._native_mlp_counts(sets))
+            counts.update(attn_units_per_layer=self._heads_per_layer(attn), mlp_per_layer=self._native_mlp_counts(sets))
         elif self.structure == "AL-MM":
             self._check_remove_heads(attn)
             counts.update(remove_heads=self.remove_heads, mlp_total=self._native_mlp_counts(sets)[-1])
@@ -319,8 +329,9 @@ class FlapAllocation:
         elif self.attn_mlp_ratio is not None:
             plan, spared = self._native_plan(sets, scores, budget)
         elif self.structure == "UL-UM":
-            plan = self.uniform.allocate(sets, scores, Budget(budget.target, budget.total_params, budget.p,
-                                                              budget.removed_params))
+            plan = self.uniform.allocate(
+                sets, scores, Budget(budget.target, budget.total_params, budget.p, budget.removed_params)
+            )
         elif self.structure == "UL-MM":
             attn, _ = self._split(sets)
             per_layer, c = self._heads_per_layer(attn), budget.counts["mlp_per_layer"]
@@ -336,10 +347,15 @@ class FlapAllocation:
             plan = PrunePlan()
             for e in self._closest_prefix(sets, fixed, pool, budget.target * budget.total_params):
                 plan.add(sets[e.set_idx].kind, sets[e.set_idx].layer, [e.unit])
-        plan.meta["allocation"] = {"type": "flap", "structure": self.structure, "target": budget.target,
-                                   "attn_mlp_ratio": self.attn_mlp_ratio,
-                                   "achieved": self._net(sets, plan) / budget.total_params,
-                                   "counts": dict(budget.counts), "bias_params": self.bias_params}
+        plan.meta["allocation"] = {
+            "type": "flap",
+            "structure": self.structure,
+            "target": budget.target,
+            "attn_mlp_ratio": self.attn_mlp_ratio,
+            "achieved": self._net(sets, plan) / budget.total_params,
+            "counts": dict(budget.counts),
+            "bias_params": self.bias_params,
+        }
         if spared:
             plan.meta["allocation"]["spared"] = spared
         return plan
@@ -355,20 +371,23 @@ class FlapAllocation:
     def _native_plan(self, sets, scores, budget: FlapBudget) -> tuple[PrunePlan, list]:
         """The official counts at ``attn_mlp_ratio`` (module docstring)."""
         if self.structure == "UL-UM":
-            return self._native_uniform().allocate(sets, scores, Budget(None, budget.total_params,
-                                                                        self.attn_mlp_ratio, 0)), []
+            return self._native_uniform().allocate(
+                sets, scores, Budget(None, budget.total_params, self.attn_mlp_ratio, 0)
+            ), []
         if self.structure == "UL-MM":
             attn, _ = self._split(sets)
             per_layer, mlp_counts = self._heads_per_layer(attn), self._native_mlp_counts(sets)
-            return self._lowest_per_set(sets, scores, lambda s: per_layer if s.kind in ATTENTION_KINDS
-                                        else mlp_counts[s.layer]), []
+            return self._lowest_per_set(
+                sets, scores, lambda s: per_layer if s.kind in ATTENTION_KINDS else mlp_counts[s.layer]
+            ), []
         if self.structure == "AL-MM":
             n_mlp = self._native_mlp_counts(sets)[-1]
             entries = [e for i, (s, sc) in enumerate(zip(sets, scores)) for e in _entries(i, s, sc)]
             entries.sort(key=lambda e: (e.score, e.set_idx, e.unit))
             plan = PrunePlan()
-            chosen = [e for e in entries if sets[e.set_idx].kind in ATTENTION_KINDS][: self.remove_heads] \
-                + [e for e in entries if sets[e.set_idx].kind == "mlp"][:n_mlp]
+            chosen = [e for e in entries if sets[e.set_idx].kind in ATTENTION_KINDS][: self.remove_heads] + [
+                e for e in entries if sets[e.set_idx].kind == "mlp"
+            ][:n_mlp]
             for e in chosen:
                 plan.add(sets[e.set_idx].kind, sets[e.set_idx].layer, [e.unit])
             return plan, []
@@ -376,8 +395,10 @@ class FlapAllocation:
 
     def _threshold_plan(self, sets, scores) -> tuple[PrunePlan, list]:
         """AL-AM at ``attn_mlp_ratio``: FLAP's weighted threshold over every unit of every layer (lib/prune.py)."""
-        pooled = sorted(((float(v), i, u) for i, sc in enumerate(scores) for u, v in enumerate(sc.double().cpu())),
-                        key=lambda t: (-t[0], t[1], t[2]))
+        pooled = sorted(
+            ((float(v), i, u) for i, sc in enumerate(scores) for u, v in enumerate(sc.double().cpu())),
+            key=lambda t: (-t[0], t[1], t[2]),
+        )
         weights = torch.tensor([_al_am_weight(sets[i]) for _, i, _ in pooled], dtype=torch.float64)
         cum = torch.cumsum(weights, 0)
         k = int(torch.argmin((cum - weights.sum() * (1.0 - self.attn_mlp_ratio)).abs()))
@@ -386,7 +407,7 @@ class FlapAllocation:
         for i, (s, sc) in enumerate(zip(sets, scores)):
             sc = sc.double().cpu()
             gone = (sc <= tau).nonzero().flatten().tolist()
-            if len(gone) == s.n_units:     # the official code would empty this layer's module: keep its best unit
+            if len(gone) == s.n_units:  # the official code would empty this layer's module: keep its best unit
                 best = int(torch.argsort(sc, stable=True)[-1])
                 gone.remove(best)
                 spared.append({"kind": s.kind, "layer": s.layer, "unit": best})

@@ -32,7 +32,7 @@ THRESHOLDS = ("param_budget", "unit_count")
 @dataclass
 class GlobalRank:
     threshold: str = "param_budget"
-    uniform: Uniform = field(default_factory=Uniform)     # candidate layer range only
+    uniform: Uniform = field(default_factory=Uniform)  # candidate layer range only
 
     def __post_init__(self):
         if self.threshold not in THRESHOLDS:
@@ -52,15 +52,18 @@ class GlobalRank:
             n_units = sum(s.n_units for s in sets)
             removable = sum(s.n_units - 1 for s in sets)
             if int(ratio * n_units) > removable:
-                raise InfeasibleRatioError(f"unit_count threshold: removing {ratio} of {n_units} units would empty "
-                                           f"a layer (at most {removable} can go)")
-            est = ratio * sum(s.n_units * s.params_per_unit for s in sets)   # exact value known after ranking
+                raise InfeasibleRatioError(
+                    f"unit_count threshold: removing {ratio} of {n_units} units would empty "
+                    f"a layer (at most {removable} can go)"
+                )
+            est = ratio * sum(s.n_units * s.params_per_unit for s in sets)  # exact value known after ranking
             return Budget(ratio, total_params, ratio, int(round(est)))
         max_removed = sum(_max_removed(s) for s in sets)
         if ratio * total_params > max_removed + 1e-9:
             raise InfeasibleRatioError(
                 f"pruning.ratio={ratio} is infeasible for global ranking: keeping one attention unit and one MLP "
-                f"channel per layer, at most {max_removed / total_params:.4f} of all parameters can be removed")
+                f"channel per layer, at most {max_removed / total_params:.4f} of all parameters can be removed"
+            )
         return Budget(ratio, total_params, 0.0, int(round(ratio * total_params)))
 
     def allocate(self, sets: list[StructureSet], scores: list[torch.Tensor], budget: Budget) -> PrunePlan:
@@ -85,6 +88,11 @@ class GlobalRank:
         split: dict[str, int] = {}
         for kind, per in plan.remove.items():
             split[kind] = sum(len(v) for v in per.values())
-        plan.meta["allocation"] = {"type": "global_rank", "threshold": self.threshold, "target": budget.target,
-                                   "achieved": removed / budget.total_params, "removed_units": split}
+        plan.meta["allocation"] = {
+            "type": "global_rank",
+            "threshold": self.threshold,
+            "target": budget.target,
+            "achieved": removed / budget.total_params,
+            "removed_units": split,
+        }
         return plan

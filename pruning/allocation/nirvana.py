@@ -57,7 +57,7 @@ class NirvanaAllocation:
             raise InfeasibleRatioError(f"nirvana sparsity must be in [0, 1), got {self.sparsity}")
 
     def layers(self, n_layers: int) -> list[int]:
-        return list(range(n_layers))        # every layer is eligible (the code parses but ignores layer ranges)
+        return list(range(n_layers))  # every layer is eligible (the code parses but ignores layer ranges)
 
     def budget(self, sets: list[StructureSet], ratio: float | None, total_params: int) -> NirvanaBudget:
         """``sparsity`` (the native knob) or ``ratio`` (share of all params; not read when sparsity is set)."""
@@ -83,10 +83,12 @@ class NirvanaAllocation:
                 f"{f'sparsity={self.sparsity}' if self.sparsity is not None else f'pruning.ratio={ratio}'} "
                 f"asks nirvana for {n_a} KV groups and {n_m} MLP neurons, but with gamma={self.gamma} every layer "
                 f"must keep one KV group and {self.round_to} neurons: at most {scale * b / total_params:.4f} of all "
-                f"parameters can go")
+                f"parameters can go"
+            )
         removed = n_a * p_a + n_m * p_m
-        return NirvanaBudget(ratio, total_params, n_a / h_kv, int(round(removed)), n_attn=n_a, n_mlp=n_m,
-                             budget_params=b)
+        return NirvanaBudget(
+            ratio, total_params, n_a / h_kv, int(round(removed)), n_attn=n_a, n_mlp=n_m, budget_params=b
+        )
 
     def _counts(self, sets: list[StructureSet], b: float) -> tuple[int, int]:
         h_kv, p_a = _totals(sets, "kv_group")
@@ -106,7 +108,7 @@ class NirvanaAllocation:
                 continue
             cand = torch.nonzero(score <= thr[sset.kind]).flatten()
             if sset.kind == "kv_group":
-                drop = cand[:-1] if len(cand) == sset.n_units else cand      # spare the last index
+                drop = cand[:-1] if len(cand) == sset.n_units else cand  # spare the last index
             else:
                 drop = self._round_mlp(score, cand)
             if len(drop):
@@ -124,18 +126,27 @@ class NirvanaAllocation:
             full = sum(s.n_units * s.params_per_unit for s, _ in pairs)
             achieved = lambda b: self._plan_for(pairs, *self._counts(sets, b))[1]  # noqa: E731
             lo, hi = 0.0, float(full)
-            for _ in range(60):                 # smallest budget whose achieved removal reaches the target
+            for _ in range(60):  # smallest budget whose achieved removal reaches the target
                 mid = (lo + hi) / 2
                 lo, hi = (mid, hi) if achieved(mid) < target else (lo, mid)
-            n_a, n_m = min((self._counts(sets, b) for b in (lo, hi)),
-                           key=lambda c: abs(self._plan_for(pairs, *c)[1] - target))
+            n_a, n_m = min(
+                (self._counts(sets, b) for b in (lo, hi)), key=lambda c: abs(self._plan_for(pairs, *c)[1] - target)
+            )
         plan, removed, thr = self._plan_for(pairs, n_a, n_m)
         plan.meta["allocation"] = {
-            "type": "nirvana", "gamma": float(self.gamma), "round_to": int(self.round_to), "sparsity": self.sparsity,
-            "budget_params": target, "official_counts": [budget.n_attn, budget.n_mlp], "counts": [n_a, n_m],
-            "thresholds": thr, "kv_groups_pruned": sum(map(len, plan.remove.get("kv_group", {}).values())),
+            "type": "nirvana",
+            "gamma": float(self.gamma),
+            "round_to": int(self.round_to),
+            "sparsity": self.sparsity,
+            "budget_params": target,
+            "official_counts": [budget.n_attn, budget.n_mlp],
+            "counts": [n_a, n_m],
+            "thresholds": thr,
+            "kv_groups_pruned": sum(map(len, plan.remove.get("kv_group", {}).values())),
             "mlp_neurons_pruned": sum(map(len, plan.remove.get("mlp", {}).values())),
-            "removed_params": removed, "target": budget.target}
+            "removed_params": removed,
+            "target": budget.target,
+        }
         return plan
 
     def _round_mlp(self, score: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from pruning import data
 from pruning.eval import perplexity as _ppl  # the module: `pruning.eval.perplexity` must stay importable
 from pruning.eval.perplexity import PPLProtocol, protocols_from_cfg
 
-EVAL_VERSION = 1   # bump when a change to the evaluation code changes numbers: cached dense records are then stale
+EVAL_VERSION = 1  # bump when a change to the evaluation code changes numbers: cached dense records are then stale
 
 
 def ppl_label(p: PPLProtocol) -> str:
@@ -37,15 +37,15 @@ def evaluate(model, tokenizer, eval_cfg, device=None, progress: bool = True) -> 
     out = {}
     protocols = protocols_from_cfg(eval_cfg.get("ppl", []))
     if protocols:
-        out["ppl"] = {ppl_label(p): _ppl.perplexity(model, tokenizer, p, device=device, progress=progress)
-                      for p in protocols}
-    if eval_cfg.get("zeroshot") is not None:   # lm-eval on the in-memory model (pruning.eval.zeroshot)
+        out["ppl"] = {
+            ppl_label(p): _ppl.perplexity(model, tokenizer, p, device=device, progress=progress) for p in protocols
+        }
+    if eval_cfg.get("zeroshot") is not None:  # lm-eval on the in-memory model (pruning.eval.zeroshot)
         from pruning.eval.zeroshot import zeroshot
 
         out["zeroshot"] = zeroshot(model, tokenizer, eval_cfg.get("zeroshot"), device=device, progress=progress)
     if eval_cfg.get("efficiency") is not None:
         from pruning.eval.efficiency import efficiency
 
-        out["efficiency"] = efficiency(model, tokenizer, eval_cfg.get("efficiency"), device=device,
-                                       progress=progress)
+        out["efficiency"] = efficiency(model, tokenizer, eval_cfg.get("efficiency"), device=device, progress=progress)
     return out

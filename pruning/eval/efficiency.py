@@ -45,7 +45,7 @@ from pruning.eval.blocks import config_block
 from pruning.models.adapter import adapter_for
 from pruning.utils import eval_mode, input_device
 
-MIB = 2 ** 20
+MIB = 2**20
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -53,11 +53,11 @@ _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 class EfficiencyConfig:
     """The ``eval.efficiency`` block; recorded with the numbers."""
 
-    seq_len: int = 64          # MACs and prefill length (LLM-Pruner's ptflops input length)
-    decode_tokens: int = 32    # single-token decode steps per repeat, after a seq_len prompt
+    seq_len: int = 64  # MACs and prefill length (LLM-Pruner's ptflops input length)
+    decode_tokens: int = 32  # single-token decode steps per repeat, after a seq_len prompt
     warmup: int = 2
     repeats: int = 10
-    measure: bool = True       # false: parameters and MACs only (no timing), e.g. for a quick config check
+    measure: bool = True  # false: parameters and MACs only (no timing), e.g. for a quick config check
 
     def __post_init__(self) -> None:
         for name, lo in (("seq_len", 1), ("decode_tokens", 1), ("warmup", 0), ("repeats", 1)):
@@ -95,8 +95,13 @@ def count_macs(model, seq_len: int) -> dict[str, Any]:
         "macs_per_token": per_token,
         # "mac_breakdown", not "macs_...": readers that look for the headline by the substring "macs" find only
         # the two totals above
-        "mac_breakdown": {"seq_len": seq_len, "projections_per_token": linear, "attention_per_token": attn,
-                          "lm_head_per_token": head, "per_layer": per_layer},
+        "mac_breakdown": {
+            "seq_len": seq_len,
+            "projections_per_token": linear,
+            "attention_per_token": attn,
+            "lm_head_per_token": head,
+            "per_layer": per_layer,
+        },
     }
 
 
@@ -107,8 +112,15 @@ def spread(xs: list[float]) -> dict[str, float]:
     """Median with quartiles and range (``statistics.quantiles`` inclusive method)."""
     xs = sorted(xs)
     q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else (xs[0],) * 3
-    return {"median": statistics.median(xs), "q1": q1, "q3": q3, "iqr": q3 - q1, "min": xs[0], "max": xs[-1],
-            "n": len(xs)}
+    return {
+        "median": statistics.median(xs),
+        "q1": q1,
+        "q3": q3,
+        "iqr": q3 - q1,
+        "min": xs[0],
+        "max": xs[-1],
+        "n": len(xs),
+    }
 
 
 def _sync(device: torch.device) -> None:
@@ -127,8 +139,7 @@ def prompt_ids(tokenizer, n: int) -> torch.Tensor:
         ids = tokenizer(text[:chars]).input_ids
         chars *= 2
     if len(ids) < n:
-        raise PruningError(f"efficiency: the WikiText-2 test text has only {len(ids)} tokens, fewer than "
-                           f"seq_len={n}")
+        raise PruningError(f"efficiency: the WikiText-2 test text has only {len(ids)} tokens, fewer than seq_len={n}")
     return torch.tensor([ids[:n]], dtype=torch.long)
 
 
@@ -176,7 +187,7 @@ def _status_kib(field: str) -> int | None:
 def _reset_peak_rss() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")   # resets VmHWM to the current RSS (Linux >= 4.0)
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
         return True
     except OSError:
         return False
@@ -227,9 +238,14 @@ def efficiency(model, tokenizer, cfg: Any, device=None, progress: bool = True) -
     out: dict[str, Any] = {
         "params": adapter.num_params(),
         **count_macs(model, cfg.seq_len),
-        "protocol": {**asdict(cfg), "batch_size": 1, "device": str(input_device(model)), "dtype": str(dtype),
-                     "torch_threads": torch.get_num_threads(),
-                     "memory_method": None},
+        "protocol": {
+            **asdict(cfg),
+            "batch_size": 1,
+            "device": str(input_device(model)),
+            "dtype": str(dtype),
+            "torch_threads": torch.get_num_threads(),
+            "memory_method": None,
+        },
     }
     if not cfg.measure:
         return out
@@ -239,8 +255,9 @@ def efficiency(model, tokenizer, cfg: Any, device=None, progress: bool = True) -
         for _ in range(cfg.warmup):
             time_prefill(model, ids)
             time_decode(model, ids, min(cfg.decode_tokens, 4))
-        for _ in tqdm(range(cfg.repeats), desc=f"efficiency seq_len={cfg.seq_len}", unit="repeat",
-                      disable=not progress, delay=1.0):
+        for _ in tqdm(
+            range(cfg.repeats), desc=f"efficiency seq_len={cfg.seq_len}", unit="repeat", disable=not progress, delay=1.0
+        ):
             prefill.append(time_prefill(model, ids))
             decode.append(time_decode(model, ids, cfg.decode_tokens))
             m = peak_prefill_memory(model, ids)
@@ -252,8 +269,11 @@ def efficiency(model, tokenizer, cfg: Any, device=None, progress: bool = True) -
     out["decode_tokens_per_s"] = spread([1.0 / t for t in decode])
     if mem:
         out["memory"] = {k: mem[0][k] if k == "weights_mib" else spread([m[k] for m in mem]) for k in mem[0]}
-        out["protocol"]["memory_method"] = ("torch.cuda.max_memory_allocated" if ids.device.type == "cuda"
-                                            else "weights + RSS delta (VmHWM reset via /proc/self/clear_refs)")
+        out["protocol"]["memory_method"] = (
+            "torch.cuda.max_memory_allocated"
+            if ids.device.type == "cuda"
+            else "weights + RSS delta (VmHWM reset via /proc/self/clear_refs)"
+        )
     return out
 
 
@@ -268,16 +288,22 @@ def efficiency_table(block: dict[str, Any], dense: dict[str, Any] | None = None)
         try:
             p = get(block)
             d = get(dense) if compare else None
-        except (KeyError, TypeError):   # e.g. measure: false has no timings
+        except (KeyError, TypeError):  # e.g. measure: false has no timings
             return
         row = {"metric": name, "value": fmt(p)}
         if compare:
-            row = {"metric": name, "dense": fmt(d), "pruned": fmt(p),
-                   "pruned/dense": f"{_scalar(p) / _scalar(d):.3f}" if _scalar(d) else "-"}
+            row = {
+                "metric": name,
+                "dense": fmt(d),
+                "pruned": fmt(p),
+                "pruned/dense": f"{_scalar(p) / _scalar(d):.3f}" if _scalar(d) else "-",
+            }
         rows.append(row)
 
     def stat(scale: float = 1.0, digits: int = 3):
-        return lambda s: f"{s['median'] * scale:.{digits}f} [{s['q1'] * scale:.{digits}f}, {s['q3'] * scale:.{digits}f}]"
+        return lambda s: (
+            f"{s['median'] * scale:.{digits}f} [{s['q1'] * scale:.{digits}f}, {s['q3'] * scale:.{digits}f}]"
+        )
 
     seq = block["mac_breakdown"]["seq_len"]
     add("params", lambda b: b["params"], lambda v: f"{v:,}")

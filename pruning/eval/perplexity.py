@@ -58,8 +58,9 @@ class PPLProtocol:
         # Fail on config mistakes before any model is loaded.
         if (self.dataset, self.split) not in PPL_FILES:
             choices = ", ".join(f"{d}/{s}" for d, s in PPL_FILES)
-            raise PruningError(f"PPL protocol {self.name!r}: unknown dataset/split {self.dataset}/{self.split}; "
-                               f"choices: {choices}")
+            raise PruningError(
+                f"PPL protocol {self.name!r}: unknown dataset/split {self.dataset}/{self.split}; choices: {choices}"
+            )
         if self.bos not in BOS_MODES:
             raise PruningError(f"PPL protocol {self.name!r}: bos must be one of {BOS_MODES}, got {self.bos!r}")
         if not isinstance(self.seq_len, int) or self.seq_len < 2:
@@ -67,8 +68,10 @@ class PPLProtocol:
         if self.stride is None:
             self.stride = self.text_tokens_per_window
         if not (1 <= self.stride <= self.text_tokens_per_window):
-            raise PruningError(f"PPL protocol {self.name!r}: stride must be in [1, {self.text_tokens_per_window}] "
-                               f"(a larger stride would skip tokens), got {self.stride}")
+            raise PruningError(
+                f"PPL protocol {self.name!r}: stride must be in [1, {self.text_tokens_per_window}] "
+                f"(a larger stride would skip tokens), got {self.stride}"
+            )
         if self.batch_size < 1:
             raise PruningError(f"PPL protocol {self.name!r}: batch_size must be >= 1, got {self.batch_size}")
         if self.max_windows is not None and self.max_windows < 1:
@@ -179,10 +182,18 @@ def perplexity(model, tokenizer, protocol: PPLProtocol, device=None, progress: b
     win = token_windows(ids, protocol, getattr(tokenizer, "bos_token_id", None))
     n = win.input_ids.shape[0]
     if n == 0:
-        raise PruningError(f"PPL protocol {protocol.name!r}: {protocol.dataset}/{protocol.split} has {ids.numel()} "
-                           f"tokens, fewer than one window of {protocol.seq_len}")
-    scores = window_scores(model, win, protocol.batch_size, device, progress,
-                           desc=f"ppl {protocol.name} {protocol.dataset}/{protocol.split}")
+        raise PruningError(
+            f"PPL protocol {protocol.name!r}: {protocol.dataset}/{protocol.split} has {ids.numel()} "
+            f"tokens, fewer than one window of {protocol.seq_len}"
+        )
+    scores = window_scores(
+        model,
+        win,
+        protocol.batch_size,
+        device,
+        progress,
+        desc=f"ppl {protocol.name} {protocol.dataset}/{protocol.split}",
+    )
     nll_sum, n_scored = scores.nll_sum, scores.n_scored
     nll_mean = nll_sum / n_scored
     ppl = math.inf if nll_mean > 700 else math.exp(nll_mean)  # nan stays nan; no OverflowError
@@ -199,8 +210,12 @@ def perplexity(model, tokenizer, protocol: PPLProtocol, device=None, progress: b
 
 def windows_digest(win: Windows) -> str:
     """Identity of the scored tokens: equal digests = the same windows, so two PPLs can be compared paired."""
-    return digest([win.input_ids.to(torch.int64).numpy().astype("<i8").tobytes(),
-                   win.score_from.to(torch.int64).numpy().astype("<i8").tobytes()])
+    return digest(
+        [
+            win.input_ids.to(torch.int64).numpy().astype("<i8").tobytes(),
+            win.score_from.to(torch.int64).numpy().astype("<i8").tobytes(),
+        ]
+    )
 
 
 class WindowScores(NamedTuple):
@@ -208,19 +223,21 @@ class WindowScores(NamedTuple):
 
     nll_sum: float
     n_scored: int
-    window_nll: list[float]    # float64 NLL sum of each window
-    window_tokens: list[int]   # scored tokens of each window
+    window_nll: list[float]  # float64 NLL sum of each window
+    window_tokens: list[int]  # scored tokens of each window
 
 
-def window_nll(model, win: Windows, batch_size: int, device=None, progress: bool = False,
-               desc: str = "ppl") -> tuple[float, int]:
+def window_nll(
+    model, win: Windows, batch_size: int, device=None, progress: bool = False, desc: str = "ppl"
+) -> tuple[float, int]:
     """(summed NLL in float64, scored tokens) of ``win``; search fitness (Search-LLM) needs only the total."""
     scores = window_scores(model, win, batch_size, device, progress, desc)
     return scores.nll_sum, scores.n_scored
 
 
-def window_scores(model, win: Windows, batch_size: int, device=None, progress: bool = False,
-                  desc: str = "ppl") -> WindowScores:
+def window_scores(
+    model, win: Windows, batch_size: int, device=None, progress: bool = False, desc: str = "ppl"
+) -> WindowScores:
     """The one scoring loop, shared by every protocol and by search fitness on held-out calibration windows."""
     from tqdm.auto import tqdm
 
@@ -237,12 +254,14 @@ def window_scores(model, win: Windows, batch_size: int, device=None, progress: b
             batch = batch.to(logits.device)  # with device_map the logits live on the last GPU
             # Row by row: upcasting one [L, V] slice keeps memory bounded for large vocabularies.
             starts = win.score_from[start : start + bs].tolist()
-            nll = torch.cat([
-                F.cross_entropy(logits[r, s - 1 : -1].float(), batch[r, s:], reduction="none")
-                for r, s in enumerate(starts)
-            ])
+            nll = torch.cat(
+                [
+                    F.cross_entropy(logits[r, s - 1 : -1].float(), batch[r, s:], reduction="none")
+                    for r, s in enumerate(starts)
+                ]
+            )
             nll = nll.to("cpu", torch.float64)  # one host sync per batch
-            nll_sum += nll.sum().item()         # the reported total: unchanged summation order
+            nll_sum += nll.sum().item()  # the reported total: unchanged summation order
             n_scored += nll.numel()
             lengths = [batch.shape[1] - s for s in starts]
             window_nll_sums += [w.sum().item() for w in nll.split(lengths)]

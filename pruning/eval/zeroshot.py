@@ -48,12 +48,31 @@ from pruning.utils import eval_mode
 TASK_ORDER = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 
 PRESETS: dict[str, dict[str, str]] = {
-    "llm_pruner": {"boolq": "acc", "piqa": "acc", "hellaswag": "acc_norm", "winogrande": "acc", "arc_easy": "acc",
-                   "arc_challenge": "acc_norm", "openbookqa": "acc_norm"},
-    "nirvana": {"boolq": "acc", "piqa": "acc", "hellaswag": "acc_norm", "winogrande": "acc", "arc_easy": "acc",
-                "arc_challenge": "acc_norm", "openbookqa": "acc"},
-    "slicegpt": {"piqa": "acc_norm", "hellaswag": "acc_norm", "winogrande": "acc", "arc_easy": "acc_norm",
-                 "arc_challenge": "acc_norm"},
+    "llm_pruner": {
+        "boolq": "acc",
+        "piqa": "acc",
+        "hellaswag": "acc_norm",
+        "winogrande": "acc",
+        "arc_easy": "acc",
+        "arc_challenge": "acc_norm",
+        "openbookqa": "acc_norm",
+    },
+    "nirvana": {
+        "boolq": "acc",
+        "piqa": "acc",
+        "hellaswag": "acc_norm",
+        "winogrande": "acc",
+        "arc_easy": "acc",
+        "arc_challenge": "acc_norm",
+        "openbookqa": "acc",
+    },
+    "slicegpt": {
+        "piqa": "acc_norm",
+        "hellaswag": "acc_norm",
+        "winogrande": "acc",
+        "arc_easy": "acc_norm",
+        "arc_challenge": "acc_norm",
+    },
 }
 
 
@@ -63,30 +82,34 @@ class ZeroShotConfig:
 
     tasks: list[str] = field(default_factory=lambda: list(TASK_ORDER))
     metric_preset: str = "llm_pruner"
-    limit: int | None = None        # first `limit` documents of each task (quick runs); None = full sets
-    batch_size: int = 8             # lm-eval's loglikelihood batch; results do not depend on it beyond fp noise
-    num_fewshot: int = 0            # the papers' protocol; only 0 is supported (no training splits offline)
-    max_length: int | None = None   # context cap; None = lm-eval's default (the model's max_position_embeddings)
+    limit: int | None = None  # first `limit` documents of each task (quick runs); None = full sets
+    batch_size: int = 8  # lm-eval's loglikelihood batch; results do not depend on it beyond fp noise
+    num_fewshot: int = 0  # the papers' protocol; only 0 is supported (no training splits offline)
+    max_length: int | None = None  # context cap; None = lm-eval's default (the model's max_position_embeddings)
 
     def __post_init__(self) -> None:
         self.tasks = list(self.tasks)
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks:
-            raise PruningError(f"zeroshot: unknown task(s) {unknown or '[] (empty list)'}; choices: "
-                               f"{', '.join(TASK_ORDER)}")
+            raise PruningError(
+                f"zeroshot: unknown task(s) {unknown or '[] (empty list)'}; choices: {', '.join(TASK_ORDER)}"
+            )
         if len(set(self.tasks)) != len(self.tasks):
             raise PruningError(f"zeroshot: duplicate tasks in {self.tasks}")
         if self.metric_preset not in PRESETS:
-            raise PruningError(f"zeroshot: unknown metric_preset {self.metric_preset!r}; choices: "
-                               f"{', '.join(PRESETS)}")
+            raise PruningError(f"zeroshot: unknown metric_preset {self.metric_preset!r}; choices: {', '.join(PRESETS)}")
         if not any(t in PRESETS[self.metric_preset] for t in self.tasks):
-            raise PruningError(f"zeroshot: metric_preset {self.metric_preset!r} scores "
-                               f"{list(PRESETS[self.metric_preset])}; none of them is in tasks {self.tasks}")
+            raise PruningError(
+                f"zeroshot: metric_preset {self.metric_preset!r} scores "
+                f"{list(PRESETS[self.metric_preset])}; none of them is in tasks {self.tasks}"
+            )
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
             raise PruningError(f"zeroshot: limit must be an int >= 1 or null, got {self.limit!r}")
         if self.num_fewshot != 0:
-            raise PruningError(f"zeroshot: num_fewshot must be 0 (the papers' protocol; the offline data root has "
-                               f"no training splits to draw shots from), got {self.num_fewshot!r}")
+            raise PruningError(
+                f"zeroshot: num_fewshot must be 0 (the papers' protocol; the offline data root has "
+                f"no training splits to draw shots from), got {self.num_fewshot!r}"
+            )
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise PruningError(f"zeroshot: batch_size must be an int >= 1, got {self.batch_size!r}")
         if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
@@ -151,8 +174,14 @@ def make_lm(model, tokenizer, batch_size: int, device=None, max_length: int | No
     from lm_eval.models.huggingface import HFLM
 
     with _quiet_harness():
-        return HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), backend="causal", batch_size=batch_size,
-                    device=str(device) if device is not None else None, max_length=max_length)
+        return HFLM(
+            pretrained=model,
+            tokenizer=copy.deepcopy(tokenizer),
+            backend="causal",
+            batch_size=batch_size,
+            device=str(device) if device is not None else None,
+            max_length=max_length,
+        )
 
 
 def run_harness(lm, cfg: ZeroShotConfig, log_samples: bool = True) -> dict:
@@ -165,8 +194,14 @@ def run_harness(lm, cfg: ZeroShotConfig, log_samples: bool = True) -> dict:
     configs = [TASKS[name].config(task_files(name)) for name in cfg.tasks]
     with _quiet_harness():
         # include_defaults=False: the built-in tasks would try the hub, and indexing them costs ~10 s.
-        return simple_evaluate(model=lm, tasks=configs, task_manager=TaskManager(include_defaults=False),
-                               num_fewshot=0, limit=cfg.limit, log_samples=log_samples)
+        return simple_evaluate(
+            model=lm,
+            tasks=configs,
+            task_manager=TaskManager(include_defaults=False),
+            num_fewshot=0,
+            limit=cfg.limit,
+            log_samples=log_samples,
+        )
 
 
 def _num(x: Any) -> float | None:
@@ -182,8 +217,10 @@ def per_doc(samples: list[dict], n_docs: int, task: str) -> dict[str, str]:
     samples = sorted((s for s in samples if s.get("filter", "none") == "none"), key=lambda s: s["doc_id"])
     ids = [s["doc_id"] for s in samples]
     if ids != list(range(n_docs)):
-        raise PruningError(f"zeroshot {task}: lm-eval logged documents {ids[:5]}... ({len(ids)}), expected doc_id "
-                           f"0..{n_docs - 1} once each")
+        raise PruningError(
+            f"zeroshot {task}: lm-eval logged documents {ids[:5]}... ({len(ids)}), expected doc_id "
+            f"0..{n_docs - 1} once each"
+        )
     metrics = [m for m in ("acc", "acc_norm") if all(m in s for s in samples)]
     return doc_block({m: [s[m] for s in samples] for m in metrics}, digest(s["doc_hash"] for s in samples))
 
@@ -197,9 +234,14 @@ def summarize(raw: dict, cfg: ZeroShotConfig) -> dict[str, Any]:
         res, n = raw["results"][name], raw["n-samples"][name]
         row = {m: _num(res.get(f"{m},none")) for m in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")}
         metric = preset.get(name)
-        row.update(metric=metric, score=None if metric is None else 100.0 * row[metric],
-                   n_docs=int(n["effective"]), n_docs_total=int(n["original"]), split=TASKS[name].split,
-                   source={k: str(p) for k, p in task_files(name).items()})
+        row.update(
+            metric=metric,
+            score=None if metric is None else 100.0 * row[metric],
+            n_docs=int(n["effective"]),
+            n_docs_total=int(n["original"]),
+            split=TASKS[name].split,
+            source={k: str(p) for k, p in task_files(name).items()},
+        )
         if "samples" in raw:
             row["per_doc"] = per_doc(raw["samples"][name], row["n_docs"], name)
         out[name] = row
@@ -209,13 +251,17 @@ def summarize(raw: dict, cfg: ZeroShotConfig) -> dict[str, Any]:
     out["average"] = {
         "score": sum(out[t]["score"] for t in scored) / len(scored),
         "metric": f"mean of {len(scored)} task scores in % ({cfg.metric_preset}: {metrics})"
-                  + ("" if complete else f"; PARTIAL: {len(scored)} of the preset's {len(preset)} tasks"),
+        + ("" if complete else f"; PARTIAL: {len(scored)} of the preset's {len(preset)} tasks"),
         "n_tasks": len(scored),
-        "complete": complete,   # False: not comparable with the papers' average
+        "complete": complete,  # False: not comparable with the papers' average
     }
-    out["protocol"] = {**asdict(cfg), "harness": "lm-eval", "harness_version": harness_version(),
-                       "max_length": raw.get("max_length", cfg.max_length), "docs": "first `limit` of each task"
-                       if cfg.limit else "full sets"}
+    out["protocol"] = {
+        **asdict(cfg),
+        "harness": "lm-eval",
+        "harness_version": harness_version(),
+        "max_length": raw.get("max_length", cfg.max_length),
+        "docs": "first `limit` of each task" if cfg.limit else "full sets",
+    }
     return out
 
 
@@ -226,7 +272,7 @@ def zeroshot(model, tokenizer, cfg: Any, device=None, progress: bool = True) -> 
     """
     cfg = check_zeroshot(cfg)
     t0 = time.perf_counter()
-    with eval_mode(model):      # HFLM calls model.eval() too; the caller's training flag comes back afterwards
+    with eval_mode(model):  # HFLM calls model.eval() too; the caller's training flag comes back afterwards
         lm = make_lm(model, tokenizer, cfg.batch_size, device, cfg.max_length)
         raw = run_harness(lm, cfg)
     out = summarize(raw, cfg)
@@ -250,12 +296,14 @@ def zeroshot_table(block: dict[str, Any], dense: dict[str, Any] | None = None):
     for t in tasks + ["average"]:
         r = block[t]
         is_task = t != "average"
-        rows.append({
-            "task": t if is_task else f"average ({r['n_tasks']}{'' if r['complete'] else ' of ' + str(n_preset)})",
-            "metric": (r["metric"] or "-") if is_task else block["protocol"]["metric_preset"],
-            "n_docs": r["n_docs"] if is_task else "",
-            "acc": f"{100 * r['acc']:.2f}" if is_task and r["acc"] is not None else "",
-            "acc_norm": f"{100 * r['acc_norm']:.2f}" if is_task and r["acc_norm"] is not None else "",
-            "score %": f"{score(dense, t)} -> {score(block, t)}" if compare else score(block, t),
-        })
+        rows.append(
+            {
+                "task": t if is_task else f"average ({r['n_tasks']}{'' if r['complete'] else ' of ' + str(n_preset)})",
+                "metric": (r["metric"] or "-") if is_task else block["protocol"]["metric_preset"],
+                "n_docs": r["n_docs"] if is_task else "",
+                "acc": f"{100 * r['acc']:.2f}" if is_task and r["acc"] is not None else "",
+                "acc_norm": f"{100 * r['acc_norm']:.2f}" if is_task and r["acc_norm"] is not None else "",
+                "score %": f"{score(dense, t)} -> {score(block, t)}" if compare else score(block, t),
+            }
+        )
     return pd.DataFrame(rows)

@@ -31,8 +31,9 @@ def aggregate(per_member: list[torch.Tensor], how: str, root: int = 0) -> torch.
     if how == "last":
         return per_member[-1]
     stacked = torch.stack(per_member)
-    return {"sum": stacked.sum, "mean": stacked.mean, "prod": stacked.prod,
-            "max": lambda dim: stacked.max(dim).values}[how](0)
+    return {"sum": stacked.sum, "mean": stacked.mean, "prod": stacked.prod, "max": lambda dim: stacked.max(dim).values}[
+        how
+    ](0)
 
 
 def gather_units(channel_scores: torch.Tensor, member: Member) -> torch.Tensor:
@@ -47,12 +48,13 @@ def _official_fold_index(sset: StructureSet, member: Member) -> torch.Tensor:
     n_kv, width = sset.n_units, member.index.shape[1]
     d_h = next(m.index.shape[1] for m in sset.members if m.name == "k_proj")
     g = width // d_h
-    heads = torch.arange(n_kv)[:, None] + n_kv * torch.arange(g)[None, :]          # [n_kv, g]
+    heads = torch.arange(n_kv)[:, None] + n_kv * torch.arange(g)[None, :]  # [n_kv, g]
     return (heads[:, :, None] * d_h + torch.arange(d_h)).reshape(n_kv, width)
 
 
-def group_scores(sset: StructureSet, channel_scores: list[torch.Tensor], how: str,
-                 gqa_fold: str = "own") -> torch.Tensor:
+def group_scores(
+    sset: StructureSet, channel_scores: list[torch.Tensor], how: str, gqa_fold: str = "own"
+) -> torch.Tensor:
     """Unit scores from per-channel member scores, in the official order: align every member onto the root's
     channels (a KV group's g query heads summed channel by channel onto its d_h k_proj channels), reduce over the
     members per channel with ``how``, then sum a unit's channels. For sum and mean the order does not matter; for
@@ -65,8 +67,8 @@ def group_scores(sset: StructureSet, channel_scores: list[torch.Tensor], how: st
         index = m.index
         if gqa_fold == "official" and sset.kind == "kv_group" and m.name in ("q_proj", "o_proj"):
             index = _official_fold_index(sset, m)
-        per_unit = ch[index.to(ch.device)]                                # [n_units, k]
-        aligned.append(per_unit.reshape(per_unit.shape[0], -1, width).sum(1))   # [n_units, width]
+        per_unit = ch[index.to(ch.device)]  # [n_units, k]
+        aligned.append(per_unit.reshape(per_unit.shape[0], -1, width).sum(1))  # [n_units, width]
     names = [m.name for m in sset.members]
     root = names.index(ROOTS[sset.kind]) if ROOTS.get(sset.kind) in names else 0
     return aggregate(aligned, how, root).sum(-1)
@@ -76,8 +78,7 @@ class Scorer(ABC):
     needs_calibration = False
 
     @abstractmethod
-    def __call__(self, sset: StructureSet) -> torch.Tensor:
-        ...
+    def __call__(self, sset: StructureSet) -> torch.Tensor: ...
 
 
 @SCORERS.register("random")
@@ -110,14 +111,16 @@ class MagnitudeScorer(Scorer):
     @torch.no_grad()
     def __call__(self, sset: StructureSet) -> torch.Tensor:
         if sset.kind == "block":
-            per_unit = [aggregate([self._elem(m.weight).sum().reshape(1) for m in ms], self.aggregation)
-                        for ms in sset.unit_members]
+            per_unit = [
+                aggregate([self._elem(m.weight).sum().reshape(1) for m in ms], self.aggregation)
+                for ms in sset.unit_members
+            ]
             return torch.cat(per_unit)
         per_member = []
         for m in sset.members:
-            channel = self._elem(m.weight)                      # 1-D weights (hidden: norms): per element
+            channel = self._elem(m.weight)  # 1-D weights (hidden: norms): per element
             if channel.dim() == 2:
-                channel = channel.sum(dim=1 - m.dim)            # one value per row (dim 0) or column (dim 1)
+                channel = channel.sum(dim=1 - m.dim)  # one value per row (dim 0) or column (dim 1)
             per_member.append(channel)
         return group_scores(sset, per_member, self.aggregation, self.gqa_fold)
 

@@ -35,8 +35,7 @@ class ActivationScorer(Scorer):
 
     def _layer_stats(self, layer: int):
         if self.stats is None:
-            raise PruningError(f"{type(self).__name__} has no calibration statistics: call bind(collect(...)) "
-                               "first")
+            raise PruningError(f"{type(self).__name__} has no calibration statistics: call bind(collect(...)) first")
         if layer not in self.stats:
             raise PruningError(f"{type(self).__name__}: no calibration statistics for layer {layer}")
         return self.stats[layer]
@@ -112,8 +111,9 @@ class FluctuationScorer(ActivationScorer):
         return reduce_units(self.channel_scores(sset), output_member(sset), self.reduce)
 
 
-def streaming_fluctuation(model, calib, layers: list[int], sites=("o_proj", "down_proj"),
-                          progress: bool = True) -> dict[tuple[int, str], torch.Tensor]:
+def streaming_fluctuation(
+    model, calib, layers: list[int], sites=("o_proj", "down_proj"), progress: bool = True
+) -> dict[tuple[int, str], torch.Tensor]:
     """FLAP's own variance estimate (``BiasGPT.add_batch``), which its code feeds one calibration sample per step.
 
     With n samples seen, the running mean m_n of the per-sample means and S_n = Σ_t (x_t − m_n)² over sample n's
@@ -128,8 +128,9 @@ def streaming_fluctuation(model, calib, layers: list[int], sites=("o_proj", "dow
     out: dict[tuple[int, str], torch.Tensor] = {}
     mean: dict[tuple[int, str], torch.Tensor] = {}
     for n, sample in enumerate(tqdm(samples, desc="FLAP streaming variance", unit="sample", disable=not progress)):
-        stats = collect(model, sample, stats=("mean", "sqnorm"), sites=sites, layers=layers, mode="sequential",
-                        progress=False)
+        stats = collect(
+            model, sample, stats=("mean", "sqnorm"), sites=sites, layers=layers, mode="sequential", progress=False
+        )
         for i in layers:
             for site in sites:
                 st, key = stats[i][site], (i, site)

@@ -66,7 +66,7 @@ class _AttnAcc:
     @staticmethod
     def _propagate(fn, h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(delta)
-        for u in range(delta.shape[1]):     # forward mode only: the scorer never calls backward
+        for u in range(delta.shape[1]):  # forward mode only: the scorer never calls backward
             tangent = delta[:, u].to(h.dtype)
             _, jd = torch.func.jvp(fn, (h,), (tangent,))
             out[:, u] = delta[:, u] + jd.double()
@@ -85,8 +85,11 @@ def _branch(norm, mlp):
 
     def fn(z):
         x = norm.forward(z)
-        return F.linear(mlp.act_fn(F.linear(x, mlp.gate_proj.weight)) * F.linear(x, mlp.up_proj.weight),
-                        mlp.down_proj.weight, mlp.down_proj.bias)
+        return F.linear(
+            mlp.act_fn(F.linear(x, mlp.gate_proj.weight)) * F.linear(x, mlp.up_proj.weight),
+            mlp.down_proj.weight,
+            mlp.down_proj.bias,
+        )
 
     return fn
 
@@ -95,7 +98,7 @@ def _branch(norm, mlp):
 class BIPScorer(ActivationScorer):
     """LLM-BIP ``interp_v1`` (ours, see module doc). Run ``collect(...)`` inside ``recording(model, layers)``."""
 
-    requires = ("absmean",)   # at down_proj
+    requires = ("absmean",)  # at down_proj
 
     def __init__(self, variant: str = "interp_v1", propagate: str = "none", relative: bool = False):
         super().__init__()
@@ -120,16 +123,19 @@ class BIPScorer(ActivationScorer):
                 w = adapter.widths(layer)
                 seen: dict = {}
                 if self.propagate == "none":
+
                     def pre(m, args, kwargs, acc=acc, o=o, h=w.num_heads, kv=w.num_kv_heads):
                         acc.update(args[0] if args else kwargs["input"], o.weight, h, kv)
-                else:   # keep o; measure at the post-attention norm, where the residual h is known
+                else:  # keep o; measure at the post-attention norm, where the residual h is known
+
                     def pre(m, args, kwargs, seen=seen):
                         seen["o"] = args[0] if args else kwargs["input"]
 
                     norm, mlp = adapter.post_attention_norm(layer), adapter.mlp(layer)
 
-                    def at_norm(m, args, kwargs, acc=acc, o=o, h=w.num_heads, kv=w.num_kv_heads, seen=seen,
-                                norm=norm, mlp=mlp):
+                    def at_norm(
+                        m, args, kwargs, acc=acc, o=o, h=w.num_heads, kv=w.num_kv_heads, seen=seen, norm=norm, mlp=mlp
+                    ):
                         hid = args[0] if args else kwargs["hidden_states"]
                         acc.update(seen.pop("o"), o.weight, h, kv, branch=(_branch(norm, mlp), hid))
 
@@ -148,8 +154,10 @@ class BIPScorer(ActivationScorer):
     def _acc_of(self, layer: int) -> _AttnAcc:
         acc = self._acc.get(layer)
         if acc is None or acc.n == 0:
-            raise PruningError(f"llm_bip: no head measurements for layer {layer}; run the calibration pass inside "
-                               "scorer.recording(model, layers)")
+            raise PruningError(
+                f"llm_bip: no head measurements for layer {layer}; run the calibration pass inside "
+                "scorer.recording(model, layers)"
+            )
         return acc
 
     def block_output_norm(self, layer: int) -> float:

@@ -116,9 +116,14 @@ def head_rows(n: int, hidden: int, vocab: int) -> int:
     return max(1, min(n, (n * hidden) // max(1, vocab)))
 
 
-def backward_layerwise(model: nn.Module, ids: torch.Tensor,
-                       objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], hold: set[int],
-                       offload: bool = False, device: torch.device | None = None) -> None:
+def backward_layerwise(
+    model: nn.Module,
+    ids: torch.Tensor,
+    objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    hold: set[int],
+    offload: bool = False,
+    device: torch.device | None = None,
+) -> None:
     """d objective(logits(ids), ids) / d w accumulated into ``.grad`` of every parameter that requires grad, one
     decoder layer's graph at a time. ``objective`` must be a mean over the samples of ``ids``. ``hold`` is filled
     with the ids of parameters whose post-accumulate hook must not fold yet and emptied before their last share."""
@@ -129,11 +134,15 @@ def backward_layerwise(model: nn.Module, ids: torch.Tensor,
     head = _unique(list(adapter.final_norm.parameters()) + list(adapter.lm_head.parameters()))
     in_layers = {id(p) for layer in layers for p in layer.parameters()}
     embed = {id(p) for p in adapter.embed_tokens.parameters()}
-    pre = [p for pid, p in _unique(model.parameters()).items()
-           if pid not in in_layers and (pid not in head or pid in embed)]
+    pre = [
+        p
+        for pid, p in _unique(model.parameters()).items()
+        if pid not in in_layers and (pid not in head or pid in embed)
+    ]
     pre_needed = _needs_grad(pre)
-    lowest = 0 if pre_needed else next((i for i, layer in enumerate(layers) if _needs_grad(layer.parameters())),
-                                       len(layers))
+    lowest = (
+        0 if pre_needed else next((i for i, layer in enumerate(layers) if _needs_grad(layer.parameters())), len(layers))
+    )
 
     # 1. forward without a graph: the residual stream at each needed boundary, and the final norm's input
     saved: dict[int, tuple[torch.Tensor, dict]] = {}
@@ -143,6 +152,7 @@ def backward_layerwise(model: nn.Module, ids: torch.Tensor,
         def pre_hook(m, args, kwargs):
             x = _first_arg(args, kwargs, "hidden_states")
             saved[i] = (x.detach().to(store), {k: v for k, v in kwargs.items() if k != "hidden_states"})
+
         return pre_hook
 
     def stop(m, args, kwargs):
@@ -152,7 +162,7 @@ def backward_layerwise(model: nn.Module, ids: torch.Tensor,
     for i, layer in enumerate(layers):
         if i >= lowest:
             handles.append(layer.register_forward_pre_hook(keep(i), with_kwargs=True))
-        if device is not None and module_device(layer) != dev:    # weights elsewhere: in for its forward only
+        if device is not None and module_device(layer) != dev:  # weights elsewhere: in for its forward only
             handles += _visit(layer, dev)
     handles.append(adapter.final_norm.register_forward_pre_hook(stop, with_kwargs=True))
     try:
@@ -174,8 +184,8 @@ def backward_layerwise(model: nn.Module, ids: torch.Tensor,
     for start in range(0, n, rows):
         hold.clear()
         hold.update(head_req if start + rows < n else shared)
-        h = h_last[start:start + rows].to(dev).requires_grad_(True)
-        chunk = ids[start:start + rows].to(dev)
+        h = h_last[start : start + rows].to(dev).requires_grad_(True)
+        chunk = ids[start : start + rows].to(dev)
         (objective(adapter.lm_head(adapter.final_norm(h)), chunk) * (h.shape[0] / n)).backward()
         grads.append(h.grad)
     grad = grads[0] if len(grads) == 1 else torch.cat(grads)

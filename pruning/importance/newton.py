@@ -43,8 +43,14 @@ def newton_gradient(a: torch.Tensor, z: torch.Tensor, lam: float, r: float) -> t
     return a @ (z - 1) + lam * (z.sum() - r) * torch.ones_like(z)
 
 
-def relaxed_mask(a: torch.Tensor, rho: float, lam: float = math.inf, iters: int = 1, project_box: bool = False,
-                 z0: torch.Tensor | None = None) -> torch.Tensor:
+def relaxed_mask(
+    a: torch.Tensor,
+    rho: float,
+    lam: float = math.inf,
+    iters: int = 1,
+    project_box: bool = False,
+    z0: torch.Tensor | None = None,
+) -> torch.Tensor:
     """z after ``iters`` Newton steps (closed form for λ = ∞; ``project_box`` clips to [0,1] between steps)."""
     d = a.shape[0]
     r = (1.0 - rho) * d
@@ -80,8 +86,15 @@ class NewtonScorer(ActivationScorer):
 
     requires = ("xtx",)
 
-    def __init__(self, lam: float | str = "inf", damp: float = 0.01, alpha: str | float = "paper",
-                 newton_iters: int = 1, project_box: bool = False, rho: float = 0.2):
+    def __init__(
+        self,
+        lam: float | str = "inf",
+        damp: float = 0.01,
+        alpha: str | float = "paper",
+        newton_iters: int = 1,
+        project_box: bool = False,
+        rho: float = 0.2,
+    ):
         super().__init__()
         lam = math.inf if isinstance(lam, str) and lam.lower() in ("inf", "infinity") else lam
         try:

@@ -34,8 +34,14 @@ class NTKScorer(GradientScorer):
 
     variant = "element1"
 
-    def __init__(self, micro_batch: int | None = None, budget: float = 0.25, layerwise: bool = False,
-                 offload: bool = False, device: str | None = None):
+    def __init__(
+        self,
+        micro_batch: int | None = None,
+        budget: float = 0.25,
+        layerwise: bool = False,
+        offload: bool = False,
+        device: str | None = None,
+    ):
         super().__init__("sum", micro_batch, budget, layerwise, offload, device)
 
     def logits_objective(self, model: nn.Module, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -46,22 +52,25 @@ class NTKScorer(GradientScorer):
 def next_token_logprobs(model: nn.Module, ids: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     """log softmax of the logits of every position, float32 on the CPU ([n, T, V])."""
     dev = input_device(model)
-    out = [model(input_ids=ids[s:s + batch_size].to(dev), use_cache=False).logits.float().log_softmax(-1).cpu()
-           for s in range(0, ids.shape[0], batch_size)]
+    out = [
+        model(input_ids=ids[s : s + batch_size].to(dev), use_cache=False).logits.float().log_softmax(-1).cpu()
+        for s in range(0, ids.shape[0], batch_size)
+    ]
     return torch.cat(out)
 
 
 @torch.no_grad()
-def kl_to_reference(model: nn.Module, ids: torch.Tensor, ref_logprobs: torch.Tensor, batch_size: int = 16,
-                    eps: float = 1e-12) -> float:
+def kl_to_reference(
+    model: nn.Module, ids: torch.Tensor, ref_logprobs: torch.Tensor, batch_size: int = 16, eps: float = 1e-12
+) -> float:
     """D_KL(P_ref ‖ Q_model) summed over the vocabulary and averaged over tokens (``compute_influence_loss``)."""
     if ref_logprobs.shape[:2] != ids.shape:
         raise PruningError(f"reference log-probs {tuple(ref_logprobs.shape)} do not match ids {tuple(ids.shape)}")
     dev = input_device(model)
     total, count = 0.0, 0
     for s in range(0, ids.shape[0], batch_size):
-        log_q = model(input_ids=ids[s:s + batch_size].to(dev), use_cache=False).logits.float().log_softmax(-1).cpu()
-        log_p = ref_logprobs[s:s + batch_size]
+        log_q = model(input_ids=ids[s : s + batch_size].to(dev), use_cache=False).logits.float().log_softmax(-1).cpu()
+        log_p = ref_logprobs[s : s + batch_size]
         kl = (log_p.exp().clamp(min=eps) * (log_p - log_q)).sum(-1)
         total += float(kl.double().sum())
         count += kl.numel()

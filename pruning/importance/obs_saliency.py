@@ -17,8 +17,15 @@ from pruning.importance.activation import ActivationScorer
 from pruning.structures import StructureSet
 
 # the collector site whose input each member's weight multiplies
-SITE_OF = {"q_proj": "q_proj", "k_proj": "q_proj", "v_proj": "q_proj", "o_proj": "o_proj",
-           "gate_proj": "gate_proj", "up_proj": "gate_proj", "down_proj": "down_proj"}
+SITE_OF = {
+    "q_proj": "q_proj",
+    "k_proj": "q_proj",
+    "v_proj": "q_proj",
+    "o_proj": "o_proj",
+    "gate_proj": "gate_proj",
+    "up_proj": "gate_proj",
+    "down_proj": "down_proj",
+}
 
 
 def inverse_hessian_diag(xtx: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
@@ -51,6 +58,6 @@ class OBSSaliencyScorer(ActivationScorer):
             if site not in inv:
                 inv[site] = inverse_hessian_diag(stats[site].xtx.cpu(), self.damp)
             el = m.weight.detach().to("cpu", torch.float64).pow(2) / inv[site][None, :]
-            channel = el.sum(dim=1 - m.dim)        # rows (dim 0): sum over inputs; columns (dim 1): over outputs
+            channel = el.sum(dim=1 - m.dim)  # rows (dim 0): sum over inputs; columns (dim 1): over outputs
             total += gather_units(channel, m)
         return total

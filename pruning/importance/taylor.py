@@ -46,8 +46,8 @@ from pruning.structures import StructureSet
 from pruning.utils import eval_mode, input_device
 
 TAYLOR = ("vector", "element1", "element2", "element2_fisher")
-MEMORY_OPTIONS = ("micro_batch", "budget", "layerwise", "offload", "device")   # the ``method.memory`` block
-_SLICE_ELEMS = 1 << 22          # fold large weights in row slices so float64 temporaries stay ≤ 32 MB
+MEMORY_OPTIONS = ("micro_batch", "budget", "layerwise", "offload", "device")  # the ``method.memory`` block
+_SLICE_ELEMS = 1 << 22  # fold large weights in row slices so float64 temporaries stay ≤ 32 MB
 
 
 # ----------------------------------------------------------------------------------------------- memory probe
@@ -88,12 +88,14 @@ def peak_memory(device: torch.device | str = "cpu"):
         torch.cuda.reset_peak_memory_stats(device)
         yield out
         torch.cuda.synchronize(device)
-        out.update(peak_extra_bytes=int(torch.cuda.max_memory_allocated(device) - base),
-                   method="torch.cuda.max_memory_allocated")
+        out.update(
+            peak_extra_bytes=int(torch.cuda.max_memory_allocated(device) - base),
+            method="torch.cuda.max_memory_allocated",
+        )
         return
     from torch.profiler import ProfilerActivity, profile
 
-    if torch.autograd.profiler._is_profiler_enabled:       # a second kineto session would break the caller's
+    if torch.autograd.profiler._is_profiler_enabled:  # a second kineto session would break the caller's
         yield out
         out.update(peak_extra_bytes=None, method="not measured: another torch profiler is active")
         return
@@ -105,8 +107,11 @@ def peak_memory(device: torch.device | str = "cpu"):
     finally:
         with _quiet_fd2():
             prof.__exit__(None, None, None)
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    )
     cur = peak = 0
     for _, nbytes in events:
         cur += nbytes
@@ -143,16 +148,17 @@ def check_memory_options(micro_batch=None, budget=0.25, layerwise=False, offload
         if not isinstance(v, bool):
             raise PruningError(f"memory.{name} must be true or false, got {v!r}")
     if (offload or device is not None) and not layerwise:
-        raise PruningError("memory.offload and memory.device apply to layer-wise scoring: set memory.layerwise: "
-                           "true")
+        raise PruningError("memory.offload and memory.device apply to layer-wise scoring: set memory.layerwise: true")
     if device is not None:
         try:
             dev = torch.device(device)
         except (RuntimeError, TypeError) as e:
             raise PruningError(f"memory.device {device!r} is not a torch device: {e}") from e
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise PruningError(f"memory.device={device!r} but CUDA is not available on this machine; use null "
-                               "(score where the model is)")
+            raise PruningError(
+                f"memory.device={device!r} but CUDA is not available on this machine; use null "
+                "(score where the model is)"
+            )
 
 
 class GradientScorer(Scorer):
@@ -166,9 +172,17 @@ class GradientScorer(Scorer):
     needs_calibration = True
     variant = "element1"
 
-    def __init__(self, aggregation: str = "sum", micro_batch: int | None = None, budget: float = 0.25,
-                 layerwise: bool = False, offload: bool = False, device: str | None = None, gqa_fold: str = "own"):
-        aggregate([torch.zeros(1)], aggregation)   # unknown name -> error now
+    def __init__(
+        self,
+        aggregation: str = "sum",
+        micro_batch: int | None = None,
+        budget: float = 0.25,
+        layerwise: bool = False,
+        offload: bool = False,
+        device: str | None = None,
+        gqa_fold: str = "own",
+    ):
+        aggregate([torch.zeros(1)], aggregation)  # unknown name -> error now
         check_memory_options(micro_batch, budget, layerwise, offload, device)
         if gqa_fold not in GQA_FOLDS:
             raise PruningError(f"unknown gqa_fold {gqa_fold!r}; choices: {', '.join(GQA_FOLDS)}")
@@ -178,8 +192,8 @@ class GradientScorer(Scorer):
         self.layerwise, self.offload = layerwise, offload
         self.device = None if device is None else torch.device(device)
         self._channels: dict[tuple[int, int], torch.Tensor] = {}
-        self._hold: set[int] = set()          # layer-wise: ids whose gradient is incomplete (tied, head chunks)
-        self._held: dict[int, int] = {}       # their gradient bytes, for the state accounting
+        self._hold: set[int] = set()  # layer-wise: ids whose gradient is incomplete (tied, head chunks)
+        self._held: dict[int, int] = {}  # their gradient bytes, for the state accounting
 
     def objective(self, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         """The scalar whose gradient is scored; a mean over the items of ``ids``."""
@@ -198,8 +212,10 @@ class GradientScorer(Scorer):
         for m in sset.members:
             ch = self._channels.get((id(m.weight), m.dim))
             if ch is None:
-                raise PruningError(f"{type(self).__name__} was not fitted on {sset.kind} member {m.name}: call "
-                                   f"fit(model, calib, sets) with the sets to score")
+                raise PruningError(
+                    f"{type(self).__name__} was not fitted on {sset.kind} member {m.name}: call "
+                    f"fit(model, calib, sets) with the sets to score"
+                )
             per_member.append(ch)
         return group_scores(sset, per_member, self.aggregation, self.gqa_fold)
 
@@ -214,22 +230,26 @@ class GradientScorer(Scorer):
     def fit(self, model: nn.Module, calib: torch.Tensor, sets: list[StructureSet]) -> dict:
         fixed_length(calib, "gradient scoring")
         if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.shape[0] < 1 or calib.shape[1] < 2:
-            raise PruningError("gradient scoring needs calibration token ids [n_samples >= 1, seq_len >= 2]; build "
-                               "them with pruning.data.calibration_batches")
+            raise PruningError(
+                "gradient scoring needs calibration token ids [n_samples >= 1, seq_len >= 2]; build "
+                "them with pruning.data.calibration_batches"
+            )
         dims: dict[int, set[int]] = {}
         params: dict[int, nn.Parameter] = {}
         for s in sets:
-            for m in (s.members if s.kind != "block" else []):
+            for m in s.members if s.kind != "block" else []:
                 params.setdefault(id(m.weight), m.weight)
                 dims.setdefault(id(m.weight), set()).add(m.dim)
         if not params:
             raise PruningError(f"{type(self).__name__}: nothing to score (no structure members)")
         device = execution_device(model, self.device) if self.layerwise else input_device(model)
         if any(p.device.type == "meta" for p in params.values()):
-            raise PruningError("gradient scoring needs the weights in memory, but some are on the meta device "
-                               "(accelerate offloading from a device_map with cpu/disk entries); load with a GPU-only "
-                               "device_map, or load on the CPU and set method.memory.layerwise=true "
-                               "method.memory.device=cuda")
+            raise PruningError(
+                "gradient scoring needs the weights in memory, but some are on the meta device "
+                "(accelerate offloading from a device_map with cpu/disk entries); load with a GPU-only "
+                "device_map, or load on the CPU and set method.memory.layerwise=true "
+                "method.memory.device=cuda"
+            )
         if device.type == "cpu" and any(p.dtype == torch.float16 for p in params.values()):
             raise PruningError(FP16_CPU)
         calib = calib.long().to(device)
@@ -238,8 +258,11 @@ class GradientScorer(Scorer):
         for p, _ in flags.values():
             p.requires_grad_(False)
             p.grad = None
-        self._channels = {(pid, d): torch.zeros(params[pid].shape[d], dtype=torch.float64, device=params[pid].device)
-                          for pid in params for d in sorted(dims[pid])}
+        self._channels = {
+            (pid, d): torch.zeros(params[pid].shape[d], dtype=torch.float64, device=params[pid].device)
+            for pid in params
+            for d in sorted(dims[pid])
+        }
         plist = list(params.values())
         self._stats = {"passes": 0, "state_peak_bytes": 0}
         self._hold, self._held = set(), {}
@@ -248,8 +271,11 @@ class GradientScorer(Scorer):
         t0 = time.perf_counter()
         with eval_mode(model):
             try:
-                with placement(model, self.device if self.layerwise else None), peak_memory(device) as mem, \
-                        torch.enable_grad():
+                with (
+                    placement(model, self.device if self.layerwise else None),
+                    peak_memory(device) as mem,
+                    torch.enable_grad(),
+                ):
                     chunks = self._run(model, calib, n, plist, dims, wbytes)
             finally:
                 for p, flag in flags.values():
@@ -260,18 +286,32 @@ class GradientScorer(Scorer):
                 self._channels[k] = self._channels[k].abs()
         peak = mem["peak_extra_bytes"]
         state = int(self._stats["state_peak_bytes"])
-        return {"scorer": type(self).__name__, "variant": self.variant, "aggregation": self.aggregation,
-                "n_samples": int(n), "seq_len": int(calib.shape[1]), "backward_passes": self._stats["passes"],
-                "chunks": chunks, "micro_batch": self.micro_batch, "seconds": round(time.perf_counter() - t0, 3),
-                "layerwise": self.layerwise, "offload": self.offload,
-                "device": None if self.device is None else str(self.device),
-                "memory": {"method": mem["method"], "weight_bytes": wbytes, "peak_extra_bytes": peak,
-                           "peak_ratio": None if peak is None else round((wbytes + peak) / wbytes, 4),
-                           "state_bytes": state, "state_ratio": round((wbytes + state) / wbytes, 4),
-                           "note": "peak_ratio: all torch tensor bytes at the peak of scoring (weights, activations, "
-                                   "gradients, buffers) / weight bytes, measured. state_ratio: weights + what the "
-                                   "scoring design keeps (gradients alive at once, Fisher buffer, accumulators), "
-                                   "accounted from tensor sizes; activations excluded"}}
+        return {
+            "scorer": type(self).__name__,
+            "variant": self.variant,
+            "aggregation": self.aggregation,
+            "n_samples": int(n),
+            "seq_len": int(calib.shape[1]),
+            "backward_passes": self._stats["passes"],
+            "chunks": chunks,
+            "micro_batch": self.micro_batch,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "layerwise": self.layerwise,
+            "offload": self.offload,
+            "device": None if self.device is None else str(self.device),
+            "memory": {
+                "method": mem["method"],
+                "weight_bytes": wbytes,
+                "peak_extra_bytes": peak,
+                "peak_ratio": None if peak is None else round((wbytes + peak) / wbytes, 4),
+                "state_bytes": state,
+                "state_ratio": round((wbytes + state) / wbytes, 4),
+                "note": "peak_ratio: all torch tensor bytes at the peak of scoring (weights, activations, "
+                "gradients, buffers) / weight bytes, measured. state_ratio: weights + what the "
+                "scoring design keeps (gradients alive at once, Fisher buffer, accumulators), "
+                "accounted from tensor sizes; activations excluded",
+            },
+        }
 
     def _state(self, nbytes: int) -> None:
         held = sum(self._held.values())
@@ -295,20 +335,27 @@ class GradientScorer(Scorer):
     def _backward(self, model, ids, weight: float) -> None:
         def checked(out):
             if not torch.isfinite(out):
-                raise PruningError(f"gradient scoring objective is not finite ({out.item()}); check the "
-                                   "calibration data")
+                raise PruningError(
+                    f"gradient scoring objective is not finite ({out.item()}); check the calibration data"
+                )
             return out * weight
 
         if self.layerwise:
-            backward_layerwise(model, ids, lambda logits, chunk: checked(self.logits_objective(model, logits, chunk)),
-                               self._hold, offload=self.offload, device=self.device)
+            backward_layerwise(
+                model,
+                ids,
+                lambda logits, chunk: checked(self.logits_objective(model, logits, chunk)),
+                self._hold,
+                offload=self.offload,
+                device=self.device,
+            )
         else:
             checked(self.objective(model, ids)).backward()
         self._stats["passes"] += 1
 
     def _run(self, model, calib, n, plist, dims, wbytes) -> int:
         fisher = self.variant in ("element2", "element2_fisher")
-        if self.variant == "element2_fisher":          # Σ w²·g_n²/N is linear in g_n²: fold each sample directly
+        if self.variant == "element2_fisher":  # Σ w²·g_n²/N is linear in g_n²: fold each sample directly
             return self._pass(model, calib, n, plist, dims, fisher_only=True)
         per_param = int(self.variant == "element2") + int(self.micro_batch is not None)
         chunks = self._chunks(plist, per_param, wbytes)
@@ -331,7 +378,7 @@ class GradientScorer(Scorer):
             f.addcmul_(g, g, value=1.0 / n)
             p.grad = None
 
-        self._with_hooks(chunk, hook, lambda: [self._backward(model, calib[i:i + 1], 1.0) for i in range(n)])
+        self._with_hooks(chunk, hook, lambda: [self._backward(model, calib[i : i + 1], 1.0) for i in range(n)])
 
     def _pass(self, model, calib, n, chunk, dims, fbuf=None, fisher_only=False) -> int:
         """One full-batch gradient of the chunk (per-sample passes when ``fisher_only``), folded and freed."""
@@ -345,17 +392,17 @@ class GradientScorer(Scorer):
             p.grad = None
 
         if fisher_only:
-            self._with_hooks(chunk, fold, lambda: [self._backward(model, calib[i:i + 1], 1.0) for i in range(n)])
+            self._with_hooks(chunk, fold, lambda: [self._backward(model, calib[i : i + 1], 1.0) for i in range(n)])
             return 1
         if self.micro_batch is None:
             self._with_hooks(chunk, fold, lambda: self._backward(model, calib, 1.0))
             return 1
-        grads_held = sum(p.numel() * 4 for p in chunk)     # .grad accumulates across micro-batches
+        grads_held = sum(p.numel() * 4 for p in chunk)  # .grad accumulates across micro-batches
         for p in chunk:
             p.requires_grad_(True)
         try:
             for s in range(0, n, self.micro_batch):
-                ids = calib[s:s + self.micro_batch]
+                ids = calib[s : s + self.micro_batch]
                 self._backward(model, ids, ids.shape[0] / n)
             self._state(fbytes + grads_held)
             for p in chunk:
@@ -367,7 +414,7 @@ class GradientScorer(Scorer):
         return 1
 
     def _with_hooks(self, chunk, hook, body) -> None:
-        def gated(p):                 # a gradient still missing a segment's share (layer-wise, tied) is not folded yet
+        def gated(p):  # a gradient still missing a segment's share (layer-wise, tied) is not folded yet
             if id(p) in self._hold:
                 self._held[id(p)] = p.grad.numel() * p.grad.element_size()
                 return
@@ -394,22 +441,22 @@ class GradientScorer(Scorer):
         rows = p.shape[0]
         step = max(1, _SLICE_ELEMS // max(1, p[0].numel())) if p.dim() > 1 else rows
         for s in range(0, rows, step):
-            w = p.detach()[s:s + step].double()
-            gg = g[s:s + step].double().to(w.device)
-            if fisher_weight is not None:                 # element2_fisher: w²·g_n² / N
+            w = p.detach()[s : s + step].double()
+            gg = g[s : s + step].double().to(w.device)
+            if fisher_weight is not None:  # element2_fisher: w²·g_n² / N
                 term = (w * gg).square_().mul_(fisher_weight)
             else:
                 term = w * gg
-                if f is not None:                          # element2: w·g − ½·w²·F
-                    term.sub_(0.5 * w.square() * f[s:s + step].double().to(w.device))
+                if f is not None:  # element2: w·g − ½·w²·F
+                    term.sub_(0.5 * w.square() * f[s : s + step].double().to(w.device))
                 if self.variant != "vector":
-                    term.abs_()                            # vector takes |·| after the whole row/column sum
+                    term.abs_()  # vector takes |·| after the whole row/column sum
             for d in dims:
                 acc = self._channels[(id(p), d)]
                 if p.dim() == 1:
-                    acc[s:s + step] += term.to(acc.device)
+                    acc[s : s + step] += term.to(acc.device)
                 elif d == 0:
-                    acc[s:s + step] += term.sum(1).to(acc.device)
+                    acc[s : s + step] += term.sum(1).to(acc.device)
                 else:
                     acc += term.sum(0).to(acc.device)
 
@@ -444,5 +491,15 @@ def taylor_scorer(variant: str, **kwargs) -> TaylorScorer:
     return SCORERS.get(variant)(**kwargs)
 
 
-__all__ = ["MEMORY_OPTIONS", "TAYLOR", "GradientScorer", "TaylorScorer", "check_memory_options", "lm_loss",
-           "lm_loss_from_logits", "peak_memory", "taylor_scorer", "weight_bytes"]
+__all__ = [
+    "MEMORY_OPTIONS",
+    "TAYLOR",
+    "GradientScorer",
+    "TaylorScorer",
+    "check_memory_options",
+    "lm_loss",
+    "lm_loss_from_logits",
+    "peak_memory",
+    "taylor_scorer",
+    "weight_bytes",
+]

@@ -18,12 +18,15 @@ from pruning.methods.llm_pruner import LLMPruner, llm_pruner
 OVERLAPS_OBJECTIVE = {"c4": "c4_search (the C4 documents outside the objective block)"}
 
 
-def adapruner(importance: str = "element1", aggregation: str = "sum", calibration_dataset: str | None = None,
-              **llm_pruner_kwargs) -> LLMPruner:
+def adapruner(
+    importance: str = "element1", aggregation: str = "sum", calibration_dataset: str | None = None, **llm_pruner_kwargs
+) -> LLMPruner:
     """``calibration_dataset`` is the cell's ``calibration.dataset`` (interpolated by the config), checked here
     because the method's objective, not the sampler, defines which documents are off limits."""
     if calibration_dataset in OVERLAPS_OBJECTIVE:
-        raise PruningError(f"adapruner cannot calibrate on {calibration_dataset!r}: it contains the held-out "
-                           f"objective documents; use {OVERLAPS_OBJECTIVE[calibration_dataset]}")
+        raise PruningError(
+            f"adapruner cannot calibrate on {calibration_dataset!r}: it contains the held-out "
+            f"objective documents; use {OVERLAPS_OBJECTIVE[calibration_dataset]}"
+        )
     method = llm_pruner(importance=importance, aggregation=aggregation, **llm_pruner_kwargs)
     return dataclasses.replace(method, name="adapruner")

@@ -24,9 +24,9 @@ class OperatingPoint:
     """A paper's own ratio knob (METHODS.md §1.3), set instead of ``pruning.ratio``: then it defines the cell, and
     the record still reports the achieved fraction of all parameters beside it."""
 
-    knob: str       # the config key, e.g. "method.group_ratio"
+    knob: str  # the config key, e.g. "method.group_ratio"
     value: float
-    meaning: str    # what the number counts, in the paper's terms
+    meaning: str  # what the number counts, in the paper's terms
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -53,7 +53,7 @@ class DrawsCalibration(ABC):
 class ScoreAndAllocate:
     """A method that ranks units with one scorer and spreads the ratio with one allocator."""
 
-    native_knob = None          # the config key of the paper's own ratio knob, if the method has one
+    native_knob = None  # the config key of the paper's own ratio knob, if the method has one
 
     name: str
     scorer: Scorer | None
@@ -99,8 +99,12 @@ class ScoreAndAllocate:
             if not self.variable_length_calibration:
                 fixed_length(calib, self.name)
             plan = self.select(model, sets, budget, calib)
-        plan.meta.update(method=self.name, structures=list(self.structures), target_ratio=ratio,
-                         planned_ratio=(plan.meta.get("allocation") or {}).get("achieved", budget.achieved))
+        plan.meta.update(
+            method=self.name,
+            structures=list(self.structures),
+            target_ratio=ratio,
+            planned_ratio=(plan.meta.get("allocation") or {}).get("achieved", budget.achieved),
+        )
         return plan
 
     def select(self, model: nn.Module, sets: list[StructureSet], budget: Budget, calib) -> PrunePlan:

@@ -35,15 +35,35 @@ def dense(**_ignored) -> ScoreAndAllocate:
     return ScoreAndAllocate(name="dense", scorer=None, structures=[], allocation=Uniform())
 
 
-def random(seed: int = 0, structures=("kv_group", "mlp"), group_ratio: float | None = None,
-           count_rule: str = "llm_pruner", layers: dict | None = None) -> Baseline:
+def random(
+    seed: int = 0,
+    structures=("kv_group", "mlp"),
+    group_ratio: float | None = None,
+    count_rule: str = "llm_pruner",
+    layers: dict | None = None,
+) -> Baseline:
     """``layers``: the candidate layer range ({start_frac, end_frac, start, end}; all layers by default)."""
-    return Baseline(name="random", scorer=RandomScorer(seed), structures=list(structures),
-                    allocation=_uniform(layers, count_rule, group_ratio))
+    return Baseline(
+        name="random",
+        scorer=RandomScorer(seed),
+        structures=list(structures),
+        allocation=_uniform(layers, count_rule, group_ratio),
+    )
 
 
-def magnitude(p: int = 2, aggregation: str = "mean", structures=("kv_group", "mlp"), group_ratio: float | None = None,
-              gqa_fold: str = "own", count_rule: str = "llm_pruner", layers: dict | None = None) -> Baseline:
+def magnitude(
+    p: int = 2,
+    aggregation: str = "mean",
+    structures=("kv_group", "mlp"),
+    group_ratio: float | None = None,
+    gqa_fold: str = "own",
+    count_rule: str = "llm_pruner",
+    layers: dict | None = None,
+) -> Baseline:
     """``layers``: the candidate layer range ({start_frac, end_frac, start, end}; all layers by default)."""
-    return Baseline(name=f"magnitude_l{p}", scorer=MagnitudeScorer(p, aggregation, gqa_fold),
-                    structures=list(structures), allocation=_uniform(layers, count_rule, group_ratio))
+    return Baseline(
+        name=f"magnitude_l{p}",
+        scorer=MagnitudeScorer(p, aggregation, gqa_fold),
+        structures=list(structures),
+        allocation=_uniform(layers, count_rule, group_ratio),
+    )

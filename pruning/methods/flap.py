@@ -36,10 +36,12 @@ from pruning.structures import StructureSet
 from pruning.surgery.plan import PrunePlan
 
 
-ATTN_MLP_RATIO_MEANING = ("FLAP --pruning_ratio p: share of the attention+MLP weights removed as the FLAP code counts "
-                          "them on the MHA form (a query head 4·d·d_h, an MLP channel 3·d); UL-UM and Wanda-SP remove "
-                          "int(p·n) query heads and MLP channels per layer, AL-AM thresholds the pooled standardised "
-                          "scores to keep (1-p) of the weights")
+ATTN_MLP_RATIO_MEANING = (
+    "FLAP --pruning_ratio p: share of the attention+MLP weights removed as the FLAP code counts "
+    "them on the MHA form (a query head 4·d·d_h, an MLP channel 3·d); UL-UM and Wanda-SP remove "
+    "int(p·n) query heads and MLP channels per layer, AL-AM thresholds the pooled standardised "
+    "scores to keep (1-p) of the weights"
+)
 
 
 def attn_mlp_ratio_point(p: float | None) -> OperatingPoint | None:
@@ -50,11 +52,11 @@ def attn_mlp_ratio_point(p: float | None) -> OperatingPoint | None:
 @dataclass
 class Flap(ScoreAndAllocate):
     native_knob = "method.attn_mlp_ratio"
-    variable_length_calibration = True      # statistics only through pruning.calibration
+    variable_length_calibration = True  # statistics only through pruning.calibration
 
-    bias: bool = True                # FLAP's compensation
-    surgery: str = "remove"          # remove | mask (FLAP's --unstr: zeroed, shapes kept)
-    variance: str = "exact"          # exact | official_streaming (FLAP's BiasGPT estimator)
+    bias: bool = True  # FLAP's compensation
+    surgery: str = "remove"  # remove | mask (FLAP's --unstr: zeroed, shapes kept)
+    variance: str = "exact"  # exact | official_streaming (FLAP's BiasGPT estimator)
     batch_size: int = 8
     progress: bool = True
     _means: dict | None = field(default=None, repr=False)
@@ -77,8 +79,16 @@ class Flap(ScoreAndAllocate):
     def select(self, model: nn.Module, sets: list[StructureSet], budget: Budget, calib) -> PrunePlan:
         want = tuple(dict.fromkeys(self.scorer.requires + (("mean",) if self.bias else ())))
         layers = sorted({s.layer for s in sets})
-        stats = collect(model, calib, stats=want, sites=("o_proj", "down_proj"), layers=layers, mode="dense",
-                        batch_size=self.batch_size, progress=self.progress)
+        stats = collect(
+            model,
+            calib,
+            stats=want,
+            sites=("o_proj", "down_proj"),
+            layers=layers,
+            mode="dense",
+            batch_size=self.batch_size,
+            progress=self.progress,
+        )
         fluctuation = None
         if self.variance == "official_streaming" and "var" in self.scorer.requires:
             fluctuation = streaming_fluctuation(model, calib, layers, progress=self.progress)
@@ -86,7 +96,7 @@ class Flap(ScoreAndAllocate):
         scores = [self.allocation.unit_scores(s, self.scorer.channel_scores(s)) for s in sets]
         plan = self.allocation.allocate(sets, scores, budget)
         self.scorer.bind(None)
-        if self.bias:   # keep only the means (what apply needs), keyed by (layer, site)
+        if self.bias:  # keep only the means (what apply needs), keyed by (layer, site)
             self._means = {(i, site): st.mean for i, ls in stats.layers.items() for site, st in ls.sites.items()}
         return plan
 
@@ -96,25 +106,54 @@ class Flap(ScoreAndAllocate):
         if plan.is_empty():
             return model
         means, self._means = self._means, None
-        if means is None:     # plan from elsewhere (e.g. a saved plan): the means come from the unpruned model
+        if means is None:  # plan from elsewhere (e.g. a saved plan): the means come from the unpruned model
             if calib is None:
-                raise PruningError("flap.apply needs the calibration means: call prune on this model first, or pass "
-                                   "the calibration batches")
+                raise PruningError(
+                    "flap.apply needs the calibration means: call prune on this model first, or pass "
+                    "the calibration batches"
+                )
             layers = sorted({layer for per in plan.remove.values() for layer, units in per.items() if units})
-            stats = collect(model, calib, stats=("mean",), sites=("o_proj", "down_proj"), layers=layers,
-                            batch_size=self.batch_size, progress=self.progress)
+            stats = collect(
+                model,
+                calib,
+                stats=("mean",),
+                sites=("o_proj", "down_proj"),
+                layers=layers,
+                batch_size=self.batch_size,
+                progress=self.progress,
+            )
             means = {(i, site): st.mean for i, ls in stats.layers.items() for site, st in ls.sites.items()}
         return bias_compensation(model, plan, means, surgery=self.surgery)
 
 
-def flap(structure: str = "AL-AM", metric: str = "WIFV", remove_heads: int | None = None, bias: bool = True,
-         structures=("q_head", "mlp"), attn_mlp_ratio: float | None = None, count_rule: str = "floor",
-         variance: str = "exact", surgery: str = "remove", batch_size: int = 8, progress: bool = True,
-         layers: dict | None = None) -> Flap:
+def flap(
+    structure: str = "AL-AM",
+    metric: str = "WIFV",
+    remove_heads: int | None = None,
+    bias: bool = True,
+    structures=("q_head", "mlp"),
+    attn_mlp_ratio: float | None = None,
+    count_rule: str = "floor",
+    variance: str = "exact",
+    surgery: str = "remove",
+    batch_size: int = 8,
+    progress: bool = True,
+    layers: dict | None = None,
+) -> Flap:
     """``layers`` ({start_frac, end_frac, start, end}; all layers by default) is the candidate layer range, also of
     UL-UM's uniform spreading under ``count_rule`` (FLAP's int(p·n) by default); FLAP's own mode is ``structure``."""
     uniform = Uniform.over(layers, count_rule=count_rule)
-    alloc = FlapAllocation(structure=structure, remove_heads=remove_heads, uniform=uniform,
-                           attn_mlp_ratio=attn_mlp_ratio)
-    return Flap(name="flap", scorer=FluctuationScorer(metric), structures=list(structures), allocation=alloc,
-                bias=bias, surgery=surgery, variance=variance, batch_size=batch_size, progress=progress)
+    alloc = FlapAllocation(
+        structure=structure, remove_heads=remove_heads, uniform=uniform, attn_mlp_ratio=attn_mlp_ratio
+    )
+    return Flap(
+        name="flap",
+        scorer=FluctuationScorer(metric),
+        structures=list(structures),
+        allocation=alloc,
+        bias=bias,
+        surgery=surgery,
+        variance=variance,
+        batch_size=batch_size,
+        progress=progress,
+    )

@@ -37,8 +37,15 @@ class LlmBip(ScoreAndAllocate):
         # sequential mode without drops = the dense statistics, from a real forward: dense-mode statistics
         # may be served from the sweep's statistics cache, and the head hooks must see the activations
         with self.scorer.recording(model, layers):
-            stats = collect(model, calib, stats={"down_proj": self.scorer.requires}, layers=layers,
-                            mode="sequential", batch_size=self.batch_size, progress=self.progress)
+            stats = collect(
+                model,
+                calib,
+                stats={"down_proj": self.scorer.requires},
+                layers=layers,
+                mode="sequential",
+                batch_size=self.batch_size,
+                progress=self.progress,
+            )
         self.scorer.bind(stats)
         plan = self.allocation.allocate(sets, [self.scorer(s) for s in sets], budget)
         self.scorer.bind(None)
@@ -50,9 +57,16 @@ class LlmBip(ScoreAndAllocate):
         return plan
 
 
-def llm_bip(variant: str = "interp_v1", propagate: str = "none", allocation_mode: str = "per_layer",
-            structures=("kv_group", "mlp"), batch_size: int = 8, progress: bool = True,
-            count_rule: str = "llm_pruner", layers: dict | None = None) -> LlmBip:
+def llm_bip(
+    variant: str = "interp_v1",
+    propagate: str = "none",
+    allocation_mode: str = "per_layer",
+    structures=("kv_group", "mlp"),
+    batch_size: int = 8,
+    progress: bool = True,
+    count_rule: str = "llm_pruner",
+    layers: dict | None = None,
+) -> LlmBip:
     """``layers`` ({start_frac, end_frac, start, end}; all layers by default) is the candidate layer range of both
     allocation modes; ``count_rule`` counts ``per_layer``'s units (``global`` ranks single units)."""
     if allocation_mode not in ALLOCATIONS:
@@ -60,5 +74,11 @@ def llm_bip(variant: str = "interp_v1", propagate: str = "none", allocation_mode
     allocation = Uniform.over(layers, count_rule=count_rule)
     scorer = BIPScorer(variant, propagate, relative=allocation_mode == "global")
     alloc = allocation if allocation_mode == "per_layer" else GlobalRank("param_budget", uniform=allocation)
-    return LlmBip(name="llm_bip", scorer=scorer, structures=list(structures), allocation=alloc,
-                  batch_size=batch_size, progress=progress)
+    return LlmBip(
+        name="llm_bip",
+        scorer=scorer,
+        structures=list(structures),
+        allocation=alloc,
+        batch_size=batch_size,
+        progress=progress,
+    )

@@ -39,8 +39,10 @@ IMPORTANCES = TAYLOR + ("random",)
 LAYERS = {"start_frac": 0.125, "end_frac": 0.9375, "start": None, "end": None}
 
 
-GROUP_RATIO_MEANING = ("LLM-Pruner --pruning_ratio p: in every layer of the range, floor((C - int(C(1-p))) / d_h) KV "
-                       "groups (C = k_proj channels) and I - int(I(1-p)) MLP channels are removed")
+GROUP_RATIO_MEANING = (
+    "LLM-Pruner --pruning_ratio p: in every layer of the range, floor((C - int(C(1-p))) / d_h) KV "
+    "groups (C = k_proj channels) and I - int(I(1-p)) MLP channels are removed"
+)
 
 
 def group_ratio_point(allocation) -> OperatingPoint | None:
@@ -61,7 +63,7 @@ class LLMPruner(ScoreAndAllocate):
         return group_ratio_point(self.allocation)
 
     def prune(self, model: nn.Module, ratio: float, calib=None) -> PrunePlan:
-        budget = self.budget(model, ratio)          # an impossible ratio fails before any backward pass
+        budget = self.budget(model, ratio)  # an impossible ratio fails before any backward pass
         fit = isinstance(self.scorer, GradientScorer) and budget.removed_params > 0
         scoring = None
         if fit:
@@ -74,10 +76,15 @@ class LLMPruner(ScoreAndAllocate):
             if fit:
                 self.scorer.reset()
         adapter = adapter_for(model)
-        plan.meta.update(importance=self.importance, aggregation=getattr(self.scorer, "aggregation", None),
-                         gqa_fold=getattr(self.scorer, "gqa_fold", None),
-                         strategy=self.strategy, layers=self.allocation.layers(len(adapter.layers))
-                         if self.strategy == "block" else "all (hidden dimension)")
+        plan.meta.update(
+            importance=self.importance,
+            aggregation=getattr(self.scorer, "aggregation", None),
+            gqa_fold=getattr(self.scorer, "gqa_fold", None),
+            strategy=self.strategy,
+            layers=self.allocation.layers(len(adapter.layers))
+            if self.strategy == "block"
+            else "all (hidden dimension)",
+        )
         if self.strategy == "channel":
             plan.meta.update(hidden_norm=self.hidden_norm, tied_embeddings=adapter.is_tied)
         if scoring is not None:
@@ -88,10 +95,18 @@ class LLMPruner(ScoreAndAllocate):
         return apply_plan(model, plan, hidden_norm=self.hidden_norm)
 
 
-def llm_pruner(importance: str = "element1", aggregation: str = "sum", strategy: str = "block",
-               group_ratio: float | None = None, gqa_fold: str = "own", seed: int = 0, memory: dict | None = None,
-               surgery: dict | None = None, count_rule: str = "llm_pruner",
-               layers: dict | None = None) -> LLMPruner:
+def llm_pruner(
+    importance: str = "element1",
+    aggregation: str = "sum",
+    strategy: str = "block",
+    group_ratio: float | None = None,
+    gqa_fold: str = "own",
+    seed: int = 0,
+    memory: dict | None = None,
+    surgery: dict | None = None,
+    count_rule: str = "llm_pruner",
+    layers: dict | None = None,
+) -> LLMPruner:
     """The same fraction p of KV groups and MLP channels in every layer of ``layers`` ({start_frac, end_frac, start,
     end}; default LLM-Pruner's [4, 30) of 32 as depth fractions), counted by ``count_rule``; ``group_ratio`` (if
     set) fixes p.
@@ -114,15 +129,26 @@ def llm_pruner(importance: str = "element1", aggregation: str = "sum", strategy:
     if unknown:
         raise PruningError(f"unknown llm_pruner memory options {sorted(unknown)}; choices: {', '.join(MEMORY_OPTIONS)}")
     if importance == "random":
-        check_memory_options(**memory)         # checked even when unused, so a typo'd value never passes silently
+        check_memory_options(**memory)  # checked even when unused, so a typo'd value never passes silently
     if group_ratio is not None and not 0.0 <= float(group_ratio) < 1.0:
         raise PruningError(f"llm_pruner group_ratio must be in [0, 1), got {group_ratio}")
-    allocation = Uniform.over(layers, default=LAYERS, count_rule=count_rule,
-                              group_ratio=None if group_ratio is None else float(group_ratio))
+    allocation = Uniform.over(
+        layers, default=LAYERS, count_rule=count_rule, group_ratio=None if group_ratio is None else float(group_ratio)
+    )
     if gqa_fold not in GQA_FOLDS:
         raise PruningError(f"unknown llm_pruner gqa_fold {gqa_fold!r}; choices: {', '.join(GQA_FOLDS)}")
-    scorer = RandomScorer(seed) if importance == "random" else taylor_scorer(importance, aggregation=aggregation,
-                                                                            gqa_fold=gqa_fold, **memory)
+    scorer = (
+        RandomScorer(seed)
+        if importance == "random"
+        else taylor_scorer(importance, aggregation=aggregation, gqa_fold=gqa_fold, **memory)
+    )
     name = f"llm_pruner_{importance}" + ("_channel" if strategy == "channel" else "")
-    return LLMPruner(name=name, scorer=scorer, structures=list(STRATEGIES[strategy]), allocation=allocation,
-                     importance=importance, strategy=strategy, hidden_norm=hidden_norm)
+    return LLMPruner(
+        name=name,
+        scorer=scorer,
+        structures=list(STRATEGIES[strategy]),
+        allocation=allocation,
+        importance=importance,
+        strategy=strategy,
+        hidden_norm=hidden_norm,
+    )

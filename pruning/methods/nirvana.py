@@ -27,8 +27,15 @@ from pruning.methods.base import CalibrationSampler, DrawsCalibration, Operating
 from pruning.surgery.apply import apply_plan
 from pruning.surgery.plan import PrunePlan
 
-KL_DEFAULTS = {"seeds": [0, 1, 2, 3, 4], "dataset": "alpaca", "n_samples": 128, "seq_len": 64, "seed": 42,
-               "batch_size": 16}
+KL_DEFAULTS = {
+    "seeds": [0, 1, 2, 3, 4],
+    "dataset": "alpaca",
+    "n_samples": 128,
+    "seq_len": 64,
+    "seed": 42,
+    "batch_size": 16,
+}
+
 
 @dataclass
 class Nirvana(ScoreAndAllocate, DrawsCalibration):
@@ -36,13 +43,20 @@ class Nirvana(ScoreAndAllocate, DrawsCalibration):
 
     kl_select: dict = field(default_factory=lambda: dict(KL_DEFAULTS))
     sampler: CalibrationSampler | None = None
-    calibration: dict | None = None          # the run's calibration config: dataset, n_samples, seq_len, seed
+    calibration: dict | None = None  # the run's calibration config: dataset, n_samples, seq_len, seed
 
     def operating_point(self) -> OperatingPoint | None:
         s = self.allocation.sparsity
-        return None if s is None else OperatingPoint(
-            "method.sparsity", float(s), "NIRVANA sparsity: share of attention+MLP parameters removed (embeddings "
-            "and lm_head excluded), split between KV groups and MLP neurons by gamma")
+        return (
+            None
+            if s is None
+            else OperatingPoint(
+                "method.sparsity",
+                float(s),
+                "NIRVANA sparsity: share of attention+MLP parameters removed (embeddings "
+                "and lm_head excluded), split between KV groups and MLP neurons by gamma",
+            )
+        )
 
     def bind_sampler(self, sampler: CalibrationSampler, calibration: dict) -> None:
         """Give the method a way to draw more calibration sets (the cell calls this with the run's tokenizer)."""
@@ -58,7 +72,7 @@ class Nirvana(ScoreAndAllocate, DrawsCalibration):
         return plan
 
     def prune(self, model: nn.Module, ratio: float, calib=None) -> PrunePlan:
-        budget = self.budget(model, ratio)          # an impossible ratio fails before any backward pass
+        budget = self.budget(model, ratio)  # an impossible ratio fails before any backward pass
         if budget.removed_params == 0:
             return super().prune(model, ratio, calib)
         seeds = list(self.kl_select.get("seeds") or [])
@@ -67,35 +81,50 @@ class Nirvana(ScoreAndAllocate, DrawsCalibration):
                 raise PruningError("nirvana needs calibration token batches")
             return self._plan(model, ratio, calib)
         if self.sampler is None or self.calibration is None:
-            raise PruningError("nirvana kl_select.seeds needs a calibration sampler: call "
-                               "method.bind_sampler(sampler, calibration_cfg) (run.py does), or set "
-                               "method.kl_select.seeds=[]")
+            raise PruningError(
+                "nirvana kl_select.seeds needs a calibration sampler: call "
+                "method.bind_sampler(sampler, calibration_cfg) (run.py does), or set "
+                "method.kl_select.seeds=[]"
+            )
         c, k = self.calibration, self.kl_select
         if k["dataset"] == c["dataset"]:
-            raise PruningError(f"nirvana kl_select.dataset ({k['dataset']}) must differ from calibration.dataset so "
-                               f"the KL set is disjoint from every candidate calibration set")
+            raise PruningError(
+                f"nirvana kl_select.dataset ({k['dataset']}) must differ from calibration.dataset so "
+                f"the KL set is disjoint from every candidate calibration set"
+            )
         kl_ids = self.sampler(k["dataset"], int(k["n_samples"]), int(k["seq_len"]), int(k["seed"]))
         bs = int(k.get("batch_size", 16))
         dense = next_token_logprobs(model, kl_ids, bs)
         results = []
         for seed in seeds:
-            plan = self._plan(model, ratio, self.sampler(c["dataset"], int(c["n_samples"]), int(c["seq_len"]),
-                                                         int(seed)))
+            plan = self._plan(
+                model, ratio, self.sampler(c["dataset"], int(c["n_samples"]), int(c["seq_len"]), int(seed))
+            )
             pruned = apply_plan(copy.deepcopy(model), plan)
             results.append((kl_to_reference(pruned, kl_ids, dense, bs), int(seed), plan))
             del pruned
         best = min(results, key=lambda r: (r[0], r[1]))
         plan = best[2]
-        plan.meta["kl_select"] = {"seeds": [r[1] for r in results], "kl": [r[0] for r in results],
-                                  "chosen_seed": best[1], "kl_set": {kk: k[kk] for kk in
-                                                                     ("dataset", "n_samples", "seq_len", "seed")},
-                                  "calibration": {"sampler": c.get("sampler") or "llm_pruner",
-                                                  **{kk: c[kk] for kk in ("dataset", "n_samples", "seq_len")}}}
+        plan.meta["kl_select"] = {
+            "seeds": [r[1] for r in results],
+            "kl": [r[0] for r in results],
+            "chosen_seed": best[1],
+            "kl_set": {kk: k[kk] for kk in ("dataset", "n_samples", "seq_len", "seed")},
+            "calibration": {
+                "sampler": c.get("sampler") or "llm_pruner",
+                **{kk: c[kk] for kk in ("dataset", "n_samples", "seq_len")},
+            },
+        }
         return plan
 
 
-def nirvana(gamma: float = 3.36, round_to: int = 8, sparsity: float | None = None, kl_select: dict | None = None,
-            memory: dict | None = None) -> Nirvana:
+def nirvana(
+    gamma: float = 3.36,
+    round_to: int = 8,
+    sparsity: float | None = None,
+    kl_select: dict | None = None,
+    memory: dict | None = None,
+) -> Nirvana:
     """NIRVANA allocates with its own global thresholds over all layers (γ, round_to)."""
     kl = dict(KL_DEFAULTS)
     unknown = set(kl_select or {}) - set(KL_DEFAULTS)
@@ -104,11 +133,14 @@ def nirvana(gamma: float = 3.36, round_to: int = 8, sparsity: float | None = Non
     kl.update(kl_select or {})
     memory = dict(memory or {})
     if set(memory) - set(MEMORY_OPTIONS):
-        raise PruningError(f"unknown nirvana memory options {sorted(set(memory) - set(MEMORY_OPTIONS))}; choices: "
-                           f"{', '.join(MEMORY_OPTIONS)}")
+        raise PruningError(
+            f"unknown nirvana memory options {sorted(set(memory) - set(MEMORY_OPTIONS))}; choices: "
+            f"{', '.join(MEMORY_OPTIONS)}"
+        )
     try:
         alloc = NirvanaAllocation(gamma=float(gamma), round_to=int(round_to), sparsity=sparsity)
     except (TypeError, ValueError) as e:
         raise PruningError(f"bad nirvana setting: {e}") from e
-    return Nirvana(name="nirvana", scorer=NTKScorer(**memory), structures=["kv_group", "mlp"], allocation=alloc,
-                   kl_select=kl)
+    return Nirvana(
+        name="nirvana", scorer=NTKScorer(**memory), structures=["kv_group", "mlp"], allocation=alloc, kl_select=kl
+    )

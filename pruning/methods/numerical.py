@@ -31,8 +31,8 @@ from pruning.surgery.plan import PrunePlan
 class Numerical(ScoreAndAllocate):
     native_knob = "method.unit_ratio"
 
-    unit_ratio: float | None = None   # native knob: the paper's ρ (Eq. 8), a fraction of units, not of params
-    variable_length_calibration = True      # statistics only through pruning.calibration
+    unit_ratio: float | None = None  # native knob: the paper's ρ (Eq. 8), a fraction of units, not of params
+    variable_length_calibration = True  # statistics only through pruning.calibration
     compensate: bool = True
     comp_inputs: str = "sequential"
     comp_damp: float = 0.01
@@ -48,24 +48,37 @@ class Numerical(ScoreAndAllocate):
             raise PruningError(f"numerical.comp_damp must be >= 0, got {self.comp_damp}")
 
     def operating_point(self) -> OperatingPoint | None:
-        return None if self.unit_ratio is None else OperatingPoint(
-            "method.unit_ratio", float(self.unit_ratio), "Numerical Pruning ρ (paper Eq. 8): fraction of units "
-            "(attention units + MLP channels over all layers) pruned; η is the ρ·N-th lowest score")
+        return (
+            None
+            if self.unit_ratio is None
+            else OperatingPoint(
+                "method.unit_ratio",
+                float(self.unit_ratio),
+                "Numerical Pruning ρ (paper Eq. 8): fraction of units "
+                "(attention units + MLP channels over all layers) pruned; η is the ρ·N-th lowest score",
+            )
+        )
 
     def budget(self, model: nn.Module, ratio: float | None) -> Budget:
         return super().budget(model, ratio if self.unit_ratio is None else self.unit_ratio)
 
     def select(self, model: nn.Module, sets: list[StructureSet], budget: Budget, calib) -> PrunePlan:
         prunable = sum(s.n_units * s.params_per_unit for s in sets)
-        self.scorer.rho = budget.p if self.allocation.threshold == "unit_count" \
-            else budget.removed_params / prunable
+        self.scorer.rho = budget.p if self.allocation.threshold == "unit_count" else budget.removed_params / prunable
         keep_dense = self.compensate and self.comp_inputs == "dense"
         self._xtx = {} if keep_dense else None
         scores = {}
-        for step in sequential(model, calib, stats=self.scorer.requires, sites=("o_proj", "down_proj"),
-                               layers=sorted({s.layer for s in sets}), batch_size=self.batch_size,
-                               progress=self.progress, prunes=False):
-            self.scorer.bind({step.layer: step.stats})      # no drop: these are the dense statistics
+        for step in sequential(
+            model,
+            calib,
+            stats=self.scorer.requires,
+            sites=("o_proj", "down_proj"),
+            layers=sorted({s.layer for s in sets}),
+            batch_size=self.batch_size,
+            progress=self.progress,
+            prunes=False,
+        ):
+            self.scorer.bind({step.layer: step.stats})  # no drop: these are the dense statistics
             for i, s in enumerate(sets):
                 if s.layer == step.layer:
                     scores[i] = self.scorer(s)
@@ -78,23 +91,45 @@ class Numerical(ScoreAndAllocate):
 
     def prune(self, model: nn.Module, ratio: float | None, calib=None) -> PrunePlan:
         plan = super().prune(model, ratio, calib)
-        plan.meta["compensation"] = {"obs": self.compensate, "comp_inputs": self.comp_inputs,
-                                     "comp_damp": self.comp_damp}
+        plan.meta["compensation"] = {
+            "obs": self.compensate,
+            "comp_inputs": self.comp_inputs,
+            "comp_damp": self.comp_damp,
+        }
         return plan
 
     def apply(self, model: nn.Module, plan: PrunePlan, calib=None) -> nn.Module:
         xtx, self._xtx = self._xtx, None
         if not self.compensate or plan.is_empty():
             return apply_plan(model, plan)
-        return obs_compensation(model, plan, calib, comp_inputs=self.comp_inputs, damp=self.comp_damp, xtx=xtx,
-                                batch_size=self.batch_size, progress=self.progress)
+        return obs_compensation(
+            model,
+            plan,
+            calib,
+            comp_inputs=self.comp_inputs,
+            damp=self.comp_damp,
+            xtx=xtx,
+            batch_size=self.batch_size,
+            progress=self.progress,
+        )
 
 
-def numerical(lam: float | str = "inf", damp: float = 0.01, alpha: str | float = "paper", newton_iters: int = 1,
-              project_box: bool = False, unit_ratio: float | None = None, compensate: bool = True,
-              comp_inputs: str = "sequential", comp_damp: float = 0.01, structures=("kv_group", "mlp"),
-              batch_size: int = 8, progress: bool = True, layers: dict | None = None,
-              **kwargs) -> Numerical:
+def numerical(
+    lam: float | str = "inf",
+    damp: float = 0.01,
+    alpha: str | float = "paper",
+    newton_iters: int = 1,
+    project_box: bool = False,
+    unit_ratio: float | None = None,
+    compensate: bool = True,
+    comp_inputs: str = "sequential",
+    comp_damp: float = 0.01,
+    structures=("kv_group", "mlp"),
+    batch_size: int = 8,
+    progress: bool = True,
+    layers: dict | None = None,
+    **kwargs,
+) -> Numerical:
     """``layers`` ({start_frac, end_frac, start, end}; all layers by default) is the candidate layer range; the split
     across layers and kinds comes from the global ranking: the paper's unit-count threshold (Eq. 8) when the native
     ``unit_ratio`` is set, else the parameter budget of ``pruning.ratio`` [ours]. λ may be given as ``lambda`` (the
@@ -105,9 +140,17 @@ def numerical(lam: float | str = "inf", damp: float = 0.01, alpha: str | float =
         raise PruningError(f"unknown numerical options {sorted(kwargs)}")
     if unit_ratio is not None and not 0.0 <= float(unit_ratio) < 1.0:
         raise PruningError(f"numerical unit_ratio must be in [0, 1), got {unit_ratio}")
-    return Numerical(name="numerical", scorer=NewtonScorer(lam, damp, alpha, newton_iters, project_box),
-                     structures=list(structures),
-                     allocation=GlobalRank(threshold="param_budget" if unit_ratio is None else "unit_count",
-                                           uniform=Uniform.over(layers)),
-                     unit_ratio=None if unit_ratio is None else float(unit_ratio), compensate=compensate, comp_inputs=comp_inputs, comp_damp=comp_damp, batch_size=batch_size,
-                     progress=progress)
+    return Numerical(
+        name="numerical",
+        scorer=NewtonScorer(lam, damp, alpha, newton_iters, project_box),
+        structures=list(structures),
+        allocation=GlobalRank(
+            threshold="param_budget" if unit_ratio is None else "unit_count", uniform=Uniform.over(layers)
+        ),
+        unit_ratio=None if unit_ratio is None else float(unit_ratio),
+        compensate=compensate,
+        comp_inputs=comp_inputs,
+        comp_damp=comp_damp,
+        batch_size=batch_size,
+        progress=progress,
+    )

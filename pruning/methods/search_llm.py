@@ -43,9 +43,15 @@ from pruning.surgery.compensation import removed_inputs
 from pruning.surgery.plan import PrunePlan
 
 ATTN_UNITS = ("kv_group",)
-PRESETS = ("paper", "code", "quick", "init")   # labels; init = generations 0 (the saliency start alone)
-ADMM_DEFAULTS = {"enabled": True, "rho": 1.0, "iterations": 30, "precondition": True, "damping": 0.0,
-                 "projection": "kept"}
+PRESETS = ("paper", "code", "quick", "init")  # labels; init = generations 0 (the saliency start alone)
+ADMM_DEFAULTS = {
+    "enabled": True,
+    "rho": 1.0,
+    "iterations": 30,
+    "precondition": True,
+    "damping": 0.0,
+    "projection": "kept",
+}
 FITNESS_DEFAULTS = {"n_windows": 5, "batch_size": 8}
 HISTORY_FILE = "search_llm_history.json"
 
@@ -56,7 +62,7 @@ class SearchLLM(ScoreAndAllocate):
 
     allocation: EvolutionarySearch = field(default_factory=EvolutionarySearch)
     preset: str = "paper"
-    inheriting_ratio: float | None = None   # native knob: share of ALL params kept (paper's "80%" = 20% removed)
+    inheriting_ratio: float | None = None  # native knob: share of ALL params kept (paper's "80%" = 20% removed)
     attn_unit: str = "kv_group"
     admm: dict = field(default_factory=lambda: dict(ADMM_DEFAULTS))
     fitness: dict = field(default_factory=lambda: dict(FITNESS_DEFAULTS))
@@ -66,8 +72,10 @@ class SearchLLM(ScoreAndAllocate):
 
     def __post_init__(self):
         if self.attn_unit not in ATTN_UNITS:
-            raise PruningError(f"search_llm attn_unit {self.attn_unit!r} is not implemented (choices: "
-                               f"{', '.join(ATTN_UNITS)}; head_dim needs the RoPE pair rule, METHODS.md §1.2)")
+            raise PruningError(
+                f"search_llm attn_unit {self.attn_unit!r} is not implemented (choices: "
+                f"{', '.join(ATTN_UNITS)}; head_dim needs the RoPE pair rule, METHODS.md §1.2)"
+            )
         super().__post_init__()
         if self.inheriting_ratio is not None and not 0.0 < float(self.inheriting_ratio) <= 1.0:
             raise PruningError(f"search_llm inheriting_ratio must be in (0, 1], got {self.inheriting_ratio}")
@@ -75,13 +83,16 @@ class SearchLLM(ScoreAndAllocate):
             raise PruningError(f"search_llm preset must be one of {PRESETS}, got {self.preset!r}")
         unknown = sorted(set(self.admm) - set(ADMM_DEFAULTS)) + sorted(set(self.fitness) - set(FITNESS_DEFAULTS))
         if unknown:
-            raise PruningError(f"unknown search_llm admm/fitness keys {unknown}; admm: {sorted(ADMM_DEFAULTS)}, "
-                               f"fitness: {sorted(FITNESS_DEFAULTS)}")
+            raise PruningError(
+                f"unknown search_llm admm/fitness keys {unknown}; admm: {sorted(ADMM_DEFAULTS)}, "
+                f"fitness: {sorted(FITNESS_DEFAULTS)}"
+            )
         self.admm = {**ADMM_DEFAULTS, **self.admm}
         self.fitness = {**FITNESS_DEFAULTS, **self.fitness}
         if self.admm["projection"] not in PROJECTIONS:
-            raise PruningError(f"search_llm admm.projection must be one of {PROJECTIONS}, got "
-                               f"{self.admm['projection']!r}")
+            raise PruningError(
+                f"search_llm admm.projection must be one of {PROJECTIONS}, got {self.admm['projection']!r}"
+            )
         if not float(self.admm["rho"]) > 0 or int(self.admm["iterations"]) < 1:
             raise PruningError(f"search_llm admm needs rho > 0 and iterations >= 1, got {self.admm}")
         if int(self.fitness["n_windows"]) < 1 or int(self.fitness["batch_size"]) < 1:
@@ -93,9 +104,16 @@ class SearchLLM(ScoreAndAllocate):
 
     def operating_point(self) -> OperatingPoint | None:
         i = self.inheriting_ratio
-        return None if i is None else OperatingPoint(
-            "method.inheriting_ratio", float(i), "Search-LLM inheriting ratio: share of ALL parameters kept "
-            "(embeddings, norms and lm_head included, as get_sampled_params_numel); 1 - i is removed")
+        return (
+            None
+            if i is None
+            else OperatingPoint(
+                "method.inheriting_ratio",
+                float(i),
+                "Search-LLM inheriting ratio: share of ALL parameters kept "
+                "(embeddings, norms and lm_head included, as get_sampled_params_numel); 1 - i is removed",
+            )
+        )
 
     def _target(self, ratio: float | None) -> float | None:
         """The removed share of all params: the same quantity as pruning.ratio, so the knob is 1 - ratio."""
@@ -120,8 +138,10 @@ class SearchLLM(ScoreAndAllocate):
         if calib is None or not isinstance(calib, torch.Tensor) or calib.dim() != 2:
             raise PruningError("search_llm needs calibration token batches [n_samples, seq_len]")
         if calib.shape[0] <= n_fit:
-            raise PruningError(f"search_llm holds out fitness.n_windows={n_fit} calibration samples for the fitness "
-                               f"and needs more for the statistics; calibration.n_samples is {calib.shape[0]}")
+            raise PruningError(
+                f"search_llm holds out fitness.n_windows={n_fit} calibration samples for the fitness "
+                f"and needs more for the statistics; calibration.n_samples is {calib.shape[0]}"
+            )
         return calib[:-n_fit], calib[-n_fit:]
 
     # ------------------------------------------------------------------------------------------------ prune
@@ -129,8 +149,15 @@ class SearchLLM(ScoreAndAllocate):
     def scores(self, model: nn.Module, stats_ids: torch.Tensor, sets) -> dict:
         """Saliency per (kind, layer), one layer's XᵀX at a time (sequential mode without pruning = dense)."""
         out = {}
-        for step in sequential(model, stats_ids, stats=self.scorer.requires, layers=sorted({s.layer for s in sets}),
-                               batch_size=self.batch_size, progress=self.progress, prunes=False):
+        for step in sequential(
+            model,
+            stats_ids,
+            stats=self.scorer.requires,
+            layers=sorted({s.layer for s in sets}),
+            batch_size=self.batch_size,
+            progress=self.progress,
+            prunes=False,
+        ):
             self.scorer.bind({step.layer: step.stats})
             for s in sets:
                 if s.layer == step.layer:
@@ -139,7 +166,7 @@ class SearchLLM(ScoreAndAllocate):
         return out
 
     def prune(self, model: nn.Module, ratio: float | None, calib=None) -> PrunePlan:
-        sp = self._space(model, ratio)                    # infeasible ratio / bad settings fail here
+        sp = self._space(model, ratio)  # infeasible ratio / bad settings fail here
         ratio = self._target(ratio)
         if sp.target == 0.0:
             plan = PrunePlan()
@@ -165,20 +192,34 @@ class SearchLLM(ScoreAndAllocate):
             mean = nll / n
             return math.inf if mean > 700 or math.isnan(mean) else math.exp(mean)
 
-        dense_fit = fitness(Candidate(sp.n_layers, tuple(tuple(range(n)) for n in sp.n_attn),
-                                      tuple(tuple(range(n)) for n in sp.n_mlp)))
+        dense_fit = fitness(
+            Candidate(sp.n_layers, tuple(tuple(range(n)) for n in sp.n_attn), tuple(tuple(range(n)) for n in sp.n_mlp))
+        )
         t0 = time.perf_counter()
         best, history = self.allocation.search(sp, scores, fitness)
-        history.update(dense_fitness=dense_fit, search_seconds=time.perf_counter() - t0, saliency_seconds=t_scores,
-                       mask_restore_seconds=mask_time[0],
-                       fitness_set={"samples": int(fit_ids.shape[0]), "seq_len": int(fit_ids.shape[1]),
-                                    "source": "held-out tail of the calibration batch"})
+        history.update(
+            dense_fitness=dense_fit,
+            search_seconds=time.perf_counter() - t0,
+            saliency_seconds=t_scores,
+            mask_restore_seconds=mask_time[0],
+            fitness_set={
+                "samples": int(fit_ids.shape[0]),
+                "seq_len": int(fit_ids.shape[1]),
+                "source": "held-out tail of the calibration batch",
+            },
+        )
         plan = sp.plan(best)
-        plan.meta.update(method=self.name, structures=list(self.structures), target_ratio=ratio,
-                         planned_ratio=sp.ratio(best), preset=self.preset, attn_unit=self.attn_unit,
-                         search=history, admm=dict(self.admm),
-                         allocation={"type": "evolution", "target": ratio, "achieved": sp.ratio(best),
-                                     "band": sp.band})
+        plan.meta.update(
+            method=self.name,
+            structures=list(self.structures),
+            target_ratio=ratio,
+            planned_ratio=sp.ratio(best),
+            preset=self.preset,
+            attn_unit=self.attn_unit,
+            search=history,
+            admm=dict(self.admm),
+            allocation={"type": "evolution", "target": ratio, "achieved": sp.ratio(best), "band": sp.band},
+        )
         self._write_history(history)
         return plan
 
@@ -189,7 +230,7 @@ class SearchLLM(ScoreAndAllocate):
                 from hydra.core.hydra_config import HydraConfig
 
                 run_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
-            except ImportError:   # pragma: no cover - hydra is a core dependency
+            except ImportError:  # pragma: no cover - hydra is a core dependency
                 run_dir = None
         if run_dir is not None:
             path = Path(run_dir) / HISTORY_FILE
@@ -209,8 +250,15 @@ class SearchLLM(ScoreAndAllocate):
         report = {}
         a = self.admm
         layers = sorted(set(todo) | set(plan.blocks))
-        for step in sequential(model, stats_ids, stats=("xtx",), sites=("o_proj", "down_proj"), layers=layers,
-                               batch_size=self.batch_size, progress=self.progress):
+        for step in sequential(
+            model,
+            stats_ids,
+            stats=("xtx",),
+            sites=("o_proj", "down_proj"),
+            layers=layers,
+            batch_size=self.batch_size,
+            progress=self.progress,
+        ):
             if step.layer in plan.blocks:
                 step.drop(plan)
                 continue
@@ -221,14 +269,23 @@ class SearchLLM(ScoreAndAllocate):
                 keep = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
                 keep[idx.to(w.device)] = False
                 g = step.stats[site].xtx
-                z = admm_reform(w, g, keep, rho=float(a["rho"]), iterations=int(a["iterations"]),
-                                precondition=bool(a["precondition"]), damping=float(a["damping"]),
-                                projection=a["projection"])
+                z = admm_reform(
+                    w,
+                    g,
+                    keep,
+                    rho=float(a["rho"]),
+                    iterations=int(a["iterations"]),
+                    precondition=bool(a["precondition"]),
+                    damping=float(a["damping"]),
+                    projection=a["projection"],
+                )
                 removal = output_error(w * keep.to(w.dtype)[None, :], w, g)
                 with torch.no_grad():
                     linear.weight.copy_(z.to(w.dtype))
-                report[f"{step.layer}.{site}"] = {"removal_error": removal,
-                                                  "reformed_error": output_error(linear.weight, w, g)}
+                report[f"{step.layer}.{site}"] = {
+                    "removal_error": removal,
+                    "reformed_error": output_error(linear.weight, w, g),
+                }
         return report
 
     def apply(self, model: nn.Module, plan: PrunePlan, calib=None) -> nn.Module:
@@ -241,10 +298,19 @@ class SearchLLM(ScoreAndAllocate):
         return apply_plan(model, plan)
 
 
-def search_llm(preset: str = "paper", attn_unit: str = "kv_group", inheriting_ratio: float | None = None,
-               search: dict | None = None, fitness: dict | None = None, admm: dict | None = None,
-               saliency_damp: float = 0.01,
-               batch_size: int = 8, seed: int = 0, progress: bool = True, run_dir: str | None = None) -> SearchLLM:
+def search_llm(
+    preset: str = "paper",
+    attn_unit: str = "kv_group",
+    inheriting_ratio: float | None = None,
+    search: dict | None = None,
+    fitness: dict | None = None,
+    admm: dict | None = None,
+    saliency_damp: float = 0.01,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+    run_dir: str | None = None,
+) -> SearchLLM:
     """The evolutionary search is the allocation, over every layer."""
     import dataclasses
 
@@ -253,7 +319,17 @@ def search_llm(preset: str = "paper", attn_unit: str = "kv_group", inheriting_ra
     if unknown:
         raise PruningError(f"unknown search_llm search keys {unknown}; choices: {sorted(known)}")
     evo = EvolutionarySearch(**(search or {}), seed=seed, progress=progress)
-    return SearchLLM(name="search_llm", scorer=OBSSaliencyScorer(saliency_damp), structures=[attn_unit, "mlp"],
-                     allocation=evo, preset=preset, attn_unit=attn_unit, inheriting_ratio=inheriting_ratio,
-                     admm=dict(admm or {}),
-                     fitness=dict(fitness or {}), batch_size=batch_size, progress=progress, run_dir=run_dir)
+    return SearchLLM(
+        name="search_llm",
+        scorer=OBSSaliencyScorer(saliency_damp),
+        structures=[attn_unit, "mlp"],
+        allocation=evo,
+        preset=preset,
+        attn_unit=attn_unit,
+        inheriting_ratio=inheriting_ratio,
+        admm=dict(admm or {}),
+        fitness=dict(fitness or {}),
+        batch_size=batch_size,
+        progress=progress,
+        run_dir=run_dir,
+    )

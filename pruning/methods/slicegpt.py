@@ -74,13 +74,13 @@ class Dims:
 @dataclass
 class SliceGPT:
     name: str = "slicegpt"
-    slicing: float | None = None       # native knob: fraction of the hidden dim sliced (paper --sparsity)
-    round_interval: int = 8            # d′ is a multiple of this (official --round-interval)
-    slice_head: bool = False           # also slice lm_head's input (official do_slice_head, default False)
-    orientation: str = "pca"           # pca | random (official run_slicegpt default; same function)
-    fusion: str = "exact"              # exact | official (centres the embeddings: not exact for RMSNorm models)
+    slicing: float | None = None  # native knob: fraction of the hidden dim sliced (paper --sparsity)
+    round_interval: int = 8  # d′ is a multiple of this (official --round-interval)
+    slice_head: bool = False  # also slice lm_head's input (official do_slice_head, default False)
+    orientation: str = "pca"  # pca | random (official run_slicegpt default; same function)
+    fusion: str = "exact"  # exact | official (centres the embeddings: not exact for RMSNorm models)
     damp: float = 0.01
-    seed: int = 0                      # orientation=random only
+    seed: int = 0  # orientation=random only
     batch_size: int = 8
     progress: bool = True
 
@@ -95,13 +95,20 @@ class SliceGPT:
             raise PruningError(f"slicegpt slicing must be in [0, 1), got {self.slicing}")
 
     needs_calibration = True
-    variable_length_calibration = True      # statistics only through pruning.calibration
+    variable_length_calibration = True  # statistics only through pruning.calibration
     native_knob = "method.slicing"
 
     def operating_point(self) -> OperatingPoint | None:
-        return None if self.slicing is None else OperatingPoint(
-            "method.slicing", float(self.slicing), "SliceGPT --sparsity: fraction of the hidden dimension sliced, "
-            "d' = floor((1 - s)·d) rounded down to round_interval; MLP widths are kept and shortcuts added")
+        return (
+            None
+            if self.slicing is None
+            else OperatingPoint(
+                "method.slicing",
+                float(self.slicing),
+                "SliceGPT --sparsity: fraction of the hidden dimension sliced, "
+                "d' = floor((1 - s)·d) rounded down to round_interval; MLP widths are kept and shortcuts added",
+            )
+        )
 
     # ------------------------------------------------------------------------------------------- planning
     def dims(self, model: nn.Module, width: int) -> Dims:
@@ -116,10 +123,17 @@ class SliceGPT:
         adapter = adapter_for(model)
         w = adapter.all_widths()
         dims = self.dims(model, width)
-        return slicing.sliced_num_params(adapter.embed_tokens.weight.shape[0], adapter.head_dim,
-                                         [x.num_heads for x in w], [x.num_kv_heads for x in w],
-                                         [x.intermediate_size for x in w], dims.attn_in, dims.mlp_in, dims.mlp_out,
-                                         fixed=slicing.fixed_params(model))
+        return slicing.sliced_num_params(
+            adapter.embed_tokens.weight.shape[0],
+            adapter.head_dim,
+            [x.num_heads for x in w],
+            [x.num_kv_heads for x in w],
+            [x.intermediate_size for x in w],
+            dims.attn_in,
+            dims.mlp_in,
+            dims.mlp_out,
+            fixed=slicing.fixed_params(model),
+        )
 
     def width_for(self, model: nn.Module, ratio: float) -> int:
         """d′: from ``slicing`` (floor((1−s)·d), rounded down to the interval, as the official code), else the
@@ -129,24 +143,31 @@ class SliceGPT:
             width = int((1 - float(self.slicing)) * d)
             width -= width % ri
             if width < 1:
-                raise InfeasibleRatioError(f"slicegpt slicing={self.slicing} leaves no hidden dimension "
-                                           f"(d={d}, round_interval={ri})")
+                raise InfeasibleRatioError(
+                    f"slicegpt slicing={self.slicing} leaves no hidden dimension (d={d}, round_interval={ri})"
+                )
             return width
         total = adapter_for(model).num_params()
         grid = list(range(ri, d + 1, ri)) or [d]
         achieved = {w: 1 - self.params_at(model, w) / total for w in grid}
         best = max(achieved.values())
         if check_ratio(ratio) > best + 1e-9:
-            raise InfeasibleRatioError(f"pruning.ratio={ratio} is beyond slicegpt's reach on this model: the "
-                                       f"narrowest width d′={grid[0]} removes {best:.4f} of all parameters")
+            raise InfeasibleRatioError(
+                f"pruning.ratio={ratio} is beyond slicegpt's reach on this model: the "
+                f"narrowest width d′={grid[0]} removes {best:.4f} of all parameters"
+            )
         return min(grid, key=lambda w: (abs(achieved[w] - ratio), -w))
 
     def budget(self, model: nn.Module, ratio: float | None) -> Budget:
         _check_model(model)
         total = adapter_for(model).num_params()
         width = self.width_for(model, ratio)
-        return Budget(target=ratio, total_params=total, p=1 - width / _hidden(model),
-                      removed_params=total - self.params_at(model, width))
+        return Budget(
+            target=ratio,
+            total_params=total,
+            p=1 - width / _hidden(model),
+            removed_params=total - self.params_at(model, width),
+        )
 
     def prune(self, model: nn.Module, ratio: float | None, calib=None) -> PrunePlan:
         budget = self.budget(model, ratio)
@@ -154,13 +175,22 @@ class SliceGPT:
         width = self.width_for(model, ratio)
         plan = PrunePlan()
         plan.add("hidden", -1, range(width, d))
-        plan.meta.update(method=self.name, target_ratio=ratio, planned_ratio=budget.achieved, hidden_size=d,
-                         sliced_hidden_size=width, slicing=1 - width / d, slice_head=self.slice_head,
-                         round_interval=self.round_interval, orientation=self.orientation, damp=self.damp,
-                         fusion=self.fusion,
-                         params_closed_form=self.params_at(model, width),
-                         tied_embeddings="untied" if adapter_for(model).is_tied else "were not tied",
-                         basis="hidden ids are directions of the PCA basis; replay with SliceGPT.apply only")
+        plan.meta.update(
+            method=self.name,
+            target_ratio=ratio,
+            planned_ratio=budget.achieved,
+            hidden_size=d,
+            sliced_hidden_size=width,
+            slicing=1 - width / d,
+            slice_head=self.slice_head,
+            round_interval=self.round_interval,
+            orientation=self.orientation,
+            damp=self.damp,
+            fusion=self.fusion,
+            params_closed_form=self.params_at(model, width),
+            tied_embeddings="untied" if adapter_for(model).is_tied else "were not tied",
+            basis="hidden ids are directions of the PCA basis; replay with SliceGPT.apply only",
+        )
         return plan
 
     # ------------------------------------------------------------------------------------------- rotation
@@ -172,9 +202,10 @@ class SliceGPT:
         width = int(plan.meta["sliced_hidden_size"])
         dims = self.dims(model, width)
         slicing.fuse_norms(model, center_embeddings=self.fusion == "official")
-        bases = rotate_and_slice(model, calib, dims, self._orient, damp=self.damp, batch_size=self.batch_size,
-                                 progress=self.progress)
-        plan.meta["kept_variance"] = bases["kept_variance"]   # the record shows how much each slice threw away
+        bases = rotate_and_slice(
+            model, calib, dims, self._orient, damp=self.damp, batch_size=self.batch_size, progress=self.progress
+        )
+        plan.meta["kept_variance"] = bases["kept_variance"]  # the record shows how much each slice threw away
         return model
 
     def _orient(self, Q: torch.Tensor, width: int) -> torch.Tensor:
@@ -210,18 +241,26 @@ class _Basis:
         return self._Q
 
 
-def rotate_and_slice(model: nn.Module, calib: torch.Tensor, dims: Dims, orient=lambda Q, w: Q, damp: float = 0.01,
-                     batch_size: int = 8, progress: bool = False) -> dict:
+def rotate_and_slice(
+    model: nn.Module,
+    calib: torch.Tensor,
+    dims: Dims,
+    orient=lambda Q, w: Q,
+    damp: float = 0.01,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict:
     """Rotate and slice a norm-fused model (``slicing.fuse_norms``) in place; returns the bases used (float64)."""
     adapter = adapter_for(model)
     layers = list(adapter.layers)
     L = len(layers)
     if not slicing.is_sliced(model) or model.config.shortcuts:
         raise PruningError("rotate_and_slice expects a norm-fused, not yet rotated model (slicing.fuse_norms)")
-    emb = collect(model, calib, {"block_in": ("xtx",)}, layers=[0], mode="dense", batch_size=batch_size,
-                  progress=progress)
+    emb = collect(
+        model, calib, {"block_in": ("xtx",)}, layers=[0], mode="dense", batch_size=batch_size, progress=progress
+    )
     bases = [_Basis(dims.attn_in[0], orient, damp, emb[0]["block_in"].xtx)]
-    bases += [_Basis(dims.mlp_out[l], orient, damp) for l in range(L)]   # bases[l+1]: output of layer l
+    bases += [_Basis(dims.mlp_out[l], orient, damp) for l in range(L)]  # bases[l+1]: output of layer l
     mids: list[torch.Tensor] = []
     kept_mid: list[float] = []
     hooks = []
@@ -232,7 +271,7 @@ def rotate_and_slice(model: nn.Module, calib: torch.Tensor, dims: Dims, orient=l
 
         def forward(hidden_states, *args, **kwargs):
             Q = bases[l].Q
-            if not done:        # the previous layer's output basis is complete only now
+            if not done:  # the previous layer's output basis is complete only now
                 slicing.rotate_attention_inputs(layer, Q, width)
                 slicing.set_shortcut(layer, "attn_shortcut_Q", Q[:, :width].T)
                 done.append(True)
@@ -241,12 +280,13 @@ def rotate_and_slice(model: nn.Module, calib: torch.Tensor, dims: Dims, orient=l
 
         return forward
 
-    own_forward = [layer.__dict__.get("forward") for layer in layers]   # e.g. accelerate's device-map wrapper
+    own_forward = [layer.__dict__.get("forward") for layer in layers]  # e.g. accelerate's device-map wrapper
     try:
         for l, layer in enumerate(layers):
             layer.forward = entering(l)
-        for step in sequential(model, calib, stats={"post_attention_norm": ("xtx",)}, batch_size=batch_size,
-                               progress=progress):
+        for step in sequential(
+            model, calib, stats={"post_attention_norm": ("xtx",)}, batch_size=batch_size, progress=progress
+        ):
             l, layer, m = step.layer, layers[step.layer], dims.mlp_in[step.layer]
             vals, Q_mid = pca(step.stats["post_attention_norm"].xtx, damp)
             Q_mid = orient(Q_mid, m)
@@ -257,9 +297,12 @@ def rotate_and_slice(model: nn.Module, calib: torch.Tensor, dims: Dims, orient=l
             slicing.set_shortcut(layer, "attn_shortcut_Q", Q_in[:, :a].T @ Q_mid[:, :m])
             slicing.rotate_attention_output(layer, Q_mid, m)
             slicing.rotate_mlp_inputs(layer, Q_mid, m)
-            slicing.set_shortcut(layer, "mlp_shortcut_Q", Q_mid[:, :m].T)     # output stays d-dim until the end
-            hooks.append(layer.register_forward_hook(
-                lambda mod, args, out, acc=bases[l + 1].acc: acc.update(out[0] if isinstance(out, tuple) else out)))
+            slicing.set_shortcut(layer, "mlp_shortcut_Q", Q_mid[:, :m].T)  # output stays d-dim until the end
+            hooks.append(
+                layer.register_forward_hook(
+                    lambda mod, args, out, acc=bases[l + 1].acc: acc.update(out[0] if isinstance(out, tuple) else out)
+                )
+            )
     finally:
         for h in hooks:
             h.remove()
@@ -276,8 +319,11 @@ def rotate_and_slice(model: nn.Module, calib: torch.Tensor, dims: Dims, orient=l
     slicing.rotate_embeddings(model, bases[0].Q, dims.attn_in[0])
     slicing.rotate_head(model, bases[-1].Q, dims.mlp_out[-1])
     slicing.refresh_config(model)
-    return {"inputs": [b.Q for b in bases], "mids": mids,
-            "kept_variance": {"embeddings": bases[0].kept, "mid": kept_mid, "out": [b.kept for b in bases[1:]]}}
+    return {
+        "inputs": [b.Q for b in bases],
+        "mids": mids,
+        "kept_variance": {"embeddings": bases[0].kept, "mid": kept_mid, "out": [b.kept for b in bases[1:]]},
+    }
 
 
 def _kept(vals: torch.Tensor, width: int) -> float:
@@ -295,13 +341,27 @@ def _check_model(model: nn.Module) -> None:
     slicing.check_sliceable(model)
 
 
-def slicegpt(slicing: float | None = None, round_interval: int = 8,
-             slice_head: bool = False, orientation: str = "pca", fusion: str = "exact", damp: float = 0.01,
-             seed: int = 0,
-             batch_size: int = 8, progress: bool = True) -> SliceGPT:
+def slicegpt(
+    slicing: float | None = None,
+    round_interval: int = 8,
+    slice_head: bool = False,
+    orientation: str = "pca",
+    fusion: str = "exact",
+    damp: float = 0.01,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> SliceGPT:
     """Factory for ``conf/method/slicegpt.yaml``. SliceGPT's allocation is its constant sliced width d′
     (ConstSlicingScheduler), chosen from the ratio here."""
-    return SliceGPT(slicing=slicing, round_interval=int(round_interval),
-                    slice_head=bool(slice_head), orientation=orientation, fusion=fusion, damp=float(damp),
-                    seed=int(seed),
-                    batch_size=int(batch_size), progress=bool(progress))
+    return SliceGPT(
+        slicing=slicing,
+        round_interval=int(round_interval),
+        slice_head=bool(slice_head),
+        orientation=orientation,
+        fusion=fusion,
+        damp=float(damp),
+        seed=int(seed),
+        batch_size=int(batch_size),
+        progress=bool(progress),
+    )

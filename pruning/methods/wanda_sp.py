@@ -32,9 +32,9 @@ from pruning.surgery.plan import PrunePlan
 @dataclass
 class WandaSP(ScoreAndAllocate):
     native_knob = "method.attn_mlp_ratio"
-    variable_length_calibration = True      # statistics only through pruning.calibration
+    variable_length_calibration = True  # statistics only through pruning.calibration
 
-    attn_mlp_ratio: float | None = None   # native knob (fixes the allocator's per-layer fraction)
+    attn_mlp_ratio: float | None = None  # native knob (fixes the allocator's per-layer fraction)
     batch_size: int = 8
     progress: bool = True
 
@@ -43,9 +43,15 @@ class WandaSP(ScoreAndAllocate):
 
     def select(self, model: nn.Module, sets: list[StructureSet], budget: Budget, calib) -> PrunePlan:
         plan = PrunePlan()
-        for step in sequential(model, calib, stats=self.scorer.requires, sites=("o_proj", "down_proj"),
-                               layers=sorted({s.layer for s in sets}), batch_size=self.batch_size,
-                               progress=self.progress):
+        for step in sequential(
+            model,
+            calib,
+            stats=self.scorer.requires,
+            sites=("o_proj", "down_proj"),
+            layers=sorted({s.layer for s in sets}),
+            batch_size=self.batch_size,
+            progress=self.progress,
+        ):
             layer_sets = [s for s in sets if s.layer == step.layer]
             self.scorer.bind({step.layer: step.stats})
             layer_plan = self.allocation.allocate(layer_sets, [self.scorer(s) for s in layer_sets], budget)
@@ -54,13 +60,20 @@ class WandaSP(ScoreAndAllocate):
                     plan.add(kind, layer, units)
             step.drop(layer_plan)
         self.scorer.bind(None)
-        plan.meta["allocation"] = dict(layer_plan.meta["allocation"],
-                                       achieved=plan_params(sets, plan) / budget.total_params)
+        plan.meta["allocation"] = dict(
+            layer_plan.meta["allocation"], achieved=plan_params(sets, plan) / budget.total_params
+        )
         return plan
 
 
-def wanda_sp(structures=("q_head", "mlp"), attn_mlp_ratio: float | None = None, count_rule: str = "floor",
-             batch_size: int = 8, progress: bool = True, layers: dict | None = None) -> WandaSP:
+def wanda_sp(
+    structures=("q_head", "mlp"),
+    attn_mlp_ratio: float | None = None,
+    count_rule: str = "floor",
+    batch_size: int = 8,
+    progress: bool = True,
+    layers: dict | None = None,
+) -> WandaSP:
     """Uniform per layer over ``layers`` ({start_frac, end_frac, start, end}; all layers by default); the count rule
     is FLAP's int(p·n) by default, and ``attn_mlp_ratio`` (if set) fixes p."""
     allocation = Uniform.over(layers, count_rule=count_rule)
@@ -69,5 +82,12 @@ def wanda_sp(structures=("q_head", "mlp"), attn_mlp_ratio: float | None = None, 
             raise PruningError(f"wanda_sp attn_mlp_ratio must be in [0, 1), got {attn_mlp_ratio}")
         attn_mlp_ratio = float(attn_mlp_ratio)
         allocation = dataclasses.replace(allocation, group_ratio=attn_mlp_ratio)
-    return WandaSP(name="wanda_sp", scorer=WandaScorer(), structures=list(structures), allocation=allocation,
-                   attn_mlp_ratio=attn_mlp_ratio, batch_size=batch_size, progress=progress)
+    return WandaSP(
+        name="wanda_sp",
+        scorer=WandaScorer(),
+        structures=list(structures),
+        allocation=allocation,
+        attn_mlp_ratio=attn_mlp_ratio,
+        batch_size=batch_size,
+        progress=progress,
+    )

@@ -7,5 +7,16 @@ from pruning.models.qwen2 import Qwen2Adapter
 from pruning.models.qwen3 import Qwen3Adapter
 from pruning.models.loading import load_model
 
-__all__ = ["ADAPTERS", "LayerWidths", "ModelAdapter", "LlamaAdapter", "MistralAdapter", "Qwen2Adapter",
-           "Qwen3Adapter", "adapter_class", "adapter_for", "family_types", "load_model"]
+__all__ = [
+    "ADAPTERS",
+    "LayerWidths",
+    "ModelAdapter",
+    "LlamaAdapter",
+    "MistralAdapter",
+    "Qwen2Adapter",
+    "Qwen3Adapter",
+    "adapter_class",
+    "adapter_for",
+    "family_types",
+    "load_model",
+]

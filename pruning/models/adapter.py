@@ -27,7 +27,7 @@ class LayerWidths:
     intermediate_size: int
     o_proj_bias: bool
     down_proj_bias: bool
-    kv_group_sizes: tuple[int, ...] = ()   # query heads per kept KV head (uneven after single query heads went)
+    kv_group_sizes: tuple[int, ...] = ()  # query heads per kept KV head (uneven after single query heads went)
 
     @property
     def even(self) -> bool:
@@ -45,7 +45,7 @@ def family_types(family: str) -> tuple[str, ...]:
 class ModelAdapter(ABC):
     """Base adapter for decoder-only models with pre-norm attention + gated MLP blocks."""
 
-    family: str = ""                     # the base model_type; keys the save formats' class table
+    family: str = ""  # the base model_type; keys the save formats' class table
     model_types: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module):
@@ -55,38 +55,33 @@ class ModelAdapter(ABC):
     # -- model-level getters -------------------------------------------------------------------------------
     @property
     @abstractmethod
-    def layers(self) -> nn.ModuleList:
-        ...
+    def layers(self) -> nn.ModuleList: ...
 
     @property
     @abstractmethod
-    def embed_tokens(self) -> nn.Embedding:
-        ...
+    def embed_tokens(self) -> nn.Embedding: ...
 
     @property
     @abstractmethod
-    def final_norm(self) -> nn.Module:
-        ...
+    def final_norm(self) -> nn.Module: ...
 
     @property
     @abstractmethod
-    def lm_head(self) -> nn.Linear:
-        ...
+    def lm_head(self) -> nn.Linear: ...
 
     @property
     @abstractmethod
-    def head_dim(self) -> int:
-        ...
+    def head_dim(self) -> int: ...
 
     # -- layer-level getters ---------------------------------------------------------------------------------
     @abstractmethod
-    def attn(self, layer: nn.Module) -> nn.Module:
-        ...
+    def attn(self, layer: nn.Module) -> nn.Module: ...
 
     @abstractmethod
-    def mlp(self, layer: nn.Module) -> nn.Module:
-        ...
+    def mlp(self, layer: nn.Module) -> nn.Module: ...
 
+    # One-line getters, a table of where each projection sits in a layer.
+    # fmt: off
     def q_proj(self, layer): return self.attn(layer).q_proj  # noqa: E704
     def k_proj(self, layer): return self.attn(layer).k_proj  # noqa: E704
     def v_proj(self, layer): return self.attn(layer).v_proj  # noqa: E704
@@ -94,14 +89,13 @@ class ModelAdapter(ABC):
     def gate_proj(self, layer): return self.mlp(layer).gate_proj  # noqa: E704
     def up_proj(self, layer): return self.mlp(layer).up_proj  # noqa: E704
     def down_proj(self, layer): return self.mlp(layer).down_proj  # noqa: E704
+    # fmt: on
 
     @abstractmethod
-    def input_norm(self, layer) -> nn.Module:
-        ...
+    def input_norm(self, layer) -> nn.Module: ...
 
     @abstractmethod
-    def post_attention_norm(self, layer) -> nn.Module:
-        ...
+    def post_attention_norm(self, layer) -> nn.Module: ...
 
     # -- layout --------------------------------------------------------------------------------------------
     def widths(self, layer: nn.Module) -> LayerWidths:
@@ -147,11 +141,11 @@ class ModelAdapter(ABC):
     @abstractmethod
     def sync_layer(self, layer: nn.Module) -> None:
         """Refresh module attributes that mirror weight shapes (e.g. GQA repeat factor)."""
-        
+
     @abstractmethod
     def set_layers(self, keep: list[int]) -> None:
         """Keep only these decoder layers (original indices, in order) and renumber them."""
-        
+
 
 def adapter_class(config) -> type[ModelAdapter]:
     """The adapter class for a config, so an unsupported model is rejected before its weights are read."""

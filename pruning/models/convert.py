@@ -79,17 +79,26 @@ def _stage_gguf(src: Path, dst: Path) -> None:
 
 
 def _manifest(directory: Path) -> dict[str, dict]:
-    return {f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)}
-            for f in sorted(directory.iterdir()) if f.is_file() and f.name != COMPLETE}
+    return {
+        f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)}
+        for f in sorted(directory.iterdir())
+        if f.is_file() and f.name != COMPLETE
+    }
 
 
 def check_fit(cls_name: str, missing, unexpected, mismatched) -> None:
     """Raise, in one line, when weights and model do not match exactly: the first missing, unexpected and
     mismatched keys, so the reason survives a one-line error (torch's and transformers' messages put it on later
     lines, or in a printed report). A weight the GGUF lacks would otherwise be left at random init, silently."""
-    problems = [f"{len(keys)} {what} (first: {sorted(map(str, keys))[0]})" for what, keys in
-                (("missing weights", missing), ("unexpected weights", unexpected), ("shape mismatches", mismatched))
-                if keys]
+    problems = [
+        f"{len(keys)} {what} (first: {sorted(map(str, keys))[0]})"
+        for what, keys in (
+            ("missing weights", missing),
+            ("unexpected weights", unexpected),
+            ("shape mismatches", mismatched),
+        )
+        if keys
+    ]
     if problems:
         raise RuntimeError(f"the GGUF's tensors do not fit {cls_name}: {'; '.join(problems)}")
 
@@ -97,14 +106,22 @@ def check_fit(cls_name: str, missing, unexpected, mismatched) -> None:
 def load_exactly(model, state: dict) -> None:
     """``load_state_dict(strict=True, assign=True)`` after ``check_fit``."""
     own = model.state_dict()
-    check_fit(type(model).__name__, [k for k in own if k not in state], [k for k in state if k not in own],
-              [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-               if k in state and state[k].shape != v.shape])
+    check_fit(
+        type(model).__name__,
+        [k for k in own if k not in state],
+        [k for k in state if k not in own],
+        [
+            f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+            for k, v in own.items()
+            if k in state and state[k].shape != v.shape
+        ],
+    )
     model.load_state_dict(state, strict=True, assign=True)
 
 
-def convert(gguf_path: str | Path, out_dir: str | Path, *, gguf_sha256: str | None = None,
-            complete_marker: bool = False) -> Path:
+def convert(
+    gguf_path: str | Path, out_dir: str | Path, *, gguf_sha256: str | None = None, complete_marker: bool = False
+) -> Path:
     """Write the plain checkpoint atomically: ``out_dir`` is either the old directory or the complete new one.
 
     ``complete_marker`` adds COMPLETE (sha256 and size of every file) as the last file before the rename; the
@@ -137,18 +154,26 @@ def convert(gguf_path: str | Path, out_dir: str | Path, *, gguf_sha256: str | No
             # files, and the checkpoint fingerprint in run records, do not depend on the conversion's environment.
             tok.init_kwargs["local_files_only"] = False
             gguf_model, info = AutoModelForCausalLM.from_pretrained(
-                stage, gguf_file=staged.name, dtype=torch.float32, output_loading_info=True,
-                ignore_mismatched_sizes=True)       # mismatches are reported by check_fit, with their names
-            check_fit(type(gguf_model).__name__, info["missing_keys"], info["unexpected_keys"],
-                      [f"{k} {tuple(a)} vs {tuple(b)}" for k, a, b in info["mismatched_keys"]])
+                stage,
+                gguf_file=staged.name,
+                dtype=torch.float32,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+            )  # mismatches are reported by check_fit, with their names
+            check_fit(
+                type(gguf_model).__name__,
+                info["missing_keys"],
+                info["unexpected_keys"],
+                [f"{k} {tuple(a)} vs {tuple(b)}" for k, a, b in info["mismatched_keys"]],
+            )
         cfg = gguf_model.config.to_dict()
         cfg.pop("quantization_config", None)
         pad = cfg.get("pad_token_id")
         if not (isinstance(pad, int) and 0 <= pad < cfg["vocab_size"]):
             cfg["pad_token_id"] = None
-        config = type(gguf_model.config).from_dict(cfg)       # LlamaConfig, Qwen2Config, ...: the file's family
+        config = type(gguf_model.config).from_dict(cfg)  # LlamaConfig, Qwen2Config, ...: the file's family
         with torch.device("meta"):
-            plain = type(gguf_model)(config)                   # the class transformers mapped that family to
+            plain = type(gguf_model)(config)  # the class transformers mapped that family to
         load_exactly(plain, gguf_model.state_dict())
         plain.tie_weights()
         if config.tie_word_embeddings and plain.lm_head.weight is not plain.model.embed_tokens.weight:
@@ -157,8 +182,13 @@ def convert(gguf_path: str | Path, out_dir: str | Path, *, gguf_sha256: str | No
         tok.save_pretrained(tmp_out)
         (tmp_out / "CONVERTED_FROM").write_text(f"{gguf_path.name} sha256={gguf_sha256}\n")
         if complete_marker:
-            marker = {"gguf": gguf_path.name, "gguf_sha256": gguf_sha256, "converter_version": CONVERTER_VERSION,
-                      "transformers": transformers.__version__, "files": _manifest(tmp_out)}
+            marker = {
+                "gguf": gguf_path.name,
+                "gguf_sha256": gguf_sha256,
+                "converter_version": CONVERTER_VERSION,
+                "transformers": transformers.__version__,
+                "files": _manifest(tmp_out),
+            }
             (tmp_out / COMPLETE).write_text(json.dumps(marker, indent=1, sort_keys=True))
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -208,7 +238,7 @@ def gguf_sha256(path: str | Path) -> str:
     except (OSError, ValueError, AttributeError):
         pass  # absent or unreadable sidecar: hash again
     digest = sha256_file(path)
-    _remember(stamp, sidecar, digest)   # the stamp from before hashing: a file changed meanwhile is hashed again
+    _remember(stamp, sidecar, digest)  # the stamp from before hashing: a file changed meanwhile is hashed again
     return digest
 
 
@@ -282,21 +312,23 @@ def cached_conversion(gguf_path: str | Path) -> Path:
     if verify_entry(entry) is None:
         return entry
     with _locked(entry.parent / f"{entry.name}.lock"):
-        problem = verify_entry(entry)          # another process may have finished it while we waited
+        problem = verify_entry(entry)  # another process may have finished it while we waited
         if problem is None:
             return entry
-        for stale in entry.parent.glob(f".{entry.name}.*"):   # temp dirs of crashed conversions
+        for stale in entry.parent.glob(f".{entry.name}.*"):  # temp dirs of crashed conversions
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
         _stamps_path(entry).unlink(missing_ok=True)
         if problem != "missing":
             _log(f"cache entry {entry} is unusable ({problem}); rebuilding it")
             shutil.rmtree(entry)
-        _log(f"converting {gguf_path.name} (sha256 {sha[:12]}, {gguf_path.stat().st_size / 1e6:.0f} MB) to a plain "
-             f"float32 checkpoint in {entry}; once per GGUF (SmolLM2-135M: 20-30 s on 2 cores)")
+        _log(
+            f"converting {gguf_path.name} (sha256 {sha[:12]}, {gguf_path.stat().st_size / 1e6:.0f} MB) to a plain "
+            f"float32 checkpoint in {entry}; once per GGUF (SmolLM2-135M: 20-30 s on 2 cores)"
+        )
         t0 = time.perf_counter()
         convert(gguf_path, entry, gguf_sha256=sha, complete_marker=True)
-        files = json.loads((entry / COMPLETE).read_text())["files"]   # hashed just now, before the rename
+        files = json.loads((entry / COMPLETE).read_text())["files"]  # hashed just now, before the rename
         atomic_write(_stamps_path(entry), json.dumps(_stamps(entry, files)))
         _log(f"converted in {time.perf_counter() - t0:.1f} s")
     return entry

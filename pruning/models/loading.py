@@ -24,7 +24,7 @@ def _offline() -> bool:
 
 def parse_gguf_spec(path: str) -> tuple[str, str | None]:
     """``gguf:<file>[|hub:<repo id>]`` -> (file, hub id or None)."""
-    spec = path[len("gguf:"):]
+    spec = path[len("gguf:") :]
     file, sep, hub = spec.partition("|")
     if sep and not (hub.startswith("hub:") and hub[4:].strip()):
         raise CheckpointError(f"bad model path {path!r}: expected gguf:<file>|hub:<repo id>")
@@ -61,16 +61,22 @@ def _resolve_gguf(path: str) -> Path:
     if hub_id is not None and not _offline():
         from huggingface_hub import snapshot_download
 
-        print(f"[pruning] {p} not found; using the hub checkpoint {hub_id} (its weights are the original release, "
-              f"not the dequantised GGUF this project's numbers use)", file=sys.stderr, flush=True)
+        print(
+            f"[pruning] {p} not found; using the hub checkpoint {hub_id} (its weights are the original release, "
+            f"not the dequantised GGUF this project's numbers use)",
+            file=sys.stderr,
+            flush=True,
+        )
         try:
             return Path(snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"]))
         except Exception as e:
             raise CheckpointError(f"GGUF {p} not found and the hub fallback {hub_id} failed: {one_line(e)}") from e
     msg = str(data._missing(rel, "model GGUF") if not Path(rel).is_absolute() else f"model GGUF: file not found: {p}")
     if hub_id is not None:
-        msg += (f" Or, on a machine with internet, unset HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE to fall back to the "
-                f"hub model {hub_id}.")
+        msg += (
+            f" Or, on a machine with internet, unset HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE to fall back to the "
+            f"hub model {hub_id}."
+        )
     raise DataError(msg)
 
 
@@ -82,10 +88,14 @@ def _resolve_hub(hub_id: str) -> Path:
     try:
         return Path(snapshot_download(hub_id, allow_patterns=patterns, local_files_only=_offline()))
     except Exception as e:
-        how = ("this machine is offline (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE) and the HF cache has no copy"
-               if _offline() else one_line(e))
-        raise CheckpointError(f"hub model {hub_id}: {how}; give a local checkpoint with PRUNING_MODEL_PATH=<dir> "
-                              f"or model.path=<dir>") from e
+        how = (
+            "this machine is offline (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE) and the HF cache has no copy"
+            if _offline()
+            else one_line(e)
+        )
+        raise CheckpointError(
+            f"hub model {hub_id}: {how}; give a local checkpoint with PRUNING_MODEL_PATH=<dir> or model.path=<dir>"
+        ) from e
 
 
 def resolve_checkpoint(path: str, fetch: bool = False) -> Path:
@@ -113,8 +123,10 @@ def resolve_checkpoint(path: str, fetch: bool = False) -> Path:
         return _resolve_hub(path[4:].strip())
     p = Path(path).expanduser()
     if not p.is_dir():
-        raise CheckpointError(f"checkpoint directory not found: {p} (give a local HF checkpoint directory, "
-                              f"embedded:stories260K, gguf:<file under the data root>, or fetch:<model name>)")
+        raise CheckpointError(
+            f"checkpoint directory not found: {p} (give a local HF checkpoint directory, "
+            f"embedded:stories260K, gguf:<file under the data root>, or fetch:<model name>)"
+        )
     return p
 
 
@@ -138,29 +150,30 @@ def load_tokenizer(path: str, fetch: bool = False):
     from transformers import AutoTokenizer
 
     ckpt = resolve_checkpoint(path, fetch=fetch)
-    adapter_class(read_config(ckpt))            # unsupported family -> one clear error, as in load_model
+    adapter_class(read_config(ckpt))  # unsupported family -> one clear error, as in load_model
     try:
         return AutoTokenizer.from_pretrained(ckpt)
     except Exception as e:  # missing or unreadable tokenizer files: one line naming the checkpoint
         raise CheckpointError(f"cannot load the tokenizer of {ckpt}: {one_line(e)}") from e
 
 
-def load_model(path: str, dtype: str | torch.dtype = "float32", device_map: str | dict | None = None,
-               fetch: bool = False):
+def load_model(
+    path: str, dtype: str | torch.dtype = "float32", device_map: str | dict | None = None, fetch: bool = False
+):
     """Return (model, tokenizer, adapter). ``device_map`` (e.g. "auto") spreads big models over several GPUs;
     ``dtype`` and ``device_map`` go to ``from_pretrained`` as given, after the checks of ``pruning.runtime``.
     ``fetch`` allows a ``fetch:<name>`` path to download its weights on first use (``model.fetch``)."""
     from pruning.runtime import map_uses_gpu, normalize_device_map, torch_dtype
 
-    device_map = normalize_device_map(device_map)      # a GPU named on a CPU-only machine: one line, nothing read
+    device_map = normalize_device_map(device_map)  # a GPU named on a CPU-only machine: one line, nothing read
     dtype = torch_dtype(dtype, on_gpu=map_uses_gpu(device_map))
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()     # our own bars cover long work; loading a checkpoint is not
+    hf_logging.disable_progress_bar()  # our own bars cover long work; loading a checkpoint is not
     ckpt = resolve_checkpoint(path, fetch=fetch)
     config = read_config(ckpt)
-    adapter_cls = adapter_class(config)        # unsupported family -> one clear error, weights never read
+    adapter_cls = adapter_class(config)  # unsupported family -> one clear error, weights never read
     weights = list(ckpt.glob("*.safetensors")) + list(ckpt.glob("*.bin"))
     if not weights:
         raise CheckpointError(f"corrupt checkpoint {ckpt}: no *.safetensors or *.bin weight files")

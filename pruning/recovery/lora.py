@@ -39,9 +39,13 @@ from pruning.models.adapter import adapter_for
 from pruning.utils import eval_mode, input_device
 
 IGNORE = -100  # label of tokens that carry no loss (masked prompt, padding)
-DEVIATIONS = ["loss averaged over the target tokens of the whole accumulated batch", "right padding",
-              "final adapter, no best-checkpoint selection", "float32 (no fp16)"]   # see the module docstring
-ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")   # adapter getter names
+DEVIATIONS = [
+    "loss averaged over the target tokens of the whole accumulated batch",
+    "right padding",
+    "final adapter, no best-checkpoint selection",
+    "float32 (no fp16)",
+]  # see the module docstring
+ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # adapter getter names
 
 
 @dataclass(frozen=True)
@@ -49,11 +53,11 @@ class LoRARecovery:
     """One validated recovery config; field defaults are LLM-Pruner's recipe (conf/recovery/lora_paper.yaml)."""
 
     name: str = "lora"
-    data: str = "alpaca"              # alpaca | a .json/.jsonl of Alpaca records (instruction) | c4 (plain text)
-    train_on_inputs: bool = False     # False: the Alpaca prompt carries no loss
+    data: str = "alpaca"  # alpaca | a .json/.jsonl of Alpaca records (instruction) | c4 (plain text)
+    train_on_inputs: bool = False  # False: the Alpaca prompt carries no loss
     add_eos_token: bool = False
-    max_samples: int | None = None    # first N records/documents of the file (None: all)
-    val_size: int = 0                 # held out (seeded) for a before/after validation loss
+    max_samples: int | None = None  # first N records/documents of the file (None: all)
+    val_size: int = 0  # held out (seeded) for a before/after validation loss
     r: int = 8
     alpha: float = 16
     dropout: float = 0.05
@@ -61,7 +65,7 @@ class LoRARecovery:
     lr: float = 1e-4
     weight_decay: float = 0.0
     epochs: int = 2
-    max_steps: int | None = None      # optimizer steps; overrides epochs when set (cycles the data)
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set (cycles the data)
     micro_batch_size: int = 4
     grad_accum: int = 16
     max_len: int = 256
@@ -103,25 +107,32 @@ class LoRARecovery:
         return c
 
     def check(self) -> None:
-        bad = [f"{k}={getattr(self, k)!r} (must be {rule})" for k, ok, rule in (
-            ("name", self.name == "lora", "lora"),
-            ("r", self.r >= 1, ">= 1"),
-            ("alpha", self.alpha > 0, "> 0"),
-            ("dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)"),
-            ("lr", self.lr > 0, "> 0"),
-            ("weight_decay", self.weight_decay >= 0, ">= 0"),
-            ("epochs", self.epochs >= 0, ">= 0"),
-            ("max_steps", self.max_steps is None or self.max_steps >= 0, "null or >= 0"),
-            ("max_samples", self.max_samples is None or self.max_samples >= 1, "null or >= 1"),
-            ("val_size", self.val_size >= 0, ">= 0"),
-            ("micro_batch_size", self.micro_batch_size >= 1, ">= 1"),
-            ("grad_accum", self.grad_accum >= 1, ">= 1"),
-            ("max_len", self.max_len >= 2, ">= 2"),
-            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
-            ("max_grad_norm", self.max_grad_norm >= 0, ">= 0 (0 = no clipping)"),
-            ("target_modules", bool(self.target_modules) and set(self.target_modules) <= set(ROLES),
-             f"a non-empty subset of {', '.join(ROLES)}"),
-        ) if not ok]
+        bad = [
+            f"{k}={getattr(self, k)!r} (must be {rule})"
+            for k, ok, rule in (
+                ("name", self.name == "lora", "lora"),
+                ("r", self.r >= 1, ">= 1"),
+                ("alpha", self.alpha > 0, "> 0"),
+                ("dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)"),
+                ("lr", self.lr > 0, "> 0"),
+                ("weight_decay", self.weight_decay >= 0, ">= 0"),
+                ("epochs", self.epochs >= 0, ">= 0"),
+                ("max_steps", self.max_steps is None or self.max_steps >= 0, "null or >= 0"),
+                ("max_samples", self.max_samples is None or self.max_samples >= 1, "null or >= 1"),
+                ("val_size", self.val_size >= 0, ">= 0"),
+                ("micro_batch_size", self.micro_batch_size >= 1, ">= 1"),
+                ("grad_accum", self.grad_accum >= 1, ">= 1"),
+                ("max_len", self.max_len >= 2, ">= 2"),
+                ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+                ("max_grad_norm", self.max_grad_norm >= 0, ">= 0 (0 = no clipping)"),
+                (
+                    "target_modules",
+                    bool(self.target_modules) and set(self.target_modules) <= set(ROLES),
+                    f"a non-empty subset of {', '.join(ROLES)}",
+                ),
+            )
+            if not ok
+        ]
         if bad:
             raise PruningError("recovery: " + "; ".join(bad))
 
@@ -148,16 +159,19 @@ def check_recovery(cfg) -> LoRARecovery:
     n = len(data.instruction_records(c.data)[0] if c.instruction else data.calibration_texts(c.data))
     n = min(n, c.max_samples or n)
     if c.val_size >= n:
-        raise PruningError(f"recovery val_size={c.val_size} leaves no training examples: {path} gives {n} "
-                           f"records; lower recovery.val_size or supply more data (recovery.data=<file>)")
+        raise PruningError(
+            f"recovery val_size={c.val_size} leaves no training examples: {path} gives {n} "
+            f"records; lower recovery.val_size or supply more data (recovery.data=<file>)"
+        )
     return c
 
 
 # --------------------------------------------------------------------------------------------------- data
 
 
-def tokenize_instruction(tokenizer, rec: dict, max_len: int, train_on_inputs: bool = False,
-                         add_eos_token: bool = False) -> dict:
+def tokenize_instruction(
+    tokenizer, rec: dict, max_len: int, train_on_inputs: bool = False, add_eos_token: bool = False
+) -> dict:
     """alpaca-lora's generate_and_tokenize_prompt: tokenise prompt+response (tokenizer defaults, so BOS; cut at
     max_len); without train_on_inputs the first len(tokenise(prompt)) labels are IGNORE."""
     ids = _tokenize(tokenizer, data.alpaca_prompt(rec), max_len, add_eos_token)
@@ -201,24 +215,36 @@ def build_examples(tokenizer, c: LoRARecovery) -> tuple[list[dict], list[dict], 
         examples = [tokenize_text(tokenizer, t, c.max_len, c.add_eos_token) for t in texts]
     n_used = len(examples)
     n_truncated = sum(len(e["input_ids"]) >= c.max_len for e in examples)
-    kept = [e for e in examples if _n_targets(e) > 0]     # a prompt that fills max_len leaves nothing to learn
+    kept = [e for e in examples if _n_targets(e) > 0]  # a prompt that fills max_len leaves nothing to learn
     if not kept:
-        raise PruningError(f"recovery: none of the {n_used} examples has a target token within max_len={c.max_len} "
-                           f"(the Alpaca prompt alone fills it); raise recovery.max_len")
+        raise PruningError(
+            f"recovery: none of the {n_used} examples has a target token within max_len={c.max_len} "
+            f"(the Alpaca prompt alone fills it); raise recovery.max_len"
+        )
     if c.val_size >= len(kept):
-        raise PruningError(f"recovery val_size={c.val_size} leaves no training examples ({len(kept)} usable in "
-                           f"{path}); lower recovery.val_size or supply more data (recovery.data=<file>)")
+        raise PruningError(
+            f"recovery val_size={c.val_size} leaves no training examples ({len(kept)} usable in "
+            f"{path}); lower recovery.val_size or supply more data (recovery.data=<file>)"
+        )
     g = torch.Generator().manual_seed(c.seed)
     order = torch.randperm(len(kept), generator=g).tolist()
     val = [kept[i] for i in sorted(order[: c.val_size])]
-    train = [kept[i] for i in sorted(order[c.val_size:])]
-    info = {"dataset": c.data, "format": "instruction" if c.instruction else "text",
-            "prompt_masked": bool(c.instruction and not c.train_on_inputs), "file": str(path),
-            "sha256": sha256_file(path), "records_in_file": n_file,
-            "records_used": n_used, "dropped_no_target": n_used - len(kept), "truncated": n_truncated,
-            "n_train": len(train), "n_val": len(val),
-            "train_tokens": sum(len(e["input_ids"]) for e in train),
-            "train_target_tokens": sum(_n_targets(e) for e in train)}
+    train = [kept[i] for i in sorted(order[c.val_size :])]
+    info = {
+        "dataset": c.data,
+        "format": "instruction" if c.instruction else "text",
+        "prompt_masked": bool(c.instruction and not c.train_on_inputs),
+        "file": str(path),
+        "sha256": sha256_file(path),
+        "records_in_file": n_file,
+        "records_used": n_used,
+        "dropped_no_target": n_used - len(kept),
+        "truncated": n_truncated,
+        "n_train": len(train),
+        "n_val": len(val),
+        "train_tokens": sum(len(e["input_ids"]) for e in train),
+        "train_target_tokens": sum(_n_targets(e) for e in train),
+    }
     return train, val, info
 
 
@@ -240,8 +266,7 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     """Summed next-token cross-entropy over target tokens, and their count (callers normalise over a whole step)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     labels = batch["labels"][:, 1:].to(logits.device)
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
-                           reduction="sum")
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
     return loss, int((labels != IGNORE).sum())
 
 
@@ -257,8 +282,10 @@ def target_module_names(model: nn.Module, roles) -> list[str]:
         for role in roles:
             mod = getattr(adapter, role)(layer)
             if not isinstance(mod, nn.Linear) or id(mod) not in names:
-                raise PruningError(f"recovery: {role} of {type(layer).__name__} is {type(mod).__name__}, "
-                                   f"not an nn.Linear LoRA can wrap")
+                raise PruningError(
+                    f"recovery: {role} of {type(layer).__name__} is {type(mod).__name__}, "
+                    f"not an nn.Linear LoRA can wrap"
+                )
             out.append(names[id(mod)])
     return out
 
@@ -274,10 +301,11 @@ def _optimizer_steps(train: list[dict], c: LoRARecovery, total: int):
     done = 0
     while done < total:
         order = torch.randperm(len(train), generator=g).tolist()
-        micro = [[train[i] for i in order[j: j + c.micro_batch_size]]
-                 for j in range(0, len(order), c.micro_batch_size)]
+        micro = [
+            [train[i] for i in order[j : j + c.micro_batch_size]] for j in range(0, len(order), c.micro_batch_size)
+        ]
         for j in range(0, len(micro), c.grad_accum):
-            yield micro[j: j + c.grad_accum]
+            yield micro[j : j + c.grad_accum]
             done += 1
             if done == total:
                 return
@@ -290,9 +318,9 @@ def mean_loss(model: nn.Module, examples: list[dict], c: LoRARecovery, pad_id: i
     total, n = 0.0, 0
     with eval_mode(model):
         for j in range(0, len(examples), c.micro_batch_size):
-            batch = {k: v.to(device) for k, v in collate(examples[j: j + c.micro_batch_size], pad_id).items()}
+            batch = {k: v.to(device) for k, v in collate(examples[j : j + c.micro_batch_size], pad_id).items()}
             s, k = token_loss_sum(model, batch)
-            total, n = total + float(s), n + k   # no_grad: s has no graph
+            total, n = total + float(s), n + k  # no_grad: s has no graph
     return total / n
 
 
@@ -310,18 +338,27 @@ def recover(model: nn.Module, tokenizer, cfg, device=None, progress: bool = True
     params_before, cls_before = adapter.num_params(), type(model)
     train, val, info = build_examples(tokenizer, c)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = input_device(model)   # where inputs go, also under a multi-GPU device_map
+    device = input_device(model)  # where inputs go, also under a multi-GPU device_map
     steps_per_epoch = _steps_per_epoch(len(train), c)
     total = c.max_steps if c.max_steps is not None else c.epochs * steps_per_epoch
     targets = target_module_names(model, c.target_modules)
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
 
-    torch.manual_seed(c.seed)                    # LoRA A init and dropout
+    torch.manual_seed(c.seed)  # LoRA A init and dropout
     t0 = time.perf_counter()
-    with warnings.catch_warnings():              # peft calls a transformers API deprecated in 5.x
+    with warnings.catch_warnings():  # peft calls a transformers API deprecated in 5.x
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model = get_peft_model(model, LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout,
-                                                      target_modules=targets, bias="none", task_type="CAUSAL_LM"))
+        peft_model = get_peft_model(
+            model,
+            LoraConfig(
+                r=c.r,
+                lora_alpha=c.alpha,
+                lora_dropout=c.dropout,
+                target_modules=targets,
+                bias="none",
+                task_type="CAUSAL_LM",
+            ),
+        )
     n_lora = sum(1 for n, _ in peft_model.named_modules() if n.endswith(".lora_A"))
     if n_lora != len(targets):
         raise RuntimeError(f"peft wrapped {n_lora} modules, expected {len(targets)}")
@@ -354,7 +391,7 @@ def recover(model: nn.Module, tokenizer, cfg, device=None, progress: bool = True
                     bar.update(1)
         val_after = mean_loss(peft_model, val, c, pad_id, device)
         ok = True
-    finally:   # on error or interrupt the adapters are discarded, not merged: never leave lora modules behind
+    finally:  # on error or interrupt the adapters are discarded, not merged: never leave lora modules behind
         merged = peft_model.merge_and_unload(safe_merge=True) if ok else peft_model.unload()
         for n, p in merged.named_parameters():
             p.requires_grad_(requires_grad.get(n, p.requires_grad))
@@ -381,9 +418,13 @@ def recover(model: nn.Module, tokenizer, cfg, device=None, progress: bool = True
         "trainable_params": n_trainable,
         "params": params_after,
         # single steps are noisy at small batches: the first/last epoch means are the comparable numbers
-        "loss": {"initial": losses[0] if losses else None, "final": losses[-1] if losses else None,
-                 "first_epoch_mean": _mean(losses[:steps_per_epoch]),
-                 "last_epoch_mean": _mean(losses[-steps_per_epoch:]), "per_step": losses},
+        "loss": {
+            "initial": losses[0] if losses else None,
+            "final": losses[-1] if losses else None,
+            "first_epoch_mean": _mean(losses[:steps_per_epoch]),
+            "last_epoch_mean": _mean(losses[-steps_per_epoch:]),
+            "per_step": losses,
+        },
         "val_loss": {"before": val_before, "after": val_after},
         "merged": True,
         "differs_from_llm_pruner": DEVIATIONS,
@@ -403,7 +444,7 @@ def plot_losses(losses: list[float], path: Path, val_before=None, val_after=None
     """Per-step training loss (Figure without pyplot: no global backend switch inside a library call)."""
     try:
         from matplotlib.figure import Figure
-    except ImportError:       # matplotlib is the optional "report" extra
+    except ImportError:  # matplotlib is the optional "report" extra
         return None
     fig = Figure(figsize=(6, 3.5))
     ax = fig.subplots()
@@ -411,11 +452,10 @@ def plot_losses(losses: list[float], path: Path, val_before=None, val_after=None
     ax.plot(steps, losses, color="tab:blue", alpha=0.35 if len(losses) > 20 else 1.0, label="train (per step)")
     k = max(1, len(losses) // 10)
     if k > 1:
-        avg = [_mean(losses[max(0, i - k + 1): i + 1]) for i in range(len(losses))]
+        avg = [_mean(losses[max(0, i - k + 1) : i + 1]) for i in range(len(losses))]
         ax.plot(steps, avg, color="tab:blue", label=f"train ({k}-step running mean)")
     if val_before is not None and val_after is not None:
-        ax.plot([0, len(losses)], [val_before, val_after], "s--", color="tab:orange",
-                label="validation (before/after)")
+        ax.plot([0, len(losses)], [val_before, val_after], "s--", color="tab:orange", label="validation (before/after)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats / target token)")
     title = "LoRA recovery"

@@ -34,11 +34,11 @@ KINDS = ("kv_group", "q_head", "mlp", "block", "hidden")
 
 @dataclass
 class Member:
-    name: str                     # e.g. "q_proj"; used by "first"/"last" aggregations and for messages
+    name: str  # e.g. "q_proj"; used by "first"/"last" aggregations and for messages
     weight: nn.Parameter
-    dim: int | None               # 0 rows, 1 columns, None = whole tensor (blocks)
-    index: torch.Tensor | None    # [n_units, k] channel indices along dim
-    bias: nn.Parameter | None = None   # rows (dim 0) only: entry r leaves with row r (Qwen2's q/k/v biases)
+    dim: int | None  # 0 rows, 1 columns, None = whole tensor (blocks)
+    index: torch.Tensor | None  # [n_units, k] channel indices along dim
+    bias: nn.Parameter | None = None  # rows (dim 0) only: entry r leaves with row r (Qwen2's q/k/v biases)
 
     @property
     def params_per_unit(self) -> int:
@@ -55,11 +55,11 @@ class StructureSet:
     n_units: int
     members: list[Member]
     params_per_unit: int
-    partition: torch.Tensor | None = None   # q_head: the KV head each query head reads
-    group_params: int = 0     # q_head: params of one KV head's k and v rows, freed with its last query head
+    partition: torch.Tensor | None = None  # q_head: the KV head each query head reads
+    group_params: int = 0  # q_head: params of one KV head's k and v rows, freed with its last query head
     unit_members: list[list[Member]] = field(default_factory=list)  # block: whole tensors per unit
-    unit_layers: list[int] = field(default_factory=list)            # block: the decoder layer of each unit
-    count_channels: int = 1   # root channels per unit for LLM-Pruner's count rule (a KV group: its d_h k_proj rows)
+    unit_layers: list[int] = field(default_factory=list)  # block: the decoder layer of each unit
+    count_channels: int = 1  # root channels per unit for LLM-Pruner's count rule (a KV group: its d_h k_proj rows)
 
 
 def _blocks_of(start: int, n: int, size: int) -> torch.Tensor:
@@ -92,19 +92,22 @@ def kv_groups(adapter: ModelAdapter, layer_idx: int) -> StructureSet:
     layer = adapter.layers[layer_idx]
     w, hd = adapter.widths(layer), adapter.head_dim
     if not w.even:
-        raise PruningError(f"layer {layer_idx} has uneven KV groups {list(w.kv_group_sizes)} (query heads were "
-                           "removed one by one): prune its attention by q_head units")
+        raise PruningError(
+            f"layer {layer_idx} has uneven KV groups {list(w.kv_group_sizes)} (query heads were "
+            "removed one by one): prune its attention by q_head units"
+        )
     g = w.num_heads // w.num_kv_heads
     kv_idx = _blocks_of(0, w.num_kv_heads, hd)
-    q_idx = _blocks_of(0, w.num_kv_heads, g * hd)   # a group's g query heads are contiguous (HF repeat_kv)
+    q_idx = _blocks_of(0, w.num_kv_heads, g * hd)  # a group's g query heads are contiguous (HF repeat_kv)
     members = [
         _rows("q_proj", adapter.q_proj(layer), q_idx),
         _rows("k_proj", adapter.k_proj(layer), kv_idx),
         _rows("v_proj", adapter.v_proj(layer), kv_idx),
         Member("o_proj", adapter.o_proj(layer).weight, 1, q_idx),
     ]
-    return StructureSet("kv_group", layer_idx, w.num_kv_heads, members, params_per_unit=_unit_params(members),
-                        count_channels=hd)
+    return StructureSet(
+        "kv_group", layer_idx, w.num_kv_heads, members, params_per_unit=_unit_params(members), count_channels=hd
+    )
 
 
 def q_heads(adapter: ModelAdapter, layer_idx: int) -> StructureSet:
@@ -117,9 +120,15 @@ def q_heads(adapter: ModelAdapter, layer_idx: int) -> StructureSet:
     ]
     kv_idx = _blocks_of(0, w.num_kv_heads, hd)
     kv = [_rows("k_proj", adapter.k_proj(layer), kv_idx), _rows("v_proj", adapter.v_proj(layer), kv_idx)]
-    return StructureSet("q_head", layer_idx, w.num_heads, members, params_per_unit=_unit_params(members),
-                        partition=torch.tensor(adapter.kv_head_of_query(layer), dtype=torch.long),
-                        group_params=_unit_params(kv))
+    return StructureSet(
+        "q_head",
+        layer_idx,
+        w.num_heads,
+        members,
+        params_per_unit=_unit_params(members),
+        partition=torch.tensor(adapter.kv_head_of_query(layer), dtype=torch.long),
+        group_params=_unit_params(kv),
+    )
 
 
 def mlp_channels(adapter: ModelAdapter, layer_idx: int) -> StructureSet:
@@ -139,8 +148,15 @@ def blocks(adapter: ModelAdapter, layers: list[int] | None = None) -> StructureS
     layers = list(range(len(adapter.layers))) if layers is None else list(layers)
     unit_members = [[Member(n, p, None, None) for n, p in adapter.layers[i].named_parameters()] for i in layers]
     sizes = [sum(m.weight.numel() for m in ms) for ms in unit_members]
-    return StructureSet("block", None, len(layers), [], params_per_unit=sum(sizes) // max(len(sizes), 1),
-                        unit_members=unit_members, unit_layers=layers)
+    return StructureSet(
+        "block",
+        None,
+        len(layers),
+        [],
+        params_per_unit=sum(sizes) // max(len(sizes), 1),
+        unit_members=unit_members,
+        unit_layers=layers,
+    )
 
 
 def hidden_channels(adapter: ModelAdapter) -> StructureSet:
@@ -151,12 +167,14 @@ def hidden_channels(adapter: ModelAdapter) -> StructureSet:
     biases = 0
     for i, layer in enumerate(adapter.layers):
         members.append(Member(f"layers.{i}.input_norm", adapter.input_norm(layer).weight, 0, idx))
-        members += [Member(f"layers.{i}.{n}", getattr(adapter, n)(layer).weight, 1, idx)
-                    for n in ("q_proj", "k_proj", "v_proj")]
+        members += [
+            Member(f"layers.{i}.{n}", getattr(adapter, n)(layer).weight, 1, idx) for n in ("q_proj", "k_proj", "v_proj")
+        ]
         members.append(Member(f"layers.{i}.o_proj", adapter.o_proj(layer).weight, 0, idx))
         members.append(Member(f"layers.{i}.post_attention_norm", adapter.post_attention_norm(layer).weight, 0, idx))
-        members += [Member(f"layers.{i}.{n}", getattr(adapter, n)(layer).weight, 1, idx)
-                    for n in ("gate_proj", "up_proj")]
+        members += [
+            Member(f"layers.{i}.{n}", getattr(adapter, n)(layer).weight, 1, idx) for n in ("gate_proj", "up_proj")
+        ]
         members.append(Member(f"layers.{i}.down_proj", adapter.down_proj(layer).weight, 0, idx))
         biases += (adapter.o_proj(layer).bias is not None) + (adapter.down_proj(layer).bias is not None)
     members.append(Member("final_norm", adapter.final_norm.weight, 0, idx))
@@ -173,7 +191,7 @@ def structure_sets(adapter: ModelAdapter, kind: str, layers: list[int] | None = 
     """All sets of one kind, one per layer (or the single block set)."""
     if kind == "block":
         return [blocks(adapter, layers)]
-    if kind == "hidden":          # model-wide: a layer range does not apply
+    if kind == "hidden":  # model-wide: a layer range does not apply
         return [hidden_channels(adapter)]
     if kind not in BUILDERS:
         raise ValueError(f"unknown structure kind {kind!r}; choices: {', '.join(KINDS)}")

@@ -22,9 +22,16 @@ from pruning.errors import PruningError
 PROJECTIONS = ("kept",)
 
 
-def admm_reform(weight: torch.Tensor, xtx: torch.Tensor, keep: torch.Tensor, rho: float = 1.0,
-                iterations: int = 30, precondition: bool = True, damping: float = 0.0,
-                projection: str = "kept") -> torch.Tensor:
+def admm_reform(
+    weight: torch.Tensor,
+    xtx: torch.Tensor,
+    keep: torch.Tensor,
+    rho: float = 1.0,
+    iterations: int = 30,
+    precondition: bool = True,
+    damping: float = 0.0,
+    projection: str = "kept",
+) -> torch.Tensor:
     """Reformed weight [out, in] (float64) whose pruned columns (``keep`` False) are exactly zero.
 
     ``keep``: bool [in] or the kept column ids. ``damping`` adds damping·mean(diag G) to G (the code preset's 0.1).
@@ -49,15 +56,15 @@ def admm_reform(weight: torch.Tensor, xtx: torch.Tensor, keep: torch.Tensor, rho
     scale = torch.ones(n_in, dtype=torch.float64, device=w.device)
     if precondition:
         d = g.diagonal().sqrt()
-        scale = torch.where(d > 0, d, torch.ones_like(d))      # a dead input channel keeps scale 1
+        scale = torch.where(d > 0, d, torch.ones_like(d))  # a dead input channel keeps scale 1
         g = g / scale[:, None] / scale[None, :]
-        w = w * scale[None, :]                                  # (W s)(s⁻¹ x) = W x
+        w = w * scale[None, :]  # (W s)(s⁻¹ x) = W x
     if damping:
         g = g + damping * float(g.diagonal().mean()) * torch.eye(n_in, dtype=g.dtype, device=g.device)
     a = g + rho * torch.eye(n_in, dtype=g.dtype, device=g.device)
     chol = torch.linalg.cholesky(a)
-    gw = g @ w.T                                                # [in, out]
-    z, u = w.clone(), torch.zeros_like(w)                      # Z⁰ = Ŵ⁰ = W, U⁰ = 0
+    gw = g @ w.T  # [in, out]
+    z, u = w.clone(), torch.zeros_like(w)  # Z⁰ = Ŵ⁰ = W, U⁰ = 0
     for _ in range(int(iterations)):
         w_hat = torch.cholesky_solve(gw + rho * (z - u).T, chol).T
         z = (w_hat + u) * keep_f

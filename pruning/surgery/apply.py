@@ -17,15 +17,16 @@ from pruning.structures import hidden_channels
 from pruning.surgery.modeling_pruned_llama import MeanDimRMSNorm
 from pruning.surgery.plan import MODEL_WIDE, PrunePlan
 
-HIDDEN_NORMS = ("keep_original_dim", "official")   # METHODS.md §1.2 rule 5, ``surgery.hidden_norm``
+HIDDEN_NORMS = ("keep_original_dim", "official")  # METHODS.md §1.2 rule 5, ``surgery.hidden_norm``
 
 
 def _channels(blocks: list[int], size: int) -> torch.Tensor:
     return (torch.tensor(blocks, dtype=torch.long)[:, None] * size + torch.arange(size)[None, :]).reshape(-1)
 
 
-def _attention_keep(adapter: ModelAdapter, layer_idx: int, plan: PrunePlan
-                    ) -> tuple[list[int], list[int], list[int]] | None:
+def _attention_keep(
+    adapter: ModelAdapter, layer_idx: int, plan: PrunePlan
+) -> tuple[list[int], list[int], list[int]] | None:
     """Kept KV heads, kept query heads and the new query heads per kept KV head of one layer, or None when the plan
     leaves attention untouched. Any query head may go; a KV head goes with its group, or when its last query head
     goes (uneven GQA groups, METHODS.md §1.2 rule 2); the layer must keep one query head."""
@@ -37,15 +38,19 @@ def _attention_keep(adapter: ModelAdapter, layer_idx: int, plan: PrunePlan
     if bad:
         raise ValueError(f"layer {layer_idx}: plan names units {sorted(bad)} that do not exist")
     if kv_rm and not w.even:
-        raise PruningError(f"layer {layer_idx} has uneven KV groups {list(w.kv_group_sizes)}: its plan may remove "
-                           "query heads (q_head), not kv_group units")
+        raise PruningError(
+            f"layer {layer_idx} has uneven KV groups {list(w.kv_group_sizes)}: its plan may remove "
+            "query heads (q_head), not kv_group units"
+        )
     kv_of = adapter.kv_head_of_query(adapter.layers[layer_idx])
     keep_q = [h for h in range(w.num_heads) if kv_of[h] not in kv_rm and h not in q_rm]
     keep_kv = sorted({kv_of[h] for h in keep_q})
     if not keep_q:
-        raise InfeasibleRatioError(f"the plan empties the attention of layer {layer_idx} "
-                                   f"({len(kv_rm)}/{w.num_kv_heads} KV groups and {len(q_rm)}/{w.num_heads} query "
-                                   f"heads removed)")
+        raise InfeasibleRatioError(
+            f"the plan empties the attention of layer {layer_idx} "
+            f"({len(kv_rm)}/{w.num_kv_heads} KV groups and {len(q_rm)}/{w.num_heads} query "
+            f"heads removed)"
+        )
     sizes = [sum(1 for h in keep_q if kv_of[h] == j) for j in keep_kv]
     return keep_kv, keep_q, sizes
 
@@ -87,8 +92,9 @@ def validate_plan(adapter: ModelAdapter, plan: PrunePlan) -> None:
 
 def _select(linear: nn.Linear, dim: int, keep: torch.Tensor) -> None:
     keep = keep.to(linear.weight.device)
-    linear.weight = nn.Parameter(linear.weight.data.index_select(dim, keep).clone(),
-                                 requires_grad=linear.weight.requires_grad)
+    linear.weight = nn.Parameter(
+        linear.weight.data.index_select(dim, keep).clone(), requires_grad=linear.weight.requires_grad
+    )
     if dim == 0:
         if linear.bias is not None:
             linear.bias = nn.Parameter(linear.bias.data[keep].clone(), requires_grad=linear.bias.requires_grad)
@@ -161,7 +167,7 @@ def apply_plan(model: nn.Module, plan: PrunePlan, hidden_norm: str | None = None
 def mask_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
     """Zero the plan's units in place, shapes unchanged: the reference that surgery must match."""
     adapter = _edit(model, plan, remove=False)
-    for b in plan.blocks:     # a block whose output projections are zero is the identity on the residual stream
+    for b in plan.blocks:  # a block whose output projections are zero is the identity on the residual stream
         layer = adapter.layers[b]
         for proj in (adapter.o_proj(layer), adapter.down_proj(layer)):
             with torch.no_grad():
@@ -186,7 +192,7 @@ def _edit_hidden(model: nn.Module, adapter: ModelAdapter, drop: list[int], remov
     for mod in model.modules():
         w = getattr(mod, "weight", None)
         if isinstance(w, nn.Parameter):
-            owner.setdefault(id(w), mod)       # a tied weight belongs to the embedding (visited first)
+            owner.setdefault(id(w), mod)  # a tied weight belongs to the embedding (visited first)
     norms = []
     for m in sset.members:
         mod = owner[id(m.weight)]
@@ -198,8 +204,9 @@ def _edit_hidden(model: nn.Module, adapter: ModelAdapter, drop: list[int], remov
             with torch.no_grad():
                 w.index_fill_(m.dim, drop_t.to(w.device), 0.0)
             continue
-        mod.weight = nn.Parameter(w.data.index_select(m.dim, keep_t.to(w.device)).clone(),
-                                  requires_grad=w.requires_grad)
+        mod.weight = nn.Parameter(
+            w.data.index_select(m.dim, keep_t.to(w.device)).clone(), requires_grad=w.requires_grad
+        )
         if isinstance(mod, nn.Embedding):
             mod.embedding_dim = len(keep_t)
         else:

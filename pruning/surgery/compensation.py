@@ -43,14 +43,16 @@ def add_bias(linear: nn.Linear, delta: torch.Tensor) -> None:
     w = linear.weight
     delta = delta.to(device=w.device, dtype=w.dtype)
     if linear.bias is None:
-        linear.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
-                                   requires_grad=w.requires_grad)
+        linear.bias = nn.Parameter(
+            torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), requires_grad=w.requires_grad
+        )
     with torch.no_grad():
         linear.bias.add_(delta)
 
 
-def bias_deltas(model: nn.Module, plan: PrunePlan, means: Mapping[tuple[int, str], torch.Tensor]
-                ) -> list[tuple[nn.Linear, torch.Tensor]]:
+def bias_deltas(
+    model: nn.Module, plan: PrunePlan, means: Mapping[tuple[int, str], torch.Tensor]
+) -> list[tuple[nn.Linear, torch.Tensor]]:
     """W[:, P]·x̄_P (float64) for every o_proj/down_proj that loses input channels; blocks that go are skipped.
 
     ``means[(layer, site)]`` is the calibration mean of that projection's input over the original channels.
@@ -66,21 +68,24 @@ def bias_deltas(model: nn.Module, plan: PrunePlan, means: Mapping[tuple[int, str
             linear = getattr(adapter, site)(layer)
             mean = means[(i, site)].to(torch.float64)
             if mean.shape[0] != linear.in_features:
-                raise PruningError(f"layer {i} {site}: calibration mean has {mean.shape[0]} channels, the "
-                                   f"projection {linear.in_features}; collect statistics on the model you prune")
+                raise PruningError(
+                    f"layer {i} {site}: calibration mean has {mean.shape[0]} channels, the "
+                    f"projection {linear.in_features}; collect statistics on the model you prune"
+                )
             w = linear.weight.detach().to(torch.float64)
             idx = idx.to(w.device)
             out.append((linear, w[:, idx] @ mean.to(w.device)[idx]))
     return out
 
 
-def bias_compensation(model: nn.Module, plan: PrunePlan, means: Mapping[tuple[int, str], torch.Tensor],
-                      surgery: str = "remove") -> nn.Module:
+def bias_compensation(
+    model: nn.Module, plan: PrunePlan, means: Mapping[tuple[int, str], torch.Tensor], surgery: str = "remove"
+) -> nn.Module:
     """Surgery (``remove``: physical, ``mask``: zeroing, FLAP's ``--unstr``) plus FLAP's bias, in place."""
     if surgery not in SURGERY:
         raise PruningError(f"surgery must be one of {SURGERY}, got {surgery!r}")
-    deltas = bias_deltas(model, plan, means)        # from the original weights, before any column goes
+    deltas = bias_deltas(model, plan, means)  # from the original weights, before any column goes
     (apply_plan if surgery == "remove" else mask_plan)(model, plan)
-    for linear, delta in deltas:                    # module objects survive surgery (only their weights change)
+    for linear, delta in deltas:  # module objects survive surgery (only their weights change)
         add_bias(linear, delta)
     return model

@@ -29,8 +29,17 @@ from typing import NamedTuple
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import (AttentionInterface, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (
+    AttentionInterface,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
 from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
@@ -44,16 +53,22 @@ class Family(NamedTuple):
     layer: type
 
 
-FAMILIES = {   # the family name is the base model_type; pruning.models has one adapter per entry
+FAMILIES = {  # the family name is the base model_type; pruning.models has one adapter per entry
     "llama": Family(LlamaConfig, LlamaForCausalLM, LlamaDecoderLayer),
     "mistral": Family(MistralConfig, MistralForCausalLM, MistralDecoderLayer),
     "qwen2": Family(Qwen2Config, Qwen2ForCausalLM, Qwen2DecoderLayer),
     "qwen3": Family(Qwen3Config, Qwen3ForCausalLM, Qwen3DecoderLayer),
 }
 
-PER_LAYER = ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_size",
-             "layer_o_proj_bias", "layer_down_proj_bias", "layer_kv_group_sizes")
-UNEVEN_GQA = "uneven_gqa"   # the registered attention function of layers with uneven KV groups
+PER_LAYER = (
+    "layer_num_attention_heads",
+    "layer_num_key_value_heads",
+    "layer_intermediate_size",
+    "layer_o_proj_bias",
+    "layer_down_proj_bias",
+    "layer_kv_group_sizes",
+)
+UNEVEN_GQA = "uneven_gqa"  # the registered attention function of layers with uneven KV groups
 
 
 # ------------------------------------------------------------------------------------------- uneven GQA groups
@@ -69,7 +84,7 @@ class _UnevenGQAConfig:
 
     def __getattr__(self, name: str):
         base = self.__dict__.get("base")
-        if base is None:           # copy/pickle probe an instance before __init__ ran
+        if base is None:  # copy/pickle probe an instance before __init__ ran
             raise AttributeError(name)
         return getattr(base, name)
 
@@ -78,12 +93,13 @@ class _UnevenGQAConfig:
         return UNEVEN_GQA
 
 
-def uneven_gqa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         attention_mask, **kwargs):
+def uneven_gqa_attention(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, **kwargs
+):
     """Attention with one KV head per query head picked by the layer's map, then the model's own implementation."""
     index = torch.tensor(module.kv_head_of_query, dtype=torch.long, device=key.device)
     key, value = key.index_select(1, index), value.index_select(1, index)
-    eager = sys.modules[type(module).__module__].eager_attention_forward   # the family's own, as its forward passes
+    eager = sys.modules[type(module).__module__].eager_attention_forward  # the family's own, as its forward passes
     fn = ALL_ATTENTION_FUNCTIONS.get_interface(module.config.base._attn_implementation, eager)
     return fn(module, query, key, value, attention_mask, **kwargs)
 
@@ -130,7 +146,7 @@ def family_name(model_type: str) -> str:
     """``pruned_qwen2`` / ``sliced_qwen2`` / ``qwen2`` -> ``qwen2``."""
     for prefix in ("pruned_", "sliced_"):
         if model_type.startswith(prefix):
-            return model_type[len(prefix):]
+            return model_type[len(prefix) :]
     return model_type
 
 
@@ -144,10 +160,10 @@ class PerLayerWidths:
     layer_num_attention_heads: list[int] | None = None
     layer_num_key_value_heads: list[int] | None = None
     layer_intermediate_size: list[int] | None = None
-    layer_o_proj_bias: list[bool] | None = None    # biases beyond the family's own (FLAP's compensation)
+    layer_o_proj_bias: list[bool] | None = None  # biases beyond the family's own (FLAP's compensation)
     layer_down_proj_bias: list[bool] | None = None
-    layer_kv_group_sizes: list[list[int]] | None = None   # query heads per kept KV head; None: even everywhere
-    rms_norm_mean_dim: int | None = None   # hidden-pruned: RMSNorm divides by this (the original hidden size)
+    layer_kv_group_sizes: list[list[int]] | None = None  # query heads per kept KV head; None: even everywhere
+    rms_norm_mean_dim: int | None = None  # hidden-pruned: RMSNorm divides by this (the original hidden size)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -177,8 +193,9 @@ class PerLayerWidths:
         for i, (h, k) in enumerate(zip(heads, kv)):
             if groups is not None:
                 if len(groups[i]) != k or sum(groups[i]) != h or min(groups[i], default=0) < 1:
-                    raise ValueError(f"layer {i}: KV group sizes {groups[i]} do not split {h} query heads over "
-                                     f"{k} KV heads")
+                    raise ValueError(
+                        f"layer {i}: KV group sizes {groups[i]} do not split {h} query heads over {k} KV heads"
+                    )
             elif k < 1 or h < 1 or h % k:
                 raise ValueError(f"layer {i}: {h} query heads cannot share {k} KV heads evenly")
 
@@ -240,8 +257,13 @@ def _use_mean_dim_norms(model: nn.Module, mean_dim: int) -> None:
 def pruned_family(name: str, family: Family) -> tuple[type, type]:
     """(config class, model class) of ``pruned_<name>``, subclasses of the family's own."""
     stem = family.model.__name__[: -len("ForCausalLM")]
-    config_cls = strict(type(f"Pruned{stem}Config", (PerLayerWidths, family.config),
-                             {"model_type": f"pruned_{name}", "__module__": __name__}))
+    config_cls = strict(
+        type(
+            f"Pruned{stem}Config",
+            (PerLayerWidths, family.config),
+            {"model_type": f"pruned_{name}", "__module__": __name__},
+        )
+    )
 
     def __init__(self, config) -> None:
         family.model.__init__(self, config)
@@ -251,8 +273,11 @@ def pruned_family(name: str, family: Family) -> tuple[type, type]:
             _use_mean_dim_norms(self, config.rms_norm_mean_dim)
         self.post_init()
 
-    model_cls = type(f"Pruned{stem}ForCausalLM", (family.model,),
-                     {"config_class": config_cls, "__init__": __init__, "__module__": __name__})
+    model_cls = type(
+        f"Pruned{stem}ForCausalLM",
+        (family.model,),
+        {"config_class": config_cls, "__init__": __init__, "__module__": __name__},
+    )
     return config_cls, model_cls
 
 

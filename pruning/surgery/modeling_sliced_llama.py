@@ -26,8 +26,14 @@ from torch import nn
 
 from .modeling_pruned_llama import FAMILIES, Family
 
-SLICED_PER_LAYER = ("layer_attn_input_dim", "layer_mlp_input_dim", "layer_mlp_output_dim",
-                    "layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_size")
+SLICED_PER_LAYER = (
+    "layer_attn_input_dim",
+    "layer_mlp_input_dim",
+    "layer_mlp_output_dim",
+    "layer_num_attention_heads",
+    "layer_num_key_value_heads",
+    "layer_intermediate_size",
+)
 
 
 @dataclass(kw_only=True, repr=False)
@@ -36,15 +42,15 @@ class SlicedWidths:
     the family's fields; the sliced widths are per layer."""
 
     head_dim: int | None = None
-    rms_norm_mean_dim: int | None = None           # the norms divide Σx² by this (the original hidden size)
-    embedding_dim: int | None = None               # width of the embeddings = layer 0's attention input
+    rms_norm_mean_dim: int | None = None  # the norms divide Σx² by this (the original hidden size)
+    embedding_dim: int | None = None  # width of the embeddings = layer 0's attention input
     layer_attn_input_dim: list[int] | None = None  # a_l
-    layer_mlp_input_dim: list[int] | None = None   # m_l
+    layer_mlp_input_dim: list[int] | None = None  # m_l
     layer_mlp_output_dim: list[int] | None = None  # o_l (= a_{l+1}; the last one is lm_head's input width)
     layer_num_attention_heads: list[int] | None = None
     layer_num_key_value_heads: list[int] | None = None
     layer_intermediate_size: list[int] | None = None
-    shortcuts: bool = True                         # False: identity residual (fused but not yet rotated)
+    shortcuts: bool = True  # False: identity residual (fused but not yet rotated)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -54,10 +60,14 @@ class SlicedWidths:
             self.head_dim = d // self.num_attention_heads
         self.rms_norm_mean_dim = self.rms_norm_mean_dim or d
         self.embedding_dim = self.embedding_dim or d
-        for name, default in (("layer_attn_input_dim", d), ("layer_mlp_input_dim", d), ("layer_mlp_output_dim", d),
-                              ("layer_num_attention_heads", self.num_attention_heads),
-                              ("layer_num_key_value_heads", self.num_key_value_heads),
-                              ("layer_intermediate_size", self.intermediate_size)):
+        for name, default in (
+            ("layer_attn_input_dim", d),
+            ("layer_mlp_input_dim", d),
+            ("layer_mlp_output_dim", d),
+            ("layer_num_attention_heads", self.num_attention_heads),
+            ("layer_num_key_value_heads", self.num_key_value_heads),
+            ("layer_intermediate_size", self.intermediate_size),
+        ):
             if getattr(self, name) is None:
                 setattr(self, name, [default] * n)
 
@@ -112,8 +122,11 @@ class SlicedLayer(nn.Module):
         super().__init__(config, layer_idx)
         i, hd = layer_idx, config.head_dim
         a, m, o = config.layer_attn_input_dim[i], config.layer_mlp_input_dim[i], config.layer_mlp_output_dim[i]
-        h, kv, inter = (config.layer_num_attention_heads[i], config.layer_num_key_value_heads[i],
-                        config.layer_intermediate_size[i])
+        h, kv, inter = (
+            config.layer_num_attention_heads[i],
+            config.layer_num_key_value_heads[i],
+            config.layer_intermediate_size[i],
+        )
         attn, mlp = self.self_attn, self.mlp
         attn.q_proj = _linear(attn.q_proj, a, h * hd)
         attn.k_proj = _linear(attn.k_proj, a, kv * hd)
@@ -132,13 +145,26 @@ class SlicedLayer(nn.Module):
         else:
             self.attn_shortcut_Q = self.mlp_shortcut_Q = None
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
-                position_embeddings=None, **kwargs):
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        use_cache=False,
+        position_embeddings=None,
+        **kwargs,
+    ):
         residual = hidden_states
         hidden_states, _ = self.self_attn(
-            hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
-            position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
-            position_embeddings=position_embeddings, **kwargs)
+            hidden_states=self.input_layernorm(hidden_states),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
         if self.attn_shortcut_Q is not None:
             residual = residual @ self.attn_shortcut_Q
         hidden_states = residual + hidden_states
@@ -167,7 +193,7 @@ class SlicedModel(nn.Module):
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, SlicedLayer) and module.attn_shortcut_Q is not None:
-            with torch.no_grad():   # identity-like start; real checkpoints overwrite it
+            with torch.no_grad():  # identity-like start; real checkpoints overwrite it
                 module.attn_shortcut_Q.copy_(torch.eye(*module.attn_shortcut_Q.shape))
                 module.mlp_shortcut_Q.copy_(torch.eye(*module.mlp_shortcut_Q.shape))
 
@@ -182,11 +208,19 @@ class Sliced(NamedTuple):
 
 def sliced_family(name: str, family: Family) -> Sliced:
     stem = family.model.__name__[: -len("ForCausalLM")]
-    config_cls = strict(type(f"Sliced{stem}Config", (SlicedWidths, family.config),
-                             {"model_type": f"sliced_{name}", "__module__": __name__}))
+    config_cls = strict(
+        type(
+            f"Sliced{stem}Config",
+            (SlicedWidths, family.config),
+            {"model_type": f"sliced_{name}", "__module__": __name__},
+        )
+    )
     layer_cls = type(f"Sliced{stem}DecoderLayer", (SlicedLayer, family.layer), {"__module__": __name__})
-    model_cls = type(f"Sliced{stem}ForCausalLM", (SlicedModel, family.model),
-                     {"config_class": config_cls, "_sliced_layer": layer_cls, "__module__": __name__})
+    model_cls = type(
+        f"Sliced{stem}ForCausalLM",
+        (SlicedModel, family.model),
+        {"config_class": config_cls, "_sliced_layer": layer_cls, "__module__": __name__},
+    )
     return Sliced(config_cls, layer_cls, model_cls)
 
 

@@ -38,8 +38,10 @@ def obs_update(weight: torch.Tensor, xtx: torch.Tensor, pruned: torch.Tensor, da
     h = 2.0 * xtx.detach().to("cpu", torch.float64)
     d = w.shape[1]
     if h.shape != (d, d):
-        raise PruningError(f"OBS compensation: XᵀX is {tuple(h.shape)}, the weight has {d} input channels; "
-                           "collect statistics on the model you prune")
+        raise PruningError(
+            f"OBS compensation: XᵀX is {tuple(h.shape)}, the weight has {d} input channels; "
+            "collect statistics on the model you prune"
+        )
     if damp < 0:
         raise PruningError(f"compensation damping must be >= 0, got {damp}")
     if damp > 0:
@@ -56,15 +58,14 @@ def obs_update(weight: torch.Tensor, xtx: torch.Tensor, pruned: torch.Tensor, da
     rhs = h[k][:, p] @ w[:, p].T
     try:
         delta = torch.linalg.solve(h[k][:, k], rhs)
-    except RuntimeError:        # singular without damping: the minimum-norm least-squares solution
+    except RuntimeError:  # singular without damping: the minimum-norm least-squares solution
         delta = torch.linalg.lstsq(h[k][:, k], rhs, driver="gelsd").solution
     out[:, k] += delta.T
     out[:, p] = 0.0
     return out
 
 
-def _compensate_layer(adapter, layer_idx: int, plan: PrunePlan, xtx: Mapping[str, torch.Tensor],
-                      damp: float) -> None:
+def _compensate_layer(adapter, layer_idx: int, plan: PrunePlan, xtx: Mapping[str, torch.Tensor], damp: float) -> None:
     """Refit one layer's o_proj/down_proj in place (pruned columns become 0)."""
     layer = adapter.layers[layer_idx]
     for site, idx in removed_inputs(adapter, plan, layer_idx).items():
@@ -76,9 +77,17 @@ def _compensate_layer(adapter, layer_idx: int, plan: PrunePlan, xtx: Mapping[str
             linear.weight.copy_(new.to(linear.weight.dtype))
 
 
-def obs_compensation(model: nn.Module, plan: PrunePlan, calib: torch.Tensor | None = None,
-                     comp_inputs: str = "sequential", damp: float = 0.01, xtx: Mapping | None = None,
-                     batch_size: int = 8, progress: bool = True, surgery: bool = True) -> nn.Module:
+def obs_compensation(
+    model: nn.Module,
+    plan: PrunePlan,
+    calib: torch.Tensor | None = None,
+    comp_inputs: str = "sequential",
+    damp: float = 0.01,
+    xtx: Mapping | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    surgery: bool = True,
+) -> nn.Module:
     """Compensate every layer the plan touches, then (``surgery``) remove the plan's units physically.
 
     ``xtx[(layer, site)]`` may supply dense-model Gram matrices (``comp_inputs='dense'``), else they are collected.
@@ -95,15 +104,14 @@ def obs_compensation(model: nn.Module, plan: PrunePlan, calib: torch.Tensor | No
         stats = {"o_proj": ("xtx",), "down_proj": ("xtx",)}
         if comp_inputs == "dense":
             if xtx is None or any((i, s) not in xtx for i in layers for s in removed_inputs(adapter, plan, i)):
-                got = collect(model, calib, stats=stats, layers=layers, mode="dense", batch_size=batch_size,
-                              progress=progress)
+                got = collect(
+                    model, calib, stats=stats, layers=layers, mode="dense", batch_size=batch_size, progress=progress
+                )
                 xtx = {(i, s): st.xtx for i in got.layers for s, st in got[i].sites.items()}
             for i in layers:
                 _compensate_layer(adapter, i, plan, {s: xtx[(i, s)] for s in SITES if (i, s) in xtx}, damp)
         else:
-            for step in sequential(model, calib, stats=stats, layers=layers, batch_size=batch_size,
-                                   progress=progress):
-                _compensate_layer(adapter, step.layer, plan,
-                                  {s: st.xtx for s, st in step.stats.sites.items()}, damp)
-                step.drop(plan)     # pruned columns are already 0; this only keeps the pass honest
+            for step in sequential(model, calib, stats=stats, layers=layers, batch_size=batch_size, progress=progress):
+                _compensate_layer(adapter, step.layer, plan, {s: st.xtx for s, st in step.stats.sites.items()}, damp)
+                step.drop(plan)  # pruned columns are already 0; this only keeps the pass honest
     return apply_plan(model, plan) if surgery else model

@@ -10,13 +10,13 @@ import json
 from dataclasses import dataclass, field
 
 PLAN_KINDS = ("kv_group", "q_head", "mlp", "hidden")
-MODEL_WIDE = -1   # the "layer" key of model-wide kinds (hidden channels)
+MODEL_WIDE = -1  # the "layer" key of model-wide kinds (hidden channels)
 
 
 @dataclass
 class PrunePlan:
-    remove: dict[str, dict[int, list[int]]] = field(default_factory=dict)   # kind -> layer -> unit ids
-    blocks: list[int] = field(default_factory=list)                        # decoder layers to delete
+    remove: dict[str, dict[int, list[int]]] = field(default_factory=dict)  # kind -> layer -> unit ids
+    blocks: list[int] = field(default_factory=list)  # decoder layers to delete
     meta: dict = field(default_factory=dict)
 
     def add(self, kind: str, layer: int, units) -> None:
@@ -37,8 +37,11 @@ class PrunePlan:
         return not self.blocks and not any(v for per in self.remove.values() for v in per.values())
 
     def to_dict(self) -> dict:
-        return {"remove": {k: {str(l): v for l, v in per.items() if v} for k, per in self.remove.items()},
-                "blocks": list(self.blocks), "meta": self.meta}
+        return {
+            "remove": {k: {str(l): v for l, v in per.items() if v} for k, per in self.remove.items()},
+            "blocks": list(self.blocks),
+            "meta": self.meta,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "PrunePlan":

@@ -21,8 +21,16 @@ from torch import nn
 from pruning.models.adapter import adapter_for
 from pruning.surgery.modeling_pruned_llama import FAMILIES, PER_LAYER, PRUNED, MeanDimRMSNorm
 
-_DROP = ("auto_map", "architectures", "model_type", "transformers_version", "_name_or_path", "_model_name_or_path",
-         "quantization_config", "rms_norm_mean_dim") + PER_LAYER
+_DROP = (
+    "auto_map",
+    "architectures",
+    "model_type",
+    "transformers_version",
+    "_name_or_path",
+    "_model_name_or_path",
+    "quantization_config",
+    "rms_norm_mean_dim",
+) + PER_LAYER
 
 
 def _shapes(model: nn.Module) -> dict[str, tuple]:
@@ -42,35 +50,54 @@ def export_config(model: nn.Module):
     widths = adapter.all_widths()
     base = {k: v for k, v in model.config.to_dict().items() if k not in _DROP}
     base["num_hidden_layers"] = len(widths)
-    base["tie_word_embeddings"] = adapter.is_tied   # the tensors decide: a surgery that unties them saves two
+    base["tie_word_embeddings"] = adapter.is_tied  # the tensors decide: a surgery that unties them saves two
     if base.get("layer_types") is not None:
         base["layer_types"] = list(base["layer_types"])[: len(widths)]
-    base["hidden_size"] = adapter.embed_tokens.weight.shape[1]     # hidden-channel pruning shrinks it
-    base["head_dim"] = adapter.head_dim            # explicit: Qwen2 would otherwise derive it from hidden / heads
-    mean_dim = next((m.mean_dim for m in model.modules()           # ...and may keep the norms' original divisor
-                     if isinstance(m, MeanDimRMSNorm) and m.mean_dim != base["hidden_size"]), None)
+    base["hidden_size"] = adapter.embed_tokens.weight.shape[1]  # hidden-channel pruning shrinks it
+    base["head_dim"] = adapter.head_dim  # explicit: Qwen2 would otherwise derive it from hidden / heads
+    mean_dim = next(
+        (
+            m.mean_dim
+            for m in model.modules()  # ...and may keep the norms' original divisor
+            if isinstance(m, MeanDimRMSNorm) and m.mean_dim != base["hidden_size"]
+        ),
+        None,
+    )
     heads = [w.num_heads for w in widths]
     kv = [w.num_kv_heads for w in widths]
     inter = [w.intermediate_size for w in widths]
-    o_bias = [w.o_proj_bias and not base.get("attention_bias") for w in widths]   # beyond the family's own
+    o_bias = [w.o_proj_bias and not base.get("attention_bias") for w in widths]  # beyond the family's own
     d_bias = [w.down_proj_bias and not base.get("mlp_bias") for w in widths]
     even = all(w.even for w in widths)
-    groups = None if even else [list(w.kv_group_sizes) for w in widths]   # uneven GQA: the query-to-KV map
+    groups = None if even else [list(w.kv_group_sizes) for w in widths]  # uneven GQA: the query-to-KV map
     if widths:
         base.update(num_attention_heads=heads[0], num_key_value_heads=kv[0], intermediate_size=inter[0])
-    uniform = (len(set(heads)) == 1 and len(set(kv)) == 1 and len(set(inter)) == 1 and even
-               and not any(o_bias) and not any(d_bias) and mean_dim is None)
+    uniform = (
+        len(set(heads)) == 1
+        and len(set(kv)) == 1
+        and len(set(inter)) == 1
+        and even
+        and not any(o_bias)
+        and not any(d_bias)
+        and mean_dim is None
+    )
     if uniform:
         try:
             plain = family.config(**base)
-        except (ValueError, TypeError, StrictDataclassError):   # e.g. LlamaConfig: hidden_size % heads != 0
+        except (ValueError, TypeError, StrictDataclassError):  # e.g. LlamaConfig: hidden_size % heads != 0
             plain = None
         if plain is not None and _plain_fits(plain, model, family.model):
             return plain
-    return PRUNED[adapter.family][0](**base, layer_num_attention_heads=heads, layer_num_key_value_heads=kv,
-                                     layer_intermediate_size=inter, layer_o_proj_bias=o_bias,
-                                     layer_down_proj_bias=d_bias, layer_kv_group_sizes=groups,
-                                     rms_norm_mean_dim=mean_dim)
+    return PRUNED[adapter.family][0](
+        **base,
+        layer_num_attention_heads=heads,
+        layer_num_key_value_heads=kv,
+        layer_intermediate_size=inter,
+        layer_o_proj_bias=o_bias,
+        layer_down_proj_bias=d_bias,
+        layer_kv_group_sizes=groups,
+        rms_norm_mean_dim=mean_dim,
+    )
 
 
 def save_pruned(model: nn.Module, out_dir: str | Path, tokenizer=None, meta: dict | None = None) -> Path:

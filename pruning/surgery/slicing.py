@@ -20,8 +20,22 @@ from pruning.surgery.save import write_checkpoint
 from pruning.surgery.modeling_pruned_llama import PER_LAYER
 from pruning.surgery.modeling_sliced_llama import RMSN, SLICED, SLICED_PER_LAYER, SlicedWidths
 
-_DROP = ("auto_map", "architectures", "model_type", "transformers_version", "_name_or_path", "_model_name_or_path",
-         "quantization_config", "rms_norm_mean_dim", "embedding_dim", "shortcuts") + PER_LAYER + SLICED_PER_LAYER
+_DROP = (
+    (
+        "auto_map",
+        "architectures",
+        "model_type",
+        "transformers_version",
+        "_name_or_path",
+        "_model_name_or_path",
+        "quantization_config",
+        "rms_norm_mean_dim",
+        "embedding_dim",
+        "shortcuts",
+    )
+    + PER_LAYER
+    + SLICED_PER_LAYER
+)
 
 
 # --------------------------------------------------------------------------------------------------- fusion
@@ -46,14 +60,26 @@ def check_sliceable(model: nn.Module) -> None:
     adapter = adapter_for(model)
     for i, layer in enumerate(adapter.layers):
         if any(getattr(adapter, n)(layer).bias is not None for n in ("o_proj", "gate_proj", "up_proj", "down_proj")):
-            raise PruningError(f"SliceGPT: layer {i} has o/gate/up/down biases (e.g. FLAP's compensation), which "
-                               "this surgery does not rotate; slice the unpruned or bias-free model")
-        if len({adapter.q_proj(layer).in_features, adapter.gate_proj(layer).in_features,
-                adapter.o_proj(layer).out_features}) != 1:
+            raise PruningError(
+                f"SliceGPT: layer {i} has o/gate/up/down biases (e.g. FLAP's compensation), which "
+                "this surgery does not rotate; slice the unpruned or bias-free model"
+            )
+        if (
+            len(
+                {
+                    adapter.q_proj(layer).in_features,
+                    adapter.gate_proj(layer).in_features,
+                    adapter.o_proj(layer).out_features,
+                }
+            )
+            != 1
+        ):
             raise PruningError(f"SliceGPT: layer {i} does not have a uniform residual width")
         if not adapter.widths(layer).even:
-            raise PruningError(f"SliceGPT: layer {i} has uneven KV groups (query heads pruned one by one), which the "
-                               "sliced save format does not hold; slice a model with even GQA groups")
+            raise PruningError(
+                f"SliceGPT: layer {i} has uneven KV groups (query heads pruned one by one), which the "
+                "sliced save format does not hold; slice a model with even GQA groups"
+            )
 
 
 def fuse_norms(model: nn.Module, center_embeddings: bool = False) -> nn.Module:
@@ -77,8 +103,10 @@ def fuse_norms(model: nn.Module, center_embeddings: bool = False) -> nn.Module:
         with torch.no_grad():
             w.copy_((w.double() - w.double().mean(dim=-1, keepdim=True)).to(w.dtype))
     for layer in adapter.layers:
-        for norm, lins in ((adapter.input_norm(layer), ("q_proj", "k_proj", "v_proj")),
-                           (adapter.post_attention_norm(layer), ("gate_proj", "up_proj"))):
+        for norm, lins in (
+            (adapter.input_norm(layer), ("q_proj", "k_proj", "v_proj")),
+            (adapter.post_attention_norm(layer), ("gate_proj", "up_proj")),
+        ):
             scale = _norm_scale(norm)
             for name in lins:
                 if scale is not None:
@@ -86,7 +114,7 @@ def fuse_norms(model: nn.Module, center_embeddings: bool = False) -> nn.Module:
         eps = adapter.input_norm(layer).variance_epsilon
         layer.input_layernorm = RMSN(mean_dim, eps)
         layer.post_attention_layernorm = RMSN(mean_dim, adapter.post_attention_norm(layer).variance_epsilon)
-        layer.__class__ = SLICED[adapter.family].layer   # same modules; its forward adds the (absent) shortcuts
+        layer.__class__ = SLICED[adapter.family].layer  # same modules; its forward adds the (absent) shortcuts
         layer.register_parameter("attn_shortcut_Q", None)
         layer.register_parameter("mlp_shortcut_Q", None)
     scale = _norm_scale(adapter.final_norm)
@@ -111,19 +139,29 @@ def sliced_config(model: nn.Module, shortcuts: bool, mean_dim: int) -> SlicedWid
     base = {k: v for k, v in model.config.to_dict().items() if k not in _DROP}
     widths = adapter.all_widths()
     layers = list(adapter.layers)
-    base.update(hidden_size=mean_dim, num_hidden_layers=len(layers), tie_word_embeddings=False,
-                num_attention_heads=widths[0].num_heads, num_key_value_heads=widths[0].num_kv_heads,
-                intermediate_size=widths[0].intermediate_size, head_dim=adapter.head_dim)
+    base.update(
+        hidden_size=mean_dim,
+        num_hidden_layers=len(layers),
+        tie_word_embeddings=False,
+        num_attention_heads=widths[0].num_heads,
+        num_key_value_heads=widths[0].num_kv_heads,
+        intermediate_size=widths[0].intermediate_size,
+        head_dim=adapter.head_dim,
+    )
     if base.get("layer_types") is not None:
         base["layer_types"] = list(base["layer_types"])[: len(layers)]
     return SLICED[adapter.family].config(
-        **base, rms_norm_mean_dim=mean_dim, embedding_dim=adapter.embed_tokens.weight.shape[1], shortcuts=shortcuts,
+        **base,
+        rms_norm_mean_dim=mean_dim,
+        embedding_dim=adapter.embed_tokens.weight.shape[1],
+        shortcuts=shortcuts,
         layer_attn_input_dim=[adapter.q_proj(l).in_features for l in layers],
         layer_mlp_input_dim=[adapter.gate_proj(l).in_features for l in layers],
         layer_mlp_output_dim=[adapter.down_proj(l).out_features for l in layers],
         layer_num_attention_heads=[w.num_heads for w in widths],
         layer_num_key_value_heads=[w.num_kv_heads for w in widths],
-        layer_intermediate_size=[w.intermediate_size for w in widths])
+        layer_intermediate_size=[w.intermediate_size for w in widths],
+    )
 
 
 def refresh_config(model: nn.Module) -> None:
@@ -135,8 +173,9 @@ def refresh_config(model: nn.Module) -> None:
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> nn.Linear:
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=like.weight.device,
-                    dtype=like.weight.dtype)
+    new = nn.Linear(
+        weight.shape[1], weight.shape[0], bias=bias is not None, device=like.weight.device, dtype=like.weight.dtype
+    )
     with torch.no_grad():
         new.weight.copy_(weight)
         if bias is not None:
@@ -212,8 +251,17 @@ def fixed_params(model: nn.Module) -> int:
     return total
 
 
-def sliced_num_params(vocab: int, head_dim: int, heads: list[int], kv_heads: list[int], inter: list[int],
-                      attn_in: list[int], mlp_in: list[int], mlp_out: list[int], fixed: int = 0) -> int:
+def sliced_num_params(
+    vocab: int,
+    head_dim: int,
+    heads: list[int],
+    kv_heads: list[int],
+    inter: list[int],
+    attn_in: list[int],
+    mlp_in: list[int],
+    mlp_out: list[int],
+    fixed: int = 0,
+) -> int:
     """Closed form of the rotated model's parameters (METHODS.md §1.1 plus §3.6 shortcuts; norms hold none):
     V·a_0 + Σ_l [a_l·d_h·(H_l+2H_kv,l) + H_l·d_h·m_l + a_l·m_l + 2·I_l·m_l + I_l·o_l + m_l·o_l] + V·o_L + fixed
     (``fixed_params``: q/k/v biases, q/k norms)."""

@@ -25,12 +25,12 @@ ACC_NORM = {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": Tru
 @dataclass(frozen=True)
 class LocalTask:
     name: str
-    yaml: str                          # the installed lm-eval YAML this copies (relative to lm_eval/tasks)
-    files: dict[str, str]              # role -> path under the data root
-    n_docs: int                        # documents in the local file (METHODS.md §1.5 table)
-    split: str                         # the split lm-eval evaluates for this task
+    yaml: str  # the installed lm-eval YAML this copies (relative to lm_eval/tasks)
+    files: dict[str, str]  # role -> path under the data root
+    n_docs: int  # documents in the local file (METHODS.md §1.5 table)
+    split: str  # the split lm-eval evaluates for this task
     loader: Callable[[dict[str, Path]], list[dict]]
-    prompt: dict[str, Any]             # lm-eval config keys copied from the YAML
+    prompt: dict[str, Any]  # lm-eval config keys copied from the YAML
     metrics: tuple[str, ...] = ("acc", "acc_norm")
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -43,7 +43,7 @@ class LocalTask:
 
         return {
             "task": self.name,
-            "dataset_path": f"local:{self.name}",   # never used: custom_dataset takes precedence
+            "dataset_path": f"local:{self.name}",  # never used: custom_dataset takes precedence
             "custom_dataset": custom_dataset,
             "output_type": "multiple_choice",
             f"{split}_split": split,
@@ -60,31 +60,97 @@ _ARC_PROMPT = {
     "doc_to_choice": "{{choices.text}}",
 }
 
-TASKS: dict[str, LocalTask] = {t.name: t for t in (
-    LocalTask("boolq", "super_glue/boolq/default.yaml", {"data": "zeroshot/boolq/val.jsonl"}, 3270, "validation",
-              utils.load_boolq,
-              {"doc_to_text": "{{passage}}\nQuestion: {{question}}?\nAnswer:", "doc_to_target": "label",
-               "doc_to_choice": ["no", "yes"]}, extra={"version": 2.0}),
-    LocalTask("piqa", "piqa/piqa.yaml",
-              {"data": "zeroshot/piqa/valid.jsonl", "labels": "zeroshot/piqa/valid-labels.lst"}, 1838, "validation",
-              utils.load_piqa,
-              {"doc_to_text": "Question: {{goal}}\nAnswer:", "doc_to_target": "label",
-               "doc_to_choice": "{{[sol1, sol2]}}"}),
-    LocalTask("hellaswag", "hellaswag/hellaswag.yaml", {"data": "zeroshot/hellaswag/hellaswag_val_full.txt.bz2"},
-              10042, "validation", utils.load_hellaswag,
-              {"process_docs": utils.process_docs, "doc_to_text": "{{query}}", "doc_to_target": "{{label}}",
-               "doc_to_choice": "choices"}),
-    LocalTask("winogrande", "winogrande/default.yaml",
-              {"data": "zeroshot/winogrande/dev_llm-adapters-format.json",
-               "labels": "zeroshot/winogrande/dev-labels.lst"}, 1267, "validation", utils.load_winogrande,
-              {"doc_to_text": utils.winogrande_doc_to_text, "doc_to_target": utils.winogrande_doc_to_target,
-               "doc_to_choice": utils.winogrande_doc_to_choice}, metrics=("acc",)),
-    LocalTask("arc_easy", "arc/arc_easy.yaml", {"data": "zeroshot/arc/ARC-Easy-Test.jsonl"}, 2376, "test",
-              utils.load_arc_easy, _ARC_PROMPT),
-    LocalTask("arc_challenge", "arc/arc_challenge.yaml", {"data": "zeroshot/arc/ARC-Challenge-Test.jsonl"}, 1172,
-              "test", utils.load_arc_challenge, _ARC_PROMPT),
-    LocalTask("openbookqa", "openbookqa/openbookqa.yaml", {"data": "zeroshot/openbookqa/test.tsv"}, 500, "test",
-              utils.load_openbookqa,
-              {"doc_to_text": "question_stem", "doc_to_target": "{{choices.label.index(answerKey.lstrip())}}",
-               "doc_to_choice": "{{choices.text}}"}),
-)}
+TASKS: dict[str, LocalTask] = {
+    t.name: t
+    for t in (
+        LocalTask(
+            "boolq",
+            "super_glue/boolq/default.yaml",
+            {"data": "zeroshot/boolq/val.jsonl"},
+            3270,
+            "validation",
+            utils.load_boolq,
+            {
+                "doc_to_text": "{{passage}}\nQuestion: {{question}}?\nAnswer:",
+                "doc_to_target": "label",
+                "doc_to_choice": ["no", "yes"],
+            },
+            extra={"version": 2.0},
+        ),
+        LocalTask(
+            "piqa",
+            "piqa/piqa.yaml",
+            {"data": "zeroshot/piqa/valid.jsonl", "labels": "zeroshot/piqa/valid-labels.lst"},
+            1838,
+            "validation",
+            utils.load_piqa,
+            {
+                "doc_to_text": "Question: {{goal}}\nAnswer:",
+                "doc_to_target": "label",
+                "doc_to_choice": "{{[sol1, sol2]}}",
+            },
+        ),
+        LocalTask(
+            "hellaswag",
+            "hellaswag/hellaswag.yaml",
+            {"data": "zeroshot/hellaswag/hellaswag_val_full.txt.bz2"},
+            10042,
+            "validation",
+            utils.load_hellaswag,
+            {
+                "process_docs": utils.process_docs,
+                "doc_to_text": "{{query}}",
+                "doc_to_target": "{{label}}",
+                "doc_to_choice": "choices",
+            },
+        ),
+        LocalTask(
+            "winogrande",
+            "winogrande/default.yaml",
+            {
+                "data": "zeroshot/winogrande/dev_llm-adapters-format.json",
+                "labels": "zeroshot/winogrande/dev-labels.lst",
+            },
+            1267,
+            "validation",
+            utils.load_winogrande,
+            {
+                "doc_to_text": utils.winogrande_doc_to_text,
+                "doc_to_target": utils.winogrande_doc_to_target,
+                "doc_to_choice": utils.winogrande_doc_to_choice,
+            },
+            metrics=("acc",),
+        ),
+        LocalTask(
+            "arc_easy",
+            "arc/arc_easy.yaml",
+            {"data": "zeroshot/arc/ARC-Easy-Test.jsonl"},
+            2376,
+            "test",
+            utils.load_arc_easy,
+            _ARC_PROMPT,
+        ),
+        LocalTask(
+            "arc_challenge",
+            "arc/arc_challenge.yaml",
+            {"data": "zeroshot/arc/ARC-Challenge-Test.jsonl"},
+            1172,
+            "test",
+            utils.load_arc_challenge,
+            _ARC_PROMPT,
+        ),
+        LocalTask(
+            "openbookqa",
+            "openbookqa/openbookqa.yaml",
+            {"data": "zeroshot/openbookqa/test.tsv"},
+            500,
+            "test",
+            utils.load_openbookqa,
+            {
+                "doc_to_text": "question_stem",
+                "doc_to_target": "{{choices.label.index(answerKey.lstrip())}}",
+                "doc_to_choice": "{{choices.text}}",
+            },
+        ),
+    )
+}

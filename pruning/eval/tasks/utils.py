@@ -34,12 +34,31 @@ from pruning.errors import DataError
 
 # The 21 WikiHow top-level categories that occur as HellaSwag activity labels (6,799 validation items); every
 # other label is an ActivityNet activity (3,243 items). Counted on the local file; the split matches the paper's.
-WIKIHOW_CATEGORIES = frozenset({
-    "Arts and Entertainment", "Cars & Other Vehicles", "Computers and Electronics", "Education and Communications",
-    "Family Life", "Finance and Business", "Food and Entertaining", "Health", "Hobbies and Crafts",
-    "Holidays and Traditions", "Home and Garden", "Home,Categories", "Personal Care and Style", "Pets and Animals",
-    "Philosophy and Religion", "Relationships", "Sports and Fitness", "Travel", "Uncategorized", "Work World", "Youth",
-})
+WIKIHOW_CATEGORIES = frozenset(
+    {
+        "Arts and Entertainment",
+        "Cars & Other Vehicles",
+        "Computers and Electronics",
+        "Education and Communications",
+        "Family Life",
+        "Finance and Business",
+        "Food and Entertaining",
+        "Health",
+        "Hobbies and Crafts",
+        "Holidays and Traditions",
+        "Home and Garden",
+        "Home,Categories",
+        "Personal Care and Style",
+        "Pets and Animals",
+        "Philosophy and Religion",
+        "Relationships",
+        "Sports and Fitness",
+        "Travel",
+        "Uncategorized",
+        "Work World",
+        "Youth",
+    }
+)
 
 
 def _bad(path: Path, what: str) -> DataError:
@@ -71,8 +90,9 @@ def load_boolq(files: dict[str, Path]) -> list[dict]:
         label = str(r["label"]).lower()
         if label not in ("true", "false"):
             raise _bad(files["data"], f"label {r['label']!r} is not true/false")
-        rows.append({"question": r["question"], "passage": r["passage"], "idx": int(r["idx"]),
-                     "label": int(label == "true")})
+        rows.append(
+            {"question": r["question"], "passage": r["passage"], "idx": int(r["idx"]), "label": int(label == "true")}
+        )
     return rows
 
 
@@ -88,9 +108,14 @@ def _arc_rows(path: Path) -> list[dict]:
     rows = []
     for r in _jsonl(path):
         q = r["question"]
-        rows.append({"id": r["id"], "question": q["stem"],
-                     "choices": {"text": [c["text"] for c in q["choices"]], "label": [c["label"] for c in q["choices"]]},
-                     "answerKey": r["answerKey"]})
+        rows.append(
+            {
+                "id": r["id"],
+                "question": q["stem"],
+                "choices": {"text": [c["text"] for c in q["choices"]], "label": [c["label"] for c in q["choices"]]},
+                "answerKey": r["answerKey"],
+            }
+        )
     return rows
 
 
@@ -121,8 +146,9 @@ def load_openbookqa(files: dict[str, Path]) -> list[dict]:
             labels, texts = parts[1::2], [t.strip() for t in parts[2::2]]
             if labels != ["A", "B", "C", "D"] or parts[0].strip():
                 raise _bad(path, f"item {qid}: cannot split choices {choices!r} into (A)..(D)")
-            rows.append({"id": qid, "question_stem": stem, "choices": {"text": texts, "label": labels},
-                         "answerKey": key})
+            rows.append(
+                {"id": qid, "question_stem": stem, "choices": {"text": texts, "label": labels}, "answerKey": key}
+            )
     return rows
 
 
@@ -173,8 +199,16 @@ def load_hellaswag(files: dict[str, Path]) -> list[dict]:
             before, dot, tail = ctx.rpartition(". ")
             if dot and tail[:1].islower():
                 ctx_a, ctx_b = before + ".", tail
-        rows.append({"activity_label": activity, "ctx_a": ctx_a, "ctx_b": ctx_b,
-                     "ctx": f"{ctx_a} {ctx_b}" if ctx_b else ctx_a, "endings": endings, "label": label})
+        rows.append(
+            {
+                "activity_label": activity,
+                "ctx_a": ctx_a,
+                "ctx_b": ctx_b,
+                "ctx": f"{ctx_a} {ctx_b}" if ctx_b else ctx_a,
+                "endings": endings,
+                "label": label,
+            }
+        )
     return rows
 
 
