@@ -22,9 +22,9 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 HEADLINE_MODEL = "smollm2_135m"
@@ -275,7 +275,7 @@ def run_one(name: str, bench: Bench, out: Path, quick: bool) -> dict:
     command = " ".join(["python", bench.script, *[shown(Path(a)) if a.startswith("/") else a for a in args]])
     entry = {
         "command": command,
-        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "loadavg_start": os.getloadavg(),
         "quick": quick,
     }
@@ -302,7 +302,7 @@ def untracked(js: Path) -> dict | None:
         return None
     r = json.loads(js.read_text())
     r = r if isinstance(r, dict) else {}
-    mtime = dt.datetime.fromtimestamp(js.stat().st_mtime, dt.timezone.utc).isoformat(timespec="seconds")
+    mtime = dt.datetime.fromtimestamp(js.stat().st_mtime, dt.UTC).isoformat(timespec="seconds")
     return {
         "command": r.get("command", f"(by hand; see {js.name})"),
         "started": r.get("date", mtime),
@@ -317,9 +317,11 @@ def table(entries: dict, out: Path, mach: dict) -> tuple[list[dict], str]:
     lines = [
         "# Benchmarks",
         "",
-        f"Written by `python -m benchmarks` ({', '.join(f'{k}: {v}' for k, v in mach.items())}). Each row is "
-        "read from the json its benchmark wrote; the date and the load average are those at the start of that "
-        "benchmark (the machine is shared, so absolute times move; the ratios are paired or interleaved).",
+        (
+            f"Written by `python -m benchmarks` ({', '.join(f'{k}: {v}' for k, v in mach.items())}). Each row is "
+            "read from the json its benchmark wrote; the date and the load average are those at the start of that "
+            "benchmark (the machine is shared, so absolute times move; the ratios are paired or interleaved)."
+        ),
         "",
         "| benchmark | what is compared | measured ratio | detail | target | pass | command | date | load avg |",
         "|---|---|---:|---|---|---|---|---|---:|",
@@ -379,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = out / "benchmarks.json"
     previous = json.loads(summary.read_text()).get("entries", {}) if summary.is_file() else {}
     mach = machine()
-    start = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "loadavg": os.getloadavg()}
+    start = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "loadavg": os.getloadavg()}
     entries = dict(previous)
 
     def write() -> str:  # after every benchmark, so an interrupted run keeps what it measured

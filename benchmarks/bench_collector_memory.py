@@ -17,14 +17,15 @@ import argparse
 import os
 import sys
 import time
+from functools import partial
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pruning.calibration import collect  # noqa: E402
-from pruning.models import load_model  # noqa: E402
-from benchmarks import run_main  # noqa: E402
+from benchmarks import run_main
+from pruning.calibration import collect
+from pruning.models import load_model
 
 
 def peak_bytes(fn) -> tuple[int, object]:
@@ -65,7 +66,7 @@ def measure(
     for mode in ("dense", "sequential"):
         t0 = time.perf_counter()
         peak, st = peak_bytes(
-            lambda: collect(model, ids, stats=stats, mode=mode, batch_size=batch_size, progress=False)
+            partial(collect, model, ids, stats=stats, mode=mode, batch_size=batch_size, progress=False)
         )
         rows.append(
             {

@@ -35,12 +35,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import run_main  # noqa: E402
 from pruning import data  # noqa: E402
 from pruning.importance.taylor import TAYLOR, lm_loss, peak_memory, taylor_scorer, weight_bytes  # noqa: E402
 from pruning.methods.llm_pruner import llm_pruner  # noqa: E402
 from pruning.models import load_model  # noqa: E402
 from pruning.utils import input_device  # noqa: E402
-from benchmarks import run_main  # noqa: E402
 
 
 def model_path(name: str) -> str | None:
@@ -63,7 +63,7 @@ def loaded_models(names):
             continue
         try:
             model, tok, adapter = load_model(path)
-        except Exception as e:  # e.g. the GGUF is not in this data root
+        except Exception as e:  # noqa: BLE001 - e.g. the GGUF is not in this data root
             print(f"[skip] {name}: {e}", file=sys.stderr)
             continue
         yield name, model, tok, adapter

@@ -28,7 +28,7 @@ import logging
 import math
 import time
 import warnings
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -283,7 +283,7 @@ def tell(study, trial, ret) -> None:
     except InfeasibleCalibrationError as e:
         trial.set_user_attr("infeasible", str(e))
         study.tell(trial, state=TrialState.PRUNED)
-    except Exception as e:  # any other error fails this trial, not the study
+    except Exception as e:  # noqa: BLE001 - any other error fails this trial, not the study
         trial.set_user_attr("error", f"{type(e).__name__}: {e}")
         study.tell(trial, state=TrialState.FAIL)
     else:
@@ -325,7 +325,7 @@ def study_summary(
     return {
         "name": study.study_name,
         "storage": storage,
-        "summarised": datetime.now(timezone.utc).isoformat(),
+        "summarised": datetime.now(UTC).isoformat(),
         "direction": "minimize",
         "objective": objective,
         "n_trials": n_trials,

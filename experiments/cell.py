@@ -298,7 +298,7 @@ class LoggerCallback(CellCallback):
             from experiments.wandb_logger import log_record
 
             log_record(record, self.logger_cfg)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - a failing logger must not cost the stored record
             warnings.warn(
                 f"logger {self.logger_cfg.get('name')!r} failed: {exc}; record kept at {record.get('_store_path')}",
                 RuntimeWarning,

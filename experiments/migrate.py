@@ -199,10 +199,14 @@ _MOVED_KEYS = {
     "group_ratio": "method.group_ratio",
 }
 _MOVED_GROUPS = {
-    "layer_range": "use method.layers.start_frac=0.125 method.layers.end_frac=0.9375 (LLM-Pruner's range, the "
-    "default of method=llm_pruner)",
-    "uniform": "all layers is the default of every method with a layer range (method.layers.start_frac=0.0 "
-    "method.layers.end_frac=1.0); drop the override",
+    "layer_range": (
+        "use method.layers.start_frac=0.125 method.layers.end_frac=0.9375 (LLM-Pruner's range, the "
+        "default of method=llm_pruner)"
+    ),
+    "uniform": (
+        "all layers is the default of every method with a layer range (method.layers.start_frac=0.0 "
+        "method.layers.end_frac=1.0); drop the override"
+    ),
 }
 _ALL_KEYS = (
     "method.layers.{start_frac,end_frac,start,end}, method.count_rule, method.group_ratio, for the "

@@ -16,7 +16,7 @@ import platform
 import socket
 import subprocess
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -225,7 +225,7 @@ def make_record(
         "schema": SCHEMA_VERSION,
         "config": config,
         "config_hash": config_hash(config),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "host": socket.gethostname(),
         "seed": config.get("seed"),
         "versions": package_versions(),

@@ -153,6 +153,12 @@ def csv(table: PaperTable) -> str:
     return df.to_csv(index=False)
 
 
+def _row_at(g: pd.DataFrame, method, ratio: float):
+    """The index of ``method``'s row at ``ratio`` in ``g``, or None."""
+    hit = g[(g["method"] == method) & ((g["ratio"] - ratio).abs() < 1e-9)]
+    return None if hit.empty else hit.index[0]
+
+
 def summary(table: PaperTable, ratios: Sequence[float]) -> str:
     """The README view of a rows table: per model, one row per method of ours (recovery variants left out),
     each PPL column at each ratio as "mean ± std" and n, methods ordered by their first column at the first
@@ -179,19 +185,13 @@ def summary(table: PaperTable, ratios: Sequence[float]) -> str:
             "|---" * (1 + len(ratios) * (len(cols) + 1)) + "|",
         ]
         g = g[g["method"] != "dense"]
-
-        def cell(method, ratio):
-            hit = g[(g["method"] == method) & ((g["ratio"] - ratio).abs() < 1e-9)]
-            return None if hit.empty else hit.index[0]
-
-        def rank(method):
-            i = cell(method, ratios[0])
-            return (i is None, 0.0 if i is None else float(f.loc[i, cols[0]]), method)
-
-        for method in sorted(dict.fromkeys(g["method"]), key=rank):
+        # method -> its row index at each ratio (None: not run)
+        rows = {m: [_row_at(g, m, r) for r in ratios] for m in dict.fromkeys(g["method"])}
+        # methods ordered by their first column at the first ratio, best first; not run there: last
+        key = {m: (at[0] is None, 0.0 if at[0] is None else float(f.loc[at[0], cols[0]]), m) for m, at in rows.items()}
+        for method in sorted(rows, key=key.__getitem__):
             parts = [str(method)]
-            for r in ratios:
-                i = cell(method, r)
+            for i in rows[method]:
                 for c in cols:
                     v, sd = (None, None) if i is None else (f.loc[i, c], table.std.loc[i, c])
                     parts.append(

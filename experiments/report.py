@@ -23,13 +23,14 @@ import io
 import math
 import sys
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from experiments import render as render_table
+from experiments.adapruner import study_sections
 from experiments.observations import (
     limit_suffix,
     method_name,
@@ -38,9 +39,9 @@ from experiments.observations import (
     paper_ratio,
     protocols_present,
 )
+from experiments.store import ResultsStore, records_table
+from experiments.store import _name as store_name
 from experiments.tables import build_tables
-from experiments.adapruner import study_sections
-from experiments.store import ResultsStore, _name as store_name, records_table
 
 PALETTE = [
     "#1f77b4",
@@ -332,8 +333,10 @@ def width_figures(records: Sequence[Mapping], colors: _Colors) -> list[tuple[str
             (
                 f"{model}: per-layer kept widths",
                 _png(fig),
-                "colour = kept / dense width per layer (dense from a method=dense record when present); "
-                "'removed' = the whole block was deleted",
+                (
+                    "colour = kept / dense width per layer (dense from a method=dense record when present); "
+                    "'removed' = the whole block was deleted"
+                ),
             )
         )
     return out
@@ -410,14 +413,14 @@ def render(records: Sequence[Mapping], store_label: str = "") -> tuple[str, int]
         ):  # AdaPruner studies, when the store has one
             try:
                 figures.append((title, fn()))
-            except Exception as exc:  # a broken plot must not cost the rest of the report
+            except Exception as exc:  # noqa: BLE001 - a broken plot must not cost the rest of the report
                 warnings_.append(f"{title}: could not plot ({type(exc).__name__}: {exc})")
                 figures.append((title, []))
     n_plots = sum(len(f) for _, f in figures)
 
     models = sorted(obs["model"].dropna().unique()) if len(obs) else []
     methods = sorted(obs["method"].dropna().unique()) if len(obs) else []
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts.append(
         f"<h1>Pruning results report</h1><p class=meta>store: {html.escape(store_label)} · "
         f"{len(records)} records · models: {html.escape(', '.join(models) or '-')} · "
@@ -457,7 +460,7 @@ def render(records: Sequence[Mapping], store_label: str = "") -> tuple[str, int]
                     f"{html.escape(', '.join(empty))}. Protocols in the store: "
                     f"{html.escape(', '.join(protocols_present(obs)) or 'none')}.</p>"
                 )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - broken tables must not cost the rest of the report
             parts.append(
                 f"<p class=empty>Tables could not be built ({html.escape(type(exc).__name__)}: "
                 f"{html.escape(str(exc))})</p>"

@@ -68,11 +68,15 @@ NATIVE_NOTE = (
     "below), as the paper's code reads it; achieved: the share of ALL our model's parameters removed."
 )
 KNOB_MEANINGS = {
-    "group_ratio": "LLM-Pruner --pruning_ratio p: floor of the KV-group share and p of the MLP channels removed in "
-    "every layer of [4, 30) (scaled to depth); on LLaMA-7B p = 0.25 removes 19.52% of the parameters, "
-    'the papers\' "20%" row',
-    "attn_mlp_ratio": "FLAP / Wanda-SP --pruning_ratio: share of attention+MLP weights as their code counts them "
-    "(query heads weighed as MHA heads; int(p·n) units per kind and layer in the uniform modes)",
+    "group_ratio": (
+        "LLM-Pruner --pruning_ratio p: floor of the KV-group share and p of the MLP channels removed in "
+        "every layer of [4, 30) (scaled to depth); on LLaMA-7B p = 0.25 removes 19.52% of the parameters, "
+        'the papers\' "20%" row'
+    ),
+    "attn_mlp_ratio": (
+        "FLAP / Wanda-SP --pruning_ratio: share of attention+MLP weights as their code counts them "
+        "(query heads weighed as MHA heads; int(p·n) units per kind and layer in the uniform modes)"
+    ),
     "slicing": "SliceGPT --sparsity: fraction of the hidden dimension sliced",
     "sparsity": "NIRVANA sparsity: share of attention+MLP parameters",
     "n_blocks": "ShortGPT: decoder blocks removed",
@@ -91,9 +95,11 @@ TABLES: dict[str, TableSpec] = {
         zs=ZS_LP,
         avg_header="Average",
         notes=(
-            "PPL: ppl128-lp (WikiText-2 test, PTB validation, 128-token windows, one BOS). Zero-shot: zs-lp, "
-            "0-shot, % (acc: BoolQ, PIQA, WinoGrande, ARC-e; acc_norm: HellaSwag, ARC-c, OBQA); Average = plain "
-            "mean of the 7.",
+            (
+                "PPL: ppl128-lp (WikiText-2 test, PTB validation, 128-token windows, one BOS). Zero-shot: zs-lp, "
+                "0-shot, % (acc: BoolQ, PIQA, WinoGrande, ARC-e; acc_norm: HellaSwag, ARC-c, OBQA); Average = plain "
+                "mean of the 7."
+            ),
             NATIVE_NOTE,
         ),
     ),
@@ -107,8 +113,10 @@ TABLES: dict[str, TableSpec] = {
         zs=ZS_LP,
         avg_header="Average",
         notes=(
-            "PPL: ppl2048-sl (WikiText-2 test, PTB validation, 2048-token windows, one BOS). Zero-shot: zs-lp as in "
-            "LLM-Pruner Table 1. Search-LLM labels its rows by inheriting ratio r; written here as 1 - r.",
+            (
+                "PPL: ppl2048-sl (WikiText-2 test, PTB validation, 2048-token windows, one BOS). Zero-shot: zs-lp "
+                "as in LLM-Pruner Table 1. Search-LLM labels its rows by inheriting ratio r; written here as 1 - r."
+            ),
             NATIVE_NOTE,
         ),
     ),
@@ -122,9 +130,11 @@ TABLES: dict[str, TableSpec] = {
         zs=ZS_SG,
         avg_header="Avg (5)",
         notes=(
-            "PPL: ppl2048-sg (WikiText-2 test, 2048-token windows, mean of per-window NLL). Zero-shot: SliceGPT's "
-            "5 tasks (acc_norm: PIQA, HellaSwag, ARC-e, ARC-c; acc: WinoGrande), %. SliceGPT's ratio is the sliced "
-            "fraction of the hidden size, not of the parameters.",
+            (
+                "PPL: ppl2048-sg (WikiText-2 test, 2048-token windows, mean of per-window NLL). Zero-shot: SliceGPT's "
+                "5 tasks (acc_norm: PIQA, HellaSwag, ARC-e, ARC-c; acc: WinoGrande), %. SliceGPT's ratio is the sliced "
+                "fraction of the hidden size, not of the parameters."
+            ),
             NATIVE_NOTE,
         ),
     ),
@@ -136,10 +146,12 @@ TABLES: dict[str, TableSpec] = {
         anchor_model="LLaMA-7B",
         ppl=(W2_128, PTB_128),
         notes=(
-            "PPL: ppl128-lp (WikiText-2 test, PTB validation, 128-token windows, one BOS). n = calibration seeds "
-            "(methods that read no calibration data run once). The common axis of this table is pruning.ratio, "
-            "the share of ALL parameters removed, for every method (not the papers' own knobs; those are in the "
-            "paper tables). Published numbers: see the paper tables.",
+            (
+                "PPL: ppl128-lp (WikiText-2 test, PTB validation, 128-token windows, one BOS). n = calibration seeds "
+                "(methods that read no calibration data run once). The common axis of this table is pruning.ratio, "
+                "the share of ALL parameters removed, for every method (not the papers' own knobs; those are in the "
+                "paper tables). Published numbers: see the paper tables."
+            ),
             RATIO_NOTE,
         ),
         cells="ratio",

@@ -353,8 +353,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--summary",
         metavar="RATIOS",
         default=None,
-        help="print (and write <table>_summary.md) the README view of each rows table at these "
-        "comma-separated ratios, e.g. 0.2,0.5",
+        help=(
+            "print (and write <table>_summary.md) the README view of each rows table at these "
+            "comma-separated ratios, e.g. 0.2,0.5"
+        ),
     )
     args = parser.parse_args(argv)
     if not args.table and not args.all:

@@ -252,8 +252,7 @@ def _units(record: Mapping, key: str) -> _Units:
         if not (
             math.isclose(recomputed, entry["ppl"], rel_tol=1e-9)
             or recomputed == entry["ppl"]
-            or math.isnan(recomputed)
-            and math.isnan(entry["ppl"])
+            or (math.isnan(recomputed) and math.isnan(entry["ppl"]))
         ):
             raise ValueError(f"{key}: per-window values give PPL {recomputed!r}, the record reports {entry['ppl']!r}")
         ids = (entry["per_window"]["windows"], tuple(tokens.tolist()))

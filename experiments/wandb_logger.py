@@ -163,7 +163,7 @@ def log_record(record: Mapping, logger_cfg: Any = None) -> Path | None:
     cfg = {**DEFAULTS, **{k: v for k, v in _plain(logger_cfg).items() if v is not None}}
     try:
         return _log(record, cfg)
-    except Exception as exc:  # nothing here may cost the record, which is already on disk
+    except Exception as exc:  # noqa: BLE001 - nothing here may cost the record, which is already on disk
         where = record.get("_store_path") or f"the store (config hash {record.get('config_hash')})"
         warnings.warn(
             f"W&B logging failed ({type(exc).__name__}: {exc}); the local record is unaffected: {where}",

@@ -36,9 +36,9 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import math
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -140,7 +140,7 @@ class ChannelStats:
         """Σ_t x_tᵀ x_t (D×D, float64): the Gram matrix behind OBS / Newton / ADMM / PCA."""
         return self._get("xtx", self._xtx)
 
-    def to(self, device) -> "ChannelStats":
+    def to(self, device) -> ChannelStats:
         for k in ("_mean", "_m2", "_sq", "_abs", "_xtx"):
             v = getattr(self, k)
             if v is not None:
@@ -238,7 +238,7 @@ class _Spec:
 
 def _parse(
     adapter: ModelAdapter, calib, stats, sites, layers, batch_size, block_last_output, progress
-) -> tuple[_Spec, "_Calib"]:
+) -> tuple[_Spec, _Calib]:
     """Validate the whole request before any forward pass, so a typo fails in one line."""
     if isinstance(stats, str):
         stats = (stats,)
@@ -249,7 +249,7 @@ def _parse(
         stats = tuple(stats)
         block_io = "block_io" in stats
         chan = tuple(s for s in stats if s != "block_io")
-        per_site = {s: chan for s in (sites or ())} if chan else {}
+        per_site = dict.fromkeys(sites or (), chan) if chan else {}
     for site, want in per_site.items():
         if site not in SITES:
             raise PruningError(f"unknown calibration site {site!r}; choices: {', '.join(SITES)}")
@@ -286,7 +286,7 @@ class _Calib:
     variable: bool
 
     @classmethod
-    def of(cls, calib, batch_size: int) -> "_Calib":
+    def of(cls, calib, batch_size: int) -> _Calib:
         if isinstance(calib, torch.Tensor):
             if calib.dim() != 2 or calib.dtype not in (torch.long, torch.int):
                 raise PruningError(

@@ -13,6 +13,7 @@ so a fresh clone can evaluate WikiText-2 and calibrate on C4 with no data root a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -20,12 +21,15 @@ import json
 import os
 import random
 import sys
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pruning
 from pruning.errors import DataError, InfeasibleCalibrationError, PruningError
+
+if TYPE_CHECKING:
+    import torch
 
 ASSETS = Path(pruning.__file__).parent / "assets"
 EMBEDDED = ASSETS / "data"
@@ -55,7 +59,8 @@ CALIB_EMBEDDED: dict[str, str] = {"c4": "c4_validation_256.jsonl.gz"}
 CALIB_REFUSED: dict[str, str] = {
     "wikitext2": (
         "only the WikiText-2 *test* split is available offline, and it is an evaluation text; calibrating on "
-        "evaluated text makes the pruned model's PPL look better than it is (METHODS.md §1.6). Use calibration.dataset=c4"
+        "evaluated text makes the pruned model's PPL look better than it is (METHODS.md §1.6). "
+        "Use calibration.dataset=c4"
     ),
     "ptb": "PTB validation/test are evaluation texts and PTB train is not in the data root; use c4",
     "bookcorpus": "BookCorpus is not in the offline data root; c4 is the documented substitute (METHODS.md §1.6)",
@@ -357,7 +362,7 @@ def draw_calibration(tokenizer, spec, progress: bool = True):
 
 def calibration_batches(
     tokenizer, dataset: str, n_samples: int, seq_len: int, seed: int, progress: bool = True
-) -> "torch.LongTensor":
+) -> torch.LongTensor:
     """LLM-Pruner's sampler (example_samples.py, METHODS.md §1.6), with its exact draw sequence for a given seed."""
     spec = calibration_spec(
         {"sampler": "llm_pruner", "dataset": dataset, "n_samples": n_samples, "seq_len": seq_len, "seed": seed}
@@ -674,7 +679,7 @@ Calibration drawn from this 256-document slice differs from calibration drawn fr
 at the same seed, so a result row should record `pruning.data.calibration_source(dataset)`.
 
 The .gz bytes depend on the zlib build (level 9); the decompressed sha256 is the stable identity.
-"""
+"""  # noqa: E501 - a commit URL in the generated SOURCE.md cannot be wrapped
 
 
 def build_assets(root: Path | None = None, out: Path = EMBEDDED) -> list[Path]:

@@ -7,7 +7,8 @@ import time, not silently replace an existing entry (lm-eval's registry does the
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from pruning.errors import PruningError
 

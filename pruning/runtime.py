@@ -40,7 +40,7 @@ def seed_everything(seed: int) -> int:
     except (TypeError, ValueError) as e:
         raise PruningError(f"seed must be an integer, got {seed!r}") from e
     random.seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 - the global RNG is the one to seed: libraries draw from it
     torch.manual_seed(seed)  # also seeds every CUDA device
     return seed
 

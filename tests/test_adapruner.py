@@ -182,7 +182,7 @@ def test_study_refuses_leaky_objective_pool_and_trial_recovery_before_running(tm
         space(cfg)
     with pytest.raises(PruningError, match="held-out C4 block"):  # the objective on a test text
         space(_study_config(tmp_path, "eval=ppl128"))
-    with pytest.raises(PruningError, match="hydra.sweeper.final.recovery=lora"):
+    with pytest.raises(PruningError, match=r"hydra\.sweeper\.final\.recovery=lora"):
         space(_study_config(tmp_path, "recovery=lora"))
     with pytest.raises(PruningError, match="choice"):  # a range is not a distribution
         space(_study_config(tmp_path), "calibration.seed=range(0,4)")
@@ -399,7 +399,7 @@ def test_killed_study_resumes_and_retries_the_lost_trials(tmp_path):
         h: (tmp_path / "store" / "records" / f"{h}.json").stat().st_mtime_ns for h in trial_records(tmp_path / "store")
     }
     assert 1 <= len(stored) <= 2 and {s for _, s, _ in sql_trials(tmp_path / "study.db")} == {"RUNNING"}
-    killed = {n: p for n, p in sql_params(tmp_path / "study.db").items()}
+    killed = sql_params(tmp_path / "study.db")
     assert len(killed) == 2
     t0 = time.time()
     run_study(tmp_path, "sweep2", 3, beat, *FINAL_TEST)

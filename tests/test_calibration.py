@@ -181,7 +181,7 @@ def test_bad_calibration_input(stories, bad):
 def test_uncollected_statistic_is_a_clear_error(stories, calib):
     st = collect(stories[0], calib, stats=("sqnorm",), layers=[0], progress=False)
     with pytest.raises(PruningError, match="'var' was not collected"):
-        st[0]["o_proj"].var
+        _ = st[0]["o_proj"].var
     with pytest.raises(PruningError, match="no calibration statistics for layer 2"):
         st[2]
     with pytest.raises(PruningError, match="no statistics at site 'q_proj'"):
@@ -220,7 +220,7 @@ def test_per_site_requests(stories, calib):
     np.testing.assert_allclose(st[1]["block_in"].mean.numpy(), ref[(1, "block_in")].mean(0), rtol=1e-10)
     assert st[1].block is not None and set(st[1].sites) == {"down_proj", "block_in"}
     with pytest.raises(PruningError, match="'mean' was not collected"):
-        st[1]["down_proj"].mean
+        _ = st[1]["down_proj"].mean
 
 
 def _captured(model, ids) -> dict[tuple[int, str], np.ndarray]:

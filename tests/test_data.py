@@ -33,7 +33,7 @@ def test_missing_ptb_names_file_and_fix(monkeypatch, tmp_path):
         data.ppl_text("ptb", "validation")
     msg = str(e.value)
     assert "ptb.valid.txt" in msg and "PRUNING_DATA" in msg and "ptb" in msg
-    with pytest.raises(DataError, match="alpaca_200.json"):
+    with pytest.raises(DataError, match=r"alpaca_200\.json"):
         data.calibration_texts("alpaca")
 
 
@@ -158,9 +158,9 @@ def test_calibration_matches_llm_pruner_and_windows_are_contiguous(tiny, monkeyp
     want, _ = _llm_pruner_reference(tok, texts, 10, 64, 42)
     assert torch.equal(got, want)
     # Every window is a contiguous run of one document's own tokens (BOS included in that tokenisation).
-    doc_strings = [",%s," % ",".join(map(str, tok(t).input_ids)) for t in texts]
+    doc_strings = [f",{','.join(map(str, tok(t).input_ids))}," for t in texts]
     for row in got.tolist():
-        needle = ",%s," % ",".join(map(str, row))
+        needle = f",{','.join(map(str, row))},"
         assert any(needle in d for d in doc_strings)
     assert (got[:, 0] == tok.bos_token_id).sum() <= 10  # BOS only where a window starts at a document start
 

@@ -17,7 +17,6 @@ from pruning.eval import efficiency as E
 from pruning.surgery.apply import apply_plan
 from pruning.surgery.plan import PrunePlan
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -100,7 +99,7 @@ def test_spread_matches_numpy():
 
 
 def test_efficiency_block_through_evaluate(stories):
-    model, tok, adapter = stories
+    model, tok, _adapter = stories
     cfg = OmegaConf.create({"efficiency": {"seq_len": 32, "decode_tokens": 4, "warmup": 1, "repeats": 3}})
     check_eval(cfg)
     out = evaluate(model, tok, cfg, progress=False)["efficiency"]

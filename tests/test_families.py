@@ -130,12 +130,12 @@ def small_model(family: str, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tokenizer():
     return AutoTokenizer.from_pretrained(data.ASSETS / "stories260K")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def batches(spec: data.CalibrationSpec):
     return data.draw_calibration(tokenizer(), spec, progress=False)
 
@@ -152,10 +152,14 @@ def sized_calibration(calibration) -> data.CalibrationSpec:
 def text_ids():
     """Real text, longer than Mistral's window and than Llama-3's original RoPE length."""
     texts = [
-        "Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her "
-        "dog. One day the sun was hot and they sat under a big tree to rest.",
-        " = Robert Boulter = \n Robert Boulter is an English film , television and theatre actor . He had a "
-        "guest @-@ starring role on the television series The Bill in 2000 .",
+        (
+            "Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her "
+            "dog. One day the sun was hot and they sat under a big tree to rest."
+        ),
+        (
+            " = Robert Boulter = \n Robert Boulter is an English film , television and theatre actor . He had a "
+            "guest @-@ starring role on the television series The Bill in 2000 ."
+        ),
     ]
     ids = [tokenizer()(t, return_tensors="pt").input_ids[0][:40] for t in texts]
     assert min(len(i) for i in ids) == 40
@@ -165,7 +169,7 @@ def text_ids():
 # ------------------------------------------------------------------------------------------ methods (yaml)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _composed(name: str) -> str:
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"method={name}", f"pruning.ratio={RATIO}", "progress=false"])
@@ -679,7 +683,7 @@ def test_real_model_config_shapes_and_counts(name, tmp_path, monkeypatch):
         model = AutoModelForCausalLM.from_config(config)
     assert type(model).__name__ == ARCH[r["family"]]
     assert cls(model).num_params() == r["total"] == real_closed_form(r)
-    with pytest.raises(CheckpointError, match="no \\*.safetensors"):  # adapter accepted; weights are what is missing
+    with pytest.raises(CheckpointError, match=r"no \*\.safetensors"):  # adapter accepted; weights are what is missing
         load_model(cfg.model.path)
 
 

@@ -118,7 +118,7 @@ def test_layerwise_with_micro_batches_offload_and_cpu_device(f64):
 
 
 def test_fit_leaves_no_hooks_grads_or_flags(stories):
-    model, tok, adapter = stories
+    model, tok, _adapter = stories
     calib = data.calibration_batches(tok, "c4", 4, 32, 3, progress=False)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -144,7 +144,7 @@ def test_layerwise_peak_is_a_fraction_of_the_whole_model_peak(stories):
 
 
 def test_bad_memory_options_fail_before_any_pass(stories):
-    model, _, _ = stories
+    _model, _, _ = stories
     with pytest.raises(PruningError, match="layerwise: true"):
         taylor_scorer("element1", offload=True)
     with pytest.raises(PruningError, match="layerwise: true"):
@@ -153,7 +153,7 @@ def test_bad_memory_options_fail_before_any_pass(stories):
         taylor_scorer("element1", layerwise="yes")
     with pytest.raises(PruningError, match="not a torch device"):
         taylor_scorer("element1", layerwise=True, device="gpu0")
-    with pytest.raises(PruningError, match="unknown llm_pruner memory options.*layerwise"):
+    with pytest.raises(PruningError, match=r"unknown llm_pruner memory options.*layerwise"):
         llm_pruner(memory={"layer_wise": True})
     with pytest.raises(PruningError, match="unknown nirvana memory options"):
         nirvana(memory={"layer_wise": True})

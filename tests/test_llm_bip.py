@@ -97,7 +97,7 @@ def test_scores_equal_measured_ablations(calib):
         width = 1 if kind == "mlp" else G * HD
         for u in units:
 
-            def zero(m, a, u=u):
+            def zero(m, a, u=u, width=width):
                 x = a[0].clone()
                 x[..., u * width : (u + 1) * width] = 0
                 return (x,)
@@ -105,7 +105,7 @@ def test_scores_equal_measured_ablations(calib):
             h = mod.register_forward_pre_hook(zero)
             out_hook, seen = None, {}
             if kind == "kv_group":  # the attention-branch output itself (o_proj output) with/without the unit
-                out_hook = mod.register_forward_hook(lambda m, a, out: seen.setdefault("z", out.detach()))
+                out_hook = mod.register_forward_hook(lambda m, a, out, seen=seen: seen.setdefault("z", out.detach()))
             abl = captured(model, calib, layer)
             h.remove()
             if out_hook is not None:
@@ -170,7 +170,7 @@ def test_one_forward_no_backward_and_bad_switches(stories, calib):
     [("per_layer", ("kv_group", "mlp"), 0.2), ("global", ("kv_group", "mlp"), 0.2), ("global", ("q_head", "mlp"), 0.6)],
 )  # uneven GQA groups
 def test_plan_masking_equals_surgery(calib, stories_text_ids, mode, structures, ratio):
-    model, _, adapter = load_model(STORIES, dtype="float64")
+    model, _, _adapter = load_model(STORIES, dtype="float64")
     meth = llm_bip(allocation_mode=mode, structures=structures, progress=False)
     plan = meth.prune(model, ratio, calib)
     assert plan.meta["llm_bip"]["variant"] == "interp_v1"

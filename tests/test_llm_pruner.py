@@ -86,11 +86,11 @@ def test_paper_counts_on_config_only_models(shape, kv_removed, mlp_kept, expect)
 def test_tiny_count_rule_rounds_kv_groups_down(stories):
     """C = H_kv·d_h = 32: p = 0.2 removes ⌊(32 − int(25.6))/8⌋ = 0 groups and 172 − int(137.6) = 35 channels;
     a group first goes at p = 0.25. Only layers [1, 5) are touched."""
-    model, _, adapter = stories
+    model, _, _adapter = stories
     for p, groups in ((0.2, 0), (0.25, 1)):
         plan = llm_pruner(importance="random", group_ratio=p).prune(model, 0.2)
         assert {l: len(u) for l, u in plan.remove.get("kv_group", {}).items()} == (
-            {} if groups == 0 else {i: groups for i in range(1, 5)}
+            {} if groups == 0 else dict.fromkeys(range(1, 5), groups)
         )
         assert {l: len(u) for l, u in plan.remove["mlp"].items()} == {i: 172 - int(172 * (1 - p)) for i in range(1, 5)}
 

@@ -71,7 +71,7 @@ def test_ratio_zero_leaves_weights_bit_identical(stories):
 
 
 def test_layer_range_leaves_outside_layers_untouched(stories):
-    model, _, adapter = stories
+    model, _, _adapter = stories
     before = {k: v.clone() for k, v in model.state_dict().items()}
     plan = magnitude(layers={"start_frac": 0.125, "end_frac": 0.9375}).prune(model, 0.2)
     apply_plan(model, plan)
@@ -102,7 +102,7 @@ def test_different_seed_gives_different_random_plan(stories):
 
 
 def test_uniform_budget_follows_count_rule_and_reports_achieved(stories):
-    model, _, adapter = stories
+    model, _, _adapter = stories
     budget = magnitude().budget(model, 0.2)
     # LLM-Pruner's rule: KV groups counted on k_proj's 4·8 channels, rounded down to whole heads
     per_layer = count_rule(4 * 8, budget.p) // 8 * 3072 + count_rule(172, budget.p) * 192

@@ -83,7 +83,7 @@ def test_a_group_ratio_the_new_schema_cannot_hold_is_refused():
     case = next(c for c in CASES if c["overrides_schema1"][1:] == ["method=wanda_sp", "pruning.ratio=0.2"])
     rec = old_record(case)
     rec["config"] = dict(rec["config"], allocation=dict(rec["config"]["allocation"], group_ratio=0.3))
-    with pytest.raises(MigrationError, match="allocation.group_ratio=0.3 fixed the per-layer fraction"):
+    with pytest.raises(MigrationError, match=r"allocation\.group_ratio=0\.3 fixed the per-layer fraction"):
         upgrade_record(rec)
 
 

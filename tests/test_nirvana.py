@@ -95,7 +95,7 @@ def test_zero_weights_score_zero(stories, calib):
 def test_budget_splits_attention_and_mlp_by_gamma(stories, gamma):
     """Official counts: (groups pruned / L·H_kv) = (1/γ)·(neurons pruned / L·I) up to truncation, and their params
     equal the budget B = s·(attention+MLP params) up to one group and one neuron."""
-    model, _, adapter = stories
+    _model, _, adapter = stories
     sets = [s for k in ("kv_group", "mlp") for s in structure_sets(adapter, k, range(5))]
     for s in (0.2, 0.4):
         b = NirvanaAllocation(gamma=gamma, round_to=1, sparsity=s).budget(sets, 0.0, adapter.num_params())

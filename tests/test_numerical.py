@@ -97,7 +97,7 @@ def test_scorer_equals_numpy_closed_form(stories, calib):
 
 
 def test_global_param_budget_within_one_unit(stories):
-    model, _, adapter = stories
+    _model, _, adapter = stories
     sets = [s for k in ("kv_group", "mlp") for s in structure_sets(adapter, k)]
     total = adapter.num_params()
     gen = torch.Generator().manual_seed(1)
@@ -121,7 +121,7 @@ def test_global_param_budget_within_one_unit(stories):
 def test_global_rank_takes_single_query_heads_with_exact_accounting(stories):
     """With q_head units the pooled ranking removes single query heads wherever they rank; a KV head whose last
     query head goes frees its k/v rows (2·d·d_h), which the tally counts as it goes and the plan reports."""
-    model, _, adapter = stories
+    _model, _, adapter = stories
     sets = [s for k in ("q_head", "mlp") for s in structure_sets(adapter, k)]
     total = adapter.num_params()
     gen = torch.Generator().manual_seed(3)
@@ -138,7 +138,7 @@ def test_global_rank_takes_single_query_heads_with_exact_accounting(stories):
         if s.kind == "q_head":
             left = [sum(1 for h in range(2 * j, 2 * j + 2) if h not in gone) for j in range(4)]
             removed += left.count(0) * 2 * 64 * 8  # emptied KV heads: their k and v rows
-            uneven |= len(set(v for v in left if v)) > 1 or (0 in left and any(left))
+            uneven |= len({v for v in left if v}) > 1 or (0 in left and any(left))
     assert uneven and plan.meta["allocation"]["achieved"] == removed / total
     assert abs(removed - 0.3 * total) <= 2 * 1024
     unit = GlobalRank("unit_count")
@@ -182,10 +182,14 @@ def test_obs_equals_lstsq_and_paper_formula(stories, calib):
         assert torch.allclose(obs_update(w, x.T @ x, pruned, damp=0.01), (w.T + dw).T, rtol=1e-6, atol=1e-9)
         plain = w.clone()
         plain[:, pruned] = 0
-        err = lambda v: torch.linalg.norm(x @ w.T - x @ v.T)  # noqa: E731
         for damp in (0.0, 0.01, 1.0):
-            assert err(obs_update(w, x.T @ x, pruned, damp)) <= err(plain) * (1 + 1e-12)
+            assert output_error(x, w, obs_update(w, x.T @ x, pruned, damp)) <= output_error(x, w, plain) * (1 + 1e-12)
         assert torch.allclose(obs_update(w, x.T @ x, pruned, 1e12)[:, keep], w[:, keep], atol=1e-9)
+
+
+def output_error(x: torch.Tensor, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """‖XWᵀ − XVᵀ‖: how far weights ``v`` move the layer's output on inputs ``x`` from the original ``w``."""
+    return torch.linalg.norm(x @ w.T - x @ v.T)
 
 
 def test_compensation_per_layer_never_worse(calib):
@@ -271,5 +275,5 @@ def test_cli_numerical_writes_record(tmp_path):
     rec = next(json.loads(p.read_text()) for p in recs if "numerical" in p.read_text())
     assert rec["plan"]["meta"]["method"] == "numerical" and rec["params"]["after"] < 292_800
     assert abs(rec["params"]["achieved_ratio"] - 0.2) < 0.005
-    for key, res in rec["metrics"]["ppl"].items():
+    for res in rec["metrics"]["ppl"].values():
         assert res["ppl"] >= 1 and math.isfinite(res["ppl"])

@@ -77,7 +77,7 @@ def test_record_blocks_read_back_and_check_totals():
 
     row = json.loads(json.dumps({"n_docs": 4, "per_doc": S.doc_block({"acc": [1, 0, 0, 1]}, S.digest(["a", "b"]))}))
     assert S.doc_values(row, "acc").tolist() == [True, False, False, True]
-    with pytest.raises(S.MissingPerSample, match="no 'acc_norm'.*stored: \\['acc'\\]"):
+    with pytest.raises(S.MissingPerSample, match=r"no 'acc_norm'.*stored: \['acc'\]"):
         S.doc_values(row, "acc_norm")
     with pytest.raises(ValueError, match="n_docs=5"):
         S.doc_values({**row, "n_docs": 5}, "acc")

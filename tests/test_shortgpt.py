@@ -91,7 +91,7 @@ def test_ratio_removes_the_lowest_bi_blocks(calib, stories_text_ids):
     assert method.budget(model, 0.2).removed_params == BLOCK  # 1 block (15.5%) is closest to 20%
     plan = method.prune(model, 0.2, calib)
     assert plan.blocks == torch.argsort(bi, stable=True)[:1].tolist()
-    assert plan.meta["block_influence"] == pytest.approx({i: v for i, v in enumerate(bi.tolist())})
+    assert plan.meta["block_influence"] == pytest.approx(dict(enumerate(bi.tolist())))
     masked = mask_plan(copy.deepcopy(model), plan)
     method.apply(model, plan)
     assert len(adapter.layers) == 4 and model.config.num_hidden_layers == 4
@@ -113,7 +113,7 @@ def test_n_blocks_override_and_infeasible(calib):
 
 def test_ties_go_to_the_lower_index():
     """Equal BI (here written directly into the statistics) -> the lower layer index is removed first."""
-    model, _, adapter = load_model(STORIES)
+    _model, _, adapter = load_model(STORIES)
     layers = {}
     for i, cos in enumerate([0.9, 0.95, 0.9, 0.8, 0.95]):
         io = BlockIO()

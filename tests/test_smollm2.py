@@ -25,8 +25,8 @@ from omegaconf import OmegaConf
 from conftest import logits
 from pruning import data
 from pruning.errors import CheckpointError, DataError
-from pruning.models import load_model
 from pruning.models import convert as conv
+from pruning.models import load_model
 from pruning.models.loading import parse_gguf_spec, resolve_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def test_missing_gguf_offline_names_the_file_and_the_fixes(monkeypatch, tmp_path
     assert str(tmp_path / SMOL_GGUF) in msg and "$PRUNING_DATA" in msg
     assert "HF_HUB_OFFLINE" in msg and "HuggingFaceTB/SmolLM2-135M-Instruct" in msg
     assert not tmp_cache.exists()  # failed before any conversion work
-    with pytest.raises(DataError, match="nowhere.gguf"):
+    with pytest.raises(DataError, match=r"nowhere\.gguf"):
         resolve_checkpoint(f"gguf:{tmp_path / 'nowhere.gguf'}")
 
 
@@ -94,7 +94,7 @@ def test_corrupt_gguf_is_one_clear_error(tmp_path, tmp_cache):
     gguf = root_gguf(STORIES_GGUF)
     bad = tmp_path / "half.gguf"
     bad.write_bytes(gguf.read_bytes()[:100_000])
-    with pytest.raises(CheckpointError, match="cannot convert GGUF .*half.gguf"):
+    with pytest.raises(CheckpointError, match=r"cannot convert GGUF .*half\.gguf"):
         load_model(f"gguf:{bad}")
     assert not any((tmp_cache / "gguf").glob("*-v*/COMPLETE"))  # nothing half-written is left to be trusted
 
@@ -135,12 +135,12 @@ def test_cache_converts_once_and_rebuilds_corrupt_entries(tmp_cache, capfd):
 
     # A truncated file (size check) and a same-size rewrite (mtime changed -> re-hash) are rebuilt, never used.
     for corrupt, why in ((lambda b: b[: len(b) // 2], "wrong size"), (lambda b: b[:-8] + b"\0" * 8, "sha256")):
-        model = adapter = (
-            None  # loaded weights are mmapped from the cache file; never keep them across an in-place edit
-        )
+        # loaded weights are mmapped from the cache file; never keep them (the adapter holds the model) across an
+        # in-place edit
+        adapter = None
         weights.write_bytes(corrupt(ref))
         assert why in conv.verify_entry(entry)
-        model, _, adapter = load_model(spec)
+        _, _, adapter = load_model(spec)
         err = capfd.readouterr().err
         assert "unusable" in err and why in err and "converting" in err
         assert weights.read_bytes() == ref  # the conversion is deterministic

@@ -83,7 +83,7 @@ def test_surgery_shapes_and_counts_follow_the_plan(stories):
 
 
 def test_structure_members_cover_the_right_channels(stories):
-    model, _, adapter = stories
+    _model, _, adapter = stories
     (kv,) = structure_sets(adapter, "kv_group", [0])
     q = next(m for m in kv.members if m.name == "q_proj")
     assert kv.n_units == 4 and q.index.shape == (4, 16) and q.index[1].tolist() == list(range(16, 32))
@@ -100,7 +100,7 @@ def test_structure_members_cover_the_right_channels(stories):
 def test_plan_that_empties_a_layer_is_refused_before_any_change(stories, bad):
     from pruning.errors import InfeasibleRatioError
 
-    model, _, adapter = stories
+    model, _, _adapter = stories
     plan = PrunePlan()
     for kind, units in bad.items():
         plan.add(kind, 2, units)
@@ -145,10 +145,10 @@ def test_uneven_query_heads_surgery_equals_masking(stories_text_ids):
     ]
     assert adapter.num_params() == closed_form_params(model.config, w) == 292_800 - 12 * 1024 - 3 * 192
     q2 = adapter.q_proj(adapter.layers[2]).weight
-    assert torch.equal(q2, before["model.layers.2.self_attn.q_proj.weight"][list(range(0, 16)) + list(range(56, 64))])
+    assert torch.equal(q2, before["model.layers.2.self_attn.q_proj.weight"][list(range(16)) + list(range(56, 64))])
     assert torch.equal(
         adapter.k_proj(adapter.layers[2]).weight,
-        before["model.layers.2.self_attn.k_proj.weight"][list(range(0, 8)) + list(range(24, 32))],
+        before["model.layers.2.self_attn.k_proj.weight"][list(range(8)) + list(range(24, 32))],
     )
     for i, layer in enumerate(model.model.layers):
         attn = layer.self_attn

@@ -222,7 +222,7 @@ def test_reported_number_must_match_the_stored_values(records):
 
 @pytest.mark.parametrize("kwargs", [dict(level=1.0), dict(level=0), dict(resamples=0), dict(resamples=2.5)])
 def test_bad_settings(kwargs):
-    with pytest.raises(ValueError, match="level|resamples"):
+    with pytest.raises(ValueError, match=r"level|resamples"):
         U.ppl_interval([1.0, 2.0], [3, 3], **kwargs)
 
 
@@ -244,7 +244,7 @@ def test_seed_summary_keeps_spread_and_sampling_apart(records):
     assert math.isnan(one.std) and one.mean == records[0]["metrics"]["zeroshot"]["average"]["score"]
     other = json.loads(json.dumps(records[1]))
     other["config"]["pruning"]["ratio"] = 0.5
-    with pytest.raises(ValueError, match="more than seeds.*pruning"):
+    with pytest.raises(ValueError, match=r"more than seeds.*pruning"):
         U.seed_summary([records[0], other], key)
     with pytest.raises(ValueError, match="repeated seeds"):
         U.seed_summary([records[0], records[0]], key)

@@ -156,8 +156,9 @@ def test_query_heads_go_wherever_they_score_lowest(calib):
 def test_flap_ratio_on_smollm2_removes_one_query_head_and_307_channels_per_layer():
     """The issue's SmolLM2 case: at FLAP's 20% the official code removes 1 of 9 query heads and int(0.2·1536) = 307
     MLP channels in every layer (ours removed 3 heads and 222 channels under LLM-Pruner's rule)."""
-    from omegaconf import OmegaConf
     from pathlib import Path
+
+    from omegaconf import OmegaConf
 
     path = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/model/smollm2_135m.yaml").model.path
     try:

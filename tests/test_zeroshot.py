@@ -133,7 +133,8 @@ def test_winogrande_partial_scoring_round_trip():
 def test_hellaswag_reconstruction():
     """ctx_a/ctx_b split back out losslessly; lm-eval's capitalisation applies to ActivityNet fragments only."""
     rows = docs("hellaswag")
-    lines = bz2.open(root() / "hellaswag/hellaswag_val_full.txt.bz2", "rt", encoding="utf-8").read().split("\n")
+    with bz2.open(root() / "hellaswag/hellaswag_val_full.txt.bz2", "rt", encoding="utf-8") as fh:
+        lines = fh.read().split("\n")
     for k, r in enumerate(rows):
         assert f"{r['activity_label']}: {r['ctx']}" == lines[6 * k]
         assert r["endings"] == lines[6 * k + 2 : 6 * k + 6] and r["label"] == lines[6 * k + 1]
@@ -163,7 +164,7 @@ def test_openbookqa_and_arc_rows():
 
 
 def test_config_errors_before_any_model():
-    with pytest.raises(PruningError, match="unknown task.*choices: boolq"):
+    with pytest.raises(PruningError, match=r"unknown task.*choices: boolq"):
         Z.check_zeroshot({"tasks": ["arc_easyy"]})
     with pytest.raises(PruningError, match="metric_preset"):
         Z.check_zeroshot({"metric_preset": "llm-pruner"})
@@ -184,9 +185,9 @@ def test_missing_file_is_a_data_error_naming_it(tmp_path, monkeypatch):
     (tmp_path / ZS / "piqa").mkdir(parents=True)
     shutil.copy(src / "piqa/valid.jsonl", tmp_path / ZS / "piqa/valid.jsonl")  # labels file missing
     monkeypatch.setenv("PRUNING_DATA", str(tmp_path))
-    with pytest.raises(DataError, match="zero-shot task 'piqa'.*not found: .*zeroshot/piqa/valid-labels.lst"):
+    with pytest.raises(DataError, match=r"zero-shot task 'piqa'.*not found: .*zeroshot/piqa/valid-labels\.lst"):
         check_eval(OmegaConf.create({"zeroshot": {"tasks": ["piqa"]}}))
-    with pytest.raises(DataError, match="zeroshot/boolq/val.jsonl"):
+    with pytest.raises(DataError, match=r"zeroshot/boolq/val\.jsonl"):
         check_eval(OmegaConf.create({"zeroshot": {}}))  # an empty block = the 7 tasks
 
 
@@ -204,12 +205,17 @@ def plain_loglik(model, tok, context: str, continuation: str) -> float:
     return sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
 
 
+def first_lines(path: Path, k: int) -> list[str]:
+    with open(path, encoding="utf-8") as fh:
+        return fh.readlines()[:k]
+
+
 def raw_requests(name: str, k: int) -> list[tuple[list[tuple[str, str]], int, list[str]]]:
     """(requests, gold, choices) for the first k docs, built from the raw files with lm-eval's published prompts."""
     r = root()
     out = []
     if name == "arc_easy":
-        for line in open(r / "arc/ARC-Easy-Test.jsonl", encoding="utf-8").readlines()[:k]:
+        for line in first_lines(r / "arc/ARC-Easy-Test.jsonl", k):
             j = json.loads(line)
             ch = j["question"]["choices"]
             texts = [c["text"] for c in ch]
@@ -217,17 +223,17 @@ def raw_requests(name: str, k: int) -> list[tuple[list[tuple[str, str]], int, li
             out.append(([(ctx, " " + t) for t in texts], [c["label"] for c in ch].index(j["answerKey"]), texts))
     elif name == "piqa":
         labels = (r / "piqa/valid-labels.lst").read_text().split()
-        for line, y in zip(open(r / "piqa/valid.jsonl", encoding="utf-8").readlines()[:k], labels):
+        for line, y in zip(first_lines(r / "piqa/valid.jsonl", k), labels):
             j = json.loads(line)
             texts = [j["sol1"], j["sol2"]]
             out.append(([(f"Question: {j['goal']}\nAnswer:", " " + t) for t in texts], int(y), texts))
     elif name == "boolq":
-        for line in open(r / "boolq/val.jsonl", encoding="utf-8").readlines()[:k]:
+        for line in first_lines(r / "boolq/val.jsonl", k):
             j = json.loads(line)
             ctx = f"{j['passage']}\nQuestion: {j['question']}?\nAnswer:"
             out.append(([(ctx, " no"), (ctx, " yes")], int(str(j["label"]).lower() == "true"), ["no", "yes"]))
     elif name == "winogrande":
-        items = json.load(open(r / "winogrande/dev_llm-adapters-format.json", encoding="utf-8"))[:k]
+        items = json.loads((r / "winogrande/dev_llm-adapters-format.json").read_text(encoding="utf-8"))[:k]
         for it in items:
             body = it["instruction"].split("sentence: ", 1)[1]
             sentence, opts = body.split("\n\nOption1: ")
@@ -278,7 +284,7 @@ def test_known_answer_against_plain_loglikelihood(harness_run, name):
 
 def test_hellaswag_arc_challenge_obqa_scored_on_the_same_loglikelihoods(harness_run):
     """The other three tasks: lm-eval's request log-likelihoods equal the plain computation on its own prompts."""
-    model, tok, cfg, raw = harness_run
+    model, tok, _cfg, raw = harness_run
     for name in ("hellaswag", "arc_challenge", "openbookqa"):
         for s in raw["samples"][name][:3]:
             ours = [plain_loglik(model, tok, c, x) for c, x in s["arguments"]]

@@ -28,9 +28,10 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from functools import partial
 
 import numpy as np
 import torch
@@ -335,7 +336,7 @@ class EvolutionarySearch:
     def initial(self, sp: SearchSpace, scores: list[tuple[torch.Tensor, torch.Tensor]] | None) -> Candidate:
         """The importance-aware initial subnet: one (γ_attn, γ_mlp) for every layer, closest to the target, top
         saliency kept per layer (``scores[layer] = (attn scores, mlp scores)``; None: the first units)."""
-        depth_frac, lo_a, lo_m = TABLE1[sp.row]
+        _depth_frac, lo_a, lo_m = TABLE1[sp.row]
         best = None
         for ga in _grid(lo_a, self.attn_step):
             for gm in _grid(lo_m, self.mlp_step):
@@ -414,6 +415,9 @@ class EvolutionarySearch:
             uniq = list(dict.fromkeys(cands))  # first occurrence order: deterministic ties
             return sorted(uniq, key=lambda c: (fit(c), uniq.index(c)))
 
+        def pick(pool: list[Candidate]) -> Candidate:
+            return pool[int(rng.integers(len(pool)))]
+
         init = self.initial(sp, scores)
         init_fit = fit(init)
         history = {
@@ -443,45 +447,26 @@ class EvolutionarySearch:
                 children = []
                 if g == 0:
                     for _ in range(self.population):
-                        children.append(
-                            self._draw(
-                                lambda: self.mutate(
-                                    init, sp, scores, rng, self.prob_mask_init, self.prob_ratio_init, 0.0
-                                ),
-                                None,
-                                sp,
-                            )
+                        make = partial(
+                            self.mutate, init, sp, scores, rng, self.prob_mask_init, self.prob_ratio_init, 0.0
                         )
+                        children.append(self._draw(make, None, sp))
                 else:
-
-                    def pick():
-                        return parents[int(rng.integers(len(parents)))]
-
                     for _ in range(self.mutation):
-                        p = pick()
-                        children.append(
-                            self._draw(
-                                lambda: self.mutate(
-                                    p, sp, scores, rng, self.prob_mask, self.prob_ratio, self.prob_depth
-                                ),
-                                p,
-                                sp,
-                            )
+                        p = pick(parents)
+                        make = partial(
+                            self.mutate, p, sp, scores, rng, self.prob_mask, self.prob_ratio, self.prob_depth
                         )
+                        children.append(self._draw(make, p, sp))
                     for _ in range(self.crossover):
-                        a, b = pick(), pick()
-                        children.append(self._draw(lambda: self.cross(a, b, sp, rng), a, sp))
+                        a, b = pick(parents), pick(parents)
+                        children.append(self._draw(partial(self.cross, a, b, sp, rng), a, sp))
                     for _ in range(self.population - self.mutation - self.crossover):
-                        p = pick()
-                        children.append(
-                            self._draw(
-                                lambda: self.mutate(
-                                    p, sp, scores, rng, self.prob_mask_init, self.prob_ratio_init, self.prob_depth
-                                ),
-                                p,
-                                sp,
-                            )
+                        p = pick(parents)
+                        make = partial(
+                            self.mutate, p, sp, scores, rng, self.prob_mask_init, self.prob_ratio_init, self.prob_depth
                         )
+                        children.append(self._draw(make, p, sp))
                 children = [c for c in children if c is not None]
                 if not children and not parents:
                     raise PruningError(

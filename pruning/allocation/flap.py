@@ -404,7 +404,7 @@ class FlapAllocation:
         k = int(torch.argmin((cum - weights.sum() * (1.0 - self.attn_mlp_ratio)).abs()))
         tau = pooled[k][0]
         plan, spared = PrunePlan(), []
-        for i, (s, sc) in enumerate(zip(sets, scores)):
+        for s, sc in zip(sets, scores):
             sc = sc.double().cpu()
             gone = (sc <= tau).nonzero().flatten().tolist()
             if len(gone) == s.n_units:  # the official code would empty this layer's module: keep its best unit

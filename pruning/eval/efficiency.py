@@ -66,7 +66,7 @@ class EfficiencyConfig:
                 raise PruningError(f"efficiency: {name} must be an int >= {lo}, got {v!r}")
 
     @classmethod
-    def from_cfg(cls, block: Any) -> "EfficiencyConfig":
+    def from_cfg(cls, block: Any) -> EfficiencyConfig:
         return config_block(cls, block, "eval.efficiency")
 
 

@@ -27,8 +27,9 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Iterable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F

@@ -116,7 +116,7 @@ class ZeroShotConfig:
             raise PruningError(f"zeroshot: max_length must be an int >= 2 or null, got {self.max_length!r}")
 
     @classmethod
-    def from_cfg(cls, block: Any) -> "ZeroShotConfig":
+    def from_cfg(cls, block: Any) -> ZeroShotConfig:
         """From the Hydra ``eval.zeroshot`` node (or a plain dict); unknown keys are an error, not ignored."""
         return config_block(cls, block, "eval.zeroshot")
 

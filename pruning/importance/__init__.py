@@ -13,7 +13,7 @@ import torch
 from pruning.registry import Registry
 from pruning.structures import Member, StructureSet
 
-SCORERS: Registry[type["Scorer"]] = Registry("importance scorer")
+SCORERS: Registry[type[Scorer]] = Registry("importance scorer")
 AGGREGATIONS = ("sum", "mean", "max", "prod", "first", "last")
 GQA_FOLDS = ("own", "official")
 # The root member of each kind (LLM-Pruner's ``root_instances``: k_proj under GQA in llama3.py, gate_proj for the
@@ -126,7 +126,4 @@ class MagnitudeScorer(Scorer):
 
 
 # Scorer modules register themselves on import (kept last: they import the names above).
-from pruning.importance import activation  # noqa: E402,F401
-from pruning.importance import ntk, taylor  # noqa: E402,F401
-from pruning.importance import obs_saliency  # noqa: E402,F401
-from pruning.importance import bip, newton  # noqa: E402,F401
+from pruning.importance import activation, bip, newton, ntk, obs_saliency, taylor  # noqa: E402,F401

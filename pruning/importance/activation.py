@@ -9,7 +9,7 @@ channel is one channel (METHODS.md §1.2 rule 2: q, k and v are never masked wit
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -29,7 +29,7 @@ class ActivationScorer(Scorer):
     def __init__(self):
         self.stats: Mapping | None = None
 
-    def bind(self, stats: Mapping) -> "ActivationScorer":
+    def bind(self, stats: Mapping) -> ActivationScorer:
         self.stats = stats
         return self
 
@@ -85,7 +85,7 @@ class FluctuationScorer(ActivationScorer):
         self.requires = ("sqnorm",) if metric == "WIFN" else ("mean", "var")
         self.fluctuation: Mapping | None = None
 
-    def bind(self, stats: Mapping, fluctuation: Mapping | None = None) -> "FluctuationScorer":
+    def bind(self, stats: Mapping, fluctuation: Mapping | None = None) -> FluctuationScorer:
         self.fluctuation = fluctuation
         return super().bind(stats)
 
@@ -121,8 +121,9 @@ def streaming_fluctuation(
     f_1 = 0, f_n = f_{n−1}·(n−2)/(n−1) + S_n/n: the first sample enters the mean only, and the result is about
     T (tokens per sample) times the variance. S_n comes from each sample's Σx and Σx² (the collector, one sample
     at a time, in float64). METHODS.md §3.3 "Estimator"."""
-    from pruning.calibration import collect, is_variable_length
     from tqdm.auto import tqdm
+
+    from pruning.calibration import collect, is_variable_length
 
     samples = [w[None] for w in calib] if is_variable_length(calib) else [calib[n : n + 1] for n in range(len(calib))]
     out: dict[tuple[int, str], torch.Tensor] = {}

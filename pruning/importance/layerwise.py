@@ -31,8 +31,8 @@ The cost is one extra forward per layer (the recompute): 1.0-1.2x the whole-mode
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Callable
 
 import torch
 from torch import nn

@@ -38,7 +38,7 @@ def inverse_hessian_diag(xtx: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
 
 @SCORERS.register("obs_saliency", "search_llm")
 class OBSSaliencyScorer(ActivationScorer):
-    requires = {site: ("xtx",) for site in ("q_proj", "o_proj", "gate_proj", "down_proj")}
+    requires = dict.fromkeys(("q_proj", "o_proj", "gate_proj", "down_proj"), ("xtx",))
 
     def __init__(self, damp: float = 0.01):
         super().__init__()

@@ -306,10 +306,12 @@ class GradientScorer(Scorer):
                 "peak_ratio": None if peak is None else round((wbytes + peak) / wbytes, 4),
                 "state_bytes": state,
                 "state_ratio": round((wbytes + state) / wbytes, 4),
-                "note": "peak_ratio: all torch tensor bytes at the peak of scoring (weights, activations, "
-                "gradients, buffers) / weight bytes, measured. state_ratio: weights + what the "
-                "scoring design keeps (gradients alive at once, Fisher buffer, accumulators), "
-                "accounted from tensor sizes; activations excluded",
+                "note": (
+                    "peak_ratio: all torch tensor bytes at the peak of scoring (weights, activations, "
+                    "gradients, buffers) / weight bytes, measured. state_ratio: weights + what the "
+                    "scoring design keeps (gradients alive at once, Fisher buffer, accumulators), "
+                    "accounted from tensor sizes; activations excluded"
+                ),
             },
         }
 

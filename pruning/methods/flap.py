@@ -30,11 +30,10 @@ from pruning.calibration import collect
 from pruning.errors import PruningError
 from pruning.importance.activation import VARIANCES, FluctuationScorer, streaming_fluctuation
 from pruning.methods.base import OperatingPoint, ScoreAndAllocate
+from pruning.structures import StructureSet
 from pruning.surgery.apply import apply_plan, mask_plan
 from pruning.surgery.compensation import SURGERY, bias_compensation
-from pruning.structures import StructureSet
 from pruning.surgery.plan import PrunePlan
-
 
 ATTN_MLP_RATIO_MEANING = (
     "FLAP --pruning_ratio p: share of the attention+MLP weights removed as the FLAP code counts "

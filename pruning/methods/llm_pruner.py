@@ -28,7 +28,6 @@ from pruning.importance import AGGREGATIONS, GQA_FOLDS, RandomScorer
 from pruning.importance.taylor import MEMORY_OPTIONS, TAYLOR, GradientScorer, check_memory_options, taylor_scorer
 from pruning.methods.base import OperatingPoint, ScoreAndAllocate
 from pruning.models.adapter import adapter_for
-from pruning.structures import StructureSet
 from pruning.surgery.apply import HIDDEN_NORMS, apply_plan
 from pruning.surgery.plan import PrunePlan
 

@@ -15,7 +15,7 @@ from pruning.errors import UnsupportedModelError
 from pruning.registry import Registry
 from pruning.surgery.modeling_pruned_llama import kv_group_sizes, set_kv_group_sizes
 
-ADAPTERS: Registry[type["ModelAdapter"]] = Registry("model family")
+ADAPTERS: Registry[type[ModelAdapter]] = Registry("model family")
 
 
 @dataclass(frozen=True)
@@ -82,13 +82,13 @@ class ModelAdapter(ABC):
 
     # One-line getters, a table of where each projection sits in a layer.
     # fmt: off
-    def q_proj(self, layer): return self.attn(layer).q_proj  # noqa: E704
-    def k_proj(self, layer): return self.attn(layer).k_proj  # noqa: E704
-    def v_proj(self, layer): return self.attn(layer).v_proj  # noqa: E704
-    def o_proj(self, layer): return self.attn(layer).o_proj  # noqa: E704
-    def gate_proj(self, layer): return self.mlp(layer).gate_proj  # noqa: E704
-    def up_proj(self, layer): return self.mlp(layer).up_proj  # noqa: E704
-    def down_proj(self, layer): return self.mlp(layer).down_proj  # noqa: E704
+    def q_proj(self, layer): return self.attn(layer).q_proj
+    def k_proj(self, layer): return self.attn(layer).k_proj
+    def v_proj(self, layer): return self.attn(layer).v_proj
+    def o_proj(self, layer): return self.attn(layer).o_proj
+    def gate_proj(self, layer): return self.mlp(layer).gate_proj
+    def up_proj(self, layer): return self.mlp(layer).up_proj
+    def down_proj(self, layer): return self.mlp(layer).down_proj
     # fmt: on
 
     @abstractmethod

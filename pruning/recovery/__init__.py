@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pruning.errors import PruningError
-from pruning.recovery.lora import LoRARecovery, check_recovery as _check_lora, recover as _recover_lora
+from pruning.recovery.lora import LoRARecovery
+from pruning.recovery.lora import check_recovery as _check_lora
+from pruning.recovery.lora import recover as _recover_lora
 
 RECOVERIES = {"lora": (_check_lora, _recover_lora)}
 

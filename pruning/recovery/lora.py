@@ -74,7 +74,7 @@ class LoRARecovery:
     seed: int = 42
 
     @classmethod
-    def from_cfg(cls, cfg) -> "LoRARecovery":
+    def from_cfg(cls, cfg) -> LoRARecovery:
         """Validate a Hydra node or dict: unknown keys and bad values fail here, before any training."""
         if cfg is None:
             raise PruningError("recovery config is missing")

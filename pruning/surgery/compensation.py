@@ -11,7 +11,7 @@ carry per-layer o_proj/down_proj bias flags, METHODS.md §1.2 rule 7).
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn

@@ -178,7 +178,7 @@ class SlicedLayer(nn.Module):
 class SlicedModel(nn.Module):
     """Mixin placed before a family's ForCausalLM: sliced embeddings/head, sliced layers, weight-free final norm."""
 
-    _tied_weights_keys = {}
+    _tied_weights_keys = {}  # noqa: RUF012 - transformers' own attribute (a plain dict there); read, never mutated
     _sliced_layer: type
 
     def __init__(self, config):

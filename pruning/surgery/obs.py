@@ -16,7 +16,7 @@ removes the zeroed columns together with their q/k/v or gate/up rows, so the com
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn

@@ -44,7 +44,7 @@ class PrunePlan:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PrunePlan":
+    def from_dict(cls, d: dict) -> PrunePlan:
         remove = {k: {int(l): list(v) for l, v in per.items()} for k, per in d.get("remove", {}).items()}
         return cls(remove=remove, blocks=list(d.get("blocks", [])), meta=dict(d.get("meta", {})))
 

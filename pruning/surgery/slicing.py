@@ -16,9 +16,9 @@ from torch import nn
 
 from pruning.errors import PruningError
 from pruning.models.adapter import adapter_for
-from pruning.surgery.save import write_checkpoint
 from pruning.surgery.modeling_pruned_llama import PER_LAYER
 from pruning.surgery.modeling_sliced_llama import RMSN, SLICED, SLICED_PER_LAYER, SlicedWidths
+from pruning.surgery.save import write_checkpoint
 
 _DROP = (
     (

@@ -12,9 +12,10 @@ normalisation is undefined (lm-eval would divide by the *context* lengths).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pruning.eval.tasks import utils
 
