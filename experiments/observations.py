@@ -358,6 +358,8 @@ def _fmt_leaf(value: str) -> str:
     if isinstance(v, list):
         return "+".join(str(x) for x in v)
     text = "null" if v is None else str(v)
+    if isinstance(v, str) and (not v.isprintable() or v.strip() != v):  # e.g. a join string "\n\n" or " "
+        text = json.dumps(v)
     return text if len(text) <= 16 else text[:8] + "…"  # content hashes: a prefix tells them apart
 
 

@@ -55,7 +55,12 @@ class TableSpec:
     layout: str = "rows"  # rows: method x ratio; ratio_pivot: ratios as columns (one PPL column)
     notes: tuple[str, ...] = ()
     cells: str = "native"  # native: cells set by each paper's own knob | ratio: set by pruning.ratio
+    methods: tuple[str, ...] = ()  # the paper's rows: fnmatch patterns on our method names (empty: every method)
+    cell_protocol: PPLCol | None = None  # a cell enters only if evaluated under this PPL protocol (default: ppl[0])
 
+
+# the structured baselines every paper reports beside its own rows
+BASELINES = ("random", "magnitude*")
 
 W2_128 = PPLCol("WikiText-2", "ppl128-lp", "wikitext2", "test")
 PTB_128 = PPLCol("PTB", "ppl128-lp", "ptb", "validation")
@@ -94,6 +99,7 @@ TABLES: dict[str, TableSpec] = {
         ppl=(W2_128, PTB_128),
         zs=ZS_LP,
         avg_header="Average",
+        methods=(*BASELINES, "llm_pruner_*"),
         notes=(
             (
                 "PPL: ppl128-lp (WikiText-2 test, PTB validation, 128-token windows, one BOS). Zero-shot: zs-lp, "
@@ -112,6 +118,7 @@ TABLES: dict[str, TableSpec] = {
         ppl=(PPLCol("WikiText-2", "ppl2048-sl", "wikitext2", "test"), PPLCol("PTB", "ppl2048-sl", "ptb", "validation")),
         zs=ZS_LP,
         avg_header="Average",
+        methods=(*BASELINES, "llm_pruner_*", "slicegpt", "flap", "search_llm"),
         notes=(
             (
                 "PPL: ppl2048-sl (WikiText-2 test, PTB validation, 2048-token windows, one BOS). Zero-shot: zs-lp "
@@ -129,6 +136,7 @@ TABLES: dict[str, TableSpec] = {
         ppl=(PPLCol("WikiText-2", "ppl2048-sg", "wikitext2", "test"),),
         zs=ZS_SG,
         avg_header="Avg (5)",
+        methods=("slicegpt",),
         notes=(
             (
                 "PPL: ppl2048-sg (WikiText-2 test, 2048-token windows, mean of per-window NLL). Zero-shot: SliceGPT's "
@@ -164,6 +172,7 @@ TABLES: dict[str, TableSpec] = {
         anchor_model="LLaMA-7B",
         ppl=(W2_128,),
         layout="ratio_pivot",
+        methods=(*BASELINES, "llm_pruner_*", "wanda_sp", "flap"),
         notes=(
             "PPL: ppl128-lp on WikiText-2 test. Columns are the papers' ratio labels; 0 is the dense model.",
             NATIVE_NOTE,
@@ -177,6 +186,8 @@ TABLES: dict[str, TableSpec] = {
         anchor_model="LLaMA-7B",
         zs=ZS_LP,
         avg_header="Average",
+        cell_protocol=W2_128,  # the cells of FLAP's tables: seq-128 PPL beside the zero-shot
+        methods=(*BASELINES, "llm_pruner_*", "wanda_sp", "flap"),
         notes=(
             "Zero-shot: zs-lp, 0-shot, % (acc: BoolQ, PIQA, WinoGrande, ARC-e; acc_norm: HellaSwag, ARC-c, OBQA).",
             NATIVE_NOTE,

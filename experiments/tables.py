@@ -15,6 +15,7 @@ CLI: ``python -m experiments.tables --store DIR --table llm_pruner_t1 --out resu
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import math
 import re
 import sys
@@ -161,6 +162,14 @@ def build_table(
     obs = obs.assign(setting=obs["setting"].fillna("").astype(str))
     native = obs["setting"] != ""
     keep = (obs["phase"] == "dense") | (native if spec.cells == "native" else ~native)
+    if spec.methods:  # the paper's own rows only (plus dense)
+        keep &= (obs["phase"] == "dense") | obs["base_method"].map(
+            lambda m: any(fnmatch.fnmatchcase(str(m), p) for p in spec.methods)
+        )
+    protocols = {c.protocol for c in ([spec.cell_protocol] if spec.cell_protocol else spec.ppl)}
+    if protocols:  # a cell belongs to the table only if it was evaluated under one of the table's PPL protocols
+        hit = obs["protocol"].isin(protocols)
+        keep &= (obs["phase"] == "dense") | obs["config_hash"].isin(set(obs.loc[hit, "config_hash"]))
     cells = _assign_columns(obs[keep], spec)
     id_cols = ["model", "method", "anchor_method", "ratio"] + (["setting"] if spec.cells == "native" else [])
 
