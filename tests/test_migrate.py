@@ -120,9 +120,11 @@ def test_migrate_store_renames_keeps_everything_and_is_idempotent(tmp_path):
 
 
 def test_committed_store_is_migrated():
-    """results/store holds schema-2 records only, each under its own hash."""
-    records = sorted((REPO / "results" / "store" / "records").glob("*.json"))
-    assert len(records) >= 153
+    """Both committed stores hold schema-2 records only, each under its own hash."""
+    archive = sorted((REPO / "results" / "archive" / "pre-protocols" / "store" / "records").glob("*.json"))
+    current = sorted((REPO / "results" / "store" / "records").glob("*.json"))
+    assert len(archive) == 153 and current
+    records = archive + current
     for path in records:
         rec = json.loads(path.read_text())
         assert rec["schema"] == SCHEMA_VERSION and rec["config_hash"] == path.stem == config_hash(rec["config"])

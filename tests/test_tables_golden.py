@@ -1,7 +1,8 @@
 """Every committed result still renders the same tables (issue 24, acceptance 5).
 
 The golden files in tests/fixtures/tables_golden/ were rendered by the pre-split ``experiments/tables.py`` (main at
-49982a5) from the 153 records then in results/store, before the store was migrated to record schema 2
+49982a5) from the 153 records then in results/store (now results/archive/pre-protocols/store), before the store
+was migrated to record schema 2
 (experiments/migrate.py); ``records.txt`` lists them by their schema-2 hashes. The test renders the same records,
 migrated, with today's code, and compares Markdown, LaTeX, CSV and the README summary byte for byte. Later
 additions to results/store are not read, so they do not move the golden output; a change of
@@ -20,7 +21,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "fixtures" / "tables_golden"
-STORE = REPO / "results" / "store"
+STORE = REPO / "results" / "archive" / "pre-protocols" / "store"
 
 
 def golden_records() -> list[dict]:
