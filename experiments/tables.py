@@ -27,7 +27,15 @@ import pandas as pd
 
 from experiments import anchors as anchors_mod
 from experiments import render
-from experiments.observations import OBS_COLUMNS, limit_suffix, newest_per_seed, observations, protocols_present
+from experiments.observations import (
+    OBS_COLUMNS,
+    limit_suffix,
+    method_name,
+    newest_per_seed,
+    observations,
+    protocols_present,
+    setting_label,
+)
 from experiments.store import ResultsStore
 from experiments.table_specs import KNOB_MEANINGS, TABLES, TASK_HEADERS, TableSpec
 
@@ -137,6 +145,39 @@ def _published_rows(spec: TableSpec, anchors: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["block", "model", "method", "ratio", "ratio_text", "column", "value", "printed"])
 
 
+def _paper_method(method: str, spec: TableSpec) -> bool:
+    return not spec.methods or any(fnmatch.fnmatchcase(method, p) for p in spec.methods)
+
+
+def _cell_protocols(spec: TableSpec) -> set[str]:
+    return {c.protocol for c in ([spec.cell_protocol] if spec.cell_protocol else spec.ppl)}
+
+
+def table_records(records: Iterable[Mapping], spec: TableSpec) -> list[Mapping]:
+    """The records a table is built from: dense ones, and cells of the paper's methods, set the table's way (native
+    knob or pruning.ratio) and evaluated under one of its PPL protocols. Selecting records before the observations
+    keeps a method's row label free of config that only differs from cells of other tables (e.g. FLAP's calibration
+    in Search-LLM's table)."""
+    protocols = _cell_protocols(spec)
+    out = []
+    for r in records:
+        if not isinstance(r, Mapping):
+            continue
+        method = method_name(r)
+        if method == "dense":
+            out.append(r)
+            continue
+        native = setting_label(r) != ""
+        ppl_protocols = {str(k).split(":", 1)[0] for k in ((r.get("metrics") or {}).get("ppl") or {})}
+        if (
+            native == (spec.cells == "native")
+            and _paper_method(method, spec)
+            and (not protocols or ppl_protocols & protocols)
+        ):
+            out.append(r)
+    return out
+
+
 def build_table(
     records: Iterable[Mapping] | pd.DataFrame,
     spec: TableSpec | str,
@@ -151,7 +192,7 @@ def build_table(
     spec = TABLES[spec] if isinstance(spec, str) else spec
     if published not in ("matched", "all", "none"):
         raise ValueError(f"published must be matched, all or none, got {published!r}")
-    obs = records if isinstance(records, pd.DataFrame) else observations(records)
+    obs = records if isinstance(records, pd.DataFrame) else observations(table_records(records, spec))
     excluded = sorted(
         {
             f"{m} {k}: {n}"
@@ -163,10 +204,8 @@ def build_table(
     native = obs["setting"] != ""
     keep = (obs["phase"] == "dense") | (native if spec.cells == "native" else ~native)
     if spec.methods:  # the paper's own rows only (plus dense)
-        keep &= (obs["phase"] == "dense") | obs["base_method"].map(
-            lambda m: any(fnmatch.fnmatchcase(str(m), p) for p in spec.methods)
-        )
-    protocols = {c.protocol for c in ([spec.cell_protocol] if spec.cell_protocol else spec.ppl)}
+        keep &= (obs["phase"] == "dense") | obs["base_method"].map(lambda m: _paper_method(str(m), spec))
+    protocols = _cell_protocols(spec)
     if protocols:  # a cell belongs to the table only if it was evaluated under one of the table's PPL protocols
         hit = obs["protocol"].isin(protocols)
         keep &= (obs["phase"] == "dense") | obs["config_hash"].isin(set(obs.loc[hit, "config_hash"]))
@@ -335,10 +374,13 @@ def _row_order(frame: pd.DataFrame, spec: TableSpec) -> list[int]:
 def build_tables(
     records: Iterable[Mapping], names: Sequence[str] | None = None, published: str = "matched"
 ) -> dict[str, PaperTable]:
-    """Every requested table (default: all), sharing one observation frame."""
-    obs = observations(records)
+    """Every requested table (default: all), each from its own cells (see `table_records`)."""
+    records = list(records)
     anchors = anchors_mod.load_anchors()
-    return {n: build_table(obs, TABLES[n], published, anchors) for n in (names or list(TABLES))}
+    return {
+        n: build_table(observations(table_records(records, TABLES[n])), TABLES[n], published, anchors)
+        for n in (names or list(TABLES))
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
