@@ -139,7 +139,8 @@ def check_command(argv: list[str]) -> None:
         try:
             validate(cfg)
         except ConfigError as e:
-            where = f" (sweep cell: {' '.join(job)})" if len(cells) > 1 else ""
+            swept = [o for o in job if o not in argv]  # the cell's own values, not the command's fixed ones
+            where = f" (sweep cell: {' '.join(swept)})" if len(cells) > 1 and swept else ""
             raise ConfigError(f"{e}{where}") from None
 
 
