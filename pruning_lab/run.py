@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import experiments.paper_ratios  # noqa: F401  (registers the ${paper_knob:...} config resolver; torch-free)
 from experiments.errors import ConfigError, PruningError, one_line
 
 # A sweep larger than this is checked on a cover of its grid (the first cell and every value of every swept key),
@@ -81,6 +80,8 @@ def task(cfg) -> float | None:
 def main() -> None:
     """The Hydra app on ``sys.argv`` (``@hydra.main`` applied here, so importing this module does not load Hydra)."""
     import hydra
+
+    import experiments.paper_ratios  # noqa: F401  (registers the ${paper_knob:...} config resolver)
 
     hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")(task)()
 
@@ -150,6 +151,8 @@ def compose_cells(overrides: list[str], multirun: bool) -> Iterator[tuple[list[s
     it up to ``MAX_CHECKED_CELLS``, else a cover of it; a study sweeper's (AdaPruner) first point only."""
     from hydra import initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    import experiments.paper_ratios  # noqa: F401  (registers the ${paper_knob:...} config resolver; torch-free)
 
     parser = OverridesParser.create()
     with hydra_errors(overrides):
