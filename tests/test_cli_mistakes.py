@@ -132,3 +132,28 @@ def test_a_mistake_is_one_error_line_and_nothing_written(case, tmp_path):
 
 def test_the_table_has_forty_mistakes():
     assert len(MISTAKES) >= 40
+
+
+def test_ctrl_c_is_one_line_exit_130_and_nothing_half_written(tmp_path):
+    """SIGINT 8 s into a real cell (importing, loading or computing): one line, exit 130, an empty store."""
+    import signal
+    import time
+
+    store = tmp_path / "store"
+    proc = subprocess.Popen(
+        [sys.executable, "run.py", f"store.dir={store}", f"hydra.run.dir={tmp_path / 'run'}", "threads=1"],
+        cwd=REPO,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background job inherits SIGINT ignored
+    )
+    time.sleep(8)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert [line for line in err.splitlines() if line.strip()] == ["interrupted"]
+    assert "Traceback" not in out + err
+    left = [p for p in store.rglob("*") if p.is_file()] if store.exists() else []
+    assert left == [], left

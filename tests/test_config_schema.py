@@ -281,3 +281,34 @@ def test_the_schema_vocabulary_is_the_library_s():
     for ours, theirs in pairs:
         assert ours == theirs
     assert set(schema.SAMPLERS) == set(data.SAMPLERS)
+
+
+# ------------------------------------------------------------------------------------------------ one error path
+
+
+def test_a_user_mistake_is_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        run.cli(["+pruning.ratoi=0.5"])
+    assert e.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == "error: unknown key pruning.ratoi: pruning has ratio (did you mean pruning.ratio?)\n"
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "check_command", interrupted)
+    with pytest.raises(SystemExit) as e:
+        run.cli(["pruning.ratio=0.2"])
+    assert e.value.code == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_a_programming_error_keeps_its_traceback(monkeypatch):
+    def broken(argv):
+        raise ZeroDivisionError("a bug, not a user mistake")
+
+    monkeypatch.setattr(run, "check_command", broken)
+    with pytest.raises(ZeroDivisionError, match="a bug"):
+        run.cli(["pruning.ratio=0.2"])
