@@ -312,3 +312,14 @@ def test_a_programming_error_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(run, "check_command", broken)
     with pytest.raises(ZeroDivisionError, match="a bug"):
         run.cli(["pruning.ratio=0.2"])
+
+
+def test_the_schema_layer_range_is_the_allocation_s():
+    """``check_model`` computes the candidate layers without torch; ``pruning.allocation.layer_range`` prunes them."""
+    from pruning.allocation import layer_range
+
+    ranges = [(0.0, 1.0, None, None), (0.125, 0.9375, None, None), (0.5, 0.55, None, None), (0.0, 1.0, 1, 4)]
+    for n_layers in (5, 30, 32):
+        for start_frac, end_frac, start, end in ranges:
+            s, e = schema.Layers(start_frac=start_frac, end_frac=end_frac, start=start, end=end).indices(n_layers)
+            assert list(range(max(0, s), min(n_layers, e))) == layer_range(n_layers, start_frac, end_frac, start, end)
