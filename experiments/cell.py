@@ -86,15 +86,16 @@ class Timer(dict):
 
 
 def build_method(cfg: DictConfig):
-    """The method object from ``cfg.method`` (its factory's keywords); a mistake its factory refuses is one line,
-    not Hydra's wrapped traceback."""
+    """The method object from ``cfg.method`` (its factory's keywords); a value its factory refuses (a ValueError) is
+    one line, not Hydra's wrapped traceback. A TypeError keeps its traceback: the schema has already refused unknown
+    keys, so a keyword the factory does not take is a schema that drifted from the code."""
     try:
         return instantiate(cfg.method, _convert_="all")
     except InstantiationException as e:
         cause = e.__cause__
         if isinstance(cause, PruningError):
             raise cause from None
-        if isinstance(cause, (ValueError, TypeError)):
+        if isinstance(cause, ValueError):
             target = str(cfg.method.get("_target_", "?")).rsplit(".", 1)[-1]
             raise ConfigError(f"method ({target}): {cause}") from None
         raise

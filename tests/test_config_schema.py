@@ -323,3 +323,19 @@ def test_the_schema_layer_range_is_the_allocation_s():
         for start_frac, end_frac, start, end in ranges:
             s, e = schema.Layers(start_frac=start_frac, end_frac=end_frac, start=start, end=end).indices(n_layers)
             assert list(range(max(0, s), min(n_layers, e))) == layer_range(n_layers, start_frac, end_frac, start, end)
+
+
+@pytest.mark.parametrize("target", list(schema.METHODS), ids=[t.rsplit(".", 1)[-1] for t in schema.METHODS])
+def test_the_schema_keys_of_a_method_are_its_factory_s_keywords(target):
+    """A key the schema accepts reaches the factory as a keyword (or its ``**kwargs``), and every keyword the factory
+    takes is a key of the schema: the two cannot drift apart unnoticed."""
+    import importlib
+    import inspect
+
+    module, name = target.rsplit(".", 1)
+    params = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    keywords = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    keys = {f.alias or n for n, f in schema.METHODS[target].model_fields.items()} - {"_target_"}
+    assert takes_any or keys <= keywords, keys - keywords
+    assert keywords - {"lam"} <= keys, keywords - keys  # numerical: `lambda` (a Python keyword) arrives in **kwargs
