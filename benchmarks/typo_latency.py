@@ -4,7 +4,8 @@ Each command runs as its own process, as a user types it, from the repository ro
 script; ``python -c pass`` (the interpreter's own start-up) is the baseline. Runs are interleaved (every repeat runs
 every command once), so a burst of load from other jobs hits all of them alike. Reported per command: the median
 wall time, its ratio to the baseline's median, and the median CPU time (user + system of the child, which other jobs
-taking the cores cannot inflate). Each typo command must exit 2 with one ``error:`` line, or the script fails.
+taking the cores cannot inflate). Each typo command must exit 2 with one ``error:`` line, or the script fails. The
+target (issue 23: under 1 s) holds for typos in a group name or a key; a bad value is timed for reference.
 
     python benchmarks/typo_latency.py [--repeats 10] [--out results/]
 
@@ -24,11 +25,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = ("python -c pass", ["-c", "pass"])
-TYPOS = [  # (label, arguments of run.py)
-    ("group name: method=magnitud", ["method=magnitud"]),
-    ("key: +pruning.ratoi=0.5", ["+pruning.ratoi=0.5"]),
-    ("key: method.structurs=[mlp]", ["method.structurs=[mlp]"]),
-    ("value: pruning.ratio=abc", ["pruning.ratio=abc"]),
+TYPOS = [  # (label, arguments of run.py, held to the target: typos in a name; a bad value needs Hydra's composition)
+    ("group name: method=magnitud", ["method=magnitud"], True),
+    ("key: +pruning.ratoi=0.5", ["+pruning.ratoi=0.5"], True),
+    ("key: method.structurs=[mlp]", ["method.structurs=[mlp]"], True),
+    ("value: pruning.ratio=abc", ["pruning.ratio=abc"], False),
 ]
 TARGET_S = 1.0
 
@@ -54,7 +55,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    commands = [(BASELINE[0], BASELINE[1], False)] + [(label, ["run.py", *a], True) for label, a in TYPOS]
+    commands = [(BASELINE[0], BASELINE[1], False)] + [(label, ["run.py", *a], True) for label, a, _ in TYPOS]
+    targeted = {label for label, _, held in TYPOS if held}
     for _, argv, expect in commands:  # warm the file cache once; not timed
         timed(argv, expect)
     walls: dict[str, list[float]] = {label: [] for label, _, _ in commands}
@@ -67,7 +69,7 @@ def main() -> None:
 
     base = statistics.median(walls[BASELINE[0]])
     rows = []
-    for label, _, expect in commands:
+    for label, _, _ in commands:
         wall = statistics.median(walls[label])
         rows.append(
             {
@@ -76,7 +78,7 @@ def main() -> None:
                 "max_wall_s": round(max(walls[label]), 3),
                 "ratio_to_python_c_pass": round(wall / base, 1),
                 "median_cpu_s": round(statistics.median(cpus[label]), 3),
-                "under_target": None if not expect else wall < TARGET_S,
+                "under_target": wall < TARGET_S if label in targeted else None,
             }
         )
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
