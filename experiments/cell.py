@@ -2,9 +2,11 @@
 
     check -> [resume] -> calibrate -> load -> evaluate_dense -> prune -> apply -> evaluate -> recover -> save -> record
 
-- ``check``: every user mistake is caught before anything heavy (eval protocol, device and dtype, recovery settings,
-  method options, the operating point (``pruning.ratio`` vs a native knob), calibration sampler and data file, the
-  checkpoint's fingerprint).
+- ``check``: every user mistake is caught before anything heavy: the typed schema of every config group and the rules
+  across them (experiments/schema.py: keys, types, ranges, choices, the operating point, layer ranges), then what
+  needs the library (data files of the eval, calibration and recovery, device and dtype, the method built from its
+  config), then the checkpoint's fingerprint and ``config.json`` (a layer range inside the model, every length within
+  its context; no weights are read).
 - ``calibrate`` draws the calibration ids with the tokenizer alone, *before* the weights load, so a shape the data
   cannot fill costs seconds, not a model load. A method that draws more sets (``DrawsCalibration``, NIRVANA) gets a
   sampler bound here.
@@ -41,17 +43,18 @@ from typing import Any
 
 import pandas as pd
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import experiments.paper_ratios  # noqa: F401  (registers the ${paper_knob:...} config resolver)
+from experiments import schema
 from experiments.cache import TensorCache, dir_fingerprint, file_sha256
 from experiments.record import config_hash, make_record
 from experiments.store import ResultsStore
 from pruning import data
-from pruning.allocation import check_ratio
 from pruning.calibration import cached_statistics, is_variable_length
-from pruning.errors import PruningError
+from pruning.errors import ConfigError, PruningError
 from pruning.eval import EVAL_VERSION, check_eval, evaluate
 from pruning.methods.base import DrawsCalibration
 from pruning.models import load_model
@@ -83,7 +86,19 @@ class Timer(dict):
 
 
 def build_method(cfg: DictConfig):
-    return instantiate(cfg.method, _convert_="all")
+    """The method object from ``cfg.method`` (its factory's keywords); a value its factory refuses (a ValueError) is
+    one line, not Hydra's wrapped traceback. A TypeError keeps its traceback: the schema has already refused unknown
+    keys, so a keyword the factory does not take is a schema that drifted from the code."""
+    try:
+        return instantiate(cfg.method, _convert_="all")
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, PruningError):
+            raise cause from None
+        if isinstance(cause, ValueError):
+            target = str(cfg.method.get("_target_", "?")).rsplit(".", 1)[-1]
+            raise ConfigError(f"method ({target}): {cause}") from None
+        raise
 
 
 def dense_config(resolved: dict) -> dict:
@@ -164,27 +179,16 @@ def calibration_record(spec: data.CalibrationSpec, calib) -> dict:
 
 
 def operating_point(method, ratio, paper_ratio=None) -> tuple[float | None, dict | None]:
-    """Which setting defines the cell: ``pruning.ratio`` (share of ALL params) or the method's native knob
-    (METHODS.md §1.3), set directly or through ``paper_ratio``. Both at once would make the record claim a ratio the
-    method did not use."""
+    """Which setting defines the cell, as (ratio, native knob setting): the rule is the schema's
+    (``schema.operating_point_rule``: a native knob and ``pruning.ratio`` at once, a ``paper_ratio`` the method
+    cannot read, or neither), applied here to the built method."""
     op = method.operating_point()
-    if paper_ratio is not None and op is None:
-        raise PruningError(
-            f"paper_ratio={paper_ratio} has no meaning for method {method.name}: no paper table of its "
-            f"is reproduced (experiments/paper_ratios.py); use pruning.ratio"
-        )
-    if op is not None:
-        if ratio is not None:
-            via = f"paper_ratio={paper_ratio} ({op})" if paper_ratio is not None else str(op)
-            raise PruningError(
-                f"{via} sets the operating point of this cell, so pruning.ratio={ratio} would not be "
-                f"used; pass pruning.ratio=null (or drop {'paper_ratio' if paper_ratio is not None else op.knob})"
-            )
-        return None, op.as_dict()
-    if ratio is None and method.name != "dense":
-        knob = f" or set {method.native_knob}" if method.native_knob else ""
-        raise PruningError(f"pruning.ratio is null: set it (share of all parameters removed){knob}")
-    return (None if ratio is None else check_ratio(ratio)), None
+    schema.operating_point_rule(
+        method.name, op.knob if op else method.native_knob, None if op is None else op.value, ratio, paper_ratio
+    )
+    if ratio is not None and not 0.0 <= float(ratio) < 1.0:
+        raise ConfigError(f"pruning.ratio={ratio}: must be a number in [0, 1) or null")
+    return (None if ratio is None else float(ratio)), None if op is None else op.as_dict()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -324,7 +328,8 @@ def default_callbacks(cfg: DictConfig) -> list[CellCallback]:
 
 def check(cfg: DictConfig, run_dir: str | Path | None = None) -> Cell:
     """Everything that can be wrong in the config, before any data or weights are read."""
-    check_eval(cfg.eval)  # unknown protocol keys / missing data files fail before loading
+    schema.validate(cfg)  # keys, types, ranges, choices and the rules across them (torch-free)
+    check_eval(cfg.eval)  # the eval's data files fail before loading
     set_threads(cfg.get("threads"))
     seed_everything(cfg.seed)  # random, numpy, torch: the one place (pruning.runtime)
     device = pick_device(cfg.device)
@@ -339,6 +344,9 @@ def check(cfg: DictConfig, run_dir: str | Path | None = None) -> Cell:
     ratio, op = operating_point(method, cfg.pruning.ratio, cfg.get("paper_ratio"))
     calib_spec = check_calibration(cfg, method) if method.needs_calibration else None
     resolved = cell_config(cfg, uses_calibration=method.needs_calibration)
+    model_config = schema.read_model_config(resolve_checkpoint(cfg.model.path, fetch=bool(cfg.model.get("fetch"))))
+    if model_config is not None:  # an unreadable config.json is the loader's to report
+        schema.check_model(resolved, model_config)  # layer range inside the model, lengths within its context
     if resolved["method"]["_target_"] == DENSE:
         ratio = 0.0
     return Cell(

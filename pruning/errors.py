@@ -1,8 +1,19 @@
 """User-facing errors: one clear line, raised before heavy compute, caught by run.py."""
 
+# torch-free root (and one_line), so the config checks run before torch is imported
+from experiments.errors import ConfigError, PruningError, one_line
 
-class PruningError(Exception):
-    """Bad input the user can fix: unknown name, impossible ratio, missing data, unsupported model."""
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "ConfigKeyMoved",
+    "DataError",
+    "InfeasibleCalibrationError",
+    "InfeasibleRatioError",
+    "PruningError",
+    "UnsupportedModelError",
+    "one_line",
+]
 
 
 class DataError(PruningError):
@@ -21,18 +32,9 @@ class InfeasibleRatioError(PruningError):
     """The requested ratio cannot be met without emptying a layer (or is outside [0, 1))."""
 
 
-class ConfigKeyMoved(PruningError):
+class ConfigKeyMoved(ConfigError):
     """A config key or group of an older schema (experiments/migrate.py names the new one)."""
 
 
 class InfeasibleCalibrationError(PruningError):
     """The calibration data cannot fill n_samples x seq_len (too few long documents); a search scores it as +inf."""
-
-
-def one_line(e: BaseException) -> str:
-    """An exception's message as one line for a ``PruningError``: its first line, plus the next one when the first
-    ends in a colon (torch's "Error(s) in loading state_dict for X:" and pip put the reason there)."""
-    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(e).__name__
-    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]

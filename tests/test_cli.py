@@ -42,8 +42,14 @@ def probe(*argvs: list[str]) -> list[dict]:
 
 
 def test_help_typos_and_run_help_without_importing_torch():
-    help_, typo, bare, run_help, run_typo = probe(
-        ["--help"], ["tabels", "--all"], [], ["run", "--help"], ["run", "method=magnitud"]
+    help_, typo, bare, run_help, run_typo, key_typo, bad_value = probe(
+        ["--help"],
+        ["tabels", "--all"],
+        [],
+        ["run", "--help"],
+        ["run", "method=magnitud"],
+        ["run", "+pruning.ratoi=0.5"],  # a key: the schema alone, before Hydra
+        ["run", "method=magnitude", "method.structures=mlp"],  # a value: Hydra composes, the schema refuses
     )
     assert help_["code"] == 0 and help_["err"] == ""
     listed = {
@@ -64,7 +70,10 @@ def test_help_typos_and_run_help_without_importing_torch():
     assert "stories260k" in run_help["out"]
     assert run_typo["code"] == 2 and run_typo["out"] == "" and len(run_typo["err"].strip().splitlines()) == 1
     assert "unknown method 'magnitud'" in run_typo["err"]
-    assert not run_typo["torch"]  # after all five
+    for mistake, words in ((key_typo, "unknown key pruning.ratoi"), (bad_value, "method.structures='mlp'")):
+        assert mistake["code"] == 2 and mistake["out"] == "", mistake
+        assert mistake["err"].startswith(f"error: {words}") and len(mistake["err"].strip().splitlines()) == 1
+    assert not bad_value["torch"]  # after all seven
 
 
 def test_every_command_answers_its_own_help(capsys, monkeypatch):

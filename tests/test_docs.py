@@ -2,10 +2,10 @@
 in the README and in docs/ composes and passes the cell's config-time checks, and the site builds with
 ``mkdocs build --strict`` (broken links, anchors, pages left out of the nav, API modules that do not resolve).
 
-The command check runs what ``experiments.cell.run_cell`` runs before it loads anything (eval protocol, method,
-operating point, calibration, recovery), so a documented option that was renamed or now needs ``pruning.ratio=null``
-fails here instead of in a reader's terminal. Sweeps (``-m``) are checked at the first value of every swept key, the
-preset's own ``hydra.sweeper.params`` included.
+The command check runs what ``experiments.cell.run_cell`` runs before it loads anything (the typed schema, eval
+protocol, method, operating point, calibration, recovery), so a documented option that was renamed or now needs
+``pruning.ratio=null`` fails here instead of in a reader's terminal. Sweeps (``-m``) are checked at the first value of
+every swept key, the preset's own ``hydra.sweeper.params`` included.
 """
 
 from __future__ import annotations
@@ -119,11 +119,18 @@ def compose_documented(argv: list[str]):
 
 @pytest.mark.parametrize("where,argv", COMMANDS, ids=[w for w, _ in COMMANDS])
 def test_documented_run_command_passes_the_config_checks(where, argv):
+    from omegaconf import open_dict
+
     from experiments.cell import build_method, check_calibration, operating_point
+    from experiments.schema import validate
     from pruning.eval import check_eval
     from pruning.recovery import check_recovery
 
     cfg = compose_documented(argv)
+    typed = cfg.copy()
+    with open_dict(typed):
+        del typed["hydra"]
+    validate(typed)  # the typed schema (torch-free), GPU commands too
     if "cuda" in " ".join(argv):  # a GPU command: this machine can only compose it
         return
     check_eval(cfg.eval)

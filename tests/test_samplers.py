@@ -567,13 +567,23 @@ def no_model_load(monkeypatch):
 @pytest.mark.parametrize(
     "overrides,error,match",
     [
-        (["calibration.sampler=bogus"], PruningError, "unknown calibration.sampler 'bogus'"),
+        (["calibration.sampler=bogus"], PruningError, "calibration.sampler='bogus': must be one of"),
         (
             ["method=llm_pruner", "calibration=shortgpt"],
             PruningError,
             "calibration.sampler=documents gives windows of different lengths, which llm_pruner_element1 cannot take",
         ),
-        (["method=wanda_sp", "calibration.seq_len=100000"], InfeasibleCalibrationError, "more than 100000 tokens"),
+        (
+            [
+                "method=wanda_sp",
+                "calibration.sampler=llm_pruner",
+                "calibration.n_samples=1000",
+                "calibration.seq_len=2000",
+            ],
+            InfeasibleCalibrationError,
+            "documents",
+        ),
+        (["method=wanda_sp", "calibration.seq_len=100000"], PruningError, "max_position_embeddings=2048"),
         (["method=flap", "calibration.order=file"], InfeasibleCalibrationError, "fewer than n_samples x seq_len"),
     ],
 )
