@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 HEADLINE_MODEL = "smollm2_135m"
@@ -36,7 +37,7 @@ class Bench:
     full: Callable[[Path], list[str]]  # args for the measured run, given the output dir
     quick: Callable[[Path], list[str]]  # args for a smoke run
     json: str
-    rows: Callable[[dict | list], list[dict]]
+    rows: Callable[[Any], list[dict]]  # the loaded JSON (a dict, or a list) -> table rows
 
 
 def _row(benchmark: str, compared: str, ratio: float, target: str, passed: bool | None, detail: str = "") -> dict:

@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from hydra.plugins.launcher import Launcher
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig
 
@@ -71,10 +72,19 @@ def search_space(config: DictConfig, task_overrides: list[str]) -> dict:
         if not o.is_sweep_override():
             space.pop(key, None)
         elif o.is_choice_sweep():
-            space[key] = CategoricalDistribution(list(o.sweep_iterator()))
-        elif o.is_interval_sweep() and isinstance(iv := o.value(), IntervalSweep):
-            ints = isinstance(iv.start, int) and isinstance(iv.end, int)
-            space[key] = (IntDistribution if ints else FloatDistribution)(iv.start, iv.end, log="log" in iv.tags)
+            choices: list[Any] = list(o.sweep_iterator())  # choice(...) of scalars
+            space[key] = CategoricalDistribution(choices)
+        elif (
+            o.is_interval_sweep()
+            and isinstance(iv := o.value(), IntervalSweep)
+            and iv.start is not None
+            and iv.end is not None
+        ):
+            lo, hi, log = iv.start, iv.end, "log" in iv.tags
+            if isinstance(lo, int) and isinstance(hi, int):
+                space[key] = IntDistribution(lo, hi, log=log)
+            else:
+                space[key] = FloatDistribution(lo, hi, log=log)
         else:
             raise PruningError(
                 f"{o.input_line}: a study searches choice(...) or interval(...) values, e.g. int(interval(0, 999))"
@@ -131,7 +141,7 @@ def _value_overrides(task_overrides: list[str], drop: set[str], trial_only: bool
         key = o.get_key_element()
         if o.is_sweep_override() or key in drop or (trial_only and re.split(r"[./]", key)[0] in TRIAL_ONLY):
             continue
-        out.append(o.input_line)
+        out.append(str(o.input_line))  # the parser sets it for every override
     return out
 
 
@@ -143,6 +153,9 @@ def trial_overrides(task_overrides: list[str], params: dict) -> list[str]:
 class StudySweeper(Sweeper):
     """``hydra.sweeper`` of conf/experiment/adapruner.yaml (``params`` is read by :func:`search_space`; ``final``:
     the final cell's ``eval`` and ``recovery`` presets and extra ``overrides``)."""
+
+    config: DictConfig  # set by setup(), which Hydra calls before sweep()
+    launcher: Launcher
 
     def __init__(
         self,
@@ -181,7 +194,7 @@ class StudySweeper(Sweeper):
                     batch = []
                     for _ in range(min(self.n_jobs, missing)):
                         batch.append(study.ask(space))
-                        heartbeats.enter_context(get_heartbeat_thread(batch[-1]._trial_id, storage))
+                        heartbeats.enter_context(get_heartbeat_thread(batch[-1]._trial_id, storage))  # type: ignore[arg-type]  # optuna's __exit__ annotates type[Exception]
                     overrides = [trial_overrides(arguments, t.params) for t in batch]
                     self.validate_batch_is_legal(overrides)
                     for trial, ret in zip(batch, self.launcher.launch(overrides, initial_job_idx=job_idx)):

@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -133,6 +134,7 @@ def select(
 def sources(df: pd.DataFrame) -> dict[str, str]:
     """block -> "paper: source (note)" for the rows given, for a table's footnotes (S1 rows each name their own)."""
     out: dict[str, list[str]] = {}
+    row: Any  # itertuples' namedtuples: the columns are not typed
     for row in df.drop_duplicates(["block", "paper", "source"]).itertuples(index=False):
         text = f"{row.paper}: {row.source}" + (f" (note: {row.note})" if row.note else "")
         out.setdefault(row.block, []).append(text)

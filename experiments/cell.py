@@ -39,7 +39,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 import torch
@@ -117,7 +117,7 @@ def cell_config(cfg: DictConfig, uses_calibration: bool = True) -> dict:
     """The resolved config that identifies a cell, with content fingerprints so a changed checkpoint or eval
     code makes a new cell instead of silently reusing an old number. A method that reads no calibration data
     (magnitude, random) has no calibration in its identity, so a calibration-seed sweep runs it once."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = cast(dict, OmegaConf.to_container(cfg, resolve=True))  # a DictConfig's container is a dict
     fetch = bool(resolved["model"].pop("fetch", False))  # consent to download, not part of the cell's identity
     resolved["model"]["fingerprint"] = dir_fingerprint(resolve_checkpoint(cfg.model.path, fetch=fetch))
     resolved["eval"]["version"] = EVAL_VERSION
@@ -376,6 +376,7 @@ def calibrate(cell: Cell) -> None:
         )
     if isinstance(cell.method, DrawsCalibration):  # more calibration sets, drawn like the run's (NIRVANA's seeds)
         spec, progress = cell.calib_spec, cell.progress
+        assert spec is not None  # such a method needs calibration, so check_calibration made the spec
         cell.method.bind_sampler(
             lambda ds, n, seq_len, seed: data.draw_calibration(
                 tokenizer,
@@ -440,6 +441,7 @@ def apply(cell: Cell) -> None:
 
 def evaluate_pruned(cell: Cell) -> None:
     """The pruned model's metrics, also for an empty plan (apply may still change weights: SliceGPT at 0% rotates)."""
+    assert cell.dense is not None  # evaluate_dense ran before
     with cell.timer("eval_pruned"):
         cell.metrics = cell.dense if cell.is_dense else cell.evaluate()
     cell.extra = {
@@ -454,7 +456,7 @@ def evaluate_pruned(cell: Cell) -> None:
             used=method.needs_calibration,
             cached=cell.calib_cached,
             statistics=cell.stats_log,
-            **(calibration_record(cell.calib_spec, cell.calib) if method.needs_calibration else {"source": None}),
+            **(calibration_record(cell.calib_spec, cell.calib) if cell.calib_spec is not None else {"source": None}),
         )
 
 
@@ -491,6 +493,7 @@ def save(cell: Cell) -> None:
 
 def record(cell: Cell, prerecovery: dict) -> dict:
     """The cell's one record: config, metrics (final, dense_, prerecovery_), sizes, timings and the extras."""
+    assert cell.dense is not None  # evaluate_dense ran before
     metrics = {} if cell.is_dense else {f"dense_{k}": v for k, v in cell.dense.items()}
     metrics.update(prerecovery)
     metrics.update(cell.metrics)

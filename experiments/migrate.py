@@ -91,11 +91,11 @@ class MigrationError(ValueError):
 
 def config_schema1_to_2(config: Mapping) -> dict:
     """A schema-1 resolved cell config as schema 2: ``allocation`` moved into the method that reads it."""
-    config = copy.deepcopy(dict(config))
-    alloc = config.pop("allocation", None)
-    method = config.get("method")
+    out = copy.deepcopy(dict(config))
+    alloc = out.pop("allocation", None)
+    method = out.get("method")
     if alloc is None or not isinstance(method, dict):
-        return config
+        return out
     target = method.get("_target_")
     if not isinstance(alloc, Mapping) or alloc.get("_target_", UNIFORM) != UNIFORM:
         raise MigrationError(f"allocation {alloc!r} is not the uniform allocator; schema 2 has no place for it")
@@ -115,7 +115,7 @@ def config_schema1_to_2(config: Mapping) -> dict:
                 f"allocation.group_ratio={group_ratio} fixed the per-layer fraction of {target}, "
                 f"which has no such key in schema 2"
             )
-    return config
+    return out
 
 
 def upgrade_record(record: Mapping) -> dict:

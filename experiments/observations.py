@@ -195,7 +195,8 @@ def _ppl_fields(key: str, entry: Mapping) -> dict:
 
 def protocol_problem(fields: Mapping) -> str | None:
     """Why an entry's fields contradict its protocol name (None when they agree or the protocol is unknown)."""
-    want = PPL_PROTOCOLS.get(fields.get("name"))
+    name = fields.get("name")
+    want = PPL_PROTOCOLS.get(name) if isinstance(name, str) else None
     if not want:
         return None
     bad = [
@@ -207,7 +208,9 @@ def protocol_problem(fields: Mapping) -> str | None:
 
 
 def _zs_rows(block: Mapping) -> Iterable[dict]:
-    proto = block.get("protocol") if isinstance(block.get("protocol"), Mapping) else {}
+    proto = block.get("protocol")
+    if not isinstance(proto, Mapping):
+        proto = {}
     limit = proto.get("limit")
     shots = proto.get("num_fewshot", 0) or 0
     for task, entry in block.items():

@@ -9,10 +9,19 @@ used by each method's config, so ``paper_ratio=0.2`` puts every method at its pa
 
 from __future__ import annotations
 
+from typing import Any
+
 from omegaconf import OmegaConf
 
 # LLaMA-7B, the papers' model: d, heads, head_dim, MLP width, LLM-Pruner's layer range [4, 30), parameter count.
-LLAMA_7B = {"d": 4096, "heads": 32, "d_h": 128, "inter": 11008, "layers": (4, 30), "params": 6_738_415_616}
+LLAMA_7B: dict[str, Any] = {
+    "d": 4096,
+    "heads": 32,
+    "d_h": 128,
+    "inter": 11008,
+    "layers": (4, 30),
+    "params": 6_738_415_616,
+}
 # LLM-Pruner's own p for a label where the authors printed one (README / scripts/llama_prune.sh: 0.25 is "20%").
 LLM_PRUNER_P = {0.2: 0.25}
 

@@ -18,7 +18,7 @@ import subprocess
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 # 1: the first records; 2: allocation settings moved from the global `allocation` group into the method configs
 # that read them (experiments/migrate.py upgrades schema-1 records and their config hashes).
@@ -242,6 +242,6 @@ def make_record(
     return record
 
 
-def is_number(value: Any) -> bool:
+def is_number(value: Any) -> TypeGuard[int | float]:
     """A metric value for tables: int/float but not bool (a protocol flag such as `bos: true` is not a metric)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)

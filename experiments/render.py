@@ -9,7 +9,7 @@ import math
 from collections.abc import Sequence
 from html import escape
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pandas as pd
 
@@ -67,18 +67,22 @@ def markdown_frame(df) -> str:
 def display(table: PaperTable) -> pd.DataFrame:
     """All cells as strings: ours as mean or "mean ± std", published exactly as printed."""
     out = table.frame.copy().astype(object)
+
+    def pos(col: str) -> int:  # the labels are unique: get_loc gives one position
+        return cast(int, out.columns.get_loc(col))
+
     for i in range(len(out)):
         published = out.iloc[i]["source"] != "ours"
         for col in table.value_columns:
             v = table.frame.iloc[i][col]
             if published:
                 text = table.printed.iloc[i][col]
-                out.iat[i, out.columns.get_loc(col)] = text if isinstance(text, str) else ""
+                out.iat[i, pos(col)] = text if isinstance(text, str) else ""
             elif v is None or (isinstance(v, float) and math.isnan(v)):
-                out.iat[i, out.columns.get_loc(col)] = ""
+                out.iat[i, pos(col)] = ""
             else:
                 s = table.std.iloc[i][col]
-                out.iat[i, out.columns.get_loc(col)] = f"{v:.2f}" if pd.isna(s) else f"{v:.2f} ± {s:.2f}"
+                out.iat[i, pos(col)] = f"{v:.2f}" if pd.isna(s) else f"{v:.2f} ± {s:.2f}"
         for col in ("ratio", "achieved"):
             if col in out.columns:
                 v = table.frame.iloc[i][col]
@@ -88,14 +92,14 @@ def display(table: PaperTable) -> pd.DataFrame:
                     text = ""
                 else:
                     text = fmt_ratio(v) if col == "ratio" else f"{v:.4f}"
-                out.iat[i, out.columns.get_loc(col)] = text
+                out.iat[i, pos(col)] = text
         if "setting" in out.columns and (published or not isinstance(table.frame.iloc[i]["setting"], str)):
-            out.iat[i, out.columns.get_loc("setting")] = ""
+            out.iat[i, pos("setting")] = ""
         if "n" in out.columns:
             n = table.frame.iloc[i]["n"]
-            out.iat[i, out.columns.get_loc("n")] = "" if pd.isna(n) else str(int(n))
+            out.iat[i, pos("n")] = "" if pd.isna(n) else str(int(n))
         if published:
-            out.iat[i, out.columns.get_loc("source")] = "published (" + table.frame.iloc[i]["block"] + ")"
+            out.iat[i, pos("source")] = "published (" + table.frame.iloc[i]["block"] + ")"
     return out.drop(columns=["block"])
 
 

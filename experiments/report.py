@@ -22,7 +22,7 @@ import html
 import io
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -96,7 +96,7 @@ def _png(fig) -> str:
 
 
 class _Colors:
-    def __init__(self, methods: Sequence[str]):
+    def __init__(self, methods: Iterable[str]):
         names = sorted(dict.fromkeys(m for m in methods if m != "dense"))
         self.map = {m: (PALETTE[i % len(PALETTE)], MARKERS[i % len(MARKERS)]) for i, m in enumerate(names)}
 
@@ -137,7 +137,7 @@ def _line_panels(
         pruned = sub[sub["phase"] != "dense"]
         stats = _mean_std(pruned, ["method", "ratio"])
         for method, g in stats.groupby("method", sort=True):
-            color, marker = colors(method)
+            color, marker = colors(str(method))
             g = g.sort_values("ratio")
             x = g["achieved"].where(g["achieved"].notna(), g["ratio"])  # blocks and heads overshoot the target
             # bars span the seeds' min..max: honest on a log axis, where mean - std can fall below zero
@@ -154,7 +154,7 @@ def _line_panels(
         if logy and len(sub) and (sub["value"] > 0).all():
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    handles = {}
+    handles: dict = {}
     for ax in axes[: len(keys)]:
         for h, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, h)
@@ -195,7 +195,7 @@ def ppl_figures(obs: pd.DataFrame, colors: _Colors) -> list[tuple[str, str, str]
 
 
 def zeroshot_figures(obs: pd.DataFrame, colors: _Colors) -> list[tuple[str, str, str]]:
-    out = []
+    out: list[tuple[str, str, str]] = []
     zs = obs[(obs["kind"] == "zeroshot") & (obs["task"] == "average") & obs["protocol_ok"].astype(bool)]
     if not len(zs):
         return out
@@ -271,13 +271,14 @@ def width_figures(records: Sequence[Mapping], colors: _Colors) -> list[tuple[str
             for m in cells.values():
                 for r in m.values():
                     for i, w in enumerate(_layer_widths(r)):
+                        widest = ref[i]
                         if w and (
-                            ref[i] is None
-                            or w["num_heads"] > ref[i]["num_heads"]
-                            or w["intermediate_size"] > ref[i]["intermediate_size"]
+                            widest is None
+                            or w["num_heads"] > widest["num_heads"]
+                            or w["intermediate_size"] > widest["intermediate_size"]
                         ):
                             ref[i] = {
-                                k: max(w[k], (ref[i] or {}).get(k, 0)) for k in ("num_heads", "intermediate_size")
+                                k: max(w[k], (widest or {}).get(k, 0)) for k in ("num_heads", "intermediate_size")
                             }
         methods = sorted(cells)
         nrows, ncols = _panel_grid(len(methods), 2)
@@ -355,7 +356,7 @@ def _cost_axis(obs: pd.DataFrame) -> tuple[pd.DataFrame, str]:
 
 
 def efficiency_figures(obs: pd.DataFrame, colors: _Colors) -> list[tuple[str, str, str]]:
-    out = []
+    out: list[tuple[str, str, str]] = []
     ppl = obs[(obs["kind"] == "ppl") & obs["protocol_ok"].astype(bool)]
     if not len(ppl):
         return out

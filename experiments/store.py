@@ -74,7 +74,7 @@ class ResultsStore:
     def __repr__(self) -> str:
         return f"ResultsStore({str(self.root)!r})"
 
-    def path(self, config_hash: str) -> Path:
+    def path(self, config_hash: str | None) -> Path:
         if not isinstance(config_hash, str) or not _HASH_RE.match(config_hash):
             raise ValueError(f"not a valid config hash for a file name: {config_hash!r}")
         return self.records_dir / f"{config_hash}.json"

@@ -22,6 +22,7 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -121,6 +122,7 @@ def _published_rows(spec: TableSpec, anchors: pd.DataFrame) -> pd.DataFrame:
     """Published records of this table's blocks mapped onto the table's (full-protocol) columns."""
     a = anchors[anchors["block"].isin(spec.blocks) & anchors["paper"].isin(spec.paper)]
     rows = []
+    r: Any  # itertuples' namedtuples: the columns are not typed
     for r in a.itertuples(index=False):
         col = None
         if r.metric == "ppl":
@@ -262,7 +264,9 @@ def build_table(
             }
             pub = pub[[(m, round(float(x), 4)) in have for m, x in zip(pub["method"], pub["ratio"])]]
 
-    pub_rows, pub_std, pub_printed = [], [], []
+    pub_rows: list[dict] = []
+    pub_std: list[dict] = []
+    pub_printed: list[dict] = []
     if len(pub):
         if spec.layout == "ratio_pivot":
             pub = pub.assign(column=[_ratio_header(r) for r in pub["ratio"]], protocol_label=spec.ppl[0].protocol)
@@ -280,17 +284,17 @@ def build_table(
                 "source": "published",
                 "block": ident["block"],
             }
-            printed = {}
+            as_printed = {}
             if spec.layout == "ratio_pivot":
                 row["protocol_label"] = ident["protocol_label"]
             else:
                 row["ratio"] = ident["ratio"]
-                printed["ratio"] = ident["ratio_text"]
+                as_printed["ratio"] = ident["ratio_text"]
             for c, v, p in zip(g["column"], g["value"], g["printed"]):
-                row[c], printed[c] = v, p
+                row[c], as_printed[c] = v, p
             pub_rows.append(row)
             pub_std.append({})
-            pub_printed.append(printed)
+            pub_printed.append(as_printed)
 
     all_rows = ours_rows + pub_rows
     value_cols = (

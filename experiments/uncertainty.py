@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from experiments.persample import doc_values, window_values
 from experiments.record import NON_SEMANTIC
@@ -127,7 +128,7 @@ def _interval(estimate: float, replicates: np.ndarray, level: float, n: tuple[in
 
 
 def ppl_interval(
-    nll: Sequence[float], tokens: Sequence[int], *, level: float = LEVEL, resamples: int = RESAMPLES, seed: int = SEED
+    nll: npt.ArrayLike, tokens: npt.ArrayLike, *, level: float = LEVEL, resamples: int = RESAMPLES, seed: int = SEED
 ) -> Interval:
     """PPL over windows (per-window NLL sums and scored tokens) with its percentile bootstrap interval."""
     _check(level, resamples)
@@ -139,9 +140,9 @@ def ppl_interval(
 
 
 def ppl_paired(
-    nll_a: Sequence[float],
-    nll_b: Sequence[float],
-    tokens: Sequence[int],
+    nll_a: npt.ArrayLike,
+    nll_b: npt.ArrayLike,
+    tokens: npt.ArrayLike,
     *,
     level: float = LEVEL,
     resamples: int = RESAMPLES,
@@ -163,7 +164,7 @@ def ppl_paired(
 
 
 def accuracy_interval(
-    correct: Sequence[Sequence[bool]], *, level: float = LEVEL, resamples: int = RESAMPLES, seed: int = SEED
+    correct: Sequence[npt.ArrayLike], *, level: float = LEVEL, resamples: int = RESAMPLES, seed: int = SEED
 ) -> Interval:
     """Accuracy in % with its interval; with several tasks (one correctness array each), their plain average."""
     _check(level, resamples)
@@ -174,8 +175,8 @@ def accuracy_interval(
 
 
 def accuracy_paired(
-    correct_a: Sequence[Sequence[bool]],
-    correct_b: Sequence[Sequence[bool]],
+    correct_a: Sequence[npt.ArrayLike],
+    correct_b: Sequence[npt.ArrayLike],
     *,
     level: float = LEVEL,
     resamples: int = RESAMPLES,
@@ -255,7 +256,7 @@ def _units(record: Mapping, key: str) -> _Units:
             or (math.isnan(recomputed) and math.isnan(entry["ppl"]))
         ):
             raise ValueError(f"{key}: per-window values give PPL {recomputed!r}, the record reports {entry['ppl']!r}")
-        ids = (entry["per_window"]["windows"], tuple(tokens.tolist()))
+        ids: tuple = (entry["per_window"]["windows"], tuple(tokens.tolist()))
         return _Units("ppl", [np.stack([nll, tokens.astype(np.float64)], axis=1)], ids, float(entry["ppl"]))
     if head != "zeroshot":
         raise KeyError(f"{key!r}: intervals exist for ppl and zeroshot blocks, not {block_name!r}")
@@ -275,11 +276,11 @@ def _units(record: Mapping, key: str) -> _Units:
         row = block.get(task)
         if not isinstance(row, Mapping) or task == "protocol":
             raise KeyError(f"no zero-shot task {task!r} in {block_name}")
-        metric = metric or row.get("metric")
-        if metric not in ("acc", "acc_norm"):
+        chosen = metric or row.get("metric")
+        if chosen not in ("acc", "acc_norm"):
             raise KeyError(f"{key}: name the metric (acc or acc_norm); this task is not in the preset")
-        pairs = [(task, metric)]
-        reported = 100.0 * row[metric]
+        pairs = [(task, chosen)]
+        reported = 100.0 * row[chosen]
     groups = [doc_values(block[t], m) for t, m in pairs]
     recomputed = _average_score([g.astype(np.float64) for g in groups])
     if not math.isclose(recomputed, reported, rel_tol=1e-12, abs_tol=1e-12):
@@ -368,7 +369,9 @@ def _without_seeds(value):
 
 def seed_label(record: Mapping) -> str:
     cfg = record.get("config") or {}
-    calib = cfg.get("calibration") if isinstance(cfg.get("calibration"), Mapping) else {}
+    calib = cfg.get("calibration")
+    if not isinstance(calib, Mapping):
+        calib = {}
     return f"seed={cfg.get('seed')}" + (f", calibration.seed={calib['seed']}" if "seed" in calib else "")
 
 

@@ -18,12 +18,12 @@ import json
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from experiments.record import _json_default, is_number
 
 # `name` selects the logger (none | wandb); the W&B run's own name is `run_name` (default: model-method-ratio-hash).
-DEFAULTS = {
+DEFAULTS: dict[str, Any] = {
     "name": "wandb",
     "project": "pruning-lab",
     "entity": None,
@@ -43,7 +43,7 @@ def _plain(cfg: Any) -> dict:
     if type(cfg).__module__.split(".")[0] == "omegaconf":
         from omegaconf import OmegaConf
 
-        return OmegaConf.to_container(cfg, resolve=True)
+        return cast(dict, OmegaConf.to_container(cfg, resolve=True))  # a DictConfig's container is a dict
     return dict(cfg)
 
 

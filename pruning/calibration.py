@@ -39,6 +39,7 @@ import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -70,7 +71,12 @@ class ChannelStats:
         want = tuple(want)
         self.site, self.want = site, want + (("mean",) if "var" in want and "mean" not in want else ())
         self.n = 0
-        self._mean = self._m2 = self._sq = self._abs = self._xtx = None
+        # float64 accumulators, allocated by the first batch (it fixes the width D): [D] each, xtx [D, D]
+        self._mean: torch.Tensor | None = None
+        self._xtx: torch.Tensor | None = None
+        self._m2: Any = None  # allocated with _mean (Any: mypy does not carry that narrowing over)
+        self._sq: Any = None
+        self._abs: Any = None
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1])
@@ -186,6 +192,13 @@ class LayerStats:
     sites: dict[str, ChannelStats] = field(default_factory=dict)
     block: BlockIO | None = None
 
+    @property
+    def block_io(self) -> BlockIO:
+        """The block input/output statistics (``block``), or one line saying they were not collected."""
+        if self.block is None:
+            raise PruningError(f"layer {self.layer}: block_io was not collected")
+        return self.block
+
     def __getitem__(self, site: str) -> ChannelStats:
         if site not in self.sites:
             raise PruningError(
@@ -206,7 +219,11 @@ class CalibrationStats(Mapping):
 
     @property
     def n_tokens(self) -> int:
-        return self.tokens if self.tokens is not None else self.n_samples * self.seq_len
+        if self.tokens is not None:
+            return self.tokens
+        if self.seq_len is None:
+            raise PruningError("variable-length calibration statistics need their token count (tokens)")
+        return self.n_samples * self.seq_len
 
     def __getitem__(self, layer: int) -> LayerStats:
         if layer not in self.layers:
@@ -514,7 +531,9 @@ def _capture_inputs(model, adapter: ModelAdapter, calib: _Calib, spec: _Spec):
     here."""
     from tqdm.auto import tqdm
 
-    bufs, kwargs_list, seen = [], [], {}
+    bufs: list[torch.Tensor] = []
+    kwargs_list: list[dict] = []
+    seen: dict = {}
 
     def catch(m, args, kwargs):
         seen["hidden"] = _first_arg(args, kwargs, "hidden_states")

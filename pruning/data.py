@@ -424,6 +424,8 @@ def _random_documents(
     from tqdm.auto import tqdm
 
     n, L = spec.n_samples, spec.seq_len
+    if n is None:  # only sampler=documents reads every document
+        raise InfeasibleCalibrationError(f"calibration sampler {spec.sampler} needs n_samples")
     docs = _Docs(tokenizer, texts)
     rows: list[list[int]] = []
     if spec.order == "file":
@@ -589,8 +591,9 @@ def _draw_slicegpt(tokenizer, texts, spec, progress):
     indices = list(range(len(data)))
     samples: list[list[int]] = []
     while len(samples) < n and indices:
-        start = torch.randint(0, len(indices), (1,), generator=gen).item() if spec.order == "random" else 0
-        idx, tokens = start, []
+        start = int(torch.randint(0, len(indices), (1,), generator=gen).item()) if spec.order == "random" else 0
+        idx = start
+        tokens: list[str] = []
         while len(tokens) < L and idx < len(indices):
             tokens += tokenizer.tokenize(("\n\n" if tokens else "") + data[indices[idx]])
             idx += 1

@@ -22,6 +22,7 @@ from __future__ import annotations
 import random
 import sys
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -73,6 +74,7 @@ def normalize_device_map(device_map):
     """The ``device_map`` to hand to ``from_pretrained`` (plain Python types), or an error naming the problem."""
     if device_map is None:
         return None
+    out: dict[str, Any] | str | int | torch.device
     if isinstance(device_map, Mapping):
         out = {}
         for k, v in device_map.items():

@@ -21,9 +21,12 @@ def module_device(module: nn.Module) -> torch.device:
 def input_device(model: nn.Module) -> torch.device:
     """Where token ids must go: the input embedding's device (under a multi-GPU ``device_map`` not the first
     parameter's), or the first parameter's for a model without ``get_input_embeddings``."""
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    if get_embeddings is None:
+        return module_device(model)
     try:
-        return model.get_input_embeddings().weight.device
-    except AttributeError:
+        return get_embeddings().weight.device
+    except AttributeError:  # no embedding module, or one without a weight
         return module_device(model)
 
 

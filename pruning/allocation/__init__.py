@@ -14,7 +14,7 @@ import torch
 
 from pruning.errors import InfeasibleRatioError, PruningError
 from pruning.structures import StructureSet, removed_params
-from pruning.surgery.plan import MODEL_WIDE, PrunePlan
+from pruning.surgery.plan import PrunePlan
 
 
 def plan_params(sets: list[StructureSet], plan: PrunePlan) -> int:
@@ -24,7 +24,7 @@ def plan_params(sets: list[StructureSet], plan: PrunePlan) -> int:
     def units(s: StructureSet) -> list[int]:
         if s.kind == "block":
             return [u for u, layer in enumerate(s.unit_layers) if layer in set(plan.blocks)]
-        return plan.units(s.kind, MODEL_WIDE if s.kind == "hidden" else s.layer)
+        return plan.units(s.kind, s.layer)
 
     return sum(removed_params(s, units(s)) for s in sets)
 
@@ -84,7 +84,7 @@ def _removed(sset: StructureSet, p: float, rule: str = "llm_pruner") -> int:
 
 @dataclass
 class Budget:
-    target: float  # requested fraction of all params
+    target: float | None  # requested fraction of all params; None when a native knob set the counts
     total_params: int
     p: float  # per-kind unit fraction chosen
     removed_params: int
@@ -159,7 +159,8 @@ class Uniform:
         cands = {0.0}
         for s in sets:
             even_split = s.partition is not None and self.count_rule == "llm_pruner"
-            n = s.n_units // (int(s.partition.max()) + 1) if even_split else s.n_units
+            groups = int(s.partition.max()) + 1 if even_split and s.partition is not None else 1
+            n = s.n_units // groups
             cands.update((k / n) + 1e-12 for k in range(n))
         feasible = sorted(p for p in cands if p < 1.0 and not any(self.removed(s, p) >= s.n_units for s in sets))
         best_max = self._params_at(sets, feasible[-1]) / total_params

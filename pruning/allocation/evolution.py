@@ -32,6 +32,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -286,11 +287,13 @@ class EvolutionarySearch:
 
     # -------------------------------------------------------------------------------------------- search space
 
-    def space(self, sets: list[StructureSet], ratio: float, total_params: int, block_params: list[int]) -> SearchSpace:
+    def space(
+        self, sets: list[StructureSet], ratio: float | None, total_params: int, block_params: list[int]
+    ) -> SearchSpace:
         """Bounds from Table 1 and feasibility from counts alone (before any statistics are collected)."""
         ratio = check_ratio(ratio)
-        attn = sorted((s for s in sets if s.kind in ("kv_group", "q_head")), key=lambda s: s.layer)
-        mlp = sorted((s for s in sets if s.kind == "mlp"), key=lambda s: s.layer)
+        attn = sorted((s for s in sets if s.kind in ("kv_group", "q_head")), key=lambda s: s.decoder_layer)
+        mlp = sorted((s for s in sets if s.kind == "mlp"), key=lambda s: s.decoder_layer)
         n = len(block_params)
         if [s.layer for s in attn] != list(range(n)) or [s.layer for s in mlp] != list(range(n)):
             raise PruningError("search_llm needs one attention set and one MLP set for every layer")
@@ -337,17 +340,19 @@ class EvolutionarySearch:
         """The importance-aware initial subnet: one (γ_attn, γ_mlp) for every layer, closest to the target, top
         saliency kept per layer (``scores[layer] = (attn scores, mlp scores)``; None: the first units)."""
         _depth_frac, lo_a, lo_m = TABLE1[sp.row]
-        best = None
-        for ga in _grid(lo_a, self.attn_step):
-            for gm in _grid(lo_m, self.mlp_step):
-                counts = [(_count(ga, sp.n_attn[i]), _count(gm, sp.n_mlp[i])) for i in range(sp.n_layers)]
-                c = Candidate(
-                    sp.n_layers, tuple(tuple(range(a)) for a, _ in counts), tuple(tuple(range(m)) for _, m in counts)
-                )
-                key = (abs(sp.ratio(c) - sp.target), -ga, -gm)
-                if best is None or key < best[0]:
-                    best = (key, counts)
-        counts = best[1]
+
+        def uniform_counts(ga: float, gm: float) -> list[tuple[int, int]]:
+            return [(_count(ga, sp.n_attn[i]), _count(gm, sp.n_mlp[i])) for i in range(sp.n_layers)]
+
+        def distance(g: tuple[float, float]) -> tuple[float, float, float]:  # to the target; ties: larger γ first
+            counts = uniform_counts(*g)
+            c = Candidate(
+                sp.n_layers, tuple(tuple(range(a)) for a, _ in counts), tuple(tuple(range(m)) for _, m in counts)
+            )
+            return abs(sp.ratio(c) - sp.target), -g[0], -g[1]
+
+        grid = [(ga, gm) for ga in _grid(lo_a, self.attn_step) for gm in _grid(lo_m, self.mlp_step)]
+        counts = uniform_counts(*min(grid, key=distance))
 
         def top(score, n, k):
             if score is None:
@@ -384,8 +389,8 @@ class EvolutionarySearch:
             tuple(b.mlp[i] if pick[i] else a.mlp[i] for i in range(sp.n_layers)),
         )
 
-    def _draw(self, make: Callable[[], Candidate], fallback: Candidate, sp: SearchSpace) -> Candidate:
-        """Draw until the candidate lies in the band (the paper drops out-of-range candidates)."""
+    def _draw(self, make: Callable[[], Candidate], fallback: Candidate | None, sp: SearchSpace) -> Candidate | None:
+        """Draw until the candidate lies in the band (the paper drops out-of-range candidates); else ``fallback``."""
         for _ in range(self.max_tries):
             c = make()
             if sp.in_band(c):
@@ -420,7 +425,7 @@ class EvolutionarySearch:
 
         init = self.initial(sp, scores)
         init_fit = fit(init)
-        history = {
+        history: dict[str, Any] = {
             "space": sp.describe(),
             "settings": {k: v for k, v in asdict(self).items() if k not in ("history", "evaluated", "progress")},
             "initial": {
@@ -444,30 +449,30 @@ class EvolutionarySearch:
             parents = [init] if sp.in_band(init) else []
             bar = tqdm(range(self.generations), desc="search_llm evolution", unit="gen", disable=not self.progress)
             for g in bar:
-                children = []
+                drawn: list[Candidate | None] = []
                 if g == 0:
                     for _ in range(self.population):
                         make = partial(
                             self.mutate, init, sp, scores, rng, self.prob_mask_init, self.prob_ratio_init, 0.0
                         )
-                        children.append(self._draw(make, None, sp))
+                        drawn.append(self._draw(make, None, sp))
                 else:
                     for _ in range(self.mutation):
                         p = pick(parents)
                         make = partial(
                             self.mutate, p, sp, scores, rng, self.prob_mask, self.prob_ratio, self.prob_depth
                         )
-                        children.append(self._draw(make, p, sp))
+                        drawn.append(self._draw(make, p, sp))
                     for _ in range(self.crossover):
                         a, b = pick(parents), pick(parents)
-                        children.append(self._draw(partial(self.cross, a, b, sp, rng), a, sp))
+                        drawn.append(self._draw(partial(self.cross, a, b, sp, rng), a, sp))
                     for _ in range(self.population - self.mutation - self.crossover):
                         p = pick(parents)
                         make = partial(
                             self.mutate, p, sp, scores, rng, self.prob_mask_init, self.prob_ratio_init, self.prob_depth
                         )
-                        children.append(self._draw(make, p, sp))
-                children = [c for c in children if c is not None]
+                        drawn.append(self._draw(make, p, sp))
+                children = [c for c in drawn if c is not None]
                 if not children and not parents:
                     raise PruningError(
                         f"search_llm: no candidate within {sp.target} ± {sp.band} of all parameters "

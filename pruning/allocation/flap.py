@@ -138,7 +138,7 @@ def _mha_params(s: StructureSet) -> int:
 
 
 def _site_key(sset: StructureSet) -> tuple[int, str]:
-    return sset.layer, "o_proj" if sset.kind in ATTENTION_KINDS else "down_proj"
+    return sset.decoder_layer, "o_proj" if sset.kind in ATTENTION_KINDS else "down_proj"
 
 
 @dataclass
@@ -176,6 +176,13 @@ class FlapAllocation:
     def layers(self, n_layers: int) -> list[int]:
         return self.uniform.layers(n_layers)
 
+    @property
+    def _remove_heads(self) -> int:
+        """remove_heads of the UL-MM / AL-MM modes (checked in __post_init__)."""
+        if self.remove_heads is None:
+            raise PruningError(f"FLAP structure {self.structure} needs remove_heads")
+        return self.remove_heads
+
     # -- scores ------------------------------------------------------------------------------------------------
     def unit_scores(self, sset: StructureSet, channel_scores: torch.Tensor) -> torch.Tensor:
         """AL-*: z-score the layer's channel metric, then average per unit; UL-*: sum per unit (FLAP's code)."""
@@ -203,7 +210,7 @@ class FlapAllocation:
 
     def _heads_per_layer(self, attn: list[StructureSet]) -> int:
         """UL-MM: attention units per layer, ``remove_heads // n_layers`` as FLAP's code."""
-        per_layer = self.remove_heads // max(len(attn), 1)
+        per_layer = self._remove_heads // max(len(attn), 1)
         for s in attn:
             if per_layer >= s.n_units:
                 raise InfeasibleRatioError(
@@ -212,14 +219,13 @@ class FlapAllocation:
                 )
         return per_layer
 
-    def _native_uniform(self) -> Uniform:
-        return dataclasses.replace(self.uniform, group_ratio=self.attn_mlp_ratio, count_rule="floor")
+    def _native_uniform(self, p: float) -> Uniform:
+        return dataclasses.replace(self.uniform, group_ratio=p, count_rule="floor")
 
-    def _native_mlp_counts(self, sets: list[StructureSet]) -> dict[int, int]:
-        """UL-MM / AL-MM MLP channels, FLAP's ``cal_remove_neuron``: (p·W − W_heads) / 3d with W the attention+MLP
-        weights on the MHA form (per layer for UL-MM, over all layers for AL-MM) and W_heads the removed heads'.
-        Keys: layer (UL-MM) or -1 (AL-MM, one global count)."""
-        p = self.attn_mlp_ratio
+    def _native_mlp_counts(self, sets: list[StructureSet], p: float) -> dict[int, int]:
+        """UL-MM / AL-MM MLP channels at ``attn_mlp_ratio`` p, FLAP's ``cal_remove_neuron``: (p·W − W_heads) / 3d
+        with W the attention+MLP weights on the MHA form (per layer for UL-MM, over all layers for AL-MM) and
+        W_heads the removed heads'. Keys: layer (UL-MM) or -1 (AL-MM, one global count)."""
         attn, mlp = self._split(sets)
         if not attn or not mlp:
             raise PruningError(f"FLAP {self.structure} needs attention and MLP structure sets")
@@ -227,15 +233,16 @@ class FlapAllocation:
         head = _mha_params(attn[0])
         if self.structure == "UL-MM":
             per_layer = self._heads_per_layer(attn)
-            out, bad = {}, []
+            out: dict[int, int] = {}
+            bad: list[tuple[int, int]] = []
             for s in mlp:
                 a = next((x for x in attn if x.layer == s.layer), None)
                 w = s.n_units * d3 + (a.n_units * _mha_params(a) if a is not None else 0)
-                out[s.layer] = int((p * w - (per_layer * head if a is not None else 0)) / d3)
-                bad += [(s.layer, out[s.layer])] if not 0 <= out[s.layer] < s.n_units else []
+                out[s.decoder_layer] = int((p * w - (per_layer * head if a is not None else 0)) / d3)
+                bad += [(s.decoder_layer, out[s.decoder_layer])] if not 0 <= out[s.decoder_layer] < s.n_units else []
         else:
             w = sum(s.n_units * _mha_params(s) for s in sets)
-            out = {-1: int((p * w - self.remove_heads * head) / d3)}
+            out = {-1: int((p * w - self._remove_heads * head) / d3)}
             bad = [(-1, out[-1])] if not 0 <= out[-1] <= sum(s.n_units - 1 for s in mlp) else []
         if bad:
             raise InfeasibleRatioError(
@@ -248,7 +255,7 @@ class FlapAllocation:
     def budget(self, sets: list[StructureSet], ratio: float | None, total_params: int) -> FlapBudget:
         """``attn_mlp_ratio`` (native knob) when set, and then ``ratio`` is not read; else ``ratio`` of all params."""
         if self.attn_mlp_ratio is not None:
-            return self._native_budget(sets, total_params)
+            return self._native_budget(sets, total_params, self.attn_mlp_ratio)
         ratio = check_ratio(ratio)
         target = ratio * total_params
         if not sets or ratio == 0.0:
@@ -264,19 +271,25 @@ class FlapAllocation:
         if self.structure == "UL-MM":
             per_layer = self._heads_per_layer(attn)
             attn_params = sum(per_layer * s.params_per_unit for s in attn)  # before scoring: heads alone
-            best = None
-            for c in range(min((s.n_units for s in mlp), default=1)):
+            mlp_params = sum(s.params_per_unit for s in mlp)
+
+            def net(c: int) -> int:  # with c MLP channels per layer
                 removed = [per_layer] * len(attn) + [c] * len(mlp)
-                net = attn_params + c * sum(s.params_per_unit for s in mlp) - self._overhead(attn + mlp, removed)
-                if best is None or abs(net - target) < abs(best[1] - target):
-                    best = (c, net)
+                return attn_params + c * mlp_params - self._overhead(attn + mlp, removed)
+
+            # the channel count closest to the target (the first of equals)
+            c = min(range(min((s.n_units for s in mlp), default=1)), key=lambda c: abs(net(c) - target))
             if attn_params - self._overhead(attn, [per_layer] * len(attn)) > target + 1e-9:
                 raise InfeasibleRatioError(
                     f"remove_heads={self.remove_heads} alone removes more than pruning.ratio={ratio} of all parameters"
                 )
-            c, net = best
             return FlapBudget(
-                ratio, total_params, 0.0, net, self.structure, {"attn_units_per_layer": per_layer, "mlp_per_layer": c}
+                ratio,
+                total_params,
+                0.0,
+                net(c),
+                self.structure,
+                {"attn_units_per_layer": per_layer, "mlp_per_layer": c},
             )
         # adaptive modes: feasibility from counts (every set keeps its best unit)
         max_removed = sum(_max_removed(s) for s in sets) - self._overhead(sets, [s.n_units for s in sets])
@@ -288,7 +301,7 @@ class FlapAllocation:
         if self.structure == "AL-MM":
             self._check_remove_heads(attn)
             ppu = max((s.params_per_unit for s in attn), default=0)
-            if self.remove_heads * ppu > target + 1e-9:
+            if self._remove_heads * ppu > target + 1e-9:
                 raise InfeasibleRatioError(
                     f"remove_heads={self.remove_heads} alone removes more than pruning.ratio={ratio} of all parameters"
                 )
@@ -296,38 +309,41 @@ class FlapAllocation:
 
     def _check_remove_heads(self, attn: list[StructureSet]) -> None:
         n_attn = sum(s.n_units - 1 for s in attn)
-        if self.remove_heads > n_attn:
+        if self._remove_heads > n_attn:
             raise InfeasibleRatioError(
                 f"remove_heads={self.remove_heads} exceeds the {n_attn} attention units "
                 "that can go without emptying a layer"
             )
 
-    def _native_budget(self, sets: list[StructureSet], total_params: int) -> FlapBudget:
-        """Counts from shapes alone; the removed parameters are an estimate (p of the sets' weights) until the
-        plan is made."""
-        p = self.attn_mlp_ratio
+    def _native_budget(self, sets: list[StructureSet], total_params: int, p: float) -> FlapBudget:
+        """Counts from shapes alone at ``attn_mlp_ratio`` p; the removed parameters are an estimate (p of the sets'
+        weights) until the plan is made."""
         if not sets or p == 0.0:
             return FlapBudget(None, total_params, p, 0, self.structure, {"attn_mlp_ratio": p})
         attn, _ = self._split(sets)
         counts: dict = {"attn_mlp_ratio": p}
         estimate = p * sum(s.n_units * s.params_per_unit for s in sets)
         if self.structure == "UL-UM":
-            estimate = self._native_uniform().budget(sets, None, total_params).removed_params
+            estimate = self._native_uniform(p).budget(sets, None, total_params).removed_params
         elif self.structure == "UL-MM":
-            counts.update(attn_units_per_layer=self._heads_per_layer(attn), mlp_per_layer=self._native_mlp_counts(sets))
+            counts.update(
+                attn_units_per_layer=self._heads_per_layer(attn), mlp_per_layer=self._native_mlp_counts(sets, p)
+            )
         elif self.structure == "AL-MM":
             self._check_remove_heads(attn)
-            counts.update(remove_heads=self.remove_heads, mlp_total=self._native_mlp_counts(sets)[-1])
+            counts.update(remove_heads=self.remove_heads, mlp_total=self._native_mlp_counts(sets, p)[-1])
         return FlapBudget(None, total_params, p, int(round(estimate)), self.structure, counts)
 
     # -- plan ------------------------------------------------------------------------------------------------------
-    def allocate(self, sets: list[StructureSet], scores: list[torch.Tensor], budget: FlapBudget) -> PrunePlan:
+    def allocate(self, sets: list[StructureSet], scores: list[torch.Tensor], budget: Budget) -> PrunePlan:
+        if not isinstance(budget, FlapBudget):
+            raise PruningError("FlapAllocation.allocate takes the FlapBudget its budget() made")
         spared: list = []
-        p = self.attn_mlp_ratio if self.attn_mlp_ratio is not None else budget.target
+        p = self.attn_mlp_ratio if self.attn_mlp_ratio is not None else check_ratio(budget.target)
         if not sets or p == 0.0:
             plan = PrunePlan()
         elif self.attn_mlp_ratio is not None:
-            plan, spared = self._native_plan(sets, scores, budget)
+            plan, spared = self._native_plan(sets, scores, self.attn_mlp_ratio, budget.total_params)
         elif self.structure == "UL-UM":
             plan = self.uniform.allocate(
                 sets, scores, Budget(budget.target, budget.total_params, budget.p, budget.removed_params)
@@ -345,7 +361,7 @@ class FlapAllocation:
             else:
                 fixed, pool = [], entries
             plan = PrunePlan()
-            for e in self._closest_prefix(sets, fixed, pool, budget.target * budget.total_params):
+            for e in self._closest_prefix(sets, fixed, pool, p * budget.total_params):
                 plan.add(sets[e.set_idx].kind, sets[e.set_idx].layer, [e.unit])
         plan.meta["allocation"] = {
             "type": "flap",
@@ -368,20 +384,18 @@ class FlapAllocation:
                 plan.add(s.kind, s.layer, [e.unit])
         return plan
 
-    def _native_plan(self, sets, scores, budget: FlapBudget) -> tuple[PrunePlan, list]:
-        """The official counts at ``attn_mlp_ratio`` (module docstring)."""
+    def _native_plan(self, sets, scores, p: float, total_params: int) -> tuple[PrunePlan, list]:
+        """The official counts at ``attn_mlp_ratio`` p (module docstring)."""
         if self.structure == "UL-UM":
-            return self._native_uniform().allocate(
-                sets, scores, Budget(None, budget.total_params, self.attn_mlp_ratio, 0)
-            ), []
+            return self._native_uniform(p).allocate(sets, scores, Budget(None, total_params, p, 0)), []
         if self.structure == "UL-MM":
             attn, _ = self._split(sets)
-            per_layer, mlp_counts = self._heads_per_layer(attn), self._native_mlp_counts(sets)
+            per_layer, mlp_counts = self._heads_per_layer(attn), self._native_mlp_counts(sets, p)
             return self._lowest_per_set(
                 sets, scores, lambda s: per_layer if s.kind in ATTENTION_KINDS else mlp_counts[s.layer]
             ), []
         if self.structure == "AL-MM":
-            n_mlp = self._native_mlp_counts(sets)[-1]
+            n_mlp = self._native_mlp_counts(sets, p)[-1]
             entries = [e for i, (s, sc) in enumerate(zip(sets, scores)) for e in _entries(i, s, sc)]
             entries.sort(key=lambda e: (e.score, e.set_idx, e.unit))
             plan = PrunePlan()
@@ -391,17 +405,17 @@ class FlapAllocation:
             for e in chosen:
                 plan.add(sets[e.set_idx].kind, sets[e.set_idx].layer, [e.unit])
             return plan, []
-        return self._threshold_plan(sets, scores)
+        return self._threshold_plan(sets, scores, p)
 
-    def _threshold_plan(self, sets, scores) -> tuple[PrunePlan, list]:
-        """AL-AM at ``attn_mlp_ratio``: FLAP's weighted threshold over every unit of every layer (lib/prune.py)."""
+    def _threshold_plan(self, sets, scores, p: float) -> tuple[PrunePlan, list]:
+        """AL-AM at ``attn_mlp_ratio`` p: FLAP's weighted threshold over every unit of every layer (lib/prune.py)."""
         pooled = sorted(
             ((float(v), i, u) for i, sc in enumerate(scores) for u, v in enumerate(sc.double().cpu())),
             key=lambda t: (-t[0], t[1], t[2]),
         )
         weights = torch.tensor([_al_am_weight(sets[i]) for _, i, _ in pooled], dtype=torch.float64)
         cum = torch.cumsum(weights, 0)
-        k = int(torch.argmin((cum - weights.sum() * (1.0 - self.attn_mlp_ratio)).abs()))
+        k = int(torch.argmin((cum - weights.sum() * (1.0 - p)).abs()))
         tau = pooled[k][0]
         plan, spared = PrunePlan(), []
         for s, sc in zip(sets, scores):

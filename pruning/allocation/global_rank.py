@@ -41,7 +41,7 @@ class GlobalRank:
     def layers(self, n_layers: int) -> list[int]:
         return self.uniform.layers(n_layers)
 
-    def budget(self, sets: list[StructureSet], ratio: float, total_params: int) -> Budget:
+    def budget(self, sets: list[StructureSet], ratio: float | None, total_params: int) -> Budget:
         ratio = check_ratio(ratio)
         if not sets or ratio == 0.0:
             return Budget(ratio, total_params, 0.0, 0)
@@ -69,13 +69,14 @@ class GlobalRank:
     def allocate(self, sets: list[StructureSet], scores: list[torch.Tensor], budget: Budget) -> PrunePlan:
         plan = PrunePlan()
         removed = 0
-        if budget.target > 0 and sets:
+        ratio = check_ratio(budget.target)  # the ratio budget() checked
+        if ratio > 0 and sets:
             entries = [e for i, (s, sc) in enumerate(zip(sets, scores)) for e in _entries(i, s, sc)]
             entries.sort(key=lambda e: (e.score, e.set_idx, e.unit))
             if self.threshold == "unit_count":
-                chosen = entries[: int(budget.target * sum(s.n_units for s in sets))]
+                chosen = entries[: int(ratio * sum(s.n_units for s in sets))]
             else:
-                target = budget.target * budget.total_params
+                target = ratio * budget.total_params
                 tally, best_k, best = Tally(sets), 0, 0
                 for k, e in enumerate(entries, 1):
                     tally.take(e)

@@ -61,16 +61,15 @@ class NirvanaAllocation:
 
     def budget(self, sets: list[StructureSet], ratio: float | None, total_params: int) -> NirvanaBudget:
         """``sparsity`` (the native knob) or ``ratio`` (share of all params; not read when sparsity is set)."""
-        if self.sparsity is None:
-            ratio = check_ratio(ratio)
         h_kv, p_a = _totals(sets, "kv_group")
         inter, p_m = _totals(sets, "mlp")
-        if not h_kv or not inter:
-            raise InfeasibleRatioError("nirvana prunes KV groups and MLP neurons: both structure kinds are needed")
         if self.sparsity is not None:
             b = float(self.sparsity) * (h_kv * p_a + inter * p_m)
         else:
+            ratio = check_ratio(ratio)
             b = ratio * total_params
+        if not h_kv or not inter:
+            raise InfeasibleRatioError("nirvana prunes KV groups and MLP neurons: both structure kinds are needed")
         r = (1.0 / float(self.gamma)) * h_kv / inter
         n_a_f = b / (p_a + p_m / r)
         n_a, n_m = int(n_a_f), int(n_a_f / r)

@@ -218,11 +218,11 @@ def peak_prefill_memory(model, ids: torch.Tensor) -> dict[str, Any] | None:
         return None
     before = _status_kib("VmRSS")
     _prefill(model, ids)
-    peak = _status_kib("VmHWM")
-    if before is None or peak is None:
+    hwm = _status_kib("VmHWM")
+    if before is None or hwm is None:
         return None
-    delta = max(peak - before, 0) / 1024
-    return {"peak_mib": w + delta, "weights_mib": w, "activation_mib": delta, "peak_rss_mib": peak / 1024}
+    delta = max(hwm - before, 0) / 1024
+    return {"peak_mib": w + delta, "weights_mib": w, "activation_mib": delta, "peak_rss_mib": hwm / 1024}
 
 
 # ------------------------------------------------------------------------------------------------- entry

@@ -29,7 +29,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -92,7 +92,7 @@ def protocols_from_cfg(items: Iterable[Any]) -> list[PPLProtocol]:
         from omegaconf import DictConfig, ListConfig, OmegaConf
 
         if isinstance(items, (ListConfig, DictConfig)):
-            items = OmegaConf.to_container(items, resolve=True)
+            items = cast(Iterable[Any], OmegaConf.to_container(items, resolve=True))
     except ImportError:  # pragma: no cover - omegaconf is a core dependency
         pass
     known = {f.name for f in fields(PPLProtocol)}
@@ -127,7 +127,8 @@ def token_windows(ids: torch.Tensor, protocol: PPLProtocol, bos_token_id: int | 
     special tokens for ``bos="every_window"`` (then ``bos_token_id`` is required).
     """
     ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
-    L, cap, stride = protocol.seq_len, protocol.text_tokens_per_window, protocol.stride
+    L, cap = protocol.seq_len, protocol.text_tokens_per_window
+    stride = protocol.stride or cap  # never None after __post_init__
     n = (ids.numel() - cap) // stride + 1 if ids.numel() >= cap else 0
     if protocol.max_windows is not None:
         n = min(n, protocol.max_windows)

@@ -232,7 +232,9 @@ def summarize(raw: dict, cfg: ZeroShotConfig) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in cfg.tasks:
         res, n = raw["results"][name], raw["n-samples"][name]
-        row = {m: _num(res.get(f"{m},none")) for m in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")}
+        row: dict[str, Any] = {
+            m: _num(res.get(f"{m},none")) for m in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
+        }
         metric = preset.get(name)
         row.update(
             metric=metric,
@@ -303,7 +305,9 @@ def zeroshot_table(block: dict[str, Any], dense: dict[str, Any] | None = None):
                 "n_docs": r["n_docs"] if is_task else "",
                 "acc": f"{100 * r['acc']:.2f}" if is_task and r["acc"] is not None else "",
                 "acc_norm": f"{100 * r['acc_norm']:.2f}" if is_task and r["acc_norm"] is not None else "",
-                "score %": f"{score(dense, t)} -> {score(block, t)}" if compare else score(block, t),
+                "score %": f"{score(dense, t)} -> {score(block, t)}"
+                if compare and dense is not None
+                else score(block, t),
             }
         )
     return pd.DataFrame(rows)

@@ -31,9 +31,13 @@ def aggregate(per_member: list[torch.Tensor], how: str, root: int = 0) -> torch.
     if how == "last":
         return per_member[-1]
     stacked = torch.stack(per_member)
-    return {"sum": stacked.sum, "mean": stacked.mean, "prod": stacked.prod, "max": lambda dim: stacked.max(dim).values}[
-        how
-    ](0)
+    if how == "sum":
+        return stacked.sum(0)
+    if how == "mean":
+        return stacked.mean(0)
+    if how == "prod":
+        return stacked.prod(0)
+    return stacked.max(0).values
 
 
 def gather_units(channel_scores: torch.Tensor, member: Member) -> torch.Tensor:
@@ -112,8 +116,7 @@ class MagnitudeScorer(Scorer):
     def __call__(self, sset: StructureSet) -> torch.Tensor:
         if sset.kind == "block":
             per_unit = [
-                aggregate([self._elem(m.weight).sum().reshape(1) for m in ms], self.aggregation)
-                for ms in sset.unit_members
+                aggregate([self._elem(p).sum().reshape(1) for p in ps], self.aggregation) for ps in sset.unit_params
             ]
             return torch.cat(per_unit)
         per_member = []

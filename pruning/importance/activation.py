@@ -10,6 +10,7 @@ channel is one channel (METHODS.md §1.2 rule 2: q, k and v are never masked wit
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Self
 
 import torch
 
@@ -24,12 +25,14 @@ VARIANCES = ("exact", "official_streaming")
 
 class ActivationScorer(Scorer):
     needs_calibration = True
-    requires: tuple[str, ...] = ()
+    # statistics pruning.calibration.collect gathers for it: at every site, or per site
+    requires: tuple[str, ...] | Mapping[str, tuple[str, ...]] = ()
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.stats: Mapping | None = None
 
-    def bind(self, stats: Mapping) -> ActivationScorer:
+    def bind(self, stats: Mapping | None) -> Self:
+        """Score from these statistics (``collect``'s, per layer); None releases them."""
         self.stats = stats
         return self
 
@@ -74,6 +77,7 @@ class FluctuationScorer(ActivationScorer):
     """
 
     METRICS = ("WIFV", "IFV", "WIFN")
+    requires: tuple[str, ...]  # set per metric in __init__
 
     def __init__(self, metric: str = "WIFV", square_attention: bool = True, reduce: str = "sum"):
         super().__init__()
@@ -85,7 +89,7 @@ class FluctuationScorer(ActivationScorer):
         self.requires = ("sqnorm",) if metric == "WIFN" else ("mean", "var")
         self.fluctuation: Mapping | None = None
 
-    def bind(self, stats: Mapping, fluctuation: Mapping | None = None) -> FluctuationScorer:
+    def bind(self, stats: Mapping | None, fluctuation: Mapping | None = None) -> Self:
         self.fluctuation = fluctuation
         return super().bind(stats)
 
@@ -94,12 +98,12 @@ class FluctuationScorer(ActivationScorer):
 
     def channel_scores(self, sset: StructureSet) -> torch.Tensor:
         member = output_member(sset)
-        st = self._layer_stats(sset.layer)[member.name]
+        st = self._layer_stats(sset.decoder_layer)[member.name]
         w = _column_weight(member)
         if self.metric == "IFV":
-            score = self._var(sset.layer, member.name, st)
+            score = self._var(sset.decoder_layer, member.name, st)
         elif self.metric == "WIFV":
-            score = self._var(sset.layer, member.name, st) * w.pow(2).sum(0)
+            score = self._var(sset.decoder_layer, member.name, st) * w.pow(2).sum(0)
         else:
             score = w.abs().mean(0) * st.mean_sq.cpu().sqrt()
         if self.square_attention and sset.kind in ATTENTION_KINDS:
@@ -154,7 +158,7 @@ class WandaScorer(ActivationScorer):
 
     def channel_scores(self, sset: StructureSet) -> torch.Tensor:
         member = output_member(sset)
-        st = self._layer_stats(sset.layer)[member.name]
+        st = self._layer_stats(sset.decoder_layer)[member.name]
         return _column_weight(member).abs().mean(0) * st.mean_sq.cpu().sqrt()
 
     @torch.no_grad()
@@ -177,8 +181,6 @@ class BlockInfluenceScorer(ActivationScorer):
             raise PruningError(f"block_influence scores decoder blocks, not {sset.kind!r} units")
         vals = []
         for layer in sset.unit_layers:
-            io = self._layer_stats(layer).block
-            if io is None:
-                raise PruningError(f"layer {layer}: block_io was not collected")
+            io = self._layer_stats(layer).block_io
             vals.append(io.angular if self.angular else io.bi)
         return torch.tensor(vals, dtype=torch.float64)

@@ -19,6 +19,7 @@ MLP channels use its ``absmean`` statistic. The scorer never calls ``backward``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -36,10 +37,18 @@ PROPAGATE = ("none", "mlp_jvp")
 class _AttnAcc:
     """Σ_t ‖W_O[:, cols(u)]·o_tu‖ per query head and per KV group, and Σ_t ‖Y_t‖ of the block output."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.n = 0
-        self.q_head = self.kv_group = None
+        self.q_head: torch.Tensor | None = None
+        self.kv_group: torch.Tensor | None = None
         self.out_norm, self.n_out = 0.0, 0
+
+    def head_sums(self, kind: str) -> torch.Tensor:
+        """The sums per query head (``q_head``) or per KV group."""
+        total = self.q_head if kind == "q_head" else self.kv_group
+        if total is None:
+            raise PruningError("llm_bip: no head measurements were recorded")
+        return total
 
     @staticmethod
     def deltas(x: torch.Tensor, w_o: torch.Tensor, n_heads: int, n_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +77,7 @@ class _AttnAcc:
         out = torch.empty_like(delta)
         for u in range(delta.shape[1]):  # forward mode only: the scorer never calls backward
             tangent = delta[:, u].to(h.dtype)
-            _, jd = torch.func.jvp(fn, (h,), (tangent,))
+            jd = torch.func.jvp(fn, (h,), (tangent,))[1]
             out[:, u] = delta[:, u] + jd.double()
         return out
 
@@ -122,14 +131,19 @@ class BIPScorer(ActivationScorer):
                 o = adapter.o_proj(layer)
                 w = adapter.widths(layer)
                 seen: dict = {}
+                pre: Callable[..., None]
                 if self.propagate == "none":
 
-                    def pre(m, args, kwargs, acc=acc, o=o, h=w.num_heads, kv=w.num_kv_heads):
+                    def measure(m, args, kwargs, acc=acc, o=o, h=w.num_heads, kv=w.num_kv_heads):
                         acc.update(args[0] if args else kwargs["input"], o.weight, h, kv)
+
+                    pre = measure
                 else:  # keep o; measure at the post-attention norm, where the residual h is known
 
-                    def pre(m, args, kwargs, seen=seen):
+                    def keep_o(m, args, kwargs, seen=seen):
                         seen["o"] = args[0] if args else kwargs["input"]
+
+                    pre = keep_o
 
                     norm, mlp = adapter.post_attention_norm(layer), adapter.mlp(layer)
 
@@ -168,11 +182,11 @@ class BIPScorer(ActivationScorer):
     def __call__(self, sset: StructureSet) -> torch.Tensor:
         member = output_member(sset)
         if sset.kind in ATTENTION_KINDS:
-            acc = self._acc_of(sset.layer)
-            score = (acc.q_head if sset.kind == "q_head" else acc.kv_group).cpu() / acc.n
+            acc = self._acc_of(sset.decoder_layer)
+            score = acc.head_sums(sset.kind).cpu() / acc.n
         else:
-            st = self._layer_stats(sset.layer)["down_proj"]
+            st = self._layer_stats(sset.decoder_layer)["down_proj"]
             score = st.absmean.cpu() * member.weight.detach().to("cpu", torch.float64).norm(dim=0)
         if self.relative:
-            score = score / self.block_output_norm(sset.layer)
+            score = score / self.block_output_norm(sset.decoder_layer)
         return score

@@ -88,10 +88,20 @@ def placement(model: nn.Module, device: torch.device | None):
         yield
     finally:
         for kind, mod, name, home in moved:
+            tensor = (mod._parameters if kind == "p" else mod._buffers)[name]
+            if tensor is None:  # set to None meanwhile: nothing to bring home
+                continue
             if kind == "p":
-                mod._parameters[name].data = mod._parameters[name].data.to(home)
+                tensor.data = tensor.data.to(home)
             else:
-                mod._buffers[name] = mod._buffers[name].to(home)
+                mod._buffers[name] = tensor.to(home)
+
+
+def _grad(t: torch.Tensor) -> torch.Tensor:
+    """The gradient ``backward()`` just left on ``t`` (a leaf that requires grad)."""
+    if t.grad is None:
+        raise RuntimeError("layer-wise backward: the input of a segment received no gradient")
+    return t.grad
 
 
 def _visit(layer: nn.Module, device: torch.device) -> list:
@@ -171,8 +181,8 @@ def backward_layerwise(
     except _Stop:
         pass
     finally:
-        for h in handles:
-            h.remove()
+        for handle in handles:
+            handle.remove()
 
     # 2. head, in chunks of samples
     h_last = saved.pop(len(layers))[0]
@@ -187,7 +197,7 @@ def backward_layerwise(
         h = h_last[start : start + rows].to(dev).requires_grad_(True)
         chunk = ids[start : start + rows].to(dev)
         (objective(adapter.lm_head(adapter.final_norm(h)), chunk) * (h.shape[0] / n)).backward()
-        grads.append(h.grad)
+        grads.append(_grad(h))
     grad = grads[0] if len(grads) == 1 else torch.cat(grads)
     del h_last, grads, h
 
@@ -199,7 +209,8 @@ def backward_layerwise(
             y = layers[i](x, **_to(kwargs, dev))
             y = y[0] if isinstance(y, tuple) else y
             y.backward(grad)
-        grad, x, y = x.grad, None, None
+        grad = _grad(x)
+        del x, y  # this layer's graph goes before the next layer's is built
 
     # 4. embeddings, through the model's own forward up to layer 0
     if pre_needed:

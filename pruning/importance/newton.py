@@ -121,9 +121,9 @@ class NewtonScorer(ActivationScorer):
     def channel_scores(self, sset: StructureSet) -> torch.Tensor:
         """z* over the module's input channels (cached per (layer, site): KV-group and q-head sets share o_proj)."""
         member = output_member(sset)
-        key = (sset.layer, member.name)
+        key = (sset.decoder_layer, member.name)
         if key not in self._z:
-            xtx = self._layer_stats(sset.layer)[member.name].xtx
+            xtx = self._layer_stats(sset.decoder_layer)[member.name].xtx
             a = damped(hadamard_hessian(member.weight, xtx), self.damp)
             self._z[key] = relaxed_mask(a, self.rho, self.lam, self.newton_iters, self.project_box)
         return self._z[key]

@@ -50,7 +50,7 @@ class OBSSaliencyScorer(ActivationScorer):
     def __call__(self, sset: StructureSet) -> torch.Tensor:
         if sset.kind not in ("kv_group", "q_head", "mlp"):
             raise PruningError(f"obs_saliency scores heads, KV groups and MLP channels, not {sset.kind!r} units")
-        stats = self._layer_stats(sset.layer)
+        stats = self._layer_stats(sset.decoder_layer)
         total = torch.zeros(sset.n_units, dtype=torch.float64)
         inv = {}
         for m in sset.members:

@@ -33,6 +33,8 @@ import os
 import sys
 import time
 from contextlib import contextmanager
+from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -107,9 +109,10 @@ def peak_memory(device: torch.device | str = "cpu"):
     finally:
         with _quiet_fd2():
             prof.__exit__(None, None, None)
+    kineto: Any = prof.profiler  # torch's private profiler session: its results are untyped
     events = sorted(
         (e.start_ns(), e.nbytes())
-        for e in prof.profiler.kineto_results.events()
+        for e in kineto.kineto_results.events()
         if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
     )
     cur = peak = 0
@@ -130,7 +133,8 @@ def weight_bytes(model: nn.Module) -> int:
 def lm_loss_from_logits(model: nn.Module, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """The model's own causal-LM loss (HF ``loss_function``, what ``model(labels=ids).loss`` computes), taken on
     logits so the layer-wise engine can apply it to logits it rebuilt from the last hidden state."""
-    return model.loss_function(logits=logits, labels=ids, vocab_size=model.config.vocab_size)
+    lm: Any = model  # a transformers causal LM: its loss_function and config
+    return lm.loss_function(logits=logits, labels=ids, vocab_size=lm.config.vocab_size)
 
 
 def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -235,7 +239,7 @@ class GradientScorer(Scorer):
                 "them with pruning.data.calibration_batches"
             )
         dims: dict[int, set[int]] = {}
-        params: dict[int, nn.Parameter] = {}
+        params: dict[int, torch.Tensor] = {}
         for s in sets:
             for m in s.members if s.kind != "block" else []:
                 params.setdefault(id(m.weight), m.weight)
@@ -319,12 +323,14 @@ class GradientScorer(Scorer):
         held = sum(self._held.values())
         self._stats["state_peak_bytes"] = max(self._stats["state_peak_bytes"], self._acc_bytes + int(nbytes) + held)
 
-    def _chunks(self, plist: list[nn.Parameter], per_param: int, wbytes: int) -> list[list[nn.Parameter]]:
+    def _chunks(self, plist: list[torch.Tensor], per_param: int, wbytes: int) -> list[list[torch.Tensor]]:
         """Consecutive parameters whose held buffers (``per_param`` fp32 copies each) fit ``budget``·weight bytes."""
         if per_param == 0:
             return [plist]
         cap = self.budget * wbytes
-        chunks, cur, size = [], [], 0
+        chunks: list[list[torch.Tensor]] = []
+        cur: list[torch.Tensor] = []
+        size = 0
         for p in plist:
             b = p.numel() * 4 * per_param
             if cur and size + b > cap:
@@ -333,6 +339,10 @@ class GradientScorer(Scorer):
             cur.append(p)
             size += b
         return chunks + ([cur] if cur else [])
+
+    def _per_sample_backward(self, model, calib, n: int) -> None:
+        for i in range(n):
+            self._backward(model, calib[i : i + 1], 1.0)
 
     def _backward(self, model, ids, weight: float) -> None:
         def checked(out):
@@ -380,7 +390,7 @@ class GradientScorer(Scorer):
             f.addcmul_(g, g, value=1.0 / n)
             p.grad = None
 
-        self._with_hooks(chunk, hook, lambda: [self._backward(model, calib[i : i + 1], 1.0) for i in range(n)])
+        self._with_hooks(chunk, hook, partial(self._per_sample_backward, model, calib, n))
 
     def _pass(self, model, calib, n, chunk, dims, fbuf=None, fisher_only=False) -> int:
         """One full-batch gradient of the chunk (per-sample passes when ``fisher_only``), folded and freed."""
@@ -394,7 +404,7 @@ class GradientScorer(Scorer):
             p.grad = None
 
         if fisher_only:
-            self._with_hooks(chunk, fold, lambda: [self._backward(model, calib[i : i + 1], 1.0) for i in range(n)])
+            self._with_hooks(chunk, fold, partial(self._per_sample_backward, model, calib, n))
             return 1
         if self.micro_batch is None:
             self._with_hooks(chunk, fold, lambda: self._backward(model, calib, 1.0))
@@ -488,9 +498,10 @@ class Vector(TaylorScorer):
 
 
 def taylor_scorer(variant: str, **kwargs) -> TaylorScorer:
-    if variant not in TAYLOR:
+    cls = SCORERS.get(variant) if variant in TAYLOR else None
+    if cls is None or not issubclass(cls, TaylorScorer):
         raise PruningError(f"unknown Taylor importance {variant!r}; choices: {', '.join(TAYLOR)}")
-    return SCORERS.get(variant)(**kwargs)
+    return cls(**kwargs)
 
 
 __all__ = [

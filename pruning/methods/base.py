@@ -53,12 +53,14 @@ class DrawsCalibration(ABC):
 class ScoreAndAllocate:
     """A method that ranks units with one scorer and spreads the ratio with one allocator."""
 
-    native_knob = None  # the config key of the paper's own ratio knob, if the method has one
+    native_knob: ClassVar[str | None] = None  # the config key of the paper's own ratio knob, if the method has one
 
     name: str
     scorer: Scorer | None
     structures: list[str] = field(default_factory=lambda: ["kv_group", "mlp"])
-    allocation: Uniform = field(default_factory=Uniform)
+    # Uniform here; the allocators do not share one interface (FlapAllocation, GlobalRank, NirvanaAllocation,
+    # EvolutionarySearch), so a method that uses another declares this field with its own type
+    allocation: Any = field(default_factory=Uniform)
     # True when every calibration read goes through pruning.calibration (collect / sequential), which accepts
     # windows of different lengths (calibration.sampler=documents); gradient scorers need one [n, L] batch.
     variable_length_calibration: ClassVar[bool] = False
@@ -83,11 +85,11 @@ class ScoreAndAllocate:
         layers = self.allocation.layers(len(adapter.layers))
         return [s for kind in self.structures for s in structure_sets(adapter, kind, layers)]
 
-    def budget(self, model: nn.Module, ratio: float) -> Budget:
+    def budget(self, model: nn.Module, ratio: float | None) -> Budget:
         """Feasibility and unit counts from shapes alone: call before loading calibration data or scoring."""
         return self.allocation.budget(self.sets(model), ratio, adapter_for(model).num_params())
 
-    def prune(self, model: nn.Module, ratio: float, calib=None) -> PrunePlan:
+    def prune(self, model: nn.Module, ratio: float | None, calib=None) -> PrunePlan:
         """Budget from shapes, then ``select`` (skipped when nothing is removed); the plan's meta says what the
         allocator achieved after rounding to whole units."""
         sets = self.sets(model)
@@ -109,7 +111,10 @@ class ScoreAndAllocate:
 
     def select(self, model: nn.Module, sets: list[StructureSet], budget: Budget, calib) -> PrunePlan:
         """Score every set and allocate the budget; methods with statistics passes override this."""
-        return self.allocation.allocate(sets, [self.scorer(s) for s in sets], budget)
+        scorer = self.scorer
+        if scorer is None:
+            raise PruningError(f"{self.name} has no scorer: it cannot choose units to remove")
+        return self.allocation.allocate(sets, [scorer(s) for s in sets], budget)
 
     def apply(self, model: nn.Module, plan: PrunePlan, calib=None) -> nn.Module:
         """Surgery plus the method's compensation; the baselines have none."""

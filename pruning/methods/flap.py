@@ -30,6 +30,7 @@ from pruning.calibration import collect
 from pruning.errors import PruningError
 from pruning.importance.activation import VARIANCES, FluctuationScorer, streaming_fluctuation
 from pruning.methods.base import OperatingPoint, ScoreAndAllocate
+from pruning.models.adapter import adapter_for
 from pruning.structures import StructureSet
 from pruning.surgery.apply import apply_plan, mask_plan
 from pruning.surgery.compensation import SURGERY, bias_compensation
@@ -53,6 +54,8 @@ class Flap(ScoreAndAllocate):
     native_knob = "method.attn_mlp_ratio"
     variable_length_calibration = True  # statistics only through pruning.calibration
 
+    scorer: FluctuationScorer
+    allocation: FlapAllocation = field(default_factory=FlapAllocation)
     bias: bool = True  # FLAP's compensation
     surgery: str = "remove"  # remove | mask (FLAP's --unstr: zeroed, shapes kept)
     variance: str = "exact"  # exact | official_streaming (FLAP's BiasGPT estimator)
@@ -72,12 +75,12 @@ class Flap(ScoreAndAllocate):
 
     def sets(self, model: nn.Module):
         # the allocator counts the biases compensation will add: d params per o_proj/down_proj that loses units
-        self.allocation.bias_params = model.config.hidden_size if self.bias else 0
+        self.allocation.bias_params = adapter_for(model).config.hidden_size if self.bias else 0
         return super().sets(model)
 
     def select(self, model: nn.Module, sets: list[StructureSet], budget: Budget, calib) -> PrunePlan:
         want = tuple(dict.fromkeys(self.scorer.requires + (("mean",) if self.bias else ())))
-        layers = sorted({s.layer for s in sets})
+        layers = sorted({s.decoder_layer for s in sets})
         stats = collect(
             model,
             calib,

@@ -11,7 +11,7 @@ block's mean output norm) -> plain surgery.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -29,11 +29,13 @@ ALLOCATIONS = ("per_layer", "global")
 
 @dataclass
 class LlmBip(ScoreAndAllocate):
+    scorer: BIPScorer
+    allocation: Uniform | GlobalRank = field(default_factory=Uniform)  # per_layer | global
     batch_size: int = 8
     progress: bool = True
 
     def select(self, model: nn.Module, sets: list[StructureSet], budget: Budget, calib) -> PrunePlan:
-        layers = sorted({s.layer for s in sets})
+        layers = sorted({s.decoder_layer for s in sets})
         # sequential mode without drops = the dense statistics, from a real forward: dense-mode statistics
         # may be served from the sweep's statistics cache, and the head hooks must see the activations
         with self.scorer.recording(model, layers):
@@ -51,7 +53,7 @@ class LlmBip(ScoreAndAllocate):
         self.scorer.bind(None)
         return plan
 
-    def prune(self, model: nn.Module, ratio: float, calib=None) -> PrunePlan:
+    def prune(self, model: nn.Module, ratio: float | None, calib=None) -> PrunePlan:
         plan = super().prune(model, ratio, calib)
         plan.meta["llm_bip"] = {"variant": self.scorer.variant, "propagate": self.scorer.propagate}
         return plan

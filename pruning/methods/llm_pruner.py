@@ -54,6 +54,7 @@ def group_ratio_point(allocation) -> OperatingPoint | None:
 class LLMPruner(ScoreAndAllocate):
     native_knob = "method.group_ratio"
 
+    scorer: GradientScorer | RandomScorer
     importance: str = "element1"
     strategy: str = "block"
     hidden_norm: str = "keep_original_dim"
@@ -61,19 +62,19 @@ class LLMPruner(ScoreAndAllocate):
     def operating_point(self) -> OperatingPoint | None:
         return group_ratio_point(self.allocation)
 
-    def prune(self, model: nn.Module, ratio: float, calib=None) -> PrunePlan:
+    def prune(self, model: nn.Module, ratio: float | None, calib=None) -> PrunePlan:
         budget = self.budget(model, ratio)  # an impossible ratio fails before any backward pass
-        fit = isinstance(self.scorer, GradientScorer) and budget.removed_params > 0
+        gradient = self.scorer if isinstance(self.scorer, GradientScorer) and budget.removed_params > 0 else None
         scoring = None
-        if fit:
+        if gradient is not None:
             if calib is None:
                 raise PruningError(f"llm_pruner importance={self.importance} needs calibration token batches")
-            scoring = self.scorer.fit(model, calib, self.sets(model))
+            scoring = gradient.fit(model, calib, self.sets(model))
         try:
             plan = super().prune(model, ratio, calib)
         finally:
-            if fit:
-                self.scorer.reset()
+            if gradient is not None:
+                gradient.reset()
         adapter = adapter_for(model)
         plan.meta.update(
             importance=self.importance,

@@ -15,6 +15,7 @@ draws both with ``get_examples``); with ``seeds: []`` the run's own calibration 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +43,8 @@ KL_DEFAULTS = {
 class Nirvana(ScoreAndAllocate, DrawsCalibration):
     native_knob = "method.sparsity"
 
+    scorer: NTKScorer
+    allocation: NirvanaAllocation = field(default_factory=NirvanaAllocation)
     kl_select: dict = field(default_factory=lambda: dict(KL_DEFAULTS))
     sampler: CalibrationSampler | None = None
     calibration: dict | None = None  # the run's calibration config: dataset, n_samples, seq_len, seed
@@ -59,11 +62,11 @@ class Nirvana(ScoreAndAllocate, DrawsCalibration):
             )
         )
 
-    def bind_sampler(self, sampler: CalibrationSampler, calibration: dict) -> None:
+    def bind_sampler(self, sampler: CalibrationSampler, calibration: Mapping) -> None:
         """Give the method a way to draw more calibration sets (the cell calls this with the run's tokenizer)."""
         self.sampler, self.calibration = sampler, dict(calibration)
 
-    def _plan(self, model: nn.Module, ratio: float, calib: torch.Tensor) -> PrunePlan:
+    def _plan(self, model: nn.Module, ratio: float | None, calib: torch.Tensor) -> PrunePlan:
         scoring = self.scorer.fit(model, calib, self.sets(model))
         try:
             plan = super().prune(model, ratio, calib)
@@ -72,7 +75,7 @@ class Nirvana(ScoreAndAllocate, DrawsCalibration):
         plan.meta["scoring"] = scoring
         return plan
 
-    def prune(self, model: nn.Module, ratio: float, calib=None) -> PrunePlan:
+    def prune(self, model: nn.Module, ratio: float | None, calib=None) -> PrunePlan:
         budget = self.budget(model, ratio)  # an impossible ratio fails before any backward pass
         if budget.removed_params == 0:
             return super().prune(model, ratio, calib)

@@ -31,6 +31,8 @@ from pruning.surgery.plan import PrunePlan
 class Numerical(ScoreAndAllocate):
     native_knob = "method.unit_ratio"
 
+    scorer: NewtonScorer
+    allocation: GlobalRank = field(default_factory=GlobalRank)
     unit_ratio: float | None = None  # native knob: the paper's ρ (Eq. 8), a fraction of units, not of params
     variable_length_calibration = True  # statistics only through pruning.calibration
     compensate: bool = True
@@ -65,15 +67,15 @@ class Numerical(ScoreAndAllocate):
     def select(self, model: nn.Module, sets: list[StructureSet], budget: Budget, calib) -> PrunePlan:
         prunable = sum(s.n_units * s.params_per_unit for s in sets)
         self.scorer.rho = budget.p if self.allocation.threshold == "unit_count" else budget.removed_params / prunable
-        keep_dense = self.compensate and self.comp_inputs == "dense"
-        self._xtx = {} if keep_dense else None
+        xtx: dict | None = {} if self.compensate and self.comp_inputs == "dense" else None
+        self._xtx = xtx
         scores = {}
         for step in sequential(
             model,
             calib,
             stats=self.scorer.requires,
             sites=("o_proj", "down_proj"),
-            layers=sorted({s.layer for s in sets}),
+            layers=sorted({s.decoder_layer for s in sets}),
             batch_size=self.batch_size,
             progress=self.progress,
             prunes=False,
@@ -82,8 +84,8 @@ class Numerical(ScoreAndAllocate):
             for i, s in enumerate(sets):
                 if s.layer == step.layer:
                     scores[i] = self.scorer(s)
-            if keep_dense:
-                self._xtx.update({(step.layer, k): st.xtx for k, st in step.stats.sites.items()})
+            if xtx is not None:
+                xtx.update({(step.layer, k): st.xtx for k, st in step.stats.sites.items()})
         self.scorer.bind(None)
         plan = self.allocation.allocate(sets, [scores[i] for i in range(len(sets))], budget)
         plan.meta["newton_rho"] = self.scorer.rho

@@ -60,6 +60,7 @@ HISTORY_FILE = "search_llm_history.json"
 class SearchLLM(ScoreAndAllocate):
     native_knob = "method.inheriting_ratio"
 
+    scorer: OBSSaliencyScorer
     allocation: EvolutionarySearch = field(default_factory=EvolutionarySearch)
     preset: str = "paper"
     inheriting_ratio: float | None = None  # native knob: share of ALL params kept (paper's "80%" = 20% removed)

@@ -28,6 +28,7 @@ class ShortGPT(ScoreAndAllocate):
     native_knob = "method.n_blocks"
     variable_length_calibration = True  # statistics only through pruning.calibration
 
+    scorer: BlockInfluenceScorer
     n_blocks: int | None = None  # native knob: remove exactly this many blocks (ShortGPT's n_prune_layers)
     last_block: str = "raw"  # raw | hf_hidden_states (the official code's final-norm quirk)
     batch_size: int = 8
@@ -95,12 +96,12 @@ class ShortGPT(ScoreAndAllocate):
         plan.meta["block_influence"] = {int(l): float(v) for l, v in zip(sets[0].unit_layers, scores[0])}
         # the official code's importances: Σ_t (1 − cos) over every calibration token (same order as the means)
         plan.meta["block_influence_sum"] = {
-            int(l): stats[l].block.n - stats[l].block.cos_sum for l in sets[0].unit_layers
+            int(l): stats[l].block_io.n - stats[l].block_io.cos_sum for l in sets[0].unit_layers
         }
         plan.meta["calibration_tokens"] = stats.n_tokens
         return plan
 
-    def prune(self, model: nn.Module, ratio: float, calib=None) -> PrunePlan:
+    def prune(self, model: nn.Module, ratio: float | None, calib=None) -> PrunePlan:
         plan = super().prune(model, ratio, calib)
         plan.meta["n_blocks"] = len(plan.blocks)
         return plan

@@ -135,7 +135,7 @@ class SliceGPT:
             fixed=slicing.fixed_params(model),
         )
 
-    def width_for(self, model: nn.Module, ratio: float) -> int:
+    def width_for(self, model: nn.Module, ratio: float | None) -> int:
         """d′: from ``slicing`` (floor((1−s)·d), rounded down to the interval, as the official code), else the
         grid width whose achieved fraction of all params (shortcuts included) is closest to ``ratio``."""
         d, ri = _hidden(model), self.round_interval
@@ -151,7 +151,8 @@ class SliceGPT:
         grid = list(range(ri, d + 1, ri)) or [d]
         achieved = {w: 1 - self.params_at(model, w) / total for w in grid}
         best = max(achieved.values())
-        if check_ratio(ratio) > best + 1e-9:
+        ratio = check_ratio(ratio)
+        if ratio > best + 1e-9:
             raise InfeasibleRatioError(
                 f"pruning.ratio={ratio} is beyond slicegpt's reach on this model: the "
                 f"narrowest width d′={grid[0]} removes {best:.4f} of all parameters"
@@ -224,21 +225,26 @@ class _Basis:
 
     def __init__(self, width: int, orient, damp: float, xtx: torch.Tensor | None = None):
         self.width, self._orient, self.damp = width, orient, damp
-        self.acc = ChannelStats("block_out", ("xtx",))
-        self._Q = self.kept = None
+        self.acc: ChannelStats | None = ChannelStats("block_out", ("xtx",))
+        self._Q: torch.Tensor | None = None
+        self.kept: float | None = None
         if xtx is not None:
             self._solve(xtx)
 
-    def _solve(self, xtx: torch.Tensor) -> None:
+    def _solve(self, xtx: torch.Tensor) -> torch.Tensor:
         vals, Q = pca(xtx, self.damp)
         self._Q, self.kept = self._orient(Q, self.width), _kept(vals, self.width)
+        return self._Q
 
     @property
     def Q(self) -> torch.Tensor:
-        if self._Q is None:
-            self._solve(self.acc.xtx)
-            self.acc = None
-        return self._Q
+        if self._Q is not None:
+            return self._Q
+        if self.acc is None:
+            raise RuntimeError("slicegpt: a basis without statistics to solve it from")
+        Q = self._solve(self.acc.xtx)
+        self.acc = None  # solved once: the accumulated XᵀX is no longer needed
+        return Q
 
 
 def rotate_and_slice(
@@ -254,7 +260,7 @@ def rotate_and_slice(
     adapter = adapter_for(model)
     layers = list(adapter.layers)
     L = len(layers)
-    if not slicing.is_sliced(model) or model.config.shortcuts:
+    if not slicing.is_sliced(model) or adapter.config.shortcuts:
         raise PruningError("rotate_and_slice expects a norm-fused, not yet rotated model (slicing.fuse_norms)")
     emb = collect(
         model, calib, {"block_in": ("xtx",)}, layers=[0], mode="dense", batch_size=batch_size, progress=progress
@@ -266,7 +272,8 @@ def rotate_and_slice(
     hooks = []
 
     def entering(l: int):
-        layer, width, done = layers[l], dims.attn_in[l], []
+        layer, width = layers[l], dims.attn_in[l]
+        done: list[bool] = []
         inner = layer.forward
 
         def forward(hidden_states, *args, **kwargs):

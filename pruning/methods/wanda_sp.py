@@ -34,6 +34,7 @@ class WandaSP(ScoreAndAllocate):
     native_knob = "method.attn_mlp_ratio"
     variable_length_calibration = True  # statistics only through pruning.calibration
 
+    scorer: WandaScorer
     attn_mlp_ratio: float | None = None  # native knob (fixes the allocator's per-layer fraction)
     batch_size: int = 8
     progress: bool = True
@@ -48,7 +49,7 @@ class WandaSP(ScoreAndAllocate):
             calib,
             stats=self.scorer.requires,
             sites=("o_proj", "down_proj"),
-            layers=sorted({s.layer for s in sets}),
+            layers=sorted({s.decoder_layer for s in sets}),
             batch_size=self.batch_size,
             progress=self.progress,
         ):

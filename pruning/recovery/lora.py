@@ -352,7 +352,7 @@ def recover(model: nn.Module, tokenizer, cfg, device=None, progress: bool = True
             model,
             LoraConfig(
                 r=c.r,
-                lora_alpha=c.alpha,
+                lora_alpha=c.alpha,  # type: ignore[arg-type]  # peft annotates int; the scaling alpha / r takes a float
                 lora_dropout=c.dropout,
                 target_modules=targets,
                 bias="none",
@@ -452,7 +452,8 @@ def plot_losses(losses: list[float], path: Path, val_before=None, val_after=None
     ax.plot(steps, losses, color="tab:blue", alpha=0.35 if len(losses) > 20 else 1.0, label="train (per step)")
     k = max(1, len(losses) // 10)
     if k > 1:
-        avg = [_mean(losses[max(0, i - k + 1) : i + 1]) for i in range(len(losses))]
+        windows = (losses[max(0, i - k + 1) : i + 1] for i in range(len(losses)))
+        avg = [sum(w) / len(w) for w in windows]  # every window holds at least one loss
         ax.plot(steps, avg, color="tab:blue", label=f"train ({k}-step running mean)")
     if val_before is not None and val_after is not None:
         ax.plot([0, len(losses)], [val_before, val_after], "s--", color="tab:orange", label="validation (before/after)")

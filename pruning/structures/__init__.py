@@ -35,10 +35,10 @@ KINDS = ("kv_group", "q_head", "mlp", "block", "hidden")
 @dataclass
 class Member:
     name: str  # e.g. "q_proj"; used by "first"/"last" aggregations and for messages
-    weight: nn.Parameter
-    dim: int | None  # 0 rows, 1 columns, None = whole tensor (blocks)
-    index: torch.Tensor | None  # [n_units, k] channel indices along dim
-    bias: nn.Parameter | None = None  # rows (dim 0) only: entry r leaves with row r (Qwen2's q/k/v biases)
+    weight: torch.Tensor  # the module's nn.Parameter
+    dim: int  # 0 rows, 1 columns
+    index: torch.Tensor  # [n_units, k] channel indices along dim
+    bias: torch.Tensor | None = None  # rows (dim 0) only: entry r leaves with row r (Qwen2's q/k/v biases)
 
     @property
     def params_per_unit(self) -> int:
@@ -57,9 +57,16 @@ class StructureSet:
     params_per_unit: int
     partition: torch.Tensor | None = None  # q_head: the KV head each query head reads
     group_params: int = 0  # q_head: params of one KV head's k and v rows, freed with its last query head
-    unit_members: list[list[Member]] = field(default_factory=list)  # block: whole tensors per unit
+    unit_params: list[list[torch.Tensor]] = field(default_factory=list)  # block: each unit's (whole) parameters
     unit_layers: list[int] = field(default_factory=list)  # block: the decoder layer of each unit
     count_channels: int = 1  # root channels per unit for LLM-Pruner's count rule (a KV group: its d_h k_proj rows)
+
+    @property
+    def decoder_layer(self) -> int:
+        """The layer of a per-layer set (heads, KV groups, MLP channels); block and hidden sets are model-wide."""
+        if self.layer is None:
+            raise ValueError(f"a {self.kind} set is model-wide: it has no decoder layer")
+        return self.layer
 
 
 def _blocks_of(start: int, n: int, size: int) -> torch.Tensor:
@@ -146,15 +153,15 @@ def mlp_channels(adapter: ModelAdapter, layer_idx: int) -> StructureSet:
 def blocks(adapter: ModelAdapter, layers: list[int] | None = None) -> StructureSet:
     """Candidate decoder layers as one set; a unit is a whole layer (params_per_unit: their mean size)."""
     layers = list(range(len(adapter.layers))) if layers is None else list(layers)
-    unit_members = [[Member(n, p, None, None) for n, p in adapter.layers[i].named_parameters()] for i in layers]
-    sizes = [sum(m.weight.numel() for m in ms) for ms in unit_members]
+    unit_params: list[list[torch.Tensor]] = [list(adapter.layers[i].parameters()) for i in layers]
+    sizes = [sum(p.numel() for p in ps) for ps in unit_params]
     return StructureSet(
         "block",
         None,
         len(layers),
         [],
         params_per_unit=sum(sizes) // max(len(sizes), 1),
-        unit_members=unit_members,
+        unit_params=unit_params,
         unit_layers=layers,
     )
 
@@ -195,5 +202,4 @@ def structure_sets(adapter: ModelAdapter, kind: str, layers: list[int] | None = 
         return [hidden_channels(adapter)]
     if kind not in BUILDERS:
         raise ValueError(f"unknown structure kind {kind!r}; choices: {', '.join(KINDS)}")
-    layers = range(len(adapter.layers)) if layers is None else layers
-    return [BUILDERS[kind](adapter, i) for i in layers]
+    return [BUILDERS[kind](adapter, i) for i in (range(len(adapter.layers)) if layers is None else layers)]

@@ -8,6 +8,8 @@ new query-to-KV map (uneven GQA groups).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -188,7 +190,7 @@ def _edit_hidden(model: nn.Module, adapter: ModelAdapter, drop: list[int], remov
     tied = adapter.lm_head.weight is adapter.embed_tokens.weight
     drop_t = torch.tensor(sorted(set(drop)), dtype=torch.long)
     keep_t = torch.tensor(_complement(sorted(set(drop)), d), dtype=torch.long)
-    owner = {}
+    owner: dict[int, Any] = {}  # the Linear, Embedding or RMSNorm that holds each weight
     for mod in model.modules():
         w = getattr(mod, "weight", None)
         if isinstance(w, nn.Parameter):
@@ -224,5 +226,5 @@ def _edit_hidden(model: nn.Module, adapter: ModelAdapter, drop: list[int], remov
             new.weight = mod.weight
             parent, _, child = names[id(mod)].rpartition(".")
             setattr(model.get_submodule(parent), child, new)
-        model.config.rms_norm_mean_dim = getattr(norms[0], "mean_dim", d) if norms else d
-    model.config.hidden_size = len(keep_t)
+        adapter.config.rms_norm_mean_dim = getattr(norms[0], "mean_dim", d) if norms else d
+    adapter.config.hidden_size = len(keep_t)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
 from huggingface_hub.dataclasses import strict
@@ -35,6 +35,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    PreTrainedConfig,
+    PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -46,11 +48,16 @@ from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
 
+if TYPE_CHECKING:  # the config mixins sit in front of a family config; every family has Llama's fields
+    from transformers import LlamaConfig as FamilyConfig
+else:
+    FamilyConfig = object
+
 
 class Family(NamedTuple):
-    config: type
-    model: type
-    layer: type
+    config: type[PreTrainedConfig]
+    model: type[PreTrainedModel]
+    layer: type[nn.Module]
 
 
 FAMILIES = {  # the family name is the base model_type; pruning.models has one adapter per entry
@@ -93,8 +100,12 @@ class _UnevenGQAConfig:
         return UNEVEN_GQA
 
 
+# Modules of a transformers model reach their submodules by attribute name, which torch types as Tensor | Module:
+# the functions below take them as Any (a family's attention module, decoder layer or model).
+
+
 def uneven_gqa_attention(
-    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, **kwargs
+    module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, **kwargs
 ):
     """Attention with one KV head per query head picked by the layer's map, then the model's own implementation."""
     index = torch.tensor(module.kv_head_of_query, dtype=torch.long, device=key.device)
@@ -107,7 +118,7 @@ def uneven_gqa_attention(
 AttentionInterface.register(UNEVEN_GQA, uneven_gqa_attention)
 
 
-def kv_group_sizes(attn: nn.Module, head_dim: int) -> tuple[int, ...]:
+def kv_group_sizes(attn: Any, head_dim: int) -> tuple[int, ...]:
     """Query heads per kept KV head of one attention module (its map if uneven, else from the weight shapes)."""
     h, kv = attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim
     sizes = getattr(attn, "kv_group_sizes", None)
@@ -118,7 +129,7 @@ def kv_group_sizes(attn: nn.Module, head_dim: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-def set_kv_group_sizes(attn: nn.Module, sizes) -> None:
+def set_kv_group_sizes(attn: Any, sizes) -> None:
     """Give an attention module its query-to-KV map: ``sizes[j]`` contiguous query heads share kept KV head j.
 
     Even sizes restore the stock module (``num_key_value_groups`` = g, the model config); uneven ones record the map
@@ -151,7 +162,7 @@ def family_name(model_type: str) -> str:
 
 
 @dataclass(kw_only=True, repr=False)
-class PerLayerWidths:
+class PerLayerWidths(FamilyConfig):
     """Fields added to a family config (placed before it in the MRO); the global head/width fields describe
     layer 0's original shape. ``head_dim`` is explicit because heads and hidden size no longer fix it (Qwen2's
     config has no such field and would derive it from hidden_size / heads)."""
@@ -173,7 +184,8 @@ class PerLayerWidths:
         if self.layer_num_attention_heads is None:
             self.layer_num_attention_heads = [self.num_attention_heads] * n
         if self.layer_num_key_value_heads is None:
-            self.layer_num_key_value_heads = [self.num_key_value_heads] * n
+            kv = self.num_key_value_heads  # the family's __post_init__ has replaced None (MHA) by the head count
+            self.layer_num_key_value_heads = [kv if kv is not None else self.num_attention_heads] * n
         if self.layer_intermediate_size is None:
             self.layer_intermediate_size = [self.intermediate_size] * n
         if self.layer_o_proj_bias is None:
@@ -205,7 +217,7 @@ def _linear(old: nn.Linear, n_in: int, n_out: int, extra_bias: bool = False) -> 
     return nn.Linear(n_in, n_out, bias=old.bias is not None or bool(extra_bias))
 
 
-def _shape_layer(layer: nn.Module, config, i: int) -> None:
+def _shape_layer(layer: Any, config, i: int) -> None:
     """Give decoder layer ``i`` the widths the config records for it (weights are loaded afterwards)."""
     attn, mlp = layer.self_attn, layer.mlp
     d, hd = config.hidden_size, config.head_dim
@@ -243,7 +255,7 @@ class MeanDimRMSNorm(LlamaRMSNorm):
         return f"{super().extra_repr()}, mean_dim={self.mean_dim}"
 
 
-def _use_mean_dim_norms(model: nn.Module, mean_dim: int) -> None:
+def _use_mean_dim_norms(model: Any, mean_dim: int) -> None:
     """Swap every residual-stream RMSNorm for a MeanDimRMSNorm of the same width (weights are loaded afterwards).
     Qwen3's q_norm/k_norm act on head_dim, which hidden pruning leaves alone."""
     inner = model.model
@@ -254,10 +266,10 @@ def _use_mean_dim_norms(model: nn.Module, mean_dim: int) -> None:
     inner.norm = MeanDimRMSNorm(inner.norm.weight.shape[0], inner.norm.variance_epsilon, mean_dim)
 
 
-def pruned_family(name: str, family: Family) -> tuple[type, type]:
+def pruned_family(name: str, family: Family) -> tuple[type[PerLayerWidths], type[PreTrainedModel]]:
     """(config class, model class) of ``pruned_<name>``, subclasses of the family's own."""
     stem = family.model.__name__[: -len("ForCausalLM")]
-    config_cls = strict(
+    config_cls: type = strict(
         type(
             f"Pruned{stem}Config",
             (PerLayerWidths, family.config),
@@ -278,7 +290,8 @@ def pruned_family(name: str, family: Family) -> tuple[type, type]:
         (family.model,),
         {"config_class": config_cls, "__init__": __init__, "__module__": __name__},
     )
-    return config_cls, model_cls
+    # type() cannot state the bases it was given: these are subclasses of the family's config and model
+    return cast(type[PerLayerWidths], config_cls), cast(type[PreTrainedModel], model_cls)
 
 
 PRUNED = {name: pruned_family(name, fam) for name, fam in FAMILIES.items()}

@@ -18,13 +18,19 @@ without ``pruning``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
+from transformers import PreTrainedModel
 
-from .modeling_pruned_llama import FAMILIES, Family
+from .modeling_pruned_llama import FAMILIES, Family, FamilyConfig
+
+if TYPE_CHECKING:  # the model mixin sits in front of a family's ForCausalLM
+    FamilyModel = PreTrainedModel
+else:
+    FamilyModel = nn.Module
 
 SLICED_PER_LAYER = (
     "layer_attn_input_dim",
@@ -37,7 +43,7 @@ SLICED_PER_LAYER = (
 
 
 @dataclass(kw_only=True, repr=False)
-class SlicedWidths:
+class SlicedWidths(FamilyConfig):
     """Fields added to a family config: the original hidden_size and layer 0's original head/MLP counts stay in
     the family's fields; the sliced widths are per layer."""
 
@@ -88,7 +94,7 @@ class SlicedWidths:
 
     @property
     def head_input_dim(self) -> int:
-        return self.layer_mlp_output_dim[-1] if self.layer_mlp_output_dim else self.embedding_dim
+        return self.layer_mlp_output_dim[-1] if self.layer_mlp_output_dim else self.embedding_dim or self.hidden_size
 
 
 class RMSN(nn.Module):
@@ -117,6 +123,13 @@ def _linear(old: nn.Linear, n_in: int, n_out: int) -> nn.Linear:
 
 class SlicedLayer(nn.Module):
     """Mixin placed before a family's decoder layer: sliced widths, weight-free norms and the shortcuts."""
+
+    self_attn: Any  # the family's attention and MLP modules, built by the family layer's __init__
+    mlp: Any
+    input_layernorm: nn.Module
+    post_attention_layernorm: nn.Module
+    attn_shortcut_Q: nn.Parameter | None
+    mlp_shortcut_Q: nn.Parameter | None
 
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
@@ -175,11 +188,12 @@ class SlicedLayer(nn.Module):
         return residual + hidden_states
 
 
-class SlicedModel(nn.Module):
+class SlicedModel(FamilyModel):
     """Mixin placed before a family's ForCausalLM: sliced embeddings/head, sliced layers, weight-free final norm."""
 
-    _tied_weights_keys = {}  # noqa: RUF012 - transformers' own attribute (a plain dict there); read, never mutated
+    _tied_weights_keys: dict[str, str] = {}  # noqa: RUF012 - transformers' own attribute (a plain dict there)
     _sliced_layer: type
+    model: Any  # the family's decoder stack (embed_tokens, layers, norm), built by the family model's __init__
 
     def __init__(self, config):
         super().__init__(config)
@@ -192,7 +206,7 @@ class SlicedModel(nn.Module):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, SlicedLayer) and module.attn_shortcut_Q is not None:
+        if isinstance(module, SlicedLayer) and module.attn_shortcut_Q is not None and module.mlp_shortcut_Q is not None:
             with torch.no_grad():  # identity-like start; real checkpoints overwrite it
                 module.attn_shortcut_Q.copy_(torch.eye(*module.attn_shortcut_Q.shape))
                 module.mlp_shortcut_Q.copy_(torch.eye(*module.mlp_shortcut_Q.shape))
@@ -201,27 +215,28 @@ class SlicedModel(nn.Module):
 class Sliced(NamedTuple):
     """The classes of one family's sliced format."""
 
-    config: type
-    layer: type
-    model: type
+    config: type[SlicedWidths]
+    layer: type[nn.Module]
+    model: type[PreTrainedModel]
 
 
 def sliced_family(name: str, family: Family) -> Sliced:
     stem = family.model.__name__[: -len("ForCausalLM")]
-    config_cls = strict(
+    config_cls: type = strict(
         type(
             f"Sliced{stem}Config",
             (SlicedWidths, family.config),
             {"model_type": f"sliced_{name}", "__module__": __name__},
         )
     )
+    # type() cannot state the bases it was given: the classes below are the family's config, layer and model
     layer_cls = type(f"Sliced{stem}DecoderLayer", (SlicedLayer, family.layer), {"__module__": __name__})
     model_cls = type(
         f"Sliced{stem}ForCausalLM",
         (SlicedModel, family.model),
         {"config_class": config_cls, "_sliced_layer": layer_cls, "__module__": __name__},
     )
-    return Sliced(config_cls, layer_cls, model_cls)
+    return Sliced(cast(type[SlicedWidths], config_cls), layer_cls, cast(type[PreTrainedModel], model_cls))
 
 
 SLICED = {name: sliced_family(name, fam) for name, fam in FAMILIES.items()}

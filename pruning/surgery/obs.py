@@ -99,11 +99,11 @@ def obs_compensation(
     adapter = adapter_for(model)
     layers = [i for i in range(len(adapter.layers)) if removed_inputs(adapter, plan, i)]
     if layers:
-        if calib is None and (comp_inputs == "sequential" or xtx is None):
-            raise PruningError("OBS compensation needs the calibration batches")
         stats = {"o_proj": ("xtx",), "down_proj": ("xtx",)}
         if comp_inputs == "dense":
             if xtx is None or any((i, s) not in xtx for i in layers for s in removed_inputs(adapter, plan, i)):
+                if calib is None:
+                    raise PruningError("OBS compensation needs the calibration batches")
                 got = collect(
                     model, calib, stats=stats, layers=layers, mode="dense", batch_size=batch_size, progress=progress
                 )
@@ -111,6 +111,8 @@ def obs_compensation(
             for i in layers:
                 _compensate_layer(adapter, i, plan, {s: xtx[(i, s)] for s in SITES if (i, s) in xtx}, damp)
         else:
+            if calib is None:
+                raise PruningError("OBS compensation needs the calibration batches")
             for step in sequential(model, calib, stats=stats, layers=layers, batch_size=batch_size, progress=progress):
                 _compensate_layer(adapter, step.layer, plan, {s: st.xtx for s, st in step.stats.sites.items()}, damp)
                 step.drop(plan)  # pruned columns are already 0; this only keeps the pass honest

@@ -19,7 +19,8 @@ class PrunePlan:
     blocks: list[int] = field(default_factory=list)  # decoder layers to delete
     meta: dict = field(default_factory=dict)
 
-    def add(self, kind: str, layer: int, units) -> None:
+    def add(self, kind: str, layer: int | None, units) -> None:
+        """Remove ``units`` of ``kind`` in ``layer`` (None or any value for the model-wide kinds, block and hidden)."""
         if kind == "block":
             self.blocks = sorted(set(self.blocks) | {int(u) for u in units})
             return
@@ -27,11 +28,15 @@ class PrunePlan:
             layer = MODEL_WIDE
         if kind not in PLAN_KINDS:
             raise ValueError(f"unknown plan kind {kind!r}")
+        if layer is None:
+            raise ValueError(f"{kind} units belong to a decoder layer; got layer None")
         cur = set(self.remove.setdefault(kind, {}).get(layer, []))
         self.remove[kind][layer] = sorted(cur | {int(u) for u in units})
 
-    def units(self, kind: str, layer: int) -> list[int]:
-        return self.remove.get(kind, {}).get(layer, [])
+    def units(self, kind: str, layer: int | None) -> list[int]:
+        if kind == "hidden":
+            layer = MODEL_WIDE
+        return self.remove.get(kind, {}).get(layer, []) if layer is not None else []
 
     def is_empty(self) -> bool:
         return not self.blocks and not any(v for per in self.remove.values() for v in per.values())

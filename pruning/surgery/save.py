@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from torch import nn
+from transformers import PreTrainedModel
 
 from pruning.models.adapter import adapter_for
 from pruning.surgery.modeling_pruned_llama import FAMILIES, PER_LAYER, PRUNED, MeanDimRMSNorm
@@ -48,7 +49,7 @@ def export_config(model: nn.Module):
     adapter = adapter_for(model)
     family = FAMILIES[adapter.family]
     widths = adapter.all_widths()
-    base = {k: v for k, v in model.config.to_dict().items() if k not in _DROP}
+    base = {k: v for k, v in adapter.config.to_dict().items() if k not in _DROP}
     base["num_hidden_layers"] = len(widths)
     base["tie_word_embeddings"] = adapter.is_tied  # the tensors decide: a surgery that unties them saves two
     if base.get("layer_types") is not None:
@@ -119,15 +120,16 @@ def save_pruned(model: nn.Module, out_dir: str | Path, tokenizer=None, meta: dic
     clean.load_state_dict(model.state_dict(), strict=True, assign=True)
     if config.tie_word_embeddings:
         clean.tie_weights()
-    if getattr(model, "generation_config", None) is not None:
-        clean.generation_config = model.generation_config
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        clean.generation_config = generation_config
     if not is_plain:
         config_cls.register_for_auto_class()
         model_cls.register_for_auto_class("AutoModelForCausalLM")
     return write_checkpoint(clean, out_dir, tokenizer, meta)
 
 
-def write_checkpoint(clean: nn.Module, out_dir: str | Path, tokenizer=None, meta: dict | None = None) -> Path:
+def write_checkpoint(clean: PreTrainedModel, out_dir: str | Path, tokenizer=None, meta: dict | None = None) -> Path:
     """``save_pretrained`` into a temp dir beside ``out_dir``, then rename: a crash leaves the old dir or the new."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

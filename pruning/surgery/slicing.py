@@ -10,6 +10,7 @@ rotated: q/k/v biases (Qwen2) and per-head norms (Qwen3's q_norm/k_norm) act on 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -120,12 +121,16 @@ def fuse_norms(model: nn.Module, center_embeddings: bool = False) -> nn.Module:
     scale = _norm_scale(adapter.final_norm)
     if scale is not None:
         _scale_inputs(adapter.lm_head, scale)
-    model.model.norm = RMSN(mean_dim, adapter.final_norm.variance_epsilon)
+    adapter.model.model.norm = RMSN(mean_dim, adapter.final_norm.variance_epsilon)
     _become_sliced(model, shortcuts=False, mean_dim=mean_dim)
     return model
 
 
-def _become_sliced(model: nn.Module, shortcuts: bool, mean_dim: int | None = None) -> None:
+# The helpers below edit a transformers model's modules, reached by attribute name (which torch types as
+# Tensor | Module): they take the model or a decoder layer as Any.
+
+
+def _become_sliced(model: Any, shortcuts: bool, mean_dim: int | None = None) -> None:
     """Swap in the family's sliced class and a config read from the current shapes (never from stale fields)."""
     old = model.config
     config = sliced_config(model, shortcuts, mean_dim or old.rms_norm_mean_dim)
@@ -136,7 +141,7 @@ def _become_sliced(model: nn.Module, shortcuts: bool, mean_dim: int | None = Non
 
 def sliced_config(model: nn.Module, shortcuts: bool, mean_dim: int) -> SlicedWidths:
     adapter = adapter_for(model)
-    base = {k: v for k, v in model.config.to_dict().items() if k not in _DROP}
+    base = {k: v for k, v in adapter.config.to_dict().items() if k not in _DROP}
     widths = adapter.all_widths()
     layers = list(adapter.layers)
     base.update(
@@ -198,7 +203,7 @@ def rotate_outputs(linear: nn.Linear, Q: torch.Tensor, width: int) -> nn.Linear:
     return _linear(W.to(linear.weight.dtype), b, linear)
 
 
-def rotate_embeddings(model: nn.Module, Q: torch.Tensor, width: int) -> None:
+def rotate_embeddings(model: Any, Q: torch.Tensor, width: int) -> None:
     emb = adapter_for(model).embed_tokens
     E = emb.weight.detach().double() @ Q[:, :width].to(emb.weight.device, torch.float64)
     new = nn.Embedding(E.shape[0], width, emb.padding_idx, device=emb.weight.device, dtype=emb.weight.dtype)
@@ -207,30 +212,30 @@ def rotate_embeddings(model: nn.Module, Q: torch.Tensor, width: int) -> None:
     model.model.embed_tokens = new
 
 
-def rotate_attention_inputs(layer: nn.Module, Q: torch.Tensor, width: int) -> None:
+def rotate_attention_inputs(layer: Any, Q: torch.Tensor, width: int) -> None:
     attn = layer.self_attn
     for name in ("q_proj", "k_proj", "v_proj"):
         setattr(attn, name, rotate_inputs(getattr(attn, name), Q, width))
 
 
-def rotate_attention_output(layer: nn.Module, Q: torch.Tensor, width: int) -> None:
+def rotate_attention_output(layer: Any, Q: torch.Tensor, width: int) -> None:
     layer.self_attn.o_proj = rotate_outputs(layer.self_attn.o_proj, Q, width)
 
 
-def rotate_mlp_inputs(layer: nn.Module, Q: torch.Tensor, width: int) -> None:
+def rotate_mlp_inputs(layer: Any, Q: torch.Tensor, width: int) -> None:
     for name in ("gate_proj", "up_proj"):
         setattr(layer.mlp, name, rotate_inputs(getattr(layer.mlp, name), Q, width))
 
 
-def rotate_mlp_output(layer: nn.Module, Q: torch.Tensor, width: int) -> None:
+def rotate_mlp_output(layer: Any, Q: torch.Tensor, width: int) -> None:
     layer.mlp.down_proj = rotate_outputs(layer.mlp.down_proj, Q, width)
 
 
-def rotate_head(model: nn.Module, Q: torch.Tensor, width: int) -> None:
+def rotate_head(model: Any, Q: torch.Tensor, width: int) -> None:
     model.lm_head = rotate_inputs(model.lm_head, Q, width)
 
 
-def set_shortcut(layer: nn.Module, name: str, matrix: torch.Tensor) -> None:
+def set_shortcut(layer: Any, name: str, matrix: torch.Tensor) -> None:
     """``attn_shortcut_Q`` / ``mlp_shortcut_Q`` (a parameter, so it is counted and saved like any weight)."""
     dtype = layer.self_attn.o_proj.weight.dtype
     device = layer.self_attn.o_proj.weight.device
@@ -280,13 +285,15 @@ def save_sliced(model: nn.Module, out_dir: str | Path, tokenizer=None, meta: dic
     ``auto_map``). A crash leaves either the previous directory or the complete new one."""
     if not is_sliced(model):
         raise PruningError("save_sliced expects a SliceGPT-rotated model; use pruning.surgery.save.save_pruned")
-    config = sliced_config(model, model.config.shortcuts, model.config.rms_norm_mean_dim)
-    classes = SLICED[adapter_for(model).family]
+    adapter = adapter_for(model)
+    config = sliced_config(model, adapter.config.shortcuts, adapter.config.rms_norm_mean_dim)
+    classes = SLICED[adapter.family]
     with torch.device("meta"):
         clean = classes.model(config)
     clean.load_state_dict(model.state_dict(), strict=True, assign=True)
-    if getattr(model, "generation_config", None) is not None:
-        clean.generation_config = model.generation_config
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        clean.generation_config = generation_config
     classes.config.register_for_auto_class()
     classes.model.register_for_auto_class("AutoModelForCausalLM")
     return write_checkpoint(clean, out_dir, tokenizer, meta)
