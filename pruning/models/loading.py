@@ -191,8 +191,13 @@ def _first(keys, n: int = 3) -> str:
     return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
-def _layer_hint(config, missing, unexpected) -> str:
-    """What a layer-count mismatch looks like from the keys: whole layers beyond the config's, or missing."""
+def _config_hint(config, missing, unexpected, mismatched) -> str:
+    """The config.json field at fault when the keys show it: whole layers beyond or short of
+    ``num_hidden_layers``, or an embedding of another width than ``hidden_size``."""
+    hidden = getattr(config, "hidden_size", None)
+    for k, file_shape, _ in mismatched:
+        if str(k).endswith("embed_tokens.weight") and len(file_shape) == 2 and file_shape[1] != hidden:
+            return f"config.json has hidden_size={hidden} but the weights' embedding is {file_shape[1]} wide; "
     n = getattr(config, "num_hidden_layers", None)
     extra = {int(m.group(1)) for k in unexpected if (m := _LAYER_KEY.search(str(k)))}
     absent = {int(m.group(1)) for k in missing if (m := _LAYER_KEY.search(str(k)))}
@@ -226,7 +231,7 @@ def verify_loading(ckpt: Path, config, info: dict) -> None:
         problems.append(f"{_n(mismatched)} of another shape than config.json implies ({_first(shapes, 2)})")
     if problems:
         raise CheckpointError(
-            f"checkpoint {ckpt} does not match its config.json: {_layer_hint(config, missing, unexpected)}"
+            f"checkpoint {ckpt} does not match its config.json: {_config_hint(config, missing, unexpected, mismatched)}"
             + "; ".join(problems)
         )
 
