@@ -45,6 +45,21 @@ def atomic_file(
         raise
 
 
+def unwritable(directory: str | os.PathLike) -> str | None:
+    """Why files cannot be created in ``directory`` (made if absent), or None. A probe file is created and removed:
+    the only test that sees read-only mounts, full disks, ACLs and a file in the directory's place alike (root
+    ignores permission bits, so ``os.access`` would say yes)."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror or e}"
+    return None
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str, **kwargs) -> None:
     """Write ``data`` (bytes, or text as UTF-8) to ``path`` atomically; keywords as ``atomic_file``."""
     text = isinstance(data, str)

@@ -29,6 +29,15 @@ class InfeasibleCalibrationError(PruningError):
     """The calibration data cannot fill n_samples x seq_len (too few long documents); a search scores it as +inf."""
 
 
+class RecordNotSaved(PruningError):
+    """A finished cell whose record the results store refused at the last write; ``record`` holds the numbers and
+    the message names the fallback file they were saved to."""
+
+    def __init__(self, message: str, record: dict):
+        super().__init__(message)
+        self.record = record
+
+
 def one_line(e: BaseException) -> str:
     """An exception's message as one line for a ``PruningError``: its first line, plus the next one when the first
     ends in a colon (torch's "Error(s) in loading state_dict for X:" and pip put the reason there)."""
