@@ -6,6 +6,7 @@ The same mistakes through the CLI (exit status, one `error:` line, empty store):
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -113,7 +114,7 @@ def test_damaged_checkpoint_is_one_line_naming_the_file(case, tmp_path):
 def test_tokenizer_damage_fails_before_the_weights(tmp_path):
     """The cell draws calibration with the tokenizer alone: a broken tokenizer.json fails there, in seconds."""
     ckpt = damaged(tmp_path, files={"tokenizer.json": ""})
-    with pytest.raises(CheckpointError, match="tokenizer.json is empty"):
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json is empty"):
         load_tokenizer(str(ckpt))
 
 
@@ -177,29 +178,29 @@ def test_broken_jsonl_line_names_file_and_line(data_root, tmp_path):
     rows = [json.dumps({"instruction": "say hi", "input": "", "output": "hi"})] * 3
     alpaca = tmp_path / "alpaca.jsonl"
     alpaca.write_text("\n".join([rows[0], rows[1][:-5], rows[2]]) + "\n")
-    with pytest.raises(DataError, match=rf"{alpaca}: line 2 is not JSON"):
+    with pytest.raises(DataError, match=re.escape(f"{alpaca}: line 2 is not JSON")):
         data.instruction_records(str(alpaca))
     good = Path(data.ppl_source("wikitext2", "test")).read_text().splitlines()
     path = data_root(WIKI, "\n".join([*good[:3], "{broken", *good[3:10]]) + "\n")
-    with pytest.raises(DataError, match=rf"{path}: line 4 is not JSON"):
+    with pytest.raises(DataError, match=re.escape(f"{path}: line 4 is not JSON")):
         data.ppl_text("wikitext2", "test")
 
 
 def test_binary_or_empty_ptb(data_root):
     path = data_root(PTB, bytes(range(256)) * 8)
-    with pytest.raises(DataError, match=rf"{path}: not UTF-8 text"):
+    with pytest.raises(DataError, match=re.escape(f"{path}: not UTF-8 text")):
         data.ppl_text("ptb", "validation")
     path = data_root(PTB, " a b c \x00\x00 \n")
     with pytest.raises(DataError, match="NUL bytes"):
         data.ppl_text("ptb", "validation")
     path = data_root(PTB, "\n\n")
-    with pytest.raises(DataError, match=rf"{path} holds no text"):
+    with pytest.raises(DataError, match=re.escape(f"{path} holds no text")):
         data.ppl_text("ptb", "validation")
 
 
 def test_corrupt_alpaca_json_names_the_file(data_root):
     path = data_root(data.CALIB_FILES["alpaca"], '[{"instruction": "a", "output": "b"}, ')
-    with pytest.raises(DataError, match=str(path)):
+    with pytest.raises(DataError, match=re.escape(str(path))):
         data.calibration_texts("alpaca")
 
 
@@ -227,13 +228,15 @@ def block(directory: Path) -> None:
 def test_unwritable_store_or_cache_fails_before_any_work(tmp_path, cache, monkeypatch):
     block(tmp_path / "store" / "records")
     cfg = composed(tmp_path, "method=random", "pruning.ratio=0.2")
-    with pytest.raises(PruningError, match=rf"results store {tmp_path / 'store' / 'records'} is not writable"):
+    with pytest.raises(
+        PruningError, match=re.escape(f"results store {tmp_path / 'store' / 'records'} is not writable")
+    ):
         run_cell(cfg)
     assert not (cache / "calibration").exists()  # before calibration, hence before the weights
 
     block(tmp_path / "ro-cache")
     monkeypatch.setenv("PRUNING_CACHE", str(tmp_path / "ro-cache"))
-    with pytest.raises(PruningError, match=rf"cache directory {tmp_path / 'ro-cache'} is not writable"):
+    with pytest.raises(PruningError, match=re.escape(f"cache directory {tmp_path / 'ro-cache'} is not writable")):
         run_cell(composed(tmp_path, "method=random", "pruning.ratio=0.2", f"store.dir={tmp_path / 'store2'}"))
     assert not (tmp_path / "store2" / "records").exists() or not any((tmp_path / "store2" / "records").iterdir())
 
