@@ -119,6 +119,11 @@ class Sandbox:
                 d.chmod(0o755)
 
 
+def after(_prepared, *args: str) -> list[str]:
+    """The CLI args of a case whose setup (the first argument, e.g. a corrupted data file) is done."""
+    return list(args)
+
+
 def _resize(key: str, rows: int):
     def edit(sd):
         sd[key] = sd[key][:rows].clone()
@@ -143,7 +148,7 @@ def _read_only_cache(s: Sandbox) -> Path:
     return s.tmp / "ro-cache"
 
 
-# name -> (setup(sandbox) -> CLI args, needles: setup(sandbox) results are formatted into them as {0}, {1}, ...)
+# name -> (setup(sandbox) -> CLI args, words the one error line must hold)
 CASES = {
     # checkpoints: verified strictly, before any evaluation
     "ckpt_tensor_missing": (
@@ -180,24 +185,24 @@ CASES = {
     ),
     # store and cache: checked writable before the model loads
     "store_read_only": (
-        lambda s: [str(s.read_only(s.store / "records")) and "method=random"],
+        lambda s: after(s.read_only(s.store / "records"), "method=random"),
         ["results store", "/store/records is not writable", "store.dir="],
     ),
     "cache_read_only": (
-        lambda s: [str(_read_only_cache(s)) and "method=random"],
+        lambda s: after(_read_only_cache(s), "method=random"),
         ["cache directory", "/ro-cache is not writable", "$PRUNING_CACHE"],
     ),
     # corrupt data files: one line naming the file
     "c4_parquet_empty": (
-        lambda s: [str(s.data_file(C4, pa.table({"text": pa.array([], pa.string())}))) and "method=wanda_sp"],
+        lambda s: after(s.data_file(C4, pa.table({"text": pa.array([], pa.string())})), "method=wanda_sp"),
         ["C4 parquet", C4, "has no rows"],
     ),
     "c4_parquet_no_text_column": (
-        lambda s: [str(s.data_file(C4, pa.table({"url": ["u1", "u2"]}))) and "method=wanda_sp"],
+        lambda s: after(s.data_file(C4, pa.table({"url": ["u1", "u2"]})), "method=wanda_sp"),
         ["C4 parquet", C4, "no 'text' column"],
     ),
     "c4_not_parquet": (
-        lambda s: [str(s.data_file(C4, b"\x00\x01 not parquet at all")) and "method=wanda_sp"],
+        lambda s: after(s.data_file(C4, b"\x00\x01 not parquet at all"), "method=wanda_sp"),
         ["C4 parquet", C4, "unreadable"],
     ),
     "alpaca_jsonl_broken_line": (
@@ -205,15 +210,15 @@ CASES = {
         ["alpaca.jsonl: line 41 is not JSON"],
     ),
     "wikitext_jsonl_broken_line": (
-        lambda s: [str(_wikitext_with_broken_line(s)) and "method=random"],
+        lambda s: after(_wikitext_with_broken_line(s), "method=random"),
         [WIKI, "line 6 is not JSON"],
     ),
     "ptb_binary": (
-        lambda s: [str(s.data_file(PTB, bytes(range(128, 256)) * 64)) and "method=random"],
+        lambda s: after(s.data_file(PTB, bytes(range(128, 256)) * 64), "method=random"),
         [PTB, "not UTF-8 text"],
     ),
     "ptb_empty": (
-        lambda s: [str(s.data_file(PTB, "")) and "method=random"],
+        lambda s: after(s.data_file(PTB, ""), "method=random"),
         [PTB, "holds no text"],
     ),
     # plans that remove nothing at a ratio above zero
@@ -243,7 +248,7 @@ CASES = {
         ["method.fitness.n_windows=5", "calibration.n_samples=4 must be > 5"],
     ),
     "ptb_shorter_than_a_window": (
-        lambda s: [str(s.data_file(PTB, " a short text \n of two lines \n")) and "method=random"],
+        lambda s: after(s.data_file(PTB, " a short text \n of two lines \n"), "method=random"),
         [PTB, "fewer than one window of 128"],
     ),
 }
