@@ -46,13 +46,17 @@ def atomic_file(
 
 
 def unwritable(directory: str | os.PathLike) -> str | None:
-    """Why files cannot be created in ``directory`` (made if absent), or None. A probe file is created and removed:
-    the only test that sees read-only mounts, full disks, ACLs and a file in the directory's place alike (root
-    ignores permission bits, so ``os.access`` would say yes)."""
-    directory = Path(directory)
+    """Why files cannot be created in ``directory``, or None. A probe file is created and removed in it, or, while
+    it does not exist yet, in the nearest existing parent (where it would be made, so the check leaves nothing
+    behind): the only test that sees read-only mounts, full disks, ACLs and a file in a directory's place alike
+    (root ignores permission bits, so ``os.access`` would say yes)."""
+    existing = Path(directory).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"NotADirectoryError: {existing} is a file, not a directory"
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=directory)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:

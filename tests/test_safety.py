@@ -238,7 +238,7 @@ def test_unwritable_store_or_cache_fails_before_any_work(tmp_path, cache, monkey
     monkeypatch.setenv("PRUNING_CACHE", str(tmp_path / "ro-cache"))
     with pytest.raises(PruningError, match=re.escape(f"cache directory {tmp_path / 'ro-cache'} is not writable")):
         run_cell(composed(tmp_path, "method=random", "pruning.ratio=0.2", f"store.dir={tmp_path / 'store2'}"))
-    assert not (tmp_path / "store2" / "records").exists() or not any((tmp_path / "store2" / "records").iterdir())
+    assert not (tmp_path / "store2").exists()  # the check itself leaves nothing behind
 
 
 class BreakStore(CellCallback):
@@ -286,7 +286,7 @@ def test_plan_that_removes_nothing_is_an_error(overrides, needles, tmp_path, cac
         run_cell(composed(tmp_path, "method=magnitude", "pruning.ratio=0.2", *overrides))
     for needle in needles:
         assert needle in str(e.value), (needle, str(e.value))
-    assert not (tmp_path / "store" / "records").exists() or not any((tmp_path / "store" / "records").iterdir())
+    assert not (tmp_path / "store").exists()
 
 
 def test_ratio_zero_is_not_a_no_op_error(tmp_path, cache):
