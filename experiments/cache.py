@@ -7,6 +7,7 @@ atomically; a corrupt entry is treated as missing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from experiments.fileio import atomic_file, atomic_write, sha256_file
+from experiments.fileio import atomic_file, atomic_write, sha256_file, unwritable
 from pruning.models.convert import cache_root  # one home for the user cache location
 
 
@@ -32,9 +33,21 @@ def file_sha256(path: Path) -> str:
     if memo.is_file():
         return memo.read_text().strip()
     digest = sha256_file(path)
-    memo_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(memo, digest.encode())
+    with contextlib.suppress(OSError):  # a read-only cache costs a re-hash next time; check_cache_writable says so
+        memo_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(memo, digest.encode())
     return digest
+
+
+def check_cache_writable() -> None:
+    """One line if the cache (calibration ids, statistics) cannot be written: called before a cell loads its
+    model, since a cell writes its cache entries on the way and would fail after the work."""
+    from pruning.errors import PruningError
+
+    root = cache_root()
+    why = unwritable(root)
+    if why:
+        raise PruningError(f"cache directory {root} is not writable ({why}); set $PRUNING_CACHE to a writable one")
 
 
 def dir_fingerprint(directory: Path) -> str:

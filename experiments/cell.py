@@ -1,16 +1,22 @@
 """One experiment cell as a recipe of named phases, each a short function that reads and fills a ``Cell``:
 
-    check -> [resume] -> calibrate -> load -> evaluate_dense -> prune -> apply -> evaluate -> recover -> save -> record
+    check -> [resume] -> prepare -> calibrate -> load -> evaluate_dense -> prune -> apply -> evaluate -> recover
+          -> save -> record
 
 - ``check``: every user mistake is caught before anything heavy: the typed schema of every config group and the rules
   across them (experiments/schema.py: keys, types, ranges, choices, the operating point, layer ranges), then what
   needs the library (data files of the eval, calibration and recovery, device and dtype, the method built from its
   config), then the checkpoint's fingerprint and ``config.json`` (a layer range inside the model, every length within
   its context; no weights are read).
+- ``prepare``, once the cell must be computed (not a store hit): every output can be written (the results store,
+  the caches), so finished work is never lost to a read-only directory, and the method accepts the calibration
+  shape (Search-LLM's held-out fitness windows).
 - ``calibrate`` draws the calibration ids with the tokenizer alone, *before* the weights load, so a shape the data
   cannot fill costs seconds, not a model load. A method that draws more sets (``DrawsCalibration``, NIRVANA) gets a
   sampler bound here.
-- ``load`` loads the weights and checks the budget from shapes (an impossible ratio fails before any scoring).
+- ``load`` loads the weights (strictly: every tensor and shape the config names, nothing else), checks the budget
+  from shapes (an impossible ratio, or one that removes nothing, fails before any scoring) and that every PPL text
+  fills a window.
 - ``evaluate_dense``, ``prune`` (``method.prune -> PrunePlan``), ``apply`` (surgery + the method's compensation),
   ``evaluate`` (the pruned model), ``recover`` (``recovery.name != none``: train, then evaluate again), ``save``
   (``save_model=true``) and ``record`` (the one record of the cell).
@@ -18,7 +24,8 @@
 Around the recipe, callbacks (``CellCallback``) do what never changes a number: the results store (resume a finished
 cell, reuse the dense baseline of the same (model, eval), write the records) and the loggers (W&B, after the record
 is written). Nothing is written unless the cell succeeds; the dense record is written once per (model, eval), by the
-first cell that evaluates it.
+first cell that evaluates it, together with that cell's own record. A store that fails at that last write keeps
+nothing from being lost: the records go to a fallback file that the error names (``RecordNotSaved``).
 
 Extension points (methods, evaluations and recovery plug in without editing this file):
 - ``method.budget(model, ratio)`` before any heavy work; ``method.prune(model, ratio, calib) -> PrunePlan``;
@@ -49,13 +56,13 @@ from omegaconf import DictConfig, OmegaConf
 
 import experiments.paper_ratios  # noqa: F401  (registers the ${paper_knob:...} config resolver)
 from experiments import schema
-from experiments.cache import TensorCache, dir_fingerprint, file_sha256
+from experiments.cache import TensorCache, check_cache_writable, dir_fingerprint, file_sha256
 from experiments.record import config_hash, make_record
 from experiments.store import ResultsStore
 from pruning import data
 from pruning.calibration import cached_statistics, is_variable_length
-from pruning.errors import ConfigError, PruningError
-from pruning.eval import EVAL_VERSION, check_eval, evaluate
+from pruning.errors import ConfigError, PruningError, RecordNotSaved
+from pruning.eval import EVAL_VERSION, check_eval, check_eval_texts, evaluate
 from pruning.methods.base import DrawsCalibration
 from pruning.models import load_model
 from pruning.models.loading import load_tokenizer, resolve_checkpoint
@@ -220,6 +227,7 @@ class Cell:
     budget: Any = None
     params_before: int | None = None
     dense: dict | None = None  # the dense model's metrics (evaluated here or read from the store)
+    dense_record: dict | None = None  # the dense record, when this cell evaluated the dense model (written last)
     plan: Any = None
     stats_log: Any = None
     metrics: dict = field(default_factory=dict)  # the final model's blocks, last phase wins
@@ -252,6 +260,9 @@ class CellCallback:
         """A finished record of this cell, returned instead of running it (resumable sweeps)."""
         return None
 
+    def ready(self, cell: Cell) -> None:
+        """The cell will be computed: raise (a ``PruningError``) if its results could not be kept, before any work."""
+
     def dense_baseline(self, cell: Cell) -> dict | None:
         """The dense model's metrics from an earlier cell of the same (model, eval), so they are not recomputed."""
         return None
@@ -264,10 +275,15 @@ class CellCallback:
 
 
 class StoreCallback(CellCallback):
-    """The results store: skip a finished cell, reuse the dense baseline, write the records (``force`` recomputes)."""
+    """The results store: skip a finished cell, reuse the dense baseline, write the records (``force`` recomputes).
+
+    The store is checked writable before the cell computes anything; should a write still fail (the store became
+    read-only meanwhile), the record goes to a fallback file (``ResultsStore.write_or_fallback``) and the cell's
+    record carries ``_unsaved``, which ``run_cell`` turns into ``RecordNotSaved`` after every callback ran."""
 
     def __init__(self, store: ResultsStore, force: bool = False):
         self.store, self.force = store, force
+        self.unsaved: list[str] = []  # what could not be written to the store, and where it went instead
 
     def resume(self, cell: Cell) -> dict | None:
         done = None if self.force else self.store.get(cell.config_hash)
@@ -283,12 +299,26 @@ class StoreCallback(CellCallback):
             return None
         return {k.removeprefix("dense_"): v for k, v in record["metrics"].items() if not k.startswith("prerecovery_")}
 
+    def ready(self, cell: Cell) -> None:
+        self.store.check_writable()
+
+    def _write(self, record: dict, what: str) -> Path:
+        path, problem = self.store.write_or_fallback(record)
+        if problem:
+            self.unsaved.append(f"{what} record to {path}")
+        return path
+
     def dense_evaluated(self, cell: Cell, record: dict) -> None:
-        self.store.write(record)
+        self._write(record, "the dense")
 
     def finished(self, cell: Cell, record: dict) -> None:
-        self.store.write(record)
-        record["_store_path"] = str(self.store.path(record["config_hash"]))
+        record["_store_path"] = str(self._write(record, "the"))
+        if self.unsaved:
+            record["_unsaved"] = (
+                f"results store {self.store.records_dir} could not be written at the end of the cell "
+                f"({self.store.last_error}); saved {' and '.join(self.unsaved)} instead: copy "
+                f"{'them' if len(self.unsaved) > 1 else 'it'} into {self.store.records_dir}/ once it is writable"
+            )
 
 
 class LoggerCallback(CellCallback):
@@ -364,6 +394,17 @@ def check(cfg: DictConfig, run_dir: str | Path | None = None) -> Cell:
     )
 
 
+def prepare(cell: Cell, callbacks: list[CellCallback]) -> None:
+    """Once the cell must be computed, before anything heavy: its results can be kept (the store via the callbacks,
+    the caches) and the method accepts the calibration shape."""
+    check_cache_writable()
+    for cb in callbacks:
+        cb.ready(cell)
+    check_method_calibration = getattr(cell.method, "check_calibration", None)
+    if cell.calib_spec is not None and check_method_calibration is not None:
+        check_method_calibration(cell.calib_spec.n_samples, cell.calib_spec.seq_len)
+
+
 def calibrate(cell: Cell) -> None:
     """Calibration ids drawn (or read from the cache) with the tokenizer alone, before the weights load."""
     if not cell.method.needs_calibration:
@@ -388,7 +429,9 @@ def calibrate(cell: Cell) -> None:
 
 
 def load(cell: Cell) -> None:
-    """The weights on the device, then the budget from shapes: an impossible ratio fails before any scoring."""
+    """The weights on the device (verified against the config), then the budget from shapes: an impossible ratio,
+    or one that removes nothing, fails before any scoring; then every PPL text must fill a window, so no check
+    waits for the dense evaluation."""
     cfg = cell.cfg
     with cell.timer("load"):
         cell.model, cell.tokenizer, cell.adapter = load_model(
@@ -398,6 +441,38 @@ def load(cell: Cell) -> None:
             cell.model.to(cell.device)
     cell.budget = cell.method.budget(cell.model, cell.ratio)
     cell.params_before = cell.adapter.num_params()
+    if asks_for_removal(cell) and cell.operating_point is None and cell.budget.removed_params == 0:
+        raise PruningError(removes_nothing(cell, f"pruning.ratio={cell.ratio:g}"))
+    check_eval_texts(cell.tokenizer, cfg.eval)
+
+
+def asks_for_removal(cell: Cell) -> bool:
+    """The cell's setting asks for parameters to go: ``pruning.ratio`` > 0, or a native knob not at its no-op
+    value. A plan that then removes nothing is a mistake (a layer range or structure set with nothing prunable
+    at that setting), not a result."""
+    if cell.is_dense:
+        return False
+    if cell.operating_point is None:
+        return bool(cell.ratio)
+    op = cell.method.operating_point()
+    return op is None or op.removes
+
+
+def removes_nothing(cell: Cell, setting: str) -> str:
+    """The one line for a no-op cell: what was asked, and where the method looked for something to prune."""
+    method = cell.method
+    name = getattr(method, "name", type(method).__name__)
+    n = len(cell.adapter.layers)
+    allocation = getattr(method, "allocation", None)
+    layers = allocation.layers(n) if hasattr(allocation, "layers") else None
+    scope = [f"method.structures={list(method.structures)}"] if hasattr(method, "structures") else []
+    if layers is not None:
+        scope.append(f"layers [{layers[0]}, {layers[-1] + 1}) of {n}" if layers else f"no layer of {n}")
+    if hasattr(method, "sets") and not method.sets(cell.model):
+        why, fix = "finds no prunable structure", "choose a non-empty method.layers range and method.structures"
+    else:
+        why, fix = "rounds its plan to zero units", f"raise {setting.split('=')[0]}, or widen the layers or structures"
+    return f"{setting} removes nothing: {name} {why} ({', '.join(scope)}); {fix}"
 
 
 def evaluate_dense(cell: Cell, callbacks: list[CellCallback]) -> None:
@@ -419,8 +494,7 @@ def evaluate_dense(cell: Cell, callbacks: list[CellCallback]) -> None:
                 "widths": [w.as_dict() for w in cell.adapter.all_widths()],
             },
         )
-        for cb in callbacks:
-            cb.dense_evaluated(cell, record)
+        cell.dense_record = record  # written with the cell's own record: a cell that fails leaves no record
 
 
 def prune(cell: Cell) -> None:
@@ -431,6 +505,10 @@ def prune(cell: Cell) -> None:
     ):
         cell.plan = cell.method.prune(cell.model, cell.ratio, cell.calib)
     cell.stats_log = stats_log
+    if asks_for_removal(cell) and cell.plan.is_empty():
+        op = cell.operating_point
+        setting = f"{op['knob']}={op['value']:g}" if op else f"pruning.ratio={cell.ratio:g}"
+        raise PruningError(removes_nothing(cell, setting))
 
 
 def apply(cell: Cell) -> None:
@@ -522,6 +600,7 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: list
     done = next((r for r in (cb.resume(cell) for cb in callbacks) if r is not None), None)
     if done is not None:
         return done
+    prepare(cell, callbacks)
     calibrate(cell)
     load(cell)
     evaluate_dense(cell, callbacks)
@@ -532,7 +611,11 @@ def run_cell(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: list
     save(cell)
     rec = record(cell, prerecovery)
     for cb in callbacks:
+        if cell.dense_record is not None:
+            cb.dense_evaluated(cell, cell.dense_record)
         cb.finished(cell, rec)
+    if rec.get("_unsaved"):  # the numbers are in the fallback file; the caller prints them and fails
+        raise RecordNotSaved(rec["_unsaved"], rec)
     return rec
 
 

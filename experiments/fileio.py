@@ -45,6 +45,25 @@ def atomic_file(
         raise
 
 
+def unwritable(directory: str | os.PathLike) -> str | None:
+    """Why files cannot be created in ``directory``, or None. A probe file is created and removed in it, or, while
+    it does not exist yet, in the nearest existing parent (where it would be made, so the check leaves nothing
+    behind): the only test that sees read-only mounts, full disks, ACLs and a file in a directory's place alike
+    (root ignores permission bits, so ``os.access`` would say yes)."""
+    existing = Path(directory).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"NotADirectoryError: {existing} is a file, not a directory"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror or e}"
+    return None
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str, **kwargs) -> None:
     """Write ``data`` (bytes, or text as UTF-8) to ``path`` atomically; keywords as ``atomic_file``."""
     text = isinstance(data, str)

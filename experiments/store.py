@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.fileio import atomic_file
+from experiments.fileio import atomic_file, atomic_write, unwritable
 from experiments.migrate import upgrade_record
 from experiments.record import SCHEMA_VERSION, _json_default, is_number
 
@@ -50,6 +50,15 @@ def default_store_dir() -> Path:
     return root / "runs" / "store"
 
 
+def unsaved_dirs() -> list[Path]:
+    """Where a record goes when its store refuses it, first writable wins: the user cache, then $TMPDIR."""
+    import tempfile
+
+    from pruning.models.convert import cache_root  # torch-free: the one home of the cache location
+
+    return [cache_root() / "unsaved-records", Path(tempfile.gettempdir()) / "pruning-lab-unsaved-records"]
+
+
 def _fsync_dir(directory: Path) -> None:
     """Make the rename itself durable; some filesystems (and non-POSIX systems) refuse, which is harmless."""
     try:
@@ -70,9 +79,41 @@ class ResultsStore:
     def __init__(self, root: str | os.PathLike | None = None):
         self.root = Path(root).expanduser() if root is not None else default_store_dir()
         self.records_dir = self.root / "records"
+        self.last_error: str | None = None  # why the last write_or_fallback could not use the store
 
     def __repr__(self) -> str:
         return f"ResultsStore({str(self.root)!r})"
+
+    def check_writable(self) -> None:
+        """One line if no record could be written here: called before a cell loads its model, so hours of work
+        never end in a write that fails."""
+        from pruning.errors import PruningError
+
+        why = unwritable(self.records_dir)
+        if why:
+            raise PruningError(
+                f"results store {self.records_dir} is not writable ({why}); give a writable store.dir=<dir> "
+                f"(or $PRUNING_STORE)"
+            )
+
+    def write_or_fallback(self, record: Mapping) -> tuple[Path, str | None]:
+        """(path written, None), or, when the store refuses the record (e.g. it became read-only during the
+        run), (the fallback file in ``unsaved_dirs()``, the store's error): finished work is never dropped. A
+        record no fallback would take either raises, naming every place tried."""
+        try:
+            return self.write(record), None
+        except OSError as e:
+            self.last_error = f"{type(e).__name__}: {e.strerror or e}"
+        tried = [f"{self.records_dir} ({self.last_error})"]
+        for directory in unsaved_dirs():
+            path = directory / f"{record['config_hash']}.json"
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                atomic_write(path, json.dumps(record, default=_json_default, indent=2, allow_nan=True) + "\n")
+                return path, self.last_error
+            except OSError as e:
+                tried.append(f"{directory} ({type(e).__name__}: {e.strerror or e})")
+        raise OSError(f"no place would take the record {record['config_hash']}: tried {'; '.join(tried)}")
 
     def path(self, config_hash: str | None) -> Path:
         if not isinstance(config_hash, str) or not _HASH_RE.match(config_hash):

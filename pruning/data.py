@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pruning
-from pruning.errors import DataError, InfeasibleCalibrationError, PruningError
+from pruning.errors import DataError, InfeasibleCalibrationError, PruningError, one_line
 
 if TYPE_CHECKING:
     import torch
@@ -131,27 +131,86 @@ def ppl_source(dataset: str, split: str) -> Path:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
+    """One JSON object per line; a broken line, a non-UTF-8 or truncated file is one line naming the file."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8", newline="") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    rows = []
+    try:
+        with opener(path, "rt", encoding="utf-8", newline="") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    raise DataError(f"{path}: line {n} is not JSON ({e}); restore the file") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}: line {n} is not a JSON object; restore the file")
+                rows.append(row)
+    except (OSError, EOFError, UnicodeDecodeError) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path}: unreadable ({type(e).__name__}: {e}); restore the file") from None
+    return rows
+
+
+def _text_rows(path: Path, rows: list[dict]) -> list[str]:
+    """The ``text`` field of every row; a row without one is one line naming the file."""
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r.get("text"), str)), None)
+    if bad is not None:
+        raise DataError(f"{path}: record {bad} has no string 'text' field; restore the file")
+    return [r["text"] for r in rows]
+
+
+def _plain_text(path: Path) -> str:
+    """A UTF-8 text file (PTB); binary content is one line naming the file."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); is it a binary file? restore it") from None
+    if "\x00" in text:
+        raise DataError(f"{path}: contains NUL bytes, so it is binary, not text; restore the file")
+    return text
+
+
+def _memo(read):
+    """Memoise a reader by (path, size, mtime): the cell checks a data file before any model work, then reads it
+    again to draw or evaluate; the second read is free and a changed file is read anew."""
+    cache: dict[tuple, object] = {}
+
+    def wrapper(path: Path, *args):
+        st = Path(path).stat()
+        key = (str(path), st.st_size, st.st_mtime_ns, *args)
+        if key not in cache:
+            if len(cache) > 8:
+                cache.clear()
+            cache[key] = read(Path(path), *args)
+        return cache[key]
+
+    return wrapper
 
 
 # --------------------------------------------------------------------------------------------------- PPL texts
 
 
 def ppl_text(dataset: str, split: str) -> str:
-    """The exact string the papers tokenise for PPL (METHODS.md §1.4); any byte difference changes the number."""
-    path = ppl_source(dataset, split)
+    """The exact string the papers tokenise for PPL (METHODS.md §1.4); any byte difference changes the number.
+    An unreadable or empty file is one line naming it (``check_eval`` reads it before any model work)."""
+    return _ppl_text(ppl_source(dataset, split), dataset, split)
+
+
+@_memo
+def _ppl_text(path: Path, dataset: str, split: str) -> str:
     if (dataset, split) == ("c4", "heldout"):
-        return "\n\n".join(c4_documents(path, C4_HELDOUT_DOCS))
-    if dataset == "wikitext2":
+        text = "\n\n".join(c4_documents(path, C4_HELDOUT_DOCS))
+    elif dataset == "wikitext2":
         # HF rows, empty rows included; the join reproduces "\n\n".join(ds["test"]["text"]).
-        return "\n\n".join(r["text"] for r in _read_jsonl(path))
-    # PTB: HF ptb_text_only yields sentence = line.strip() for each line of ptb.*.txt. Every line is
-    # " words ... \n", so strip() removes the leading space, the trailing space and the newline.
-    with open(path, encoding="utf-8", newline="") as f:
-        sentences = [line.strip() for line in f]
-    return "\n\n".join(sentences)
+        text = "\n\n".join(_text_rows(path, _read_jsonl(path)))
+    else:
+        # PTB: HF ptb_text_only yields sentence = line.strip() for each line of ptb.*.txt. Every line is
+        # " words ... \n", so strip() removes the leading space, the trailing space and the newline.
+        text = "\n\n".join(line.strip() for line in io.StringIO(_plain_text(path), newline=""))
+    if not text.strip():
+        raise DataError(f"PPL text {dataset}/{split}: {path} holds no text; restore the file")
+    return text
 
 
 # --------------------------------------------------------------------------------------------------- calibration
@@ -216,26 +275,46 @@ def instruction_records(dataset: str) -> tuple[list[dict], Path]:
 
 
 def calibration_texts(dataset: str) -> list[str]:
-    """Documents (one string each) for the calibration sampler; order is the file's, so seeds are reproducible."""
-    path = calibration_source(dataset)
+    """Documents (one string each) for the calibration sampler; order is the file's, so seeds are reproducible.
+    An unreadable file, or one without documents, is one line naming it (``calibration_spec`` reads it first)."""
+    return list(_calibration_texts(calibration_source(dataset), dataset))
+
+
+@_memo
+def _calibration_texts(path: Path, dataset: str) -> list[str]:
     if path.name.endswith(".jsonl.gz"):
-        return [r["text"] for r in _read_jsonl(path)]
-    if dataset == "c4":
-        return c4_documents(path)
-    if dataset == "c4_search":
+        texts = _text_rows(path, _read_jsonl(path))
+    elif dataset == "c4":
+        texts = c4_documents(path)
+    elif dataset == "c4_search":
         held = set(C4_HELDOUT_DOCS)
-        return [t for i, t in enumerate(c4_documents(path)) if i not in held]
-    if dataset == "alpaca":
-        with open(path, encoding="utf-8") as f:
-            return [_alpaca_text(r) for r in json.load(f)]
-    raise AssertionError(dataset)  # pragma: no cover
+        texts = [t for i, t in enumerate(c4_documents(path)) if i not in held]
+    elif dataset == "alpaca":
+        texts = [_alpaca_text(r) for r in instruction_records(dataset)[0]]
+    else:
+        raise AssertionError(dataset)  # pragma: no cover
+    if not any(t.strip() for t in texts):
+        raise DataError(f"calibration data for dataset {dataset!r}: {path} holds no documents; restore the file")
+    return texts
 
 
 def c4_documents(path: Path, rows: range | None = None) -> list[str]:
-    """The C4 parquet's ``text`` column in file order (optionally only ``rows``)."""
+    """The C4 parquet's ``text`` column in file order (optionally only ``rows``); a file that is not parquet, has
+    no ``text`` column or no string documents is one line naming it."""
     import pyarrow.parquet as pq
 
-    docs = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+    try:
+        columns = pq.read_schema(path).names
+        if "text" not in columns:
+            raise DataError(f"C4 parquet {path} has no 'text' column (columns: {columns}); restore the file")
+        docs = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"C4 parquet {path} is unreadable ({one_line(e)}); restore the file") from None
+    if not docs:
+        raise DataError(f"C4 parquet {path} has no rows; restore the file")
+    bad = next((i for i, d in enumerate(docs) if not isinstance(d, str)), None)
+    if bad is not None:
+        raise DataError(f"C4 parquet {path}: row {bad} has no text (null); restore the file")
     return docs if rows is None else docs[rows.start : rows.stop]
 
 
@@ -338,7 +417,7 @@ def calibration_spec(cfg) -> CalibrationSpec:
     paper = c.get("paper_dataset")
     if paper is not None and not isinstance(paper, str):
         raise PruningError(f"calibration.paper_dataset must be a dataset name or null, got {paper!r}")
-    calibration_source(str(c["dataset"]))  # unknown / refused / missing file: one line now
+    calibration_texts(str(c["dataset"]))  # unknown / refused / missing / unreadable file: one line now
     return CalibrationSpec(sampler, str(c["dataset"]), n, seq_len, seed, order, join, paper)
 
 

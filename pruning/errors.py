@@ -11,6 +11,7 @@ __all__ = [
     "InfeasibleCalibrationError",
     "InfeasibleRatioError",
     "PruningError",
+    "RecordNotSaved",
     "UnsupportedModelError",
     "one_line",
 ]
@@ -38,3 +39,12 @@ class ConfigKeyMoved(ConfigError):
 
 class InfeasibleCalibrationError(PruningError):
     """The calibration data cannot fill n_samples x seq_len (too few long documents); a search scores it as +inf."""
+
+
+class RecordNotSaved(PruningError):
+    """A finished cell whose record the results store refused at the last write; ``record`` holds the numbers and
+    the message names the fallback file they were saved to."""
+
+    def __init__(self, message: str, record: dict):
+        super().__init__(message)
+        self.record = record

@@ -42,23 +42,58 @@ CONF = conf_dir()
 
 
 def task(cfg) -> float | None:
-    """One cell: the Hydra task function (``main`` wraps it in ``@hydra.main``)."""
+    """One cell: the Hydra task function (``main`` wraps it in ``@hydra.main``). A user mistake is one ``error:``
+    line and exit status 2; in a sweep it fails that cell only, and the sweep's summary (experiments/sweeps.py)
+    lists every cell's outcome at the end."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from experiments.cell import one_line_table, run_cell  # torch: here, so `run --help` answers at once
+    from experiments.cell import run_cell  # torch: here, so `run --help` answers at once
+    from pruning.errors import RecordNotSaved
 
+    hc = HydraConfig.get()
+    study = "AdaPrunerSweeper" in str(hc.sweeper.get("_target_", ""))
+    sweep = hc.mode == RunMode.MULTIRUN and not study
     try:
-        record = run_cell(cfg, run_dir=HydraConfig.get().runtime.output_dir)
+        record = run_cell(cfg, run_dir=hc.runtime.output_dir)
     except PruningError as e:
+        if isinstance(e, RecordNotSaved):  # the cell finished: its numbers first, then where they were saved
+            print_record(e.record)
         print(f"error: {one_line(e)}", file=sys.stderr)
-        if "AdaPrunerSweeper" in str(HydraConfig.get().sweeper.get("_target_", "")):  # a study's trial:
-            raise  # the study records it PRUNED (infeasible calibration) or FAIL, and goes on
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            return None  # one impossible cell of a sweep (e.g. a ratio a method cannot reach) is
-            # reported and writes no record; the other cells still run
+        if study:  # a study's trial: the study records it PRUNED (infeasible calibration) or FAIL, and goes on
+            raise
+        if sweep:  # one impossible cell of a sweep writes no record; the other cells still run
+            from experiments.sweeps import write_outcome
+
+            write_outcome("failed", f"error: {one_line(e)}")
+            return None
         sys.exit(2)
-    with __import__("pandas").option_context("display.width", 250, "display.max_columns", 50):
+    except Exception as e:
+        if not sweep:
+            raise  # a programming error keeps its traceback
+        import traceback
+
+        from experiments.sweeps import write_outcome
+
+        traceback.print_exc()  # the traceback, and the sweep goes on to its other cells and its summary
+        write_outcome("failed", f"crashed: {type(e).__name__}: {one_line(e)} (traceback above)", crashed=True)
+        return None
+    print_record(record)
+    if sweep:
+        from experiments.sweeps import write_outcome
+
+        write_outcome("skipped" if record.get("_skipped") else "done", f"record {record['_store_path']}")
+    first = next(iter(record["metrics"].get("ppl", {}).values()), None)
+    return None if first is None else float(first["ppl"])
+
+
+def print_record(record: dict) -> None:
+    """The result table of a cell (PPL, zero-shot, efficiency blocks) and where its record is."""
+    import pandas as pd
+
+    from experiments.cell import one_line_table
+
+    with pd.option_context("display.width", 250, "display.max_columns", 50):
         print(one_line_table(record).to_string(index=False))
         metrics = record["metrics"]
         if "zeroshot" in metrics:
@@ -69,12 +104,12 @@ def task(cfg) -> float | None:
             from pruning.eval.efficiency import efficiency_table
 
             print(efficiency_table(metrics["efficiency"], metrics.get("dense_efficiency")).to_string(index=False))
+    if record.get("_unsaved"):
+        return  # the error line that follows says where the record went
     print(
         f"record: {record['_store_path']}"
         + ("  (already complete: skipped; force=true recomputes)" if record.get("_skipped") else "")
     )
-    first = next(iter(record["metrics"].get("ppl", {}).values()), None)
-    return None if first is None else float(first["ppl"])
 
 
 def main() -> None:

@@ -212,7 +212,7 @@ def test_second_cell_reuses_calibration_statistics(tmp_path, monkeypatch):
 
 def test_impossible_cell_does_not_stop_the_sweep(tmp_path):
     """0.75 would empty a layer of stories260K: that cell reports one error line and writes nothing; the 0.1 cell
-    after it still runs, and the sweep exits 0."""
+    after it still runs; the sweep ends with a summary of both cells and exits 2 (a user mistake failed a cell)."""
     store = tmp_path / "store"
     cmd = [
         sys.executable,
@@ -227,7 +227,12 @@ def test_impossible_cell_does_not_stop_the_sweep(tmp_path):
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 2, proc.stderr[-3000:]
     assert "error: " in proc.stderr and "would empty" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "error: 1 of 2 sweep cells failed (listed above)"
+    summary = proc.stdout[proc.stdout.index("sweep summary") :].splitlines()
+    assert "2 cells: 1 done, 0 skipped (already in the store), 1 failed" in summary[0]
+    assert summary[1].split()[:3] == ["#0", "FAILED", "pruning.ratio=0.75:"] and "would empty" in summary[1]
+    assert summary[2].split()[:3] == ["#1", "done", "pruning.ratio=0.1:"] and "record " in summary[2]
     recs = records(store)
     assert sorted(r["params"]["target_ratio"] for r in recs.values()) == [0.0, 0.1]

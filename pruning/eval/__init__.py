@@ -20,9 +20,10 @@ def ppl_label(p: PPLProtocol) -> str:
 
 
 def check_eval(eval_cfg) -> None:
-    """Validate protocols and find their data files before any model is loaded."""
+    """Validate protocols, find and read their data files before any model is loaded (a missing, corrupt or empty
+    file is one line naming it)."""
     for p in protocols_from_cfg(eval_cfg.get("ppl", [])):
-        data.ppl_source(p.dataset, p.split)
+        data.ppl_text(p.dataset, p.split)
     if eval_cfg.get("zeroshot") is not None:
         from pruning.eval.zeroshot import check_zeroshot
 
@@ -31,6 +32,13 @@ def check_eval(eval_cfg) -> None:
         from pruning.eval.efficiency import EfficiencyConfig
 
         EfficiencyConfig.from_cfg(eval_cfg.get("efficiency"))
+
+
+def check_eval_texts(tokenizer, eval_cfg) -> None:
+    """Every PPL text fills at least one window of its protocol: needs the tokenizer, so the cell calls it after
+    loading and before the dense evaluation (the tokens stay cached for the evaluation itself)."""
+    for p in protocols_from_cfg(eval_cfg.get("ppl", [])):
+        _ppl.protocol_windows(tokenizer, p)
 
 
 def evaluate(model, tokenizer, eval_cfg, device=None, progress: bool = True) -> dict:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from experiments.persample import digest, window_block
-from pruning.data import PPL_FILES, ppl_text
+from pruning.data import PPL_FILES, ppl_source, ppl_text
 from pruning.errors import PruningError
 from pruning.utils import eval_mode, input_device
 
@@ -178,16 +178,24 @@ def _tokenised(tokenizer, protocol: PPLProtocol) -> torch.Tensor:
     return ids
 
 
-def perplexity(model, tokenizer, protocol: PPLProtocol, device=None, progress: bool = True) -> dict[str, Any]:
-    """PPL of ``model`` under ``protocol``; the returned row holds the metrics and every protocol field."""
+def protocol_windows(tokenizer, protocol: PPLProtocol) -> tuple[torch.Tensor, Windows]:
+    """(token ids, windows) of a protocol's text; a text shorter than one window is one line naming the file.
+    The cell calls it once the tokenizer is there, before the dense evaluation (the tokens are then cached)."""
     ids = _tokenised(tokenizer, protocol)
     win = token_windows(ids, protocol, getattr(tokenizer, "bos_token_id", None))
-    n = win.input_ids.shape[0]
-    if n == 0:
+    if win.input_ids.shape[0] == 0:
         raise PruningError(
-            f"PPL protocol {protocol.name!r}: {protocol.dataset}/{protocol.split} has {ids.numel()} "
-            f"tokens, fewer than one window of {protocol.seq_len}"
+            f"PPL protocol {protocol.name!r}: {protocol.dataset}/{protocol.split} "
+            f"({ppl_source(protocol.dataset, protocol.split)}) has {ids.numel()} tokens, fewer than one window of "
+            f"{protocol.seq_len}; restore the file or lower the protocol's seq_len"
         )
+    return ids, win
+
+
+def perplexity(model, tokenizer, protocol: PPLProtocol, device=None, progress: bool = True) -> dict[str, Any]:
+    """PPL of ``model`` under ``protocol``; the returned row holds the metrics and every protocol field."""
+    ids, win = protocol_windows(tokenizer, protocol)
+    n = win.input_ids.shape[0]
     scores = window_scores(
         model,
         win,

@@ -27,9 +27,15 @@ class OperatingPoint:
     knob: str  # the config key, e.g. "method.group_ratio"
     value: float
     meaning: str  # what the number counts, in the paper's terms
+    removes_nothing_at: float = 0.0  # the knob's value that asks for no removal (1.0 for a share *kept*)
+
+    @property
+    def removes(self) -> bool:
+        """True when the setting asks for some removal, so a plan that removes nothing is a mistake."""
+        return float(self.value) != self.removes_nothing_at
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "removes_nothing_at"}  # the record's fields
 
     def __str__(self) -> str:
         return f"{self.knob}={self.value:g}"
@@ -79,6 +85,10 @@ class ScoreAndAllocate:
     def operating_point(self) -> OperatingPoint | None:
         """The native knob's setting when one is set (then ``prune``/``budget`` ignore ``ratio``), else None."""
         return None
+
+    def check_calibration(self, n_samples: int | None, seq_len: int) -> None:
+        """The calibration shape against what the method needs beyond the sampler's own rules; config only, so a
+        mistake fails before any data or weights are read (the cell calls it once the cell must be computed)."""
 
     def sets(self, model: nn.Module) -> list[StructureSet]:
         adapter = adapter_for(model)

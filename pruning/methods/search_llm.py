@@ -113,8 +113,19 @@ class SearchLLM(ScoreAndAllocate):
                 float(i),
                 "Search-LLM inheriting ratio: share of ALL parameters kept "
                 "(embeddings, norms and lm_head included, as get_sampled_params_numel); 1 - i is removed",
+                removes_nothing_at=1.0,
             )
         )
+
+    def check_calibration(self, n_samples: int | None, seq_len: int) -> None:
+        """The last ``fitness.n_windows`` calibration samples are the held-out fitness set (``_split``): the rest
+        must leave at least one for the statistics."""
+        n_fit = int(self.fitness["n_windows"])
+        if n_samples is not None and n_samples <= n_fit:
+            raise PruningError(
+                f"search_llm holds out method.fitness.n_windows={n_fit} calibration samples for the fitness and "
+                f"needs more for the statistics: calibration.n_samples={n_samples} must be > {n_fit}"
+            )
 
     def _target(self, ratio: float | None) -> float | None:
         """The removed share of all params: the same quantity as pruning.ratio, so the knob is 1 - ratio."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -143,18 +144,96 @@ def read_config(ckpt: Path):
         raise CheckpointError(f"corrupt checkpoint config {cfg_file}: {str(e).splitlines()[0]}") from e
 
 
+def read_tokenizer(ckpt: Path, config):
+    """The tokenizer of a resolved checkpoint directory, or one line naming the file at fault: an empty or
+    non-JSON tokenizer.json (transformers' JSONDecodeError names neither), files it cannot load, or more tokens
+    than ``config.vocab_size`` (those ids would index past the embedding)."""
+    from transformers import AutoTokenizer
+
+    tj = ckpt / "tokenizer.json"
+    if tj.is_file():
+        if tj.stat().st_size == 0:
+            raise CheckpointError(f"tokenizer file {tj} is empty; restore it from the checkpoint's source")
+        try:
+            json.loads(tj.read_bytes())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"tokenizer file {tj} is not valid JSON ({one_line(e)}); restore it") from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    except Exception as e:  # missing or unreadable tokenizer files: one line naming the checkpoint
+        raise CheckpointError(f"cannot load the tokenizer of {ckpt}: {type(e).__name__}: {one_line(e)}") from e
+    vocab = getattr(config, "vocab_size", None)
+    if isinstance(vocab, int) and len(tokenizer) > vocab:
+        raise CheckpointError(
+            f"the tokenizer of {ckpt} has {len(tokenizer)} tokens but config.json has vocab_size={vocab}: ids from "
+            f"{vocab} on have no embedding row (tokenizer and weights are from different models?)"
+        )
+    return tokenizer
+
+
 def load_tokenizer(path: str, fetch: bool = False):
     """The checkpoint's tokenizer alone (seconds, no weights read), after the same config and family checks as
     ``load_model``: calibration is drawn with it before the model loads, so a shape the data cannot fill fails
     first."""
-    from transformers import AutoTokenizer
-
     ckpt = resolve_checkpoint(path, fetch=fetch)
-    adapter_class(read_config(ckpt))  # unsupported family -> one clear error, as in load_model
-    try:
-        return AutoTokenizer.from_pretrained(ckpt)
-    except Exception as e:  # missing or unreadable tokenizer files: one line naming the checkpoint
-        raise CheckpointError(f"cannot load the tokenizer of {ckpt}: {one_line(e)}") from e
+    config = read_config(ckpt)
+    adapter_class(config)  # unsupported family -> one clear error, as in load_model
+    return read_tokenizer(ckpt, config)
+
+
+def _natural(key: str) -> list:
+    """Sort key that puts layers.2 before layers.10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
+
+
+def _first(keys, n: int = 3) -> str:
+    keys = sorted(map(str, keys), key=_natural)
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def _config_hint(config, missing, unexpected, mismatched) -> str:
+    """The config.json field at fault when the keys show it: whole layers beyond or short of
+    ``num_hidden_layers``, or an embedding of another width than ``hidden_size``."""
+    hidden = getattr(config, "hidden_size", None)
+    for k, file_shape, _ in mismatched:
+        if str(k).endswith("embed_tokens.weight") and len(file_shape) == 2 and file_shape[1] != hidden:
+            return f"config.json has hidden_size={hidden} but the weights' embedding is {file_shape[1]} wide; "
+    n = getattr(config, "num_hidden_layers", None)
+    extra = {int(m.group(1)) for k in unexpected if (m := _LAYER_KEY.search(str(k)))}
+    absent = {int(m.group(1)) for k in missing if (m := _LAYER_KEY.search(str(k)))}
+    if isinstance(n, int) and extra and min(extra) >= n:
+        return f"config.json has num_hidden_layers={n} but the weights hold {max(extra) + 1} layers; "
+    if isinstance(n, int) and absent and absent == set(range(min(absent), n)):
+        return f"config.json has num_hidden_layers={n} but the weights hold only {min(absent)} layers; "
+    return ""
+
+
+def _n(keys) -> str:
+    return f"{len(keys)} tensor{'s' if len(keys) != 1 else ''}"
+
+
+_LAYER_KEY = re.compile(r"\.layers\.(\d+)\.")
+
+
+def verify_loading(ckpt: Path, config, info: dict) -> None:
+    """The weights on disk are exactly the tensors the config describes: one line naming the checkpoint and the
+    first offending tensors otherwise. transformers would initialise a missing tensor at random, drop an
+    unexpected one (e.g. the layers beyond ``num_hidden_layers``) and only log a report."""
+    missing, unexpected = info.get("missing_keys") or [], info.get("unexpected_keys") or []
+    mismatched = info.get("mismatched_keys") or []
+    problems = []
+    if missing:
+        problems.append(f"{_n(missing)} missing, which would be initialised at random ({_first(missing)})")
+    if unexpected:
+        problems.append(f"{_n(unexpected)} the config does not use ({_first(unexpected)})")
+    if mismatched:
+        shapes = [f"{k} {list(a)} in the file vs {list(b)} from config.json" for k, a, b in mismatched]
+        problems.append(f"{_n(mismatched)} of another shape than config.json implies ({_first(shapes, 2)})")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {ckpt} does not match its config.json: {_config_hint(config, missing, unexpected, mismatched)}"
+            + "; ".join(problems)
+        )
 
 
 def load_model(
@@ -167,7 +246,7 @@ def load_model(
 
     device_map = normalize_device_map(device_map)  # a GPU named on a CPU-only machine: one line, nothing read
     dtype = torch_dtype(dtype, on_gpu=map_uses_gpu(device_map))
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars cover long work; loading a checkpoint is not
@@ -177,10 +256,17 @@ def load_model(
     weights = list(ckpt.glob("*.safetensors")) + list(ckpt.glob("*.bin"))
     if not weights:
         raise CheckpointError(f"corrupt checkpoint {ckpt}: no *.safetensors or *.bin weight files")
+    tokenizer = read_tokenizer(ckpt, config)  # seconds: before the weights are read
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # transformers' load report: verify_loading says it in one line
     try:
-        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, device_map=device_map)
-    except Exception as e:  # safetensors/pickle/shape errors all mean the files on disk are unusable
+        model, info = AutoModelForCausalLM.from_pretrained(
+            ckpt, dtype=dtype, device_map=device_map, output_loading_info=True, ignore_mismatched_sizes=True
+        )
+    except Exception as e:  # safetensors/pickle errors mean the files on disk are unusable
         raise CheckpointError(f"corrupt checkpoint {ckpt}: {one_line(e)}") from e
-    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    verify_loading(ckpt, config, info)
     model.eval()
     return model, tokenizer, adapter_cls(model)
