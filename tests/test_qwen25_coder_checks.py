@@ -386,6 +386,7 @@ def test_slicegpt_small_slicing_runs_has_its_size_and_reloads(qwen_spec, ids, tm
 QKV = ("q_proj", "k_proj", "v_proj")
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # peft calls a deprecated API
 def test_lora_on_the_biased_projections_after_pruning(qwen_spec, ids, tmp_path):  # noqa: F811
     """peft wraps every q/k/v Linear of the pruned model (heterogeneous widths) with its bias kept in the base
     layer; two optimizer steps on Alpaca train only the LoRA matrices, so after merging the q/k/v weights move by
