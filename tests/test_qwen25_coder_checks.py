@@ -117,9 +117,9 @@ def check_pruned_counts(model, adapter, block: bool = False) -> int:
 
 
 def test_surgery_equals_masking_in_float64_and_params_equal_the_closed_form(qwen_spec, ids):  # noqa: F811
-    """Full model, float64. One copy at a time: the masked model's logits first (masking in place), then a fresh
-    load is pruned physically. Masking zeroes the removed rows and columns, q/k/v bias entries included."""
-    model, _, _ = load_model(qwen_spec, "float64")
+    """Full model, float64. One copy at a time (peak RSS 8 GB): the masked model's logits first (masking in place),
+    then a fresh load is pruned physically. Masking zeroes the removed rows and columns, q/k/v bias entries included."""
+    model = load_model(qwen_spec, "float64")[0]  # not `model, _, _`: an adapter left in `_` keeps the model alive
     dense = logits(model, ids)
     mask_plan(model, mixed_plan())
     k5 = model.model.layers[5].self_attn.k_proj
