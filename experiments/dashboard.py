@@ -576,6 +576,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8765, help="port for --serve (0: any free port)")
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between store checks for --serve")
     args = parser.parse_args(argv)
+    from importlib.util import find_spec
+
+    if find_spec("plotly") is None:
+        print("error: the dashboard needs plotly (pip install 'pruning-lab[dashboard]')", file=sys.stderr)
+        return 2
     if args.store is not None and not args.store.is_dir():
         print(
             f"error: --store {args.store} is not a directory (a results store holds records/<hash>.json)",
