@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
 from experiments import anchors as anchors_mod
 from experiments import render as render_table
@@ -336,36 +337,102 @@ def _studies(records: Sequence[Mapping]) -> list[dict]:
     return out
 
 
-def _sweep(sweep_dirs: Sequence[Path], store_hashes: set[str]) -> list[dict]:
-    """Sweep progress from Hydra multirun directories: per job its overrides and state. done = the job printed a
-    record hash the store holds; failed = its log ends with an error line (the reason shown); running = its log
-    changed in the last 2 minutes; pending = no log yet."""
-    out = []
-    now = time.time()
+def _identity(config: Mapping) -> str:
+    """A config's hash without what only the cell adds (model fingerprint, eval version) or drops (model.fetch)."""
+    from experiments.record import config_hash
+
+    cfg = json.loads(json.dumps(config, default=str))
+    for group, key in (("model", "fingerprint"), ("model", "fetch"), ("eval", "version")):
+        if isinstance(cfg.get(group), dict):
+            cfg[group].pop(key, None)
+    return config_hash(cfg)
+
+
+def _job_identities(job: Path) -> set[str]:
+    """The identities a Hydra job's composed config (``.hydra/config.yaml``) can have in the store: with and
+    without calibration (a method that reads none has none in its record)."""
+    from omegaconf import OmegaConf
+
+    import experiments.paper_ratios  # noqa: F401  (registers ${paper_knob:...})
+
+    cfg = OmegaConf.to_container(OmegaConf.load(job / ".hydra" / "config.yaml"), resolve=True)
+    cfg.pop("hydra", None)
+    out = {_identity(cfg)}
+    if "calibration" in cfg:
+        out.add(_identity({k: v for k, v in cfg.items() if k != "calibration"}))
+    return out
+
+
+def _planned_jobs(root: Path) -> list[list[str]]:
+    """The jobs a sweep will run, in Hydra's order (job i = directory i), from its ``multirun.yaml``."""
+    path = root / "multirun.yaml"
+    if not path.is_file():
+        return []
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    task = ((yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("hydra") or {}).get("overrides") or {}
+    parsed = OverridesParser.create().parse_overrides(list(task.get("task") or []))
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+ERROR_WORDS = ("error:", "Error:", "Traceback", "Killed", "CANCELLED", "OOM")
+
+
+def _sweep(sweep_dirs: Sequence[Path], records: Sequence[Mapping]) -> list[dict]:
+    """Sweep progress from Hydra multirun directories, per job: done (its composed config is a record of the
+    store), failed (a log or submitit .err/.out file of the job holds an error line, shown as the reason), running
+    (a file of the job changed in the last 2 minutes), pending (nothing written yet) or stopped (none of these:
+    a local multirun does not keep stdout, so an error printed there is not seen)."""
+    known = {}
+    for r in records:
+        if isinstance(r.get("config"), Mapping):
+            known[_identity(r["config"])] = r.get("config_hash")
+    out, now = [], time.time()
     for root in sweep_dirs:
-        for job in sorted(
-            (p for p in Path(root).iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)
-        ):
+        root = Path(root)
+        jobs = sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+        planned = _planned_jobs(root)
+        jobs += [root / str(i) for i in range(len(planned)) if not (root / str(i)).is_dir()]  # not started yet
+        submitit = list(root.glob(".submitit/**/*_log.*"))
+        for job in jobs:
             over = job / ".hydra" / "overrides.yaml"
-            overrides = []
-            if over.is_file():
-                overrides = [
-                    ln[2:].strip() for ln in over.read_text(encoding="utf-8").splitlines() if ln.startswith("- ")
-                ]
-            logs = sorted(job.glob("*.log"))
-            text = "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in logs)
-            done = [h for h in store_hashes if h in text]
-            errors = [ln for ln in text.splitlines() if "error" in ln.lower()]
-            if done:
-                state, reason = "done", done[0]
+            overrides = over.read_text(encoding="utf-8").splitlines() if over.is_file() else []
+            overrides = [ln[2:].strip() for ln in overrides if ln.startswith("- ")]
+            if not overrides and int(job.name) < len(planned):
+                overrides = planned[int(job.name)]
+            if not job.is_dir():
+                out.append(
+                    {
+                        "sweep": str(root),
+                        "job": int(job.name),
+                        "overrides": " ".join(overrides),
+                        "state": "pending",
+                        "reason": "",
+                    }
+                )
+                continue
+            files = [p for p in job.rglob("*") if p.is_file()]
+            files += [p for p in submitit if p.name.split("_")[1:2] == [job.name]]  # <id>_<task>_log.err
+            try:
+                hit = next((known[i] for i in _job_identities(job) if i in known), None)
+            except (OSError, ValueError, KeyError) as exc:  # an unreadable config.yaml: say so, keep the rest
+                hit, overrides = None, [*overrides, f"(config unreadable: {exc})"]
+            errors = []
+            for p in files:
+                if p.suffix in (".log", ".err", ".out"):
+                    text = p.read_text(encoding="utf-8", errors="replace")
+                    errors += [ln.strip() for ln in text.splitlines() if any(w in ln for w in ERROR_WORDS)]
+            if hit:
+                state, reason = "done", f"record {hit}"
             elif errors:
-                state, reason = "failed", errors[-1].strip()[-300:]
-            elif logs and now - max(p.stat().st_mtime for p in logs) < 120:
+                state, reason = "failed", errors[-1][-300:]
+            elif files and now - max(p.stat().st_mtime for p in files) < 120:
                 state, reason = "running", ""
-            elif logs:
-                state, reason = "stalled", "log unchanged for over 2 minutes"
-            else:
+            elif not (job / ".hydra").is_dir():
                 state, reason = "pending", ""
+            else:
+                state, reason = "stopped", "no record and no error line in the job's files"
             out.append(
                 {
                     "sweep": str(root),
@@ -396,7 +463,7 @@ def build_data(
         ("tables", lambda: _tables(records)),
         ("benchmarks", lambda: _benchmarks(results_dir)),
         ("studies", lambda: _studies(records)),
-        ("sweep", lambda: _sweep(sweep_dirs, set(by_hash))),
+        ("sweep", lambda: _sweep(sweep_dirs, records)),
     ):
         try:
             sections[name] = fn()
@@ -556,6 +623,46 @@ class DashboardServer:
         self.httpd.server_close()
 
 
+VIEWS = ("explorer", "quality", "widths", "tables", "bench", "sweep")
+
+
+def screenshots(html_path: str | Path, out_dir: str | Path, prefix: str = "dashboard") -> list[Path]:
+    """A PNG of each view (headless Chromium via playwright, offline): the explorer with its first record open, the
+    quality view with a tooltip showing. Needs playwright and a chromium executable (report.find_chromium)."""
+    from playwright.sync_api import sync_playwright
+
+    from experiments.report import find_chromium
+
+    exe = find_chromium()
+    if exe is None:
+        raise FileNotFoundError("no chromium/chrome executable on PATH (Debian: apt-get install chromium)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+        page = browser.new_context(viewport={"width": 1400, "height": 950}, offline=True).new_page()
+        page.goto(Path(html_path).resolve().as_uri())
+        page.wait_for_selector("body[data-ready='1']", timeout=120_000)
+        for view in VIEWS:
+            page.click(f"#tab-{view}")
+            page.wait_for_timeout(500)
+            if view == "explorer" and page.locator("#records tbody tr").count():
+                page.locator("#records tbody tr").first.click()
+            if view == "quality" and page.locator("#plot-ppl .scatterlayer .point").count():
+                box = page.locator("#plot-ppl .scatterlayer .trace.scatter .point").first.bounding_box()
+                if box:
+                    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, steps=4)
+                    page.wait_for_timeout(300)
+            path = out_dir / f"{prefix}_{view}.png"
+            page.screenshot(path=str(path))
+            paths.append(path)
+            if view == "explorer" and page.locator("#detail.open").count():
+                page.click("#detail-close")
+        browser.close()
+    return paths
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pruning-lab dashboard", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -575,6 +682,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--serve", action="store_true", help="serve on 127.0.0.1 and rebuild when records are written")
     parser.add_argument("--port", type=int, default=8765, help="port for --serve (0: any free port)")
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between store checks for --serve")
+    parser.add_argument(
+        "--screenshots", type=Path, default=None, metavar="DIR", help="also save a PNG of each view (playwright)"
+    )
     args = parser.parse_args(argv)
     from importlib.util import find_spec
 
@@ -597,6 +707,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.serve:
         path = write_dashboard(args.store, args.out, args.results, args.sweep)
         print(f"wrote {path}")
+        for shot in screenshots(path, args.screenshots) if args.screenshots is not None else []:
+            print(f"wrote {shot}")
         return 0
     server = DashboardServer(args.store, args.out, args.port, args.interval, args.results, args.sweep).start()
     print(f"serving {server.out} at {server.url} (Ctrl-C stops)", flush=True)

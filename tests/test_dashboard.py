@@ -341,3 +341,49 @@ def test_page_is_self_contained(tmp_path):
     text = head + rest.partition("</script>")[2]  # the browser tests check that nothing is requested
     for pattern in ('src="http', "src='http", 'href="http', "@import", "<link "):
         assert pattern not in text, pattern
+
+
+@pytest.mark.slow
+def test_sweep_progress_from_a_multirun_directory(fresh_store, tmp_path):
+    """A sweep folder as Hydra writes it (multirun.yaml, <job>/.hydra/config.yaml + overrides.yaml): job 0's cell
+    is in the store, job 1 failed (its submitit .err has the error line), job 2 is writing, job 3 not started."""
+    import os
+    import time
+
+    import yaml
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    grid = ["method=random,flap", "pruning.ratio=0.2,0.3", "seed=0"]
+    root = tmp_path / "multirun"
+    root.mkdir()
+    (root / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": grid}}}))
+    jobs = [
+        ["method=random", "pruning.ratio=0.2"],
+        ["method=random", "pruning.ratio=0.3"],
+        ["method=flap", "pruning.ratio=0.2"],
+    ]
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        for i, ov in enumerate(jobs):
+            extra = ["calibration.n_samples=4", "calibration.seq_len=32"] if "flap" in ov[0] else []  # not run
+            cfg = compose("config", overrides=[f"store.dir={fresh_store}", *SMALL, *ov, "seed=0", *extra])
+            (root / str(i) / ".hydra").mkdir(parents=True)
+            OmegaConf.save(cfg, root / str(i) / ".hydra" / "config.yaml")
+            (root / str(i) / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([*ov, "seed=0"]))
+            (root / str(i) / "run.log").write_text("")
+    (root / ".submitit" / "77").mkdir(parents=True)
+    (root / ".submitit" / "77" / "77_1_log.err").write_text("progress...\nerror: method.structures: bad value\n")
+    old = time.time() - 600
+    for i in (0, 1):
+        os.utime(root / str(i) / "run.log", (old, old))
+    data = DB.build_data(ResultsStore(fresh_store).records(), sweep_dirs=[root])
+    state = {j["job"]: (j["state"], j["reason"]) for j in data["sweep"]}
+    done = next(
+        r
+        for r in ResultsStore(fresh_store).records()
+        if r["config"]["method"]["_target_"].endswith("random") and r["config"]["seed"] == 0
+    )
+    assert state[0] == ("done", f"record {done['config_hash']}")
+    assert state[1] == ("failed", "error: method.structures: bad value")
+    assert state[2] == ("running", "")  # its log was just written, and its cell is not in the store
+    assert state[3][0] == "pending" and data["sweep"][3]["overrides"] == "method=flap pruning.ratio=0.3 seed=0"

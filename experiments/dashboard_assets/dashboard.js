@@ -185,11 +185,11 @@
           array: g.map(function (p) { return p.ci ? p.ci[1] - p.mean : 0; }), arrayminus: g.map(function (p) { return p.ci ? p.mean - p.ci[0] : 0; })},
         customdata: g.map(function (p) {
           return [pct(p.ratio), fmt(p.achieved, 3), p.values.length, p.values.map(function (v) { return v.toFixed(2); }).join(', '),
-            p.ci ? '[' + p.ci[0].toFixed(2) + ', ' + p.ci[1].toFixed(2) + ']' : 'none stored', p.hashes.join(' ')];
+            p.ci ? '[' + p.ci[0].toFixed(2) + ', ' + p.ci[1].toFixed(2) + ']' : 'none (no per-sample values in the record)', p.hashes.join(' ')];
         }),
         hovertemplate: '<b>' + m + '</b><br>ratio %{customdata[0]} (achieved %{customdata[1]})<br>' + unit +
           ' %{y:.2f} (mean of %{customdata[2]} seed(s): %{customdata[3]})<br>' + Math.round(100 * D.level) +
-          '% sampling interval %{customdata[4]}<br>record %{customdata[5]}<extra></extra>'
+          '% sampling interval: %{customdata[4]}<br>record %{customdata[5]}<extra></extra>'
       });
     });
     if (dense.length) {
@@ -297,7 +297,11 @@
       var cells = D.widths[w.model].cells, hashes = cells.map(function (c) { return c.hash; });
       var opts = cells.map(function (c) { return {value: c.hash, text: c.label}; });
       if (hashes.indexOf(w.left) < 0) { w.left = hashes[0]; }
-      if (hashes.indexOf(w.right) < 0) { w.right = hashes[Math.min(1, hashes.length - 1)]; }
+      if (hashes.indexOf(w.right) < 0) {  // by default another method beside the first
+        var first = cells[0].label.split(' @')[0];
+        var other = cells.find(function (c) { return c.label.split(' @')[0] !== first; });
+        w.right = other ? other.hash : hashes[Math.min(1, hashes.length - 1)];
+      }
       bar.appendChild(select('w-model', 'model', models, w.model, function (v) { w.model = v; save(); redraw(); }));
       bar.appendChild(select('w-left', 'left cell', opts, w.left, function (v) { w.left = v; save(); heatmap('heat-left', w.model, v); }));
       bar.appendChild(select('w-right', 'right cell', opts, w.right, function (v) { w.right = v; save(); heatmap('heat-right', w.model, v); }));
@@ -354,7 +358,7 @@
     D.records.forEach(function (r) { counts[r.model] = (counts[r.model] || 0) + 1; });
     s.appendChild(el('p', {class: 'meta', text: 'In the store (done): ' + Object.keys(counts).sort().map(function (m) { return m + ' ' + counts[m]; }).join(', ') + '.'}));
     if (!D.sweep.length) {
-      s.appendChild(el('p', {class: 'meta', text: 'No sweep directory given: pruning-lab dashboard --sweep runs/multirun/<date>/<time> shows each job as done, running, failed (with the reason) or pending.'}));
+      s.appendChild(el('p', {class: 'meta', text: 'No sweep directory given: pruning-lab dashboard --sweep runs/multirun/<date>/<time> shows each job as done, running, failed (with the reason), pending or stopped.'}));
       return;
     }
     var by = {};
