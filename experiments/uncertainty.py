@@ -426,6 +426,11 @@ def _row_units(records: Sequence[Mapping], keys: str | Sequence[str]) -> list[li
     return units
 
 
+def _task_groups(units: Sequence[_Units]) -> list[np.ndarray]:
+    """One record's per-task correctness arrays over all its keys (a "<block>/average" key holds several tasks)."""
+    return [g for u in units for g in u.groups]
+
+
 def _row_replicates(units: list[list[_Units]], resamples: int, seed: int) -> tuple[np.ndarray, tuple[int, ...]]:
     """Bootstrap replicates of the row's value (mean over records) with every record on the same resample.
 
@@ -438,7 +443,8 @@ def _row_replicates(units: list[list[_Units]], resamples: int, seed: int) -> tup
         (s,) = resampled_sums([cols], resamples, seed)
         with np.errstate(over="ignore"):
             return np.exp(s[:, :r] / s[:, r : r + 1]).mean(axis=1), (len(table),)
-    groups = [np.column_stack([us[t].groups[0] for us in units]).astype(np.float64) for t in range(len(units[0]))]
+    per_record = [_task_groups(us) for us in units]
+    groups = [np.column_stack([g[t] for g in per_record]).astype(np.float64) for t in range(len(per_record[0]))]
     sums = resampled_sums(groups, resamples, seed)
     per_task = [100.0 * s / len(g) for s, g in zip(sums, groups)]  # [B, R] per task
     return np.mean(per_task, axis=0).mean(axis=1), tuple(len(g) for g in groups)
@@ -448,7 +454,7 @@ def _row_value(units: list[list[_Units]]) -> float:
     """The row's reported value: the mean over records of each record's number (PPL, score, or task average)."""
     if units[0][0].kind == "ppl":
         return float(np.mean([us[0].reported for us in units]))
-    return float(np.mean([_average_score([u.groups[0].astype(np.float64) for u in us]) for us in units]))
+    return float(np.mean([_average_score([g.astype(np.float64) for g in _task_groups(us)]) for us in units]))
 
 
 def mean_interval(

@@ -326,3 +326,18 @@ def test_coverage_of_a_table_row_mean_over_seeds():
         iv = U.mean_interval(recs, "ppl/x", level=LEVEL, resamples=B, seed=m)
         hits.append(iv.low <= truth <= iv.high)
     _coverage(hits)
+
+
+@pytest.mark.parametrize("key", [f"ppl/{PPL}", "zeroshot/piqa", "zeroshot/average"])
+def test_row_interval_of_one_record_is_the_records_interval(records, key):
+    """A table row / dashboard point of one seed: the same interval as the record's own (an average key holds
+    several tasks, each resampled), and with three seeds the estimate is the mean of their reported values."""
+    one = U.mean_interval(records[:1], key, resamples=300)
+    own = U.interval(records[0], key, resamples=300)
+    assert (one.estimate, one.low, one.high) == pytest.approx((own.estimate, own.low, own.high), rel=1e-12)
+    assert one.n == own.n
+    three = U.mean_interval(records, key, resamples=300)
+    assert three.estimate == pytest.approx(
+        np.mean([U.interval(r, key, resamples=10).estimate for r in records]), rel=1e-12
+    )
+    assert three.low <= three.estimate <= three.high
