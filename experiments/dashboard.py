@@ -158,19 +158,31 @@ def _explorer(records: Sequence[Mapping], obs: pd.DataFrame) -> tuple[list[dict]
     return rows, details
 
 
+COST_METRICS = {  # x axes from the efficiency block (pruning/eval/efficiency.py): the headline number first
+    "macs": ("macs_per_token", "macs_forward"),
+    "latency": ("prefill_latency_s/median", "decode_latency_s_per_token/median"),
+}
+
+
+def _costs(eff: pd.DataFrame) -> dict[tuple, dict]:
+    """(config hash, phase, axis) -> {value, metric} for the MACs and measured-latency axes."""
+    out: dict[tuple, dict] = {}
+    for (h, phase), g in eff.groupby(["config_hash", "phase"], sort=False):
+        values = dict(zip(g["metric"].astype(str), g["value"].astype(float)))
+        for axis, names in COST_METRICS.items():
+            name = next((n for n in names if n in values), None)
+            if name is not None:
+                out[(h, phase, axis)] = {"value": values[name], "metric": name}
+    return out
+
+
 def _points(obs: pd.DataFrame, by_hash: Mapping[str, Mapping]) -> list[dict]:
     """Per (model, metric key, method, ratio): the seeds' values, their mean, min and max, and the sampling
     interval of the mean (the tables layer's, over the windows / documents the seeds share)."""
     ok = obs[obs["protocol_ok"].astype(bool)]
     ppl = ok[ok["kind"] == "ppl"]
     zs = ok[(ok["kind"] == "zeroshot") & (ok["task"] == "average")]
-    eff = obs[obs["kind"] == "efficiency"]
-    costs: dict[tuple, dict[str, float]] = {}
-    for row in eff.itertuples():
-        name = str(row.metric).lower()
-        axis = "macs" if "macs" in name else "latency" if ("latency" in name or name.endswith("_s")) else None
-        if axis and (row.config_hash, row.phase, axis) not in costs:
-            costs[(row.config_hash, row.phase, axis)] = {"value": float(row.value), "metric": str(row.metric)}
+    costs = _costs(obs[obs["kind"] == "efficiency"])
     out = []
     for kind, df in (("ppl", ppl), ("zeroshot", zs)):
         for (model, key, method, ratio, phase), g in df.groupby(

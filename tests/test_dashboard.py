@@ -387,3 +387,20 @@ def test_sweep_progress_from_a_multirun_directory(fresh_store, tmp_path):
     assert state[1] == ("failed", "error: method.structures: bad value")
     assert state[2] == ("running", "")  # its log was just written, and its cell is not in the store
     assert state[3][0] == "pending" and data["sweep"][3]["overrides"] == "method=flap pruning.ratio=0.3 seed=0"
+
+
+@pytest.mark.slow
+def test_macs_and_latency_axes_come_from_the_efficiency_block(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNING_CACHE", str(tmp_path / "cache"))
+    eff = "+eval.efficiency={seq_len:16,decode_tokens:4,warmup:1,repeats:3,measure:true}"
+    _run_cells(tmp_path / "store", [["method=random", f"pruning.ratio={r}", eff] for r in (0.2, 0.4)])
+    records = ResultsStore(tmp_path / "store").records()
+    data = DB.build_data(records)
+    pts = [p for p in data["points"] if p["kind"] == "ppl" and p["phase"] == "pruned"]
+    assert len(pts) == 4  # two ratios x two PPL protocols
+    for p in pts:
+        (rec,) = [r for r in records if r["config_hash"] == p["hashes"][0]]
+        block = rec["metrics"]["efficiency"]
+        assert p["macs"] == block["macs_per_token"] and p["macs_metric"] == "macs_per_token"
+        assert p["latency"] == block["prefill_latency_s"]["median"] > 0
+    assert len({p["macs"] for p in pts}) == 2  # fewer MACs at 40% than at 20%
