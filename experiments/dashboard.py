@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import itertools
 import json
 import math
 import sys
@@ -216,6 +217,7 @@ def _points(obs: pd.DataFrame, by_hash: Mapping[str, Mapping]) -> list[dict]:
                 "max": max(values),
                 "ci": None if iv is None or not math.isfinite(iv.low) else [iv.low, iv.high],
                 "ci_n": None if iv is None else list(iv.n),
+                "_unit": units[0] if iv is not None else None,
             }
             for axis in ("macs", "latency"):
                 c = [costs.get((h, phase, axis)) for h in hashes]
@@ -223,6 +225,41 @@ def _points(obs: pd.DataFrame, by_hash: Mapping[str, Mapping]) -> list[dict]:
                     point[axis] = sum(x["value"] for x in c) / len(c)
                     point[f"{axis}_metric"] = c[0]["metric"]
             out.append(point)
+    return out
+
+
+def _paired(points: list[dict], by_hash: Mapping[str, Mapping]) -> list[dict]:
+    """Neighbours in rank (better first) among the pruned points of one model, metric and ratio, a minus b on the
+    windows / documents both were scored on (the tables layer's ``cell_paired``): PPL as a ratio, accuracy in
+    points. Pops the points' internal unit addresses."""
+    groups: dict[tuple, list[dict]] = {}
+    for p in points:
+        unit = p.pop("_unit", None)
+        if p["phase"] == "pruned" and unit is not None:
+            groups.setdefault((p["kind"], p["model"], p["key"], p["ratio"]), []).append({**p, "_unit": unit})
+    out = []
+    for (kind, model, key, ratio), ps in groups.items():
+        ps.sort(key=lambda p: p["mean"] if kind == "ppl" else -p["mean"])
+        for a, b in itertools.pairwise(ps):
+            pr = T.cell_paired(a["hashes"], b["hashes"], a["_unit"], by_hash) if a["_unit"] == b["_unit"] else None
+            if pr is None:
+                continue
+            d = pr.ratio if pr.ratio is not None else pr.diff
+            out.append(
+                {
+                    "kind": kind,
+                    "model": model,
+                    "key": key,
+                    "ratio": ratio,
+                    "a": a["method"],
+                    "b": b["method"],
+                    "what": "PPL a / b" if pr.ratio is not None else "points a - b",
+                    "estimate": d.estimate,
+                    "low": d.low,
+                    "high": d.high,
+                    "resolved": pr.resolved,
+                }
+            )
     return out
 
 
@@ -470,6 +507,7 @@ def build_data(
     sections: dict[str, Any] = {}
     for name, fn in (
         ("points", lambda: _points(obs, by_hash)),
+        ("paired", lambda: _paired(sections["points"], by_hash)),
         ("anchors", lambda: _anchor_points(obs)),
         ("widths", lambda: _widths(records, obs)),
         ("tables", lambda: _tables(records)),

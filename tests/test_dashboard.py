@@ -147,6 +147,15 @@ def test_points_carry_the_tables_layers_interval(fresh_store):
     iv = T.cell_interval(pt["hashes"], unit, by_hash)
     assert pt["ci"] == [iv.low, iv.high] and iv.low < pt["mean"] < iv.high and pt["ci_n"] == [4]
     assert pt["mean"] == pytest.approx(iv.estimate, rel=1e-12)
+    # flap vs random at 20% on the same windows: the tables layer's paired difference, as a PPL ratio
+    (pair,) = [p for p in data["paired"] if p["key"] == pt["key"] and p["ratio"] == pt["ratio"]]
+    flap = next(p for p in data["points"] if p["key"] == pt["key"] and p["method"] == "flap")
+    a, b = (flap, pt) if flap["mean"] < pt["mean"] else (pt, flap)
+    want = T.cell_paired(a["hashes"], b["hashes"], unit, by_hash)
+    assert (pair["a"], pair["b"]) == (a["method"], b["method"]) and pair["what"] == "PPL a / b"
+    assert (pair["estimate"], pair["low"], pair["high"]) == (want.ratio.estimate, want.ratio.low, want.ratio.high)
+    assert pair["estimate"] == pytest.approx(a["mean"] / b["mean"], rel=1e-12) and pair["resolved"] == want.resolved
+    assert all("_unit" not in p for p in data["points"])
 
 
 # ------------------------------------------------------------------------------ the page in Chromium (slow)

@@ -221,6 +221,21 @@
       shapes: shapes, hovermode: 'closest', legend: {font: {size: 10}}, margin: {t: 40, r: 10}};
     Plotly.react(div, traces, layout, {displaylogo: false, responsive: true});
   }
+  function drawPaired(box, model, keys) {
+    box.innerHTML = '';
+    var rows = D.paired.filter(function (p) { return p.model === model && keys.indexOf(p.key) >= 0; });
+    if (!rows.length) { return; }
+    box.appendChild(el('h3', {text: 'Paired differences of neighbouring methods (same windows / documents, ' + Math.round(100 * D.level) + '% interval)'}));
+    var tb = el('tbody');
+    rows.forEach(function (p) {
+      var d = p.what.indexOf('PPL') === 0 ? 3 : 1;
+      tb.appendChild(el('tr', {}, [el('td', {class: 't', text: p.key}), el('td', {text: pct(p.ratio)}), el('td', {class: 't', text: p.a}),
+        el('td', {class: 't', text: p.b}), el('td', {class: 't', text: p.what}),
+        el('td', {text: p.estimate.toFixed(d) + ' [' + p.low.toFixed(d) + ', ' + p.high.toFixed(d) + ']'}),
+        el('td', {class: p.resolved ? 'ok' : 'fail', text: p.resolved ? 'resolved' : 'not resolved'})]));
+    });
+    box.appendChild(el('table', {id: 'paired-table'}, [el('thead', {}, [el('tr', {}, ['metric', 'ratio', 'a', 'b', 'difference', 'estimate [low, high]', ''].map(function (h) { return el('th', {text: h}); }))]), tb]));
+  }
   function drawQuality() {
     var s = sections.quality;
     s.innerHTML = '';
@@ -232,6 +247,8 @@
     s.appendChild(bar);
     var plots = el('div', {class: 'plots'}, [el('div', {class: 'plot', id: 'plot-ppl'}), el('div', {class: 'plot', id: 'plot-zs'})]);
     s.appendChild(plots);
+    var pairedBox = el('div', {id: 'paired'});
+    s.appendChild(pairedBox);
     s.appendChild(el('p', {class: 'meta', text: 'Markers: mean over calibration seeds, one colour and marker per method in every view; ' +
       'error bars: ' + Math.round(100 * D.level) + '% bootstrap interval over the windows / documents (sampling error; records ' +
       'without per-sample values have none); shaded bands: seed min\u2013max (seed spread, kept apart); dashed line: dense; ' +
@@ -256,6 +273,7 @@
         {value: 'all', text: 'all'}, {value: 'none', text: 'none'}], q.pub, function (v) { q.pub = v; save(); redraw(); }));
       save();
       if (q.ppl) { qualityPlot('plot-ppl', 'ppl', q.model, q.ppl, q.x, q.pub); } else { Plotly.purge('plot-ppl'); document.getElementById('plot-ppl').textContent = 'no PPL for this model'; }
+      drawPaired(pairedBox, q.model, [q.ppl, q.zs]);
       if (q.zs) { qualityPlot('plot-zs', 'zeroshot', q.model, q.zs, q.x, q.pub); } else { Plotly.purge('plot-zs'); document.getElementById('plot-zs').textContent = 'no zero-shot average for this model'; }
     }
     redraw();
