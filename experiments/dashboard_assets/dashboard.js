@@ -232,7 +232,7 @@
       tb.appendChild(el('tr', {}, [el('td', {class: 't', text: p.key}), el('td', {text: pct(p.ratio)}), el('td', {class: 't', text: p.a}),
         el('td', {class: 't', text: p.b}), el('td', {class: 't', text: p.what}),
         el('td', {text: p.estimate.toFixed(d) + ' [' + p.low.toFixed(d) + ', ' + p.high.toFixed(d) + ']'}),
-        el('td', {class: p.resolved ? 'ok' : 'fail', text: p.resolved ? 'resolved' : 'not resolved'})]));
+        el('td', {class: p.resolved ? 'ok' : 'unresolved', text: p.resolved ? 'resolved' : 'not resolved'})]));
     });
     box.appendChild(el('table', {id: 'paired-table'}, [el('thead', {}, [el('tr', {}, ['metric', 'ratio', 'a', 'b', 'difference', 'estimate [low, high]', ''].map(function (h) { return el('th', {text: h}); }))]), tb]));
   }
