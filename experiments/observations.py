@@ -177,6 +177,7 @@ OBS_COLUMNS = (
     "key",
     "protocol_ok",
     "note",
+    "unit",
 )
 
 
@@ -207,7 +208,7 @@ def protocol_problem(fields: Mapping) -> str | None:
     return "; ".join(bad) or None
 
 
-def _zs_rows(block: Mapping) -> Iterable[dict]:
+def _zs_rows(block: Mapping, block_name: str) -> Iterable[dict]:
     proto = block.get("protocol")
     if not isinstance(proto, Mapping):
         proto = {}
@@ -237,6 +238,7 @@ def _zs_rows(block: Mapping) -> Iterable[dict]:
                     "key": f"{task_id(task)}/{metric}",
                     "protocol_ok": shots == 0,
                     "note": None,
+                    "unit": f"{block_name}/{task}/{metric}",
                 }
     avg = block.get("average")
     if isinstance(avg, Mapping) and is_number(avg.get("score")):
@@ -251,6 +253,7 @@ def _zs_rows(block: Mapping) -> Iterable[dict]:
             "key": f"average/{preset}",
             "protocol_ok": shots == 0,
             "note": avg.get("metric"),
+            "unit": f"{block_name}/average",
         }
     elif is_number(avg):
         yield {
@@ -263,6 +266,7 @@ def _zs_rows(block: Mapping) -> Iterable[dict]:
             "key": "average",
             "protocol_ok": shots == 0,
             "note": None,
+            "unit": None,  # an average stored as a bare number (older records): no task rows behind it
         }
 
 
@@ -274,10 +278,12 @@ def _numeric_leaves(prefix: str, value: Any, out: dict) -> None:
             _numeric_leaves(f"{prefix}/{k}" if prefix else str(k), v, out)
 
 
-def _block_rows(block_name: str, block: Any) -> Iterable[dict]:
+def _block_rows(head: str, block: Any, block_name: str) -> Iterable[dict]:
+    """Rows of one metric block; ``head`` is its kind (ppl, zeroshot, ...), ``block_name`` its key in the record,
+    which the rows keep as their ``unit`` address (experiments/uncertainty.py) for PPL and zero-shot values."""
     if not isinstance(block, Mapping):
         return
-    if block_name == "ppl":
+    if head == "ppl":
         for key, entry in block.items():
             if not isinstance(entry, Mapping) or not is_number(entry.get("ppl")):
                 continue
@@ -295,22 +301,24 @@ def _block_rows(block_name: str, block: Any) -> Iterable[dict]:
                 "key": str(key),
                 "protocol_ok": problem is None,
                 "note": problem,
+                "unit": f"{block_name}/{key}",
             }
-    elif block_name == "zeroshot":
-        yield from _zs_rows(block)
+    elif head == "zeroshot":
+        yield from _zs_rows(block, block_name)
     else:
         leaves: dict[str, float] = {}
         _numeric_leaves("", block, leaves)
         for path, value in leaves.items():
             yield {
-                "kind": block_name,
+                "kind": head,
                 "protocol": None,
                 "task": None,
                 "metric": path,
                 "value": value,
-                "key": f"{block_name}/{path}",
+                "key": f"{head}/{path}",
                 "protocol_ok": True,
                 "note": None,
+                "unit": None,
             }
 
 
@@ -425,10 +433,10 @@ def observations(records: Iterable[Mapping]) -> pd.DataFrame:
             "seed": seed_key(rec),
         }
         metrics = rec.get("metrics") or {}
-        blocks: dict[str, dict[str, Any]] = {"pruned": {}, "dense": {}, "prerecovery": {}}
+        blocks: dict[str, dict[str, tuple[str, Any]]] = {"pruned": {}, "dense": {}, "prerecovery": {}}
         for name, block in metrics.items():
             phase, _, head = name.partition("_") if name.startswith(("dense_", "prerecovery_")) else ("", "", name)
-            blocks[phase or "pruned"][head] = block
+            blocks[phase or "pruned"][head] = (name, block)
         if is_dense:  # a dense record's own metrics are the dense phase
             blocks["dense"] = {**blocks["pruned"], **blocks["dense"]}
             blocks["pruned"] = {}
@@ -461,8 +469,8 @@ def observations(records: Iterable[Mapping]) -> pd.DataFrame:
                     params_after=params.get("after"),
                     seed=seed_key(rec),
                 )
-            for head, block in heads.items():
-                for row in _block_rows(head, block):
+            for head, (block_name, block) in heads.items():
+                for row in _block_rows(head, block, block_name):
                     rows.append({**common, **ident, "phase": phase, "dataset": None, "split": None, **row})
     return pd.DataFrame(rows, columns=list(OBS_COLUMNS))
 

@@ -64,8 +64,36 @@ def markdown_frame(df) -> str:
     return "\n".join(lines)
 
 
+INTERVAL_NOTE = (
+    "[low, high]: {level:.0%} percentile bootstrap interval of our value over the windows / documents it was "
+    "evaluated on ({resamples} resamples; for a mean over seeds the units every seed shares are resampled together "
+    "and the seeds held fixed): sampling error only. ± std: the spread over calibration seeds, kept apart. A value "
+    "without brackets comes from a record written before per-window / per-document results were stored (no "
+    "interval)."
+)
+PAIRED_NOTE = (
+    "paired (a vs b on the same windows / documents, {level:.0%} interval; resolved = the interval excludes no "
+    "difference): "
+)
+
+
+def interval_text(iv, digits: int = 2, thousands: bool = False) -> str:
+    """ " [low, high]" for an Interval (experiments/uncertainty.py), "" for None or an interval without bounds."""
+    if getattr(iv, "low", None) is None or not (math.isfinite(iv.low) and math.isfinite(iv.high)):
+        return ""
+    f = f"{{:,.{digits}f}}" if thousands else f"{{:.{digits}f}}"
+    return f" [{f.format(iv.low)}, {f.format(iv.high)}]"
+
+
+def _interval_at(table: PaperTable, i: int, col: str):
+    if table.intervals is None or col not in table.intervals.columns:
+        return None
+    return table.intervals.iloc[i][col]
+
+
 def display(table: PaperTable) -> pd.DataFrame:
-    """All cells as strings: ours as mean or "mean ± std", published exactly as printed."""
+    """All cells as strings: ours as mean or "mean ± std" (seed spread), then " [low, high]" (sampling interval)
+    when the records hold per-sample values; published exactly as printed."""
     out = table.frame.copy().astype(object)
 
     def pos(col: str) -> int:  # the labels are unique: get_loc gives one position
@@ -82,7 +110,8 @@ def display(table: PaperTable) -> pd.DataFrame:
                 out.iat[i, pos(col)] = ""
             else:
                 s = table.std.iloc[i][col]
-                out.iat[i, pos(col)] = f"{v:.2f}" if pd.isna(s) else f"{v:.2f} ± {s:.2f}"
+                text = f"{v:.2f}" if pd.isna(s) else f"{v:.2f} ± {s:.2f}"
+                out.iat[i, pos(col)] = text + interval_text(_interval_at(table, i, col))
         for col in ("ratio", "achieved"):
             if col in out.columns:
                 v = table.frame.iloc[i][col]
@@ -106,6 +135,12 @@ def display(table: PaperTable) -> pd.DataFrame:
 def footnotes(table: PaperTable) -> list[str]:
     """The spec's notes, the provenance read from the records, the published sources and what was excluded."""
     notes = list(table.spec.notes) + list(table.provenance)
+    first = table.first_interval
+    if first is not None:
+        notes.append(INTERVAL_NOTE.format(level=first.level, resamples=first.resamples))
+        if table.paired:
+            notes.append(PAIRED_NOTE.format(level=first.level) + "; ".join(p.text() for p in table.paired))
+    notes += list(table.uncertainty_notes)
     notes += [f"published ({b}): {s}" for b, s in table.sources.items()]
     notes += [f"excluded: {e}" for e in table.excluded]
     return notes
@@ -150,6 +185,11 @@ def csv(table: PaperTable) -> str:
     df["n"] = df["n"].astype("Int64")
     for col in table.value_columns:
         df[f"{col} std"] = table.std[col]
+    if table.has_intervals:  # only then: a store without per-sample values writes the same CSV as before
+        for col in table.value_columns:
+            ivs = [_interval_at(table, i, col) for i in range(len(df))]
+            df[f"{col} ci_low"] = [getattr(iv, "low", None) for iv in ivs]
+            df[f"{col} ci_high"] = [getattr(iv, "high", None) for iv in ivs]
     df["source"] = [
         s if s == "ours" else anchors_mod.published_label(b, table.sources.get(b, ""))
         for s, b in zip(table.frame["source"], table.frame["block"])
@@ -176,8 +216,10 @@ def summary(table: PaperTable, ratios: Sequence[float]) -> str:
         short = {c: n if names.count(n) == 1 else c for c, n in zip(cols, names)}
         dense = g[g["method"] == "dense"]
         head = ", ".join(f"{short[c]} {dense.iloc[0][c]:.2f}" for c in cols) if len(dense) else "not run"
+        first = table.first_interval
+        brackets = "" if first is None else f"; [low, high] = {first.level:.0%} bootstrap interval over the windows"
         out += [
-            f"**{model}** (dense: {head}; n = calibration seeds)",
+            f"**{model}** (dense: {head}; n = calibration seeds{brackets})",
             "",
             "| method | "
             + " | ".join(
@@ -198,8 +240,11 @@ def summary(table: PaperTable, ratios: Sequence[float]) -> str:
             for i in rows[method]:
                 for c in cols:
                     v, sd = (None, None) if i is None else (f.loc[i, c], table.std.loc[i, c])
+                    iv = None if i is None else _interval_at(table, int(i), c)
                     parts.append(
-                        "–" if v is None or pd.isna(v) else f"{v:,.1f}" + ("" if pd.isna(sd) else f" ± {sd:,.1f}")
+                        "–"
+                        if v is None or pd.isna(v)
+                        else f"{v:,.1f}" + ("" if pd.isna(sd) else f" ± {sd:,.1f}") + interval_text(iv, 1, True)
                     )
                 parts.append("–" if i is None else str(int(f.loc[i, "n"])))
             out.append("| " + " | ".join(parts) + " |")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import itertools
 import math
 import re
 import sys
@@ -28,6 +29,7 @@ import pandas as pd
 
 from experiments import anchors as anchors_mod
 from experiments import render
+from experiments import uncertainty as U
 from experiments.observations import (
     OBS_COLUMNS,
     limit_suffix,
@@ -68,6 +70,8 @@ def _assign_columns(obs: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
                     if set(g["task"]) == set(spec.zs):
                         first = g.iloc[[0]].copy()
                         first["task"], first["metric"], first["value"] = "average", "mean", g["value"].mean()
+                        units = dict(zip(g["task"], g["unit"]))  # its interval: these tasks, the table's metrics
+                        first["unit"] = [tuple(units[t] for t in spec.zs)]
                         first["column"] = spec.avg_header + limit_suffix(first["limit"].iloc[0], "zs")
                         first["base_column"] = spec.avg_header
                         parts.append(first)
@@ -89,6 +93,29 @@ def _column_order(spec: TableSpec, present: Iterable[str]) -> list[str]:
     return sorted(present, key=key)
 
 
+@dataclass(frozen=True)
+class PairedRow:
+    """Row a minus row b in one column, on the windows / documents both were scored on (seeds held fixed)."""
+
+    model: str
+    group: str  # what the two rows share: "ratio 0.20", or the column of a ratio-pivot table
+    column: str
+    a: str
+    b: str
+    paired: U.Paired
+
+    def text(self) -> str:
+        p = self.paired
+        verdict = "resolved" if p.resolved else "not resolved"
+        if p.ratio is not None:
+            r = p.ratio
+            what = f"PPL ratio {r.estimate:.3f} [{r.low:.3f}, {r.high:.3f}]"
+        else:
+            d = p.diff
+            what = f"{d.estimate:+.1f} points [{d.low:+.1f}, {d.high:+.1f}]"
+        return f"{self.model}, {self.group}, {self.column}: {self.a} vs {self.b}: {what}, {verdict}"
+
+
 @dataclass
 class PaperTable:
     """A built paper table, as data (experiments/render.py prints it): `frame` (means; identity columns first),
@@ -103,19 +130,48 @@ class PaperTable:
     sources: dict[str, str]
     excluded: list[str] = field(default_factory=list)
     provenance: list[str] = field(default_factory=list)  # knob meanings and calibration, read from the records
+    # Sampling uncertainty (experiments/uncertainty.py), only where the records hold per-window / per-document
+    # values: `intervals` has the frame's shape over the value columns (an Interval or None per cell), `paired`
+    # the paired differences of neighbouring rows, `uncertainty_notes` why a cell has no interval when it should.
+    intervals: pd.DataFrame | None = None
+    paired: list[PairedRow] = field(default_factory=list)
+    uncertainty_notes: list[str] = field(default_factory=list)
+
+    @property
+    def has_intervals(self) -> bool:
+        return self.first_interval is not None
+
+    @property
+    def first_interval(self) -> U.Interval | None:
+        """Any one of the table's intervals (they share level and resamples), None when it has none."""
+        if self.intervals is None:
+            return None
+        return next((iv for iv in self.intervals.to_numpy().ravel() if isinstance(iv, U.Interval)), None)
 
     @property
     def n_ours(self) -> int:
         return int((self.frame["source"] == "ours").sum()) if len(self.frame) else 0
 
 
-def _aggregate(cells: pd.DataFrame, id_cols: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Mean and std over seeds per row identity and column; per seed the newest record wins (a rerun replaces)."""
+def _aggregate(cells: pd.DataFrame, id_cols: list[str]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Mean and std over seeds per row identity and column; per seed the newest record wins (a rerun replaces).
+    The third frame holds the observations behind each cell (the ones the mean is over)."""
     last = newest_per_seed(cells, [*id_cols, "column"])
     grouped = last.groupby([*id_cols, "column"], dropna=False, sort=False)["value"]
     mean = grouped.mean().unstack("column")
     std = grouped.std(ddof=1).unstack("column")
-    return mean, std
+    return mean, std, last
+
+
+def _cell_sources(last: pd.DataFrame, id_cols: list[str]) -> dict[tuple, tuple[tuple[str, ...], Any]]:
+    """(row identity, column) -> (config hashes of the seeds behind the cell, the unit address of the value),
+    when every seed's value has the same address (a PPL entry, a zero-shot task, or a table's task average)."""
+    out: dict[tuple, tuple[tuple[str, ...], Any]] = {}
+    for key, g in last.groupby([*id_cols, "column"], dropna=False, sort=False):
+        units = list(g["unit"])
+        if units and all(isinstance(u, (str, tuple)) and u == units[0] for u in units):
+            out[key] = (tuple(g["config_hash"]), units[0])
+    return out
 
 
 def _published_rows(spec: TableSpec, anchors: pd.DataFrame) -> pd.DataFrame:
@@ -185,13 +241,17 @@ def build_table(
     spec: TableSpec | str,
     published: str = "matched",
     anchors: pd.DataFrame | None = None,
+    by_hash: Mapping[str, Mapping] | None = None,
 ) -> PaperTable:
-    """One paper table from records (or from `observations(records)`).
+    """One paper table from records (or from `observations(records)`, then with ``by_hash``, config hash ->
+    record, for the intervals: without the records a table has none).
 
     published: "matched" (published rows for the (method, ratio) pairs we have, plus dense), "all" (every row of
     the paper's table) or "none".
     """
     spec = TABLES[spec] if isinstance(spec, str) else spec
+    if not isinstance(records, pd.DataFrame):
+        records = [r for r in records if isinstance(r, Mapping)]
     if published not in ("matched", "all", "none"):
         raise ValueError(f"published must be matched, all or none, got {published!r}")
     obs = records if isinstance(records, pd.DataFrame) else observations(table_records(records, spec))
@@ -224,8 +284,10 @@ def build_table(
 
     ours_rows: list[dict] = []
     ours_std: list[dict] = []
+    ours_src: list[dict] = []
     if len(cells):
-        mean, std = _aggregate(cells, id_cols)
+        mean, std, last = _aggregate(cells, id_cols)
+        sources = _cell_sources(last, id_cols)
         counts = cells.groupby(id_cols, dropna=False, sort=False)["seed"].agg(lambda s: max(1, s.dropna().nunique()))
         ach = cells.groupby(id_cols, dropna=False, sort=False)["achieved"].mean()
         pratio = cells.groupby(id_cols, dropna=False, sort=False)["paper_ratio"].first()
@@ -242,6 +304,7 @@ def build_table(
             row.update(mean.loc[idx].to_dict())
             ours_rows.append(row)
             ours_std.append(std.loc[idx].to_dict())
+            ours_src.append({c: sources[(*idx, c)] for c in mean.columns if (*idx, c) in sources})
 
     # Published rows for the same (method, ratio): the anchors' model matching ours if any, else the table's model.
     anchors = anchors_mod.load_anchors() if anchors is None else anchors
@@ -315,11 +378,17 @@ def build_table(
     frame = frame.iloc[order].drop(columns=["anchor_method", "_paper_ratio"]).reset_index(drop=True)
     std = std.iloc[order].reset_index(drop=True)
     printed = printed.iloc[order].reset_index(drop=True)
+    cell_sources = [([*ours_src, *({} for _ in pub_rows)])[i] for i in order]
     if spec.layout == "ratio_pivot":
         frame = frame.rename(columns={"protocol_label": "protocol"})
     used_blocks = sorted(set(frame.loc[frame["source"] == "published", "block"]))
     srcs = anchors_mod.sources(anchors[anchors["block"].isin(used_blocks)]) if used_blocks else {}
-    return PaperTable(spec, frame, std, printed, value_cols, srcs, excluded, provenance)
+    table = PaperTable(spec, frame, std, printed, value_cols, srcs, excluded, provenance)
+    if by_hash is None and not isinstance(records, pd.DataFrame):
+        by_hash = {r.get("config_hash"): r for r in records}  # type: ignore[union-attr]
+    if by_hash:
+        _add_uncertainty(table, cell_sources, by_hash)
+    return table
 
 
 def _provenance_notes(cells: pd.DataFrame, spec: TableSpec) -> list[str]:
@@ -375,14 +444,123 @@ def _row_order(frame: pd.DataFrame, spec: TableSpec) -> list[int]:
     return sorted(range(len(frame)), key=key)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Uncertainty: computed here once, from the records behind each cell, for every renderer and the dashboard
+
+_CACHE: dict[tuple, Any] = {}  # (kind, records' (hash, created), unit[, other side]) -> Interval | Paired | Exception
+
+
+def _records_key(hashes: Sequence[str], by_hash: Mapping[str, Mapping]) -> tuple:
+    return tuple((h, str(by_hash[h].get("created"))) for h in hashes)
+
+
+def cell_interval(hashes: Sequence[str], unit: Any, by_hash: Mapping[str, Mapping]) -> U.Interval | None:
+    """The sampling interval of a cell (the mean over the seeds' records ``hashes`` of the value at ``unit``);
+    None when a record predates per-sample storage. Raises ValueError when the stored values contradict the
+    reported number or the seeds were scored on different units. Cached per record version."""
+    key = ("interval", _records_key(hashes, by_hash), unit)
+    if key not in _CACHE:
+        try:
+            _CACHE[key] = U.mean_interval([by_hash[h] for h in hashes], unit)
+        except KeyError:  # MissingPerSample (an older record) or no such metric
+            _CACHE[key] = None
+        except ValueError as exc:
+            _CACHE[key] = exc
+    out = _CACHE[key]
+    if isinstance(out, ValueError):
+        raise out
+    return out
+
+
+def cell_paired(a: Sequence[str], b: Sequence[str], unit: Any, by_hash: Mapping[str, Mapping]) -> U.Paired | None:
+    """Row a vs row b at ``unit``, None when either lacks per-sample values or they share no units."""
+    if not all(h in by_hash for h in (*a, *b)):
+        return None
+    key = ("paired", _records_key(a, by_hash), _records_key(b, by_hash), unit)
+    if key not in _CACHE:
+        try:
+            _CACHE[key] = U.mean_paired([by_hash[h] for h in a], [by_hash[h] for h in b], unit)
+        except (KeyError, ValueError):
+            _CACHE[key] = None
+    return _CACHE[key]
+
+
+def _add_uncertainty(table: PaperTable, sources: list[dict], by_hash: Mapping[str, Mapping]) -> None:
+    """Fill ``table.intervals`` and ``table.paired`` from the records behind each of our cells."""
+    frame = table.frame
+    intervals = pd.DataFrame(None, index=frame.index, columns=table.value_columns, dtype=object)
+    for i, cells in enumerate(sources):
+        for col, (hashes, unit) in cells.items():
+            if col not in intervals.columns or not all(h in by_hash for h in hashes):
+                continue
+            try:
+                intervals.iat[i, intervals.columns.get_loc(col)] = cell_interval(hashes, unit, by_hash)
+            except ValueError as exc:
+                table.uncertainty_notes.append(f"no interval for {frame.iloc[i]['method']} {col}: {exc}")
+    table.intervals = intervals
+    if table.has_intervals:
+        table.paired = _paired_rows(table, sources, by_hash)
+
+
+_RECOVERED = re.compile(r"^(?P<base>[^\[]*?)\+\w+(?P<variant> \[.*\])?$")  # "<method>+<recovery>[ [variant]]"
+
+
+def _is_ppl(unit: Any) -> bool:
+    return isinstance(unit, str) and unit.split("/", 1)[0].endswith("ppl")
+
+
+def _paired_rows(table: PaperTable, sources: list[dict], by_hash: Mapping[str, Mapping]) -> list[PairedRow]:
+    """Neighbours in rank (lower PPL / higher accuracy first) among our rows of one model and ratio, and each
+    recovered row against the same row without recovery; in the first PPL column and the first average column
+    that at least two of our rows fill (a ratio-pivot table: in every ratio column)."""
+    spec, frame = table.spec, table.frame
+    ours = [i for i in range(len(frame)) if frame.iloc[i]["source"] == "ours" and frame.iloc[i]["method"] != "dense"]
+    plans: list[tuple[str, str, str, list[int]]] = []
+    if spec.layout == "ratio_pivot":
+        for model in sorted({str(frame.iloc[i]["model"]) for i in ours}):
+            rows = [i for i in ours if frame.iloc[i]["model"] == model]
+            plans += [(model, f"ratio {c}", c, rows) for c in table.value_columns if c != "dense"]
+    else:
+        ppl_headers = {p.header for p in spec.ppl}
+        filled = [c for c in table.value_columns if sum(c in sources[i] for i in ours) >= 2]  # ours in >= 2 rows
+        heads = [c for c in filled if c.split(" [")[0] in ppl_headers][:1]
+        heads += [c for c in filled if spec.avg_header and c.split(" [")[0] == spec.avg_header][:1]
+        groups: dict[tuple, list[int]] = {}
+        for i in ours:
+            groups.setdefault((str(frame.iloc[i]["model"]), float(frame.iloc[i]["ratio"])), []).append(i)
+        plans += [(m, f"ratio {render.fmt_ratio(r)}", c, rows) for (m, r), rows in groups.items() for c in heads]
+    out: list[PairedRow] = []
+    for model, group, col, rows in plans:
+        have = [i for i in rows if col in sources[i] and pd.notna(frame.iloc[i][col])]
+        if not have:
+            continue
+        sign = 1.0 if _is_ppl(sources[have[0]][col][1]) else -1.0
+        have.sort(key=lambda i: sign * float(frame.iloc[i][col]))
+        pairs = list(itertools.pairwise(have))
+        label = {str(frame.iloc[i]["method"]): i for i in have}
+        for name, i in label.items():
+            m = _RECOVERED.match(name)
+            without = m and m["base"] + (m["variant"] or "")
+            if without in label:
+                pairs.append((i, label[without]))
+        for a, b in dict.fromkeys(pairs):
+            (ha, ua), (hb, ub) = sources[a][col], sources[b][col]
+            p = cell_paired(ha, hb, ua, by_hash) if ua == ub else None
+            if p is not None:
+                names = str(frame.iloc[a]["method"]), str(frame.iloc[b]["method"])
+                out.append(PairedRow(model, group, col, *names, p))
+    return out
+
+
 def build_tables(
     records: Iterable[Mapping], names: Sequence[str] | None = None, published: str = "matched"
 ) -> dict[str, PaperTable]:
     """Every requested table (default: all), each from its own cells (see `table_records`)."""
-    records = list(records)
+    records = [r for r in records if isinstance(r, Mapping)]
     anchors = anchors_mod.load_anchors()
+    by_hash = {r.get("config_hash"): r for r in records}
     return {
-        n: build_table(observations(table_records(records, TABLES[n])), TABLES[n], published, anchors)
+        n: build_table(observations(table_records(records, TABLES[n])), TABLES[n], published, anchors, by_hash)
         for n in (names or list(TABLES))
     }
 

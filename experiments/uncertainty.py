@@ -404,3 +404,103 @@ def seed_summary(
         float(values.max()),
         sampling,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rows of a table: the mean over a cell's seeds, on units every seed shares
+
+
+def _row_units(records: Sequence[Mapping], keys: str | Sequence[str]) -> list[list[_Units]]:
+    """Per record, the units of each key; all records must have been scored on the same units."""
+    if not records:
+        raise ValueError("an interval needs at least one record")
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    units = [[_units(r, k) for k in keys] for r in records]
+    kinds = {u.kind for us in units for u in us}
+    if len(kinds) != 1 or ("ppl" in kinds and len(keys) != 1):
+        raise ValueError(f"{keys}: one PPL key, or zero-shot keys whose plain average is wanted")
+    first = [u.ids for u in units[0]]
+    for r, us in zip(records[1:], units[1:]):
+        if [u.ids for u in us] != first:
+            raise ValueError(
+                f"{keys}: record {r.get('config_hash')} was not scored on the same windows or documents as "
+                f"{records[0].get('config_hash')}"
+            )
+    return units
+
+
+def _task_groups(units: Sequence[_Units]) -> list[np.ndarray]:
+    """One record's per-task correctness arrays over all its keys (a "<block>/average" key holds several tasks)."""
+    return [g for u in units for g in u.groups]
+
+
+def _row_replicates(units: list[list[_Units]], resamples: int, seed: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Bootstrap replicates of the row's value (mean over records) with every record on the same resample.
+
+    Column layout: PPL [nll_1 .. nll_R, tokens]; accuracy, per task, [bits_1 .. bits_R]. With one record this draws
+    exactly what ``interval`` draws (the same generator, the same n per group)."""
+    r = len(units)
+    if units[0][0].kind == "ppl":
+        table = units[0][0].groups[0]
+        cols = np.column_stack([us[0].groups[0][:, 0] for us in units] + [table[:, 1]])
+        (s,) = resampled_sums([cols], resamples, seed)
+        with np.errstate(over="ignore"):
+            return np.exp(s[:, :r] / s[:, r : r + 1]).mean(axis=1), (len(table),)
+    per_record = [_task_groups(us) for us in units]
+    groups = [np.column_stack([g[t] for g in per_record]).astype(np.float64) for t in range(len(per_record[0]))]
+    sums = resampled_sums(groups, resamples, seed)
+    per_task = [100.0 * s / len(g) for s, g in zip(sums, groups)]  # [B, R] per task
+    return np.mean(per_task, axis=0).mean(axis=1), tuple(len(g) for g in groups)
+
+
+def _row_value(units: list[list[_Units]]) -> float:
+    """The row's reported value: the mean over records of each record's number (PPL, score, or task average)."""
+    if units[0][0].kind == "ppl":
+        return float(np.mean([us[0].reported for us in units]))
+    return float(np.mean([_average_score([g.astype(np.float64) for g in _task_groups(us)]) for us in units]))
+
+
+def mean_interval(
+    records: Sequence[Mapping],
+    keys: str | Sequence[str],
+    *,
+    level: float = LEVEL,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+) -> Interval:
+    """Sampling interval of a table row's value: the mean over its seeds' records of one metric, or of the plain
+    average of several zero-shot keys (a table's own task set and metrics), the shared windows / documents
+    resampled together and the seeds held fixed. Seed spread is not in it (it is the row's ± std). With one
+    record and one key it equals ``interval``."""
+    _check(level, resamples)
+    units = _row_units(records, keys)
+    reps, n = _row_replicates(units, resamples, seed)
+    return _interval(_row_value(units), reps, level, n, "ppl" if units[0][0].kind == "ppl" else "%")
+
+
+def mean_paired(
+    records_a: Sequence[Mapping],
+    records_b: Sequence[Mapping],
+    keys: str | Sequence[str],
+    *,
+    level: float = LEVEL,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+) -> Paired:
+    """Row a vs row b (each a mean over its seeds) on the units both were scored on, resampled together.
+
+    PPL: ``diff`` = log(mean PPL_a / mean PPL_b) (with one record per row: the difference of mean NLL, nats per
+    token, as ``paired``) and ``ratio`` = mean PPL_a / mean PPL_b; accuracy: the difference in points."""
+    _check(level, resamples)
+    units = _row_units([*records_a, *records_b], keys)
+    ua, ub = units[: len(records_a)], units[len(records_a) :]
+    if not ua or not ub:
+        raise ValueError("a paired difference needs at least one record on each side")
+    reps_a, n = _row_replicates(ua, resamples, seed)
+    reps_b, _ = _row_replicates(ub, resamples, seed)  # the same seed: the same resampled units for both rows
+    va, vb = _row_value(ua), _row_value(ub)
+    if ua[0][0].kind != "ppl":
+        return Paired(_interval(va - vb, reps_a - reps_b, level, n, "points"))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        diff = _interval(math.log(va / vb), np.log(reps_a / reps_b), level, n, "nats/token")
+        return Paired(diff, _interval(va / vb, reps_a / reps_b, level, n, "x"))

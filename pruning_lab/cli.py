@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "results": ("experiments.store:main", "show the results store as a table"),
     "tables": ("experiments.tables:main", "render the paper tables from the results store"),
     "report": ("experiments.report:main", "write the static HTML report of a results store"),
+    "dashboard": ("experiments.dashboard:main", "build (or --serve) the interactive HTML dashboard of a results store"),
     "fetch": ("pruning.models.fetch:main", "download, verify and convert a model the data root cannot hold"),
     "convert": ("pruning.models.convert:main", "convert a GGUF checkpoint into a Hugging Face checkpoint"),
     "bench": ("pruning_lab.cli:bench", "run the efficiency benchmarks (needs a source checkout)"),

@@ -301,7 +301,10 @@ def test_ratio_zero_is_not_a_no_op_error(tmp_path, cache):
 
 def test_search_llm_fitness_windows_checked_before_any_work(tmp_path, cache):
     cfg = composed(tmp_path, "method=search_llm", "method.preset=quick", "calibration.n_samples=5")
-    with pytest.raises(PruningError, match=r"method.fitness.n_windows=5 .* calibration.n_samples=5; raise calibration.n_samples above 5"):
+    with pytest.raises(
+        PruningError,
+        match=r"n_windows=5 .* calibration.n_samples=5; raise calibration.n_samples above 5",
+    ):
         run_cell(cfg)
     assert not (cache / "calibration").exists()
 

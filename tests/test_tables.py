@@ -6,12 +6,15 @@ from anchors.csv with the `csv` module.
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
 import math
 import statistics
+import struct
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -19,6 +22,7 @@ from experiments import anchors as A
 from experiments import observations as O
 from experiments import render
 from experiments import tables as T
+from experiments import uncertainty as U
 from experiments.store import ResultsStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -298,16 +302,26 @@ def test_summary_view_pivots_ratios_with_seed_counts(store, tmp_path):
     assert "group_ratio" not in text  # paper-knob cells stay out of the cross-method sweep
     col = {h: i for i, h in enumerate(head)}
     mag = next(ln for ln in lines if ln.startswith("| magnitude_l2 |")).strip("| ").split(" | ")
-    w2_20 = _find(recs, "magnitude_l2", 0.2)["metrics"]["ppl"][LP]["ppl"]
-    w2_40 = _find(recs, "magnitude_l2", 0.4)["metrics"]["ppl"][LP]["ppl"]
-    assert mag[col["20%: WikiText-2"]] == f"{w2_20:,.1f}" and mag[col["20%: n"]] == "1"
-    assert mag[col["40%: WikiText-2"]] == f"{w2_40:,.1f}"
+    # one seed: the value and its sampling interval over the 6 windows (the records store per-window values)
+    for ratio in (0.2, 0.4):
+        rec = _find(recs, "magnitude_l2", ratio)
+        iv = U.interval(rec, f"ppl/{LP}")
+        want = f"{rec['metrics']['ppl'][LP]['ppl']:,.1f} [{iv.low:,.1f}, {iv.high:,.1f}]"
+        assert mag[col[f"{100 * ratio:g}%: WikiText-2"]] == want
+    assert mag[col["20%: n"]] == "1" and "95% bootstrap interval" in lines[0]
     # random ran with another structures list only in the LLM-Pruner table's cells: no variant label here
     assert "structures=" not in text
     rnd = next(ln for ln in lines if ln.startswith("| random |")).strip("| ").split(" | ")
-    assert " ± " in rnd[col["20%: WikiText-2"]] and rnd[col["20%: n"]] == "2" and rnd[col["40%: n"]] == "–"
+    # two seeds: mean ± std (seed spread), then the interval of the mean (the shared windows resampled together)
+    two = [r for r in recs if r["config"]["method"].get("structures") == ["kv_group", "mlp"]]
+    two = [r for r in two if "random" in r["config"]["method"]["_target_"] and r["params"]["target_ratio"] == 0.2]
+    values = [r["metrics"]["ppl"][LP]["ppl"] for r in two]
+    iv = U.mean_interval(two, f"ppl/{LP}")
+    assert len(two) == 2 and iv.estimate == pytest.approx(statistics.mean(values), rel=1e-12)
+    want = f"{statistics.mean(values):,.1f} ± {statistics.stdev(values):,.1f} [{iv.low:,.1f}, {iv.high:,.1f}]"
+    assert rnd[col["20%: WikiText-2"]] == want and rnd[col["20%: n"]] == "2" and rnd[col["40%: n"]] == "–"
     body = [ln.split(" | ")[1] for ln in lines[4:] if ln.startswith("| ")]
-    values = [float(v.split(" ± ")[0].replace(",", "")) for v in body]
+    values = [float(v.split(" ")[0].replace(",", "")) for v in body]
     assert values == sorted(values)  # best first
     out = tmp_path / "summary"
     assert T.main(["--store", str(store), "--table", "ratio_sweep", "--summary", "0.2,0.4", "--out", str(out)]) == 0
@@ -341,6 +355,16 @@ def test_zero_shot_columns_follow_each_papers_metric(tmp_path, monkeypatch):
             assert pd.isna(row[header])  # never in the full-set column
         assert row["Average [limit 4]"] == pytest.approx(statistics.mean(expect.values()), abs=1e-9)
         assert row["Average [limit 4]"] == pytest.approx(block["average"]["score"], abs=1e-9)
+        # its interval: each task's documents resampled (tasks in order, one generator), the tasks' mean in points
+        bits = [[c == "1" for c in block[task]["per_doc"][m]] for task, (_, m) in lp.items()]
+        rng = np.random.default_rng(U.SEED)
+        per_task = [
+            [100 * np.mean(np.array(b)[rng.integers(0, len(b), len(b))]) for _ in range(U.RESAMPLES)] for b in bits
+        ]
+        low, high = np.quantile(np.mean(per_task, axis=0), [0.025, 0.975])
+        iv = t1.intervals.loc[int(row.name), "Average [limit 4]"]
+        assert iv.estimate == pytest.approx(row["Average [limit 4]"], abs=1e-9) and iv.n == (4,) * 7
+        assert (iv.low, iv.high) == pytest.approx((low, high), rel=1e-12)
     sg = {
         "piqa": ("PIQA", "acc_norm"),
         "hellaswag": ("HellaSwag", "acc_norm"),
@@ -365,3 +389,90 @@ def test_anchor_ids_of_our_methods(store):
     table = T.build_table(ResultsStore(store).records(), "llm_pruner_t1")
     order = list(zip(table.frame["method"], table.frame["source"]))
     assert order[order.index(("random", "published")) - 1] == ("random [structures=kv_group+mlp]", "ours")
+
+
+# ------------------------------------------------------------------------------ intervals (issue 25, acceptance 3)
+
+
+def _stored_windows(entry) -> tuple[list[float], list[float]]:
+    """Decoded by hand from the documented layout (little-endian float64 / uint32), not with experiments.persample."""
+    w = entry["per_window"]
+    nll = struct.unpack(f"<{len(base64.b64decode(w['nll_sum'])) // 8}d", base64.b64decode(w["nll_sum"]))
+    tok = struct.unpack(f"<{len(base64.b64decode(w['n_tokens'])) // 4}I", base64.b64decode(w["n_tokens"]))
+    return list(nll), [float(t) for t in tok]
+
+
+def _plain_row_interval(seed_windows, resamples=U.RESAMPLES, seed=U.SEED, level=U.LEVEL):
+    """Percentile bootstrap of the mean over seeds of each seed's PPL, one resample of the shared windows at a time
+    (every seed on the same resampled windows)."""
+    rng = np.random.default_rng(seed)
+    n = len(seed_windows[0][0])
+    reps = []
+    for _ in range(resamples):
+        idx = rng.integers(0, n, n)
+        reps.append(
+            np.mean([math.exp(sum(nll[i] for i in idx) / sum(tok[i] for i in idx)) for nll, tok in seed_windows])
+        )
+    return tuple(np.quantile(reps, [(1 - level) / 2, (1 + level) / 2]))
+
+
+def test_table_intervals_are_a_plain_bootstrap_of_the_stored_windows(store):
+    recs = _records(store)
+    table = T.build_table(ResultsStore(store).records(), "llm_pruner_t1")
+    wt = f"WikiText-2 [first {W} windows]"
+    # one seed
+    mag = _find(recs, "magnitude_l2", group_ratio=P20)
+    i = int(_row(table, "magnitude_l2", 0.2).name)
+    iv = table.intervals.loc[i, wt]
+    assert iv.estimate == mag["metrics"]["ppl"][LP]["ppl"] and iv.n == (W,) and iv.low < iv.estimate < iv.high
+    assert (iv.low, iv.high) == pytest.approx(
+        _plain_row_interval([_stored_windows(mag["metrics"]["ppl"][LP])]), rel=1e-12
+    )
+    # two seeds: the mean of the seeds' PPLs, the shared windows resampled together, seeds held fixed
+    two = [
+        _find(recs, "random", group_ratio=P20, seed=s, structures=["kv_group", "mlp"])["metrics"]["ppl"][LP]
+        for s in (0, 1)
+    ]
+    rnd = table.frame[table.frame["method"] == "random [structures=kv_group+mlp]"]
+    iv = table.intervals.loc[rnd.index[0], wt]
+    assert iv.estimate == pytest.approx(statistics.mean(e["ppl"] for e in two), rel=1e-12)
+    assert (iv.low, iv.high) == pytest.approx(_plain_row_interval([_stored_windows(e) for e in two]), rel=1e-12)
+    # the dense row's interval is over its own (dense_ppl) windows
+    dense = table.intervals.loc[int(_row(table, "dense", 0.0).name), wt]
+    assert dense.estimate == mag["metrics"]["dense_ppl"][LP]["ppl"]
+    assert (dense.low, dense.high) == pytest.approx(
+        _plain_row_interval([_stored_windows(mag["metrics"]["dense_ppl"][LP])]), rel=1e-12
+    )
+    # every renderer shows the same numbers
+    md, tex, text = render.markdown(table), render.latex(table), render.csv(table)
+    iv = table.intervals.loc[i, wt]
+    cell = f"{mag['metrics']['ppl'][LP]['ppl']:.2f} [{iv.low:.2f}, {iv.high:.2f}]"
+    assert cell in md and cell in tex and "95% percentile bootstrap interval" in md
+    row = next(r for r in csv.DictReader(text.splitlines()) if r["method"] == "magnitude_l2" and r["source"] == "ours")
+    assert float(row[f"{wt} ci_low"]) == pytest.approx(table.intervals.loc[i, wt].low, rel=1e-12)
+    assert float(row[f"{wt} ci_high"]) == pytest.approx(table.intervals.loc[i, wt].high, rel=1e-12)
+    # published rows have no interval
+    pub = table.frame.index[table.frame["source"] == "published"]
+    assert all(table.intervals.loc[j].isna().all() for j in pub)
+
+
+def test_table_paired_differences(store):
+    recs = _records(store)
+    by_hash = {r["config_hash"]: r for r in ResultsStore(store).records()}
+    mag = _find(recs, "magnitude_l2", group_ratio=P20)
+    unit = f"ppl/{LP}"
+    # a model with itself: exactly 0, a zero-width interval, a ratio of exactly 1; never "resolved"
+    same = T.cell_paired([mag["config_hash"]], [mag["config_hash"]], unit, by_hash)
+    assert (same.diff.estimate, same.diff.low, same.diff.high) == (0.0, 0.0, 0.0)
+    assert (same.ratio.estimate, same.ratio.low, same.ratio.high) == (1.0, 1.0, 1.0) and not same.resolved
+    # two rows of the table at one ratio: log of the ratio of the row means, on the shared windows
+    table = T.build_table(list(by_hash.values()), "llm_pruner_t1")
+    wt = f"WikiText-2 [first {W} windows]"
+    pairs = [p for p in table.paired if p.column == wt and p.group == "ratio 0.20"]
+    assert pairs, [p.text() for p in table.paired]
+    for p in pairs:
+        a, b = _row(table, p.a, 0.2)[wt], _row(table, p.b, 0.2)[wt]
+        assert p.paired.ratio.estimate == pytest.approx(a / b, rel=1e-12) and a <= b  # better row first
+        assert p.paired.diff.estimate == pytest.approx(math.log(a / b), rel=1e-12)
+        assert p.paired.ratio.low <= p.paired.ratio.estimate <= p.paired.ratio.high
+    assert any(n.startswith("paired (a vs b") for n in render.footnotes(table))

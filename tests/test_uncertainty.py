@@ -303,3 +303,40 @@ def test_coverage_accuracy_average():
         iv = U.accuracy_interval(groups, level=LEVEL, resamples=B, seed=m)
         hits.append(iv.low <= 47.5 <= iv.high)
     _coverage(hits)
+
+
+def test_coverage_of_a_table_row_mean_over_seeds():
+    """A table row averages its seeds' PPLs (experiments/tables.py); its interval resamples the windows all seeds
+    share, seeds held fixed. Three seeds with true per-token NLL mu_s on 40 windows of shared difficulty: the true
+    row value is mean_s exp(mu_s). Measured: 0.887 (an 80% interval covers 0.777 and fails)."""
+    from experiments.persample import window_block
+
+    rng = np.random.default_rng(5)
+    mus, tokens = np.array([2.9, 3.0, 3.2]), np.array([127] + [48] * 39)
+    truth = float(np.mean(np.exp(mus)))
+    hits = []
+    for m in range(M):
+        difficulty = rng.gamma(shape=tokens / 2.0, scale=2.0)  # mean = tokens, shared by every seed
+        recs = []
+        for mu in mus:
+            nll = mu * difficulty * rng.gamma(20.0, 1 / 20.0, len(tokens))  # seed's own noise, mean 1
+            entry = {"ppl": math.exp(nll.sum() / tokens.sum()), "per_window": window_block(nll, tokens, "w")}
+            recs.append({"metrics": {"ppl": {"x": entry}}})
+        iv = U.mean_interval(recs, "ppl/x", level=LEVEL, resamples=B, seed=m)
+        hits.append(iv.low <= truth <= iv.high)
+    _coverage(hits)
+
+
+@pytest.mark.parametrize("key", [f"ppl/{PPL}", "zeroshot/piqa", "zeroshot/average"])
+def test_row_interval_of_one_record_is_the_records_interval(records, key):
+    """A table row / dashboard point of one seed: the same interval as the record's own (an average key holds
+    several tasks, each resampled), and with three seeds the estimate is the mean of their reported values."""
+    one = U.mean_interval(records[:1], key, resamples=300)
+    own = U.interval(records[0], key, resamples=300)
+    assert (one.estimate, one.low, one.high) == pytest.approx((own.estimate, own.low, own.high), rel=1e-12)
+    assert one.n == own.n
+    three = U.mean_interval(records, key, resamples=300)
+    assert three.estimate == pytest.approx(
+        np.mean([U.interval(r, key, resamples=10).estimate for r in records]), rel=1e-12
+    )
+    assert three.low <= three.estimate <= three.high
