@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Reproduces everything in results/: the CPU size of every experiment preset on SmolLM2-135M (the table model) and
-# stories260K (the quick one), then the tables and the report, from the records in results/store.
+# stories260K (the quick one), then the tables, from the records in results/store.
 #   bash scripts/reference_runs.sh            # all (hours on 2 CPU cores; finished cells are store hits)
-#   bash scripts/reference_runs.sh tables     # only re-render tables + report from the committed records
+#   bash scripts/reference_runs.sh tables     # only re-render the tables from the committed records
 # SmolLM2's ratio sweep runs at 20% with calibration seed 0 only (CPU budget); stories260K runs every ratio 10-50%.
 # The records before the paper protocols (every method at pruning.ratio with LLM-Pruner's sampler) are kept in
 # results/archive/pre-protocols/.
@@ -31,4 +31,4 @@ if [[ "${1:-all}" != tables ]]; then
 fi
 "$PY" -m experiments.tables --store $STORE --all --out results/
 "$PY" -m experiments.tables --store $STORE --table ratio_sweep --summary 0.2,0.5 --out results/   # the README view
-"$PY" -m experiments.report --store $STORE --out results/report.html --screenshot results/report.png --ppl-png results/
+"$PY" scripts/readme_table.py                                                                   # into README.md
