@@ -331,6 +331,7 @@ def small_study(tmp_path_factory) -> Path:
 
 
 @needs_root
+@pytest.mark.slow  # three studies' cells and a final cell; the default pass checks the search space and the method
 def test_study_resumes_without_rerunning_finished_trials(small_study, tmp_path, monkeypatch):
     tmp_path, fresh = small_study, tmp_path
     first = {
@@ -546,6 +547,7 @@ def free_port() -> int:
 
 
 @needs_root
+@pytest.mark.slow  # an optuna-dashboard server process, on the study above
 def test_optuna_dashboard_reads_the_study(small_study):
     """optuna-dashboard (the optuna extra) serves the study's sqlite file: its page, and its API lists the study
     with the trials and best trial that sqlite holds."""
