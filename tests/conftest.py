@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -25,6 +28,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def hydra_app_in_process():
+    """Run the Hydra app (``pruning_lab.run.cli``) in this process and put back what it changes for the whole
+    process: ``sys.argv`` (cli sets it for Hydra), torch's thread count (the cell sets it) and the handlers Hydra's
+    job logging adds to the root and ``hydra`` loggers."""
+    argv, threads = sys.argv[:], torch.get_num_threads()
+    saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in (logging.getLogger(), logging.getLogger("hydra"))]
+    try:
+        yield
+    finally:
+        sys.argv[:] = argv
+        torch.set_num_threads(threads)
+        for lg, handlers, level, propagate in saved:
+            for h in lg.handlers:
+                if h not in handlers:
+                    h.close()
+            lg.handlers[:], lg.level, lg.propagate = handlers, level, propagate
 
 
 @pytest.fixture(scope="session")

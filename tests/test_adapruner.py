@@ -6,7 +6,9 @@ objective bit for bit as an ordinary cell; optuna-dashboard reads the study (iss
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import math
 import os
@@ -23,6 +25,7 @@ from pathlib import Path
 import pytest
 from omegaconf import open_dict, read_write
 
+from conftest import hydra_app_in_process
 from pruning import data
 from pruning.errors import PruningError
 
@@ -210,6 +213,17 @@ def study_cmd(tmp: Path, name: str, n_trials: int, *extra: str) -> list[str]:
     ]
 
 
+def run_study_here(tmp: Path, name: str, n_trials: int, *extra: str) -> str:
+    """The study driver in this process (``pruning_lab.run.cli``, what ``run.py -m`` calls; basic launcher): what
+    it printed."""
+    from pruning_lab.run import cli
+
+    out = io.StringIO()
+    with hydra_app_in_process(), contextlib.redirect_stdout(out):
+        cli(study_cmd(tmp, name, n_trials, *extra)[2:])  # without [python, run.py]
+    return out.getvalue()
+
+
 def run_study(tmp: Path, name: str, n_trials: int, *extra: str, timeout: int = 900) -> str:
     proc = subprocess.run(
         study_cmd(tmp, name, n_trials, *extra), cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout
@@ -309,13 +323,15 @@ def check_final(tmp: Path, n_trials: int, final_eval: list[str]) -> dict:
 
 @pytest.fixture(scope="module")
 def small_study(tmp_path_factory) -> Path:
-    """A 2-trial study run once for the module (the resume test extends it to 3 trials)."""
+    """A 2-trial study run once for the module, in this process (the resume test extends it to 3 trials; the slow
+    tests run their studies as ``python run.py -m``)."""
     tmp = tmp_path_factory.mktemp("study")
-    run_study(tmp, "sweep1", 2, *FINAL_CHEAP)
+    run_study_here(tmp, "sweep1", 2, *FINAL_CHEAP)
     return tmp
 
 
 @needs_root
+@pytest.mark.slow  # three studies' cells and a final cell; the default pass checks the search space and the method
 def test_study_resumes_without_rerunning_finished_trials(small_study, tmp_path, monkeypatch):
     tmp_path, fresh = small_study, tmp_path
     first = {
@@ -323,7 +339,7 @@ def test_study_resumes_without_rerunning_finished_trials(small_study, tmp_path, 
         for h, r in trial_records(tmp_path / "store").items()
     }
     assert len(first) == 2 and [s for _, s, _ in sql_trials(tmp_path / "study.db")] == ["COMPLETE"] * 2
-    out = run_study(tmp_path, "sweep2", 3, *FINAL_CHEAP)  # same study, one more trial wanted
+    out = run_study_here(tmp_path, "sweep2", 3, *FINAL_CHEAP)  # same study, one more trial wanted
     assert job_dirs(tmp_path / "sweep2") == ["0"]  # only the missing trial was launched
     final = check_final(tmp_path, 3, ["ppl128-lp:c4:heldout[:16 windows]"])
     assert [s for _, s, _ in sql_trials(tmp_path / "study.db")] == ["COMPLETE"] * 3
@@ -531,6 +547,7 @@ def free_port() -> int:
 
 
 @needs_root
+@pytest.mark.slow  # an optuna-dashboard server process, on the study above
 def test_optuna_dashboard_reads_the_study(small_study):
     """optuna-dashboard (the optuna extra) serves the study's sqlite file: its page, and its API lists the study
     with the trials and best trial that sqlite holds."""

@@ -77,6 +77,7 @@ def test_bad_options_fail_before_loading():
 
 
 def run_all_quick(tmp_path: Path, *args: str) -> dict:
+    """``python -m benchmarks ... --quick``: the runner starts each benchmark script in a process of its own."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PRUNING_CACHE=str(tmp_path / "cache"))
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", *args, "--quick", "--out", str(tmp_path)],
@@ -87,8 +88,13 @@ def run_all_quick(tmp_path: Path, *args: str) -> dict:
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "benchmarks.json").read_text())
-    md = (tmp_path / "benchmarks.md").read_text()
+    return read_summary(tmp_path)
+
+
+def read_summary(out: Path) -> dict:
+    """benchmarks.json and benchmarks.md as the runner wrote them: every row's ratio is printed with its command."""
+    summary = json.loads((out / "benchmarks.json").read_text())
+    md = (out / "benchmarks.md").read_text()
     assert summary["rows"], md
     for row in summary["rows"]:
         assert isinstance(row["ratio"], float) and row["ratio"] > 0 and row["pass"] in (True, False)
@@ -118,8 +124,24 @@ def test_run_all_sweep_cache_quick(tmp_path):
     assert [x["ratio"] for x in rows] == pytest.approx([r["ratio_rerun_over_cold"], r["ratio_warm_over_cleared"]])
 
 
+def test_latency_quick_in_process(tmp_path, monkeypatch):
+    """The runner's quick latency settings, run here, then the runner's table rebuilt from the json it wrote."""
+    from benchmarks import bench_latency
+    from benchmarks.__main__ import BENCHMARKS
+    from benchmarks.__main__ import main as run_all
+
+    monkeypatch.setenv("PRUNING_CACHE", str(tmp_path / "cache"))
+    assert bench_latency.main(BENCHMARKS["latency"].quick(tmp_path)) == 0
+    assert run_all(["--rebuild", "--out", str(tmp_path)]) == 0
+    check_latency(tmp_path, read_summary(tmp_path))
+
+
+@pytest.mark.slow
 def test_run_all_latency_quick(tmp_path):  # ~7 s on an idle 2-core box: pruning + timing stories260K
-    summary = run_all_quick(tmp_path, "--only", "latency")
+    check_latency(tmp_path, run_all_quick(tmp_path, "--only", "latency"))
+
+
+def check_latency(tmp_path: Path, summary: dict) -> None:
     r = json.loads((tmp_path / "bench_latency.json").read_text())
     assert r["torch_threads"] == 1 and r["methods"] == ["llm_pruner"]
     info = r["models"]["llm_pruner"]

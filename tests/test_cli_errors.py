@@ -1,4 +1,8 @@
-"""Acceptance: bad input gets one clear line on stderr, exit code 2, and nothing in the results store."""
+"""Acceptance: bad input gets one clear line on stderr, exit code 2, and nothing in the results store.
+
+Fast tier: every case through ``pruning_lab.run.cli`` in this process (what ``run.py`` and ``pruning-lab run`` call).
+Integration tier (``slow``): the same cases as a user meets them, ``python run.py ...`` in a fresh interpreter, where
+an import-time warning on stderr would also break the one line."""
 
 from __future__ import annotations
 
@@ -11,8 +15,30 @@ from pathlib import Path
 
 import pytest
 
+from conftest import hydra_app_in_process
+
 REPO = Path(__file__).resolve().parents[1]
 ASSET = REPO / "pruning" / "assets" / "stories260K"
+
+
+def run_in_process(args, tmp_path, capsys, monkeypatch, env_extra=None):
+    """``cli(argv)`` here: the exit code, the non-blank stderr lines and the records written."""
+    from pruning_lab.run import cli
+
+    store = tmp_path / "store"
+    for key, value in (env_extra or {}).items():
+        monkeypatch.setenv(key, value)
+    if "HF_HUB_CACHE" in (env_extra or {}):  # huggingface_hub read the variable at import: point its constant too
+        import huggingface_hub.constants
+
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", env_extra["HF_HUB_CACHE"])
+    monkeypatch.setenv("PRUNING_CACHE", str(tmp_path / "cache"))
+    capsys.readouterr()
+    with hydra_app_in_process(), pytest.raises(SystemExit) as exit_:
+        cli([f"store.dir={store}", f"hydra.run.dir={tmp_path / 'run'}", "progress=false", "threads=1", *args])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    records = list((store / "records").glob("*")) if (store / "records").exists() else []
+    return exit_.value.code, lines, records
 
 
 def run_cli(args, tmp_path, env_extra=None):
@@ -111,18 +137,34 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_one_line_no_record(case, tmp_path):
-    make_args, env, needles = CASES[case]
+def case_env(env: dict, tmp_path) -> dict:
     if env.get("PRUNING_DATA") == "EMPTY":
         (tmp_path / "empty").mkdir()
-        env = {"PRUNING_DATA": str(tmp_path / "empty")}
+        return {"PRUNING_DATA": str(tmp_path / "empty")}
     if env.get("HF_HUB_CACHE") == "EMPTY":  # no cached copy, whatever this machine's HF cache holds
         (tmp_path / "hf").mkdir()
-        env = {"HF_HUB_CACHE": str(tmp_path / "hf")}
-    proc, lines, records = run_cli(make_args(tmp_path), tmp_path, env)
-    assert proc.returncode == 2, proc.stderr[-3000:]
+        return {"HF_HUB_CACHE": str(tmp_path / "hf")}
+    return env
+
+
+def check_one_line(code, lines, records, needles, detail):
+    assert code == 2, detail
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     assert records == []
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_one_line_no_record(case, tmp_path, capsys, monkeypatch):
+    make_args, env, needles = CASES[case]
+    code, lines, records = run_in_process(make_args(tmp_path), tmp_path, capsys, monkeypatch, case_env(env, tmp_path))
+    check_one_line(code, lines, records, needles, lines)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_one_line_no_record_from_a_fresh_interpreter(case, tmp_path):
+    make_args, env, needles = CASES[case]
+    proc, lines, records = run_cli(make_args(tmp_path), tmp_path, case_env(env, tmp_path))
+    check_one_line(proc.returncode, lines, records, needles, proc.stderr[-3000:])

@@ -165,6 +165,7 @@ def test_install_commands_agree():
     assert len(snippet) == 2 and all(line in readme for line in snippet)
 
 
+@pytest.mark.slow  # a mkdocs subprocess (.ci/run also runs mkdocs build --strict as a static check)
 @pytest.mark.skipif(
     shutil.which("mkdocs", path=str(Path(sys.executable).parent)) is None,
     reason="the docs extra is not installed (pip install -e '.[docs]')",

@@ -293,7 +293,10 @@ def zero_padded(model):
 # ----------------------------------------------------------------------------------------------- the grid
 
 DEFAULT_FAMILY = "qwen2"  # the default pass runs every quick method on the family with the most to keep in step
-SLOW_METHODS = ("nirvana", "numerical")  # backward passes per candidate seed / OBS refits: the slow CI pass
+# backward passes per candidate seed / OBS refits: the slow CI pass. slicegpt_cpu and shortgpt_cpu are their methods
+# at CPU-sized settings (slicegpt and shortgpt run here by default); numerical_cpu's OBS refits take seconds
+# (test_numerical.py checks Numerical in the default pass).
+SLOW_METHODS = ("nirvana", "numerical", "numerical_cpu", "slicegpt_cpu", "shortgpt_cpu")
 
 
 def is_slow(family: str, name: str) -> bool:

@@ -62,10 +62,19 @@ def _check(model, tok, proto, stream, bos=None):
     return got
 
 
+@pytest.fixture(scope="module")
+def wikitext_streams(tiny, wikitext_rows) -> dict[str, list[int]]:
+    """The whole WikiText-2 test text tokenised once for the module (a few seconds each), with the tokenizer's BOS
+    and without special tokens."""
+    _, tok = tiny
+    text = "\n\n".join(wikitext_rows)
+    return {"bos": tok(text).input_ids, "plain": tok(text, add_special_tokens=False).input_ids}
+
+
 @pytest.mark.parametrize("seq_len,n_windows", [(128, 40), (2048, 4)])
-def test_wikitext2_matches_plain(tiny, wikitext_rows, seq_len, n_windows):
+def test_wikitext2_matches_plain(tiny, wikitext_streams, seq_len, n_windows):
     model, tok = tiny
-    stream = tok("\n\n".join(wikitext_rows)).input_ids
+    stream = wikitext_streams["bos"]
     assert stream[0] == tok.bos_token_id and stream.count(tok.bos_token_id) == 1
     proto = PPLProtocol("t", "wikitext2", "test", seq_len, batch_size=3, max_windows=n_windows)
     got = _check(model, tok, proto, stream)
@@ -80,14 +89,13 @@ def test_ptb_matches_plain(tiny):
     _check(model, tok, PPLProtocol("t", "ptb", "validation", 128, batch_size=8, max_windows=40), stream)
 
 
-def test_sliding_window_and_every_window_bos_match_plain(tiny, wikitext_rows):
+def test_sliding_window_and_every_window_bos_match_plain(tiny, wikitext_streams):
     model, tok = tiny
-    text = "\n\n".join(wikitext_rows)
     got = _check(
         model,
         tok,
         PPLProtocol("t", "wikitext2", "test", 128, stride=48, batch_size=4, max_windows=9),
-        tok(text).input_ids,
+        wikitext_streams["bos"],
     )
     assert got["n_tokens_scored"] == 127 + 8 * 48
     assert window_values(got)[1].tolist() == [127] + [48] * 8  # windows differ: the counts are stored
@@ -95,7 +103,7 @@ def test_sliding_window_and_every_window_bos_match_plain(tiny, wikitext_rows):
         model,
         tok,
         PPLProtocol("t", "wikitext2", "test", 64, bos="every_window", batch_size=4, max_windows=9),
-        tok(text, add_special_tokens=False).input_ids,
+        wikitext_streams["plain"],
         bos=tok.bos_token_id,
     )
 

@@ -236,6 +236,7 @@ def test_fetch_path_resolves_through_the_conversion_cache(tiny_source):
         resolve_checkpoint("fetch:nope", fetch=True)
 
 
+@pytest.mark.slow  # a run.py subprocess; in-process: test_fetch_path_resolves_through_the_conversion_cache
 def test_cli_without_consent_is_one_line_and_downloads_nothing(tmp_path):
     cache = tmp_path / "cache"
     env = dict(os.environ, PRUNING_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")

@@ -10,10 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_STORE = REPO / "results" / "store" / "records"
 
 
+@pytest.mark.slow  # a `python run.py` subprocess with the preset's full evaluation
 def test_committed_stories_cell_reproduces(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
     proc = subprocess.run(

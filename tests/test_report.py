@@ -99,6 +99,7 @@ def _chromium_dom(html: Path) -> str:
     return res.stdout
 
 
+@pytest.mark.slow  # a headless browser; the fast tier checks the page's HTML above
 @pytest.mark.skipif(R.find_chromium() is None, reason="chromium not installed")
 def test_report_renders_in_headless_chromium(store, tmp_path):
     out, n = R.write_report(store, tmp_path / "report.html")

@@ -1,5 +1,9 @@
 """Acceptance 1, as a user runs it: `python run.py` prunes stories260K and prints a one-line table; the record
-lands in the store and `pruning-lab results` prints it."""
+lands in the store and `pruning-lab results` prints it.
+
+Fast tier: the quick-eval cell through ``pruning_lab.run.cli`` and the results table through ``experiments.store.main``
+in this process. Integration tier (``slow``): the same as ``python run.py`` subprocesses, and the README's exact
+command (full WikiText-2 and PTB)."""
 
 from __future__ import annotations
 
@@ -8,8 +12,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+
+from conftest import hydra_app_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +33,8 @@ def run(args, tmp_path):
     )
 
 
-def check_output(proc, tmp_path, protocol_max_windows):
+def check_output(proc, tmp_path, protocol_max_windows, results_table=None):
+    """``results_table(store) -> stdout`` of `pruning-lab results`; by default ``python -m experiments.store``."""
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     header, row = lines[-3], lines[-2]
@@ -54,15 +62,40 @@ def check_output(proc, tmp_path, protocol_max_windows):
         assert res["max_windows"] == protocol_max_windows and res["seq_len"] == 128 and res["bos"] == "once"
         assert res["ppl"] > dense["ppl"] > 1
     assert rec["config"]["pruning"]["ratio"] == 0.2 and rec["git"]["sha"] and rec["versions"]["torch"]
-    table = subprocess.run(
-        [sys.executable, "-m", "experiments.store", "--store", str(tmp_path / "store")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
-    assert table.returncode == 0 and rec["config_hash"] in table.stdout
+    if results_table is None:
+        table = subprocess.run(
+            [sys.executable, "-m", "experiments.store", "--store", str(tmp_path / "store")],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+        assert table.returncode == 0, table.stderr[-2000:]
+        results_table = table.stdout
+    else:
+        results_table = results_table(tmp_path / "store")
+    assert rec["config_hash"] in results_table
 
 
+def test_run_quick_eval_in_process(tmp_path, capsys, monkeypatch):
+    """The default cell (quick eval) as `run.py` runs it, in this process."""
+    from experiments.store import main as results
+    from pruning_lab.run import cli
+
+    monkeypatch.setenv("PRUNING_CACHE", str(tmp_path / "cache"))
+    capsys.readouterr()
+    with hydra_app_in_process():
+        cli([f"store.dir={tmp_path / 'store'}", f"hydra.run.dir={tmp_path / 'run'}", "threads=1", "eval=quick"])
+    out = capsys.readouterr()
+
+    def results_table(store):
+        assert results(["--store", str(store)]) == 0
+        return capsys.readouterr().out
+
+    proc = SimpleNamespace(returncode=0, stdout=out.out, stderr=out.err)
+    check_output(proc, tmp_path, 50, results_table)
+
+
+@pytest.mark.slow
 def test_run_quick_eval_prints_table_and_writes_record(tmp_path):
     check_output(run(["eval=quick"], tmp_path), tmp_path, 50)
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import hydra_app_in_process
+
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = ["method=random,magnitude", "pruning.ratio=0.1,0.3", "eval=quick", "progress=false", "threads=1"]
 
@@ -107,6 +109,9 @@ def test_kill9_joblib_sweep_then_resume(tmp_path):
         assert (store / "records" / f"{h}.json").stat().st_mtime_ns == mtime
 
 
+FEW = ["eval=quick", "eval.ppl.0.max_windows=4", "eval.ppl.1.max_windows=4"]  # the counts below need passes, not many
+
+
 def test_second_cell_reuses_dense_baseline_and_calibration(tmp_path, monkeypatch):
     """Counts decoder forward passes: the second cell runs no dense evaluation and reuses the calibration batches."""
     from hydra import compose, initialize_config_dir
@@ -127,7 +132,7 @@ def test_second_cell_reuses_dense_baseline_and_calibration(tmp_path, monkeypatch
         def run(*overrides):
             with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
                 cfg = compose(
-                    "config", overrides=[f"store.dir={tmp_path / 'store'}", "progress=false", "eval=quick", *overrides]
+                    "config", overrides=[f"store.dir={tmp_path / 'store'}", "progress=false", *FEW, *overrides]
                 )
             calls["n"] = 0
             clear_token_cache()
@@ -184,7 +189,7 @@ def test_second_cell_reuses_calibration_statistics(tmp_path, monkeypatch):
                 overrides=[
                     f"store.dir={tmp_path / 'store'}",
                     "progress=false",
-                    "eval=quick",
+                    *FEW,
                     f"method={method}",
                     f"pruning.ratio={ratio}",
                     "calibration.n_samples=16",
@@ -210,6 +215,25 @@ def test_second_cell_reuses_calibration_statistics(tmp_path, monkeypatch):
     assert n_first == 2 * n_eval + calib_pass  # dense eval + calibration statistics + pruned eval
 
 
+IMPOSSIBLE_FIRST = ["method=random", "pruning.ratio=0.75,0.1", "eval=quick", "progress=false", "threads=1"]
+
+
+def test_impossible_cell_does_not_stop_the_sweep_in_process(tmp_path, capsys, monkeypatch):
+    """The sweep below through ``pruning_lab.run.cli -m`` in this process (basic launcher), on 4 PPL windows."""
+    from pruning_lab.run import cli
+
+    store = tmp_path / "store"
+    monkeypatch.setenv("PRUNING_CACHE", str(tmp_path / "cache"))
+    capsys.readouterr()
+    with hydra_app_in_process():
+        cli(["-m", *IMPOSSIBLE_FIRST, *FEW[1:], f"store.dir={store}", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    err = capsys.readouterr().err
+    assert "error: " in err and "would empty" in err
+    recs = records(store)
+    assert sorted(r["params"]["target_ratio"] for r in recs.values()) == [0.0, 0.1]
+
+
+@pytest.mark.slow  # a `python run.py -m` subprocess
 def test_impossible_cell_does_not_stop_the_sweep(tmp_path):
     """0.75 would empty a layer of stories260K: that cell reports one error line and writes nothing; the 0.1 cell
     after it still runs; the sweep ends with a summary of both cells and exits 2 (a user mistake failed a cell)."""
@@ -218,11 +242,7 @@ def test_impossible_cell_does_not_stop_the_sweep(tmp_path):
         sys.executable,
         "run.py",
         "-m",
-        "method=random",
-        "pruning.ratio=0.75,0.1",
-        "eval=quick",
-        "progress=false",
-        "threads=1",
+        *IMPOSSIBLE_FIRST,
         f"store.dir={store}",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
     ]

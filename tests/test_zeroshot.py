@@ -10,12 +10,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import STORIES
+from conftest import STORIES, hydra_app_in_process
 from experiments.persample import digest, doc_values
 from pruning import data
 from pruning.errors import DataError, PruningError
@@ -397,6 +398,18 @@ def _run(args, tmp_path, timeout=3600):
     )
 
 
+def _run_in_process(args, tmp_path, capsys, monkeypatch):
+    """The same command through ``pruning_lab.run.cli`` in this process: (returncode, stdout, stderr) like _run."""
+    from pruning_lab.run import cli
+
+    monkeypatch.setenv("PRUNING_CACHE", str(tmp_path / "cache"))
+    capsys.readouterr()
+    with hydra_app_in_process():
+        cli([f"store.dir={tmp_path / 'store'}", f"hydra.run.dir={tmp_path / 'run'}", *args])
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=0, stdout=out.out, stderr=out.err)
+
+
 def _check_cli(proc, tmp_path, limit, tasks=Z.TASK_ORDER):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
@@ -417,27 +430,29 @@ def _check_cli(proc, tmp_path, limit, tasks=Z.TASK_ORDER):
     return zs
 
 
+QUICK_TASKS = ["arc_challenge", "winogrande"]
+QUICK_CLI = [
+    "eval=zeroshot7_quick",
+    "method=dense",
+    "threads=1",
+    "eval.zeroshot.limit=4",
+    "eval.ppl=[]",
+    f"eval.zeroshot.tasks=[{','.join(QUICK_TASKS)}]",
+]
+
+
+def test_cli_quick_preset_prints_scores_and_records_in_process(tmp_path, capsys, monkeypatch):
+    """The run.py command below, through ``pruning_lab.run.cli`` in this process (the fast tier)."""
+    root()
+    _check_cli(_run_in_process(QUICK_CLI, tmp_path, capsys, monkeypatch), tmp_path, 4, QUICK_TASKS)
+
+
+@pytest.mark.slow
 def test_cli_quick_preset_prints_scores_and_records(tmp_path):
     """run.py prints the zero-shot table and records the block (two tasks, 4 documents each, no PPL, to stay
     fast; the 7-task full run is the slow test below)."""
     root()
-    tasks = ["arc_challenge", "winogrande"]
-    _check_cli(
-        _run(
-            [
-                "eval=zeroshot7_quick",
-                "method=dense",
-                "threads=1",
-                "eval.zeroshot.limit=4",
-                "eval.ppl=[]",
-                f"eval.zeroshot.tasks=[{','.join(tasks)}]",
-            ],
-            tmp_path,
-        ),
-        tmp_path,
-        4,
-        tasks,
-    )
+    _check_cli(_run(QUICK_CLI, tmp_path), tmp_path, 4, QUICK_TASKS)
 
 
 @pytest.mark.slow
