@@ -147,7 +147,11 @@ def put(config: dict, key: str, value) -> None:
         config[last] = value
 
 
-@pytest.mark.parametrize(("method", "key", "value", "words"), BAD, ids=[f"{m}:{k}={v!r}" for m, k, v, _ in BAD])
+@pytest.mark.parametrize(
+    ("method", "key", "value", "words"),
+    BAD,
+    ids=[f"{m}:{k}=" + ("<deleted>" if v is DELETE else repr(v)) for m, k, v, _ in BAD],
+)
 def test_each_mistake_is_one_line_naming_the_key(bases, method, key, value, words):
     config = copy.deepcopy(bases[method])
     put(config, key, value)
