@@ -464,7 +464,7 @@ def removes_nothing(cell: Cell, setting: str) -> str:
     name = getattr(method, "name", type(method).__name__)
     n = len(cell.adapter.layers)
     allocation = getattr(method, "allocation", None)
-    layers = allocation.layers(n) if hasattr(allocation, "layers") else None
+    layers = allocation.layers(n) if allocation is not None and hasattr(allocation, "layers") else None
     scope = [f"method.structures={list(method.structures)}"] if hasattr(method, "structures") else []
     if layers is not None:
         scope.append(f"layers [{layers[0]}, {layers[-1] + 1}) of {n}" if layers else f"no layer of {n}")

@@ -116,14 +116,15 @@ def _plan_summary(plan: Mapping) -> dict:
 
 def _explorer(records: Sequence[Mapping], obs: pd.DataFrame) -> tuple[list[dict], dict[str, dict]]:
     labels = obs.drop_duplicates("config_hash").set_index("config_hash")["method"].to_dict() if len(obs) else {}
-    rows, details = [], {}
+    rows: list[dict] = []
+    details: dict[Any, dict] = {}  # config hash -> the record's details
     for r in records:
         h = r.get("config_hash")
         cfg = r.get("config") or {}
         metrics = r.get("metrics") or {}
         ppl = metrics.get("ppl") or {}
         zs = metrics.get("zeroshot") or {}
-        first = next(iter(ppl.items()), (None, {}))
+        first: tuple[Any, Any] = next(iter(ppl.items()), (None, {}))
         avg = zs.get("average") if isinstance(zs, Mapping) else None
         params = r.get("params") or {}
         rows.append(
@@ -220,8 +221,8 @@ def _points(obs: pd.DataFrame, by_hash: Mapping[str, Mapping]) -> list[dict]:
                 "_unit": units[0] if iv is not None else None,
             }
             for axis in ("macs", "latency"):
-                c = [costs.get((h, phase, axis)) for h in hashes]
-                if all(c):
+                c = [x for h in hashes if (x := costs.get((h, phase, axis)))]
+                if len(c) == len(hashes):
                     point[axis] = sum(x["value"] for x in c) / len(c)
                     point[f"{axis}_metric"] = c[0]["metric"]
             out.append(point)
@@ -313,7 +314,7 @@ def _widths(records: Sequence[Mapping], obs: pd.DataFrame) -> dict[str, dict]:
             continue
         model = store_name((r.get("config") or {}).get("model"))
         m = out.setdefault(model, {"dense": None, "cells": []})
-        layers = []
+        layers: list[dict | None] = []
         for w in _layer_widths(r):
             if w is None:
                 layers.append(None)
@@ -405,6 +406,7 @@ def _job_identities(job: Path) -> set[str]:
     import experiments.paper_ratios  # noqa: F401  (registers ${paper_knob:...})
 
     cfg = OmegaConf.to_container(OmegaConf.load(job / ".hydra" / "config.yaml"), resolve=True)
+    assert isinstance(cfg, dict)  # Hydra writes the composed config as a mapping
     cfg.pop("hydra", None)
     out = {_identity(cfg)}
     if "calibration" in cfg:
@@ -500,7 +502,7 @@ def build_data(
     """Everything the page shows, as JSON-able data."""
     records = [r for r in records if isinstance(r, Mapping)]
     obs = observations(records)
-    by_hash = {r.get("config_hash"): r for r in records}
+    by_hash = T.records_by_hash(records)
     rows, details = _explorer(records, obs)
     methods = sorted({r["method"] for r in rows})
     warnings = []
@@ -541,7 +543,7 @@ ASSETS = Path(__file__).with_name("dashboard_assets")
 
 
 def _plotly_js() -> str:
-    from plotly.offline import get_plotlyjs
+    from plotly.offline import get_plotlyjs  # type: ignore[import-untyped]  # plotly ships no types
 
     return get_plotlyjs()
 
@@ -616,7 +618,7 @@ class DashboardServer:
         self.results_dir, self.sweep_dirs = results_dir, list(sweep_dirs)
         self.version, self._stop = 0, threading.Event()
         self.errors: list[str] = []
-        self._signature = None
+        self._signature: tuple | None = None
         self.rebuild()
         server = self
 

@@ -82,7 +82,8 @@ def _group_overrides(group: str, want: Mapping, conf: Path) -> list[str]:
     if group == "calibration":  # a field absent from an older record meant its legacy value (record.py)
         want = {**LEGACY_CALIBRATION, **want}
     have = {p: v for p, v in _leaves(want).items() if (group, *p[:1]) not in ADDED_BY_CELL and "progress" not in p}
-    best, best_ops = None, None
+    best: str | None = None
+    best_ops: list[str] | None = None
     for name, content in files.items():
         base = {p: v for p, v in _leaves(content).items() if "progress" not in p}
         ops = [f"++{'.'.join((group, *p))}={hydra_value(v)}" for p, v in have.items() if p not in base or base[p] != v]
@@ -95,7 +96,7 @@ def _group_overrides(group: str, want: Mapping, conf: Path) -> list[str]:
         ]
         if best_ops is None or len(ops) < len(best_ops):
             best, best_ops = name, ops
-    if best is None:  # no file of this group fits: set every leaf on top of the default
+    if best is None or best_ops is None:  # no file of this group fits: set every leaf on top of the default
         return [f"++{'.'.join((group, *p))}={hydra_value(v)}" for p, v in have.items()]
     return [f"{group}={best}", *best_ops]
 

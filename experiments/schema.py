@@ -44,32 +44,58 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from experiments.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------------- vocabulary
+# Each choice as a Literal type (the fields below; mypy reads it) and its values as a tuple (messages, tests).
 
-KINDS = ("kv_group", "q_head", "mlp", "block", "hidden")  # prunable structure kinds (pruning.structures)
-ATTENTION_KINDS = ("kv_group", "q_head")
-AGGREGATIONS = ("sum", "mean", "max", "prod", "first", "last")  # reduce member scores (LLM-Pruner grouping)
-GQA_FOLDS = ("own", "official")
-TAYLOR = ("vector", "element1", "element2", "element2_fisher")
-LLM_PRUNER_IMPORTANCES = (*TAYLOR, "random")
-LLM_PRUNER_STRATEGIES = ("block", "channel")
-HIDDEN_NORMS = ("keep_original_dim", "official")  # METHODS.md §1.2 rule 5
-COUNT_RULES = ("llm_pruner", "floor")
+Kind = Literal["kv_group", "q_head", "mlp", "block", "hidden"]  # prunable structure kinds (pruning.structures)
+KINDS = get_args(Kind)
+AttentionKind = Literal["kv_group", "q_head"]
+ATTENTION_KINDS = get_args(AttentionKind)
+Aggregation = Literal["sum", "mean", "max", "prod", "first", "last"]  # reduce member scores (LLM-Pruner grouping)
+AGGREGATIONS = get_args(Aggregation)
+GqaFold = Literal["own", "official"]
+GQA_FOLDS = get_args(GqaFold)
+Taylor = Literal["vector", "element1", "element2", "element2_fisher"]
+TAYLOR = get_args(Taylor)
+LlmPrunerImportance = Literal[Taylor, "random"]
+LLM_PRUNER_IMPORTANCES = get_args(LlmPrunerImportance)
+LlmPrunerStrategy = Literal["block", "channel"]
+LLM_PRUNER_STRATEGIES = get_args(LlmPrunerStrategy)
+HiddenNorm = Literal["keep_original_dim", "official"]  # METHODS.md §1.2 rule 5
+HIDDEN_NORMS = get_args(HiddenNorm)
+CountRule = Literal["llm_pruner", "floor"]
+COUNT_RULES = get_args(CountRule)
 LAYER_KEYS = ("start_frac", "end_frac", "start", "end")
-FLAP_STRUCTURES = ("UL-UM", "UL-MM", "AL-MM", "AL-AM")
-FLAP_METRICS = ("WIFV", "IFV", "WIFN")
-VARIANCES = ("exact", "official_streaming")
-SURGERY = ("remove", "mask")
-BIP_ALLOCATIONS = ("per_layer", "global")
-BIP_VARIANTS = ("interp_v1",)
-BIP_PROPAGATE = ("none", "mlp_jvp")
-COMP_INPUTS = ("sequential", "dense")
-ORIENTATIONS = ("pca", "random")
-FUSIONS = ("exact", "official")
-SEARCH_ATTN_UNITS = ("kv_group",)
-SEARCH_PRESETS = ("paper", "code", "quick", "init")  # labels; init = generations 0 (the saliency start alone)
-ADMM_PROJECTIONS = ("kept",)
-SHORTGPT_LAST_BLOCK = ("raw", "hf_hidden_states")
-SAMPLERS = {  # each official code's way of drawing calibration tokens (METHODS.md §1.6), pruning.data
+FlapStructure = Literal["UL-UM", "UL-MM", "AL-MM", "AL-AM"]
+FLAP_STRUCTURES = get_args(FlapStructure)
+FlapMetric = Literal["WIFV", "IFV", "WIFN"]
+FLAP_METRICS = get_args(FlapMetric)
+VarianceMode = Literal["exact", "official_streaming"]
+VARIANCES = get_args(VarianceMode)
+SurgeryMode = Literal["remove", "mask"]
+SURGERY = get_args(SurgeryMode)
+BipAllocation = Literal["per_layer", "global"]
+BIP_ALLOCATIONS = get_args(BipAllocation)
+BipVariant = Literal["interp_v1"]
+BIP_VARIANTS = get_args(BipVariant)
+BipPropagation = Literal["none", "mlp_jvp"]
+BIP_PROPAGATE = get_args(BipPropagation)
+CompInput = Literal["sequential", "dense"]
+COMP_INPUTS = get_args(CompInput)
+Orientation = Literal["pca", "random"]
+ORIENTATIONS = get_args(Orientation)
+Fusion = Literal["exact", "official"]
+FUSIONS = get_args(Fusion)
+SearchAttnUnit = Literal["kv_group"]
+SEARCH_ATTN_UNITS = get_args(SearchAttnUnit)
+SearchPreset = Literal["paper", "code", "quick", "init"]  # labels; init = generations 0 (the saliency start alone)
+SEARCH_PRESETS = get_args(SearchPreset)
+AdmmProjection = Literal["kept"]
+ADMM_PROJECTIONS = get_args(AdmmProjection)
+ShortGPTLastBlock = Literal["raw", "hf_hidden_states"]
+SHORTGPT_LAST_BLOCK = get_args(ShortGPTLastBlock)
+# each official code's way of drawing calibration tokens (METHODS.md §1.6), pruning.data
+Sampler = Literal["llm_pruner", "nirvana", "stream", "wanda", "slicegpt", "documents", "first_docs"]
+SAMPLERS: dict[Sampler, str] = {
     "llm_pruner": "random document, tokenised alone, >= L tokens, no repeats, random window (LLM-Pruner)",
     "nirvana": "as llm_pruner over the documents longer than L characters (NIRVANA get_bookcorpus)",
     "stream": "documents joined with `join`, tokenised once, random windows, overlaps allowed (FLAP, Search-LLM)",
@@ -78,14 +104,23 @@ SAMPLERS = {  # each official code's way of drawing calibration tokens (METHODS.
     "documents": "every document (or n_samples of them) cut into consecutive L-token windows, tails kept (ShortGPT)",
     "first_docs": "the first n_samples documents in file order, their first L tokens (parity tests)",
 }
-ORDERS = ("random", "file")  # file: documents (stream windows) in file order instead of drawn at random
-BOS_MODES = ("once", "every_window")
-ZEROSHOT_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
-ZEROSHOT_PRESETS = ("llm_pruner", "nirvana", "slicegpt")
-DTYPES = ("float32", "float64", "bfloat16", "float16", "auto")
-AUTO_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
-LORA_ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-WANDB_MODES = ("offline", "online", "disabled")
+assert set(SAMPLERS) == set(get_args(Sampler)), "every sampler is described"
+Order = Literal["random", "file"]  # file: documents (stream windows) in file order instead of drawn at random
+ORDERS = get_args(Order)
+BosMode = Literal["once", "every_window"]
+BOS_MODES = get_args(BosMode)
+ZeroShotTask = Literal["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
+ZEROSHOT_TASKS = get_args(ZeroShotTask)
+ZeroShotPreset = Literal["llm_pruner", "nirvana", "slicegpt"]
+ZEROSHOT_PRESETS = get_args(ZeroShotPreset)
+Dtype = Literal["float32", "float64", "bfloat16", "float16", "auto"]
+DTYPES = get_args(Dtype)
+AutoMap = Literal["auto", "balanced", "balanced_low_0", "sequential"]
+AUTO_MAPS = get_args(AutoMap)
+LoraRole = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_ROLES = get_args(LoraRole)
+WandbMode = Literal["offline", "online", "disabled"]
+WANDB_MODES = get_args(WandbMode)
 
 # ------------------------------------------------------------------------------------------------- value types
 
@@ -99,9 +134,7 @@ NonNegFloat = Annotated[float, Field(ge=0)]
 SeqLen = Annotated[int, Field(ge=2)]
 
 
-def kinds(*allowed: str):
-    """A non-empty list of structure kinds drawn from ``allowed``."""
-    return Annotated[list[Literal[allowed]], Field(min_length=1)]  # type: ignore[valid-type]
+Kinds = Annotated[list[Kind], Field(min_length=1)]  # a non-empty list of structure kinds
 
 
 class Schema(BaseModel):
@@ -229,9 +262,9 @@ class Dense(Method):
 
 class Random(Method):
     seed: Int = 0
-    structures: kinds(*KINDS) = ["kv_group", "mlp"]
+    structures: Kinds = ["kv_group", "mlp"]
     group_ratio: Fraction | None = None
-    count_rule: Literal[COUNT_RULES] = "llm_pruner"
+    count_rule: CountRule = "llm_pruner"
     layers: Layers | None = None
     native_knob: ClassVar = "group_ratio"
     default_layers: ClassVar = ALL_LAYERS
@@ -239,30 +272,30 @@ class Random(Method):
 
 class Magnitude(Method):
     p: Literal[1, 2] = 2
-    aggregation: Literal[AGGREGATIONS] = "mean"
-    structures: kinds(*KINDS) = ["kv_group", "mlp"]
+    aggregation: Aggregation = "mean"
+    structures: Kinds = ["kv_group", "mlp"]
     group_ratio: Fraction | None = None
-    gqa_fold: Literal[GQA_FOLDS] = "own"
-    count_rule: Literal[COUNT_RULES] = "llm_pruner"
+    gqa_fold: GqaFold = "own"
+    count_rule: CountRule = "llm_pruner"
     layers: Layers | None = None
     native_knob: ClassVar = "group_ratio"
     default_layers: ClassVar = ALL_LAYERS
 
 
 class Surgery(Schema):
-    hidden_norm: Literal[HIDDEN_NORMS] = "keep_original_dim"
+    hidden_norm: HiddenNorm = "keep_original_dim"
 
 
 class LLMPruner(Method):
-    importance: Literal[LLM_PRUNER_IMPORTANCES] = "element1"
-    aggregation: Literal[AGGREGATIONS] = "sum"
-    strategy: Literal[LLM_PRUNER_STRATEGIES] = "block"
+    importance: LlmPrunerImportance = "element1"
+    aggregation: Aggregation = "sum"
+    strategy: LlmPrunerStrategy = "block"
     group_ratio: Fraction | None = None
-    gqa_fold: Literal[GQA_FOLDS] = "own"
+    gqa_fold: GqaFold = "own"
     seed: Int = 0
     memory: Memory | None = None
     surgery: Surgery | None = None
-    count_rule: Literal[COUNT_RULES] = "llm_pruner"
+    count_rule: CountRule = "llm_pruner"
     layers: Layers | None = None
     native_knob: ClassVar = "group_ratio"
     default_layers: ClassVar = LLM_PRUNER_LAYERS
@@ -289,19 +322,21 @@ class AdaPruner(LLMPruner):
             )
 
 
-ACTIVATION_KINDS = (*ATTENTION_KINDS, "mlp")  # activation statistics score heads and MLP channels
+ActivationKind = Literal[AttentionKind, "mlp"]  # activation statistics score heads and MLP channels
+ACTIVATION_KINDS = get_args(ActivationKind)
+ActivationKinds = Annotated[list[ActivationKind], Field(min_length=1)]
 
 
 class Flap(Method):
-    structure: Literal[FLAP_STRUCTURES] = "AL-AM"
-    metric: Literal[FLAP_METRICS] = "WIFV"
+    structure: FlapStructure = "AL-AM"
+    metric: FlapMetric = "WIFV"
     remove_heads: NonNegInt | None = None
     bias: bool = True
-    structures: kinds(*ACTIVATION_KINDS) = ["q_head", "mlp"]
+    structures: ActivationKinds = ["q_head", "mlp"]
     attn_mlp_ratio: Fraction | None = None
-    count_rule: Literal[COUNT_RULES] = "floor"
-    variance: Literal[VARIANCES] = "exact"
-    surgery: Literal[SURGERY] = "remove"
+    count_rule: CountRule = "floor"
+    variance: VarianceMode = "exact"
+    surgery: SurgeryMode = "remove"
     batch_size: PosInt = 8
     progress: bool = True
     layers: Layers | None = None
@@ -318,9 +353,9 @@ class Flap(Method):
 
 
 class WandaSP(Method):
-    structures: kinds(*ACTIVATION_KINDS) = ["q_head", "mlp"]
+    structures: ActivationKinds = ["q_head", "mlp"]
     attn_mlp_ratio: Fraction | None = None
-    count_rule: Literal[COUNT_RULES] = "floor"
+    count_rule: CountRule = "floor"
     batch_size: PosInt = 8
     progress: bool = True
     layers: Layers | None = None
@@ -368,9 +403,9 @@ class Numerical(Method):
     project_box: bool = False
     unit_ratio: Fraction | None = None
     compensate: bool = True
-    comp_inputs: Literal[COMP_INPUTS] = "sequential"
+    comp_inputs: CompInput = "sequential"
     comp_damp: NonNegFloat = 0.01
-    structures: kinds(*ACTIVATION_KINDS) = ["kv_group", "mlp"]
+    structures: ActivationKinds = ["kv_group", "mlp"]
     batch_size: PosInt = 8
     progress: bool = True
     layers: Layers | None = None
@@ -381,10 +416,10 @@ class Numerical(Method):
 class ShortGPT(Method):
     n_blocks: NonNegInt | None = None
     angular: bool = False
-    last_block: Literal[SHORTGPT_LAST_BLOCK] = "raw"
+    last_block: ShortGPTLastBlock = "raw"
     batch_size: PosInt = 8
     progress: bool = True
-    structures: kinds("block") = ["block"]
+    structures: Annotated[list[Literal["block"]], Field(min_length=1)] = ["block"]
     layers: Layers | None = None
     native_knob: ClassVar = "n_blocks"
     default_layers: ClassVar = ALL_LAYERS
@@ -394,8 +429,8 @@ class SliceGPT(Method):
     slicing: Fraction | None = None
     round_interval: PosInt = 8
     slice_head: bool = False
-    orientation: Literal[ORIENTATIONS] = "pca"
-    fusion: Literal[FUSIONS] = "exact"
+    orientation: Orientation = "pca"
+    fusion: Fusion = "exact"
     damp: NonNegFloat = 0.01
     seed: Int = 0
     batch_size: PosInt = 8
@@ -444,12 +479,12 @@ class Admm(Schema):
     iterations: PosInt = 30
     precondition: bool = True
     damping: NonNegFloat = 0.0
-    projection: Literal[ADMM_PROJECTIONS] = "kept"
+    projection: AdmmProjection = "kept"
 
 
 class SearchLLM(Method):
-    preset: Literal[SEARCH_PRESETS] = "paper"
-    attn_unit: Literal[SEARCH_ATTN_UNITS] = "kv_group"
+    preset: SearchPreset = "paper"
+    attn_unit: SearchAttnUnit = "kv_group"
     inheriting_ratio: Annotated[float, Field(gt=0, le=1)] | None = None
     search: Search | None = None
     fitness: Fitness | None = None
@@ -474,13 +509,13 @@ class SearchLLM(Method):
 
 
 class LlmBip(Method):
-    variant: Literal[BIP_VARIANTS] = "interp_v1"
-    propagate: Literal[BIP_PROPAGATE] = "none"
-    allocation_mode: Literal[BIP_ALLOCATIONS] = "per_layer"
-    structures: kinds(*ACTIVATION_KINDS) = ["kv_group", "mlp"]
+    variant: BipVariant = "interp_v1"
+    propagate: BipPropagation = "none"
+    allocation_mode: BipAllocation = "per_layer"
+    structures: ActivationKinds = ["kv_group", "mlp"]
     batch_size: PosInt = 8
     progress: bool = True
-    count_rule: Literal[COUNT_RULES] = "llm_pruner"
+    count_rule: CountRule = "llm_pruner"
     layers: Layers | None = None
     default_layers: ClassVar = ALL_LAYERS
 
@@ -506,12 +541,12 @@ METHODS: dict[str, type[Method]] = {
 class Calibration(Schema):
     """pruning.data.calibration_spec; the data file itself is checked there (the cell's check phase)."""
 
-    sampler: Literal[tuple(SAMPLERS)] | None = None  # missing / null: llm_pruner (every record before samplers)
+    sampler: Sampler | None = None  # missing / null: llm_pruner (every record before samplers)
     dataset: str
     n_samples: PosInt | None = None
     seq_len: SeqLen
     seed: NonNegInt
-    order: Literal[ORDERS] | None = None
+    order: Order | None = None
     join: str | None = None
     paper_dataset: str | None = None
 
@@ -543,7 +578,7 @@ class PPLProtocol(Schema):
     split: str
     seq_len: SeqLen
     stride: PosInt | None = None
-    bos: Literal[BOS_MODES] = "once"
+    bos: BosMode = "once"
     batch_size: PosInt = 4
     max_windows: PosInt | None = None
 
@@ -554,8 +589,8 @@ class PPLProtocol(Schema):
 
 
 class ZeroShot(Schema):
-    tasks: Annotated[list[Literal[ZEROSHOT_TASKS]], Field(min_length=1)] = list(ZEROSHOT_TASKS)
-    metric_preset: Literal[ZEROSHOT_PRESETS] = "llm_pruner"
+    tasks: Annotated[list[ZeroShotTask], Field(min_length=1)] = list(ZEROSHOT_TASKS)
+    metric_preset: ZeroShotPreset = "llm_pruner"
     limit: PosInt | None = None
     batch_size: PosInt = 8
     num_fewshot: Literal[0] = 0  # the papers' protocol; the offline data root has no training splits for shots
@@ -596,7 +631,7 @@ class LoRA(Schema):
     r: PosInt = 8
     alpha: PosFloat = 16
     dropout: Fraction = 0.05
-    target_modules: Annotated[list[Literal[LORA_ROLES]], Field(min_length=1)] | Literal[LORA_ROLES] = list(LORA_ROLES)
+    target_modules: Annotated[list[LoraRole], Field(min_length=1)] | LoraRole = list(LORA_ROLES)
     lr: PosFloat = 1e-4
     weight_decay: NonNegFloat = 0.0
     epochs: NonNegInt = 2
@@ -620,7 +655,7 @@ class WandbLogger(Schema):
     name: Literal["wandb"]
     project: str = "pruning-lab"
     entity: str | None = None
-    mode: Literal[WANDB_MODES] = "offline"
+    mode: WandbMode = "offline"
     dir: str = "runs/wandb"
     group: str | None = None
     tags: list[str] = []
@@ -631,7 +666,7 @@ class WandbLogger(Schema):
 LOGGERS: dict[str, type[Schema]] = {"none": NoLogger, "wandb": WandbLogger}
 
 DeviceMap = (
-    Literal[AUTO_MAPS]
+    AutoMap
     | Annotated[str, Field(pattern=r"^\s*(cpu|disk|meta|cuda(:\d+)?)\s*$", description="cpu, disk, cuda or cuda:N")]
     | NonNegInt
     | Annotated[dict[str, str | NonNegInt], Field(min_length=1)]
@@ -641,7 +676,7 @@ DeviceMap = (
 class Model(Schema):
     name: str
     path: str
-    dtype: Literal[DTYPES] = "auto"
+    dtype: Dtype = "auto"
     device_map: DeviceMap | None = None
     family: str | None = None  # documents the config (the adapter is chosen from config.json)
     hub_id: str | None = None
@@ -699,15 +734,19 @@ def resolve(cfg: Any) -> dict:
 
     import experiments.paper_ratios  # noqa: F401  (the ${paper_knob:...} resolver)
 
-    label = OmegaConf.to_container(cfg, resolve=False).get("paper_ratio")
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    assert isinstance(raw, dict)  # cfg is a DictConfig here (a plain Mapping was returned above)
+    label = raw.get("paper_ratio")
     if label is not None and (isinstance(label, bool) or not isinstance(label, (int, float)) or not 0 < label < 1):
         raise fail("paper_ratio", label, "a paper's row label in (0, 1), e.g. 0.2, or null")
     try:
-        return OmegaConf.to_container(cfg, resolve=True)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "the config"
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{key}: cannot resolve its value: {reason}") from None
+    assert isinstance(resolved, dict)
+    return resolved
 
 
 def parse_by(node: Any, at: str, tag: str, classes: Mapping[str, type[Schema]]) -> Schema:
@@ -715,7 +754,7 @@ def parse_by(node: Any, at: str, tag: str, classes: Mapping[str, type[Schema]]) 
     if not isinstance(node, Mapping):
         raise fail(at, node, f"a config group: choose one in conf/{at}/")
     kind = node.get(tag)
-    if kind not in classes:
+    if not isinstance(kind, str) or kind not in classes:
         near = difflib.get_close_matches(str(kind), classes, n=1)
         raise fail(
             f"{at}.{tag}", kind, f"one of {', '.join(classes)}" + (f" (did you mean {near[0]}?)" if near else "")
@@ -778,7 +817,7 @@ def check_key(key: str) -> None:
     composition. Under ``method``, ``recovery`` and ``logger`` (whose schema depends on the choice, unknown here) a
     key is refused only when no choice has it; ``validate`` on the composed config names the rest. A key below a
     value that is not a group of keys (a list, a free mapping) is left to ``validate`` too."""
-    choices = {"method": METHODS, "recovery": RECOVERIES, "logger": LOGGERS}
+    choices: dict[str, Mapping[str, type[Schema]]] = {"method": METHODS, "recovery": RECOVERIES, "logger": LOGGERS}
     nodes: list[type[Schema]] = [Config]
     path: list[str] = []
     for part in key.split("."):
@@ -801,9 +840,10 @@ def check_key(key: str) -> None:
             for n, f in cls.model_fields.items()
             if (f.alias or n) == part
         }
-        if len(below) != 1 or None in below:
+        below_node = below.pop() if len(below) == 1 else None
+        if below_node is None:
             return
-        nodes = [below.pop()]
+        nodes = [below_node]
 
 
 # ------------------------------------------------------------------------------------------------- the model
@@ -995,7 +1035,8 @@ def describe(ann: Any, meta: list | tuple = ()) -> str:
 
 def bounds(meta: list | tuple) -> str:
     """The bounds of pydantic interval constraints in words: " in [0, 1)", " >= 1", ..."""
-    lo = hi = None
+    lo: tuple[str, Any] | None = None
+    hi: tuple[str, Any] | None = None
     for m in meta:
         for attr, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
             v = getattr(m, attr, None)
@@ -1006,7 +1047,8 @@ def bounds(meta: list | tuple) -> str:
                     hi = (sign, v)
     if lo and hi:
         return f" in {'[' if lo[0] == '>=' else '('}{lo[1]:g}, {hi[1]:g}{']' if hi[0] == '<=' else ')'}"
-    if lo or hi:
-        sign, v = lo or hi
+    bound = lo or hi
+    if bound:
+        sign, v = bound
         return f" {sign} {v:g}"
     return ""

@@ -385,7 +385,7 @@ def build_table(
     srcs = anchors_mod.sources(anchors[anchors["block"].isin(used_blocks)]) if used_blocks else {}
     table = PaperTable(spec, frame, std, printed, value_cols, srcs, excluded, provenance)
     if by_hash is None and not isinstance(records, pd.DataFrame):
-        by_hash = {r.get("config_hash"): r for r in records}  # type: ignore[union-attr]
+        by_hash = records_by_hash(records)
     if by_hash:
         _add_uncertainty(table, cell_sources, by_hash)
     return table
@@ -450,6 +450,13 @@ def _row_order(frame: pd.DataFrame, spec: TableSpec) -> list[int]:
 _CACHE: dict[tuple, Any] = {}  # (kind, records' (hash, created), unit[, other side]) -> Interval | Paired | Exception
 
 
+def records_by_hash(records: Iterable[Mapping]) -> dict[str, Mapping]:
+    """Config hash -> record: what the uncertainty of a cell is computed from (a record without a hash sits under
+    None, where no cell looks)."""
+    out: dict[Any, Mapping] = {r.get("config_hash"): r for r in records}
+    return out
+
+
 def _records_key(hashes: Sequence[str], by_hash: Mapping[str, Mapping]) -> tuple:
     return tuple((h, str(by_hash[h].get("created"))) for h in hashes)
 
@@ -493,8 +500,11 @@ def _add_uncertainty(table: PaperTable, sources: list[dict], by_hash: Mapping[st
         for col, (hashes, unit) in cells.items():
             if col not in intervals.columns or not all(h in by_hash for h in hashes):
                 continue
+            j = intervals.columns.get_loc(col)
+            assert isinstance(j, int)  # the value columns are unique
             try:
-                intervals.iat[i, intervals.columns.get_loc(col)] = cell_interval(hashes, unit, by_hash)
+                # pandas-stubs types a cell as a scalar; an object column holds any object
+                intervals.iat[i, j] = cell_interval(hashes, unit, by_hash)  # type: ignore[assignment]
             except ValueError as exc:
                 table.uncertainty_notes.append(f"no interval for {frame.iloc[i]['method']} {col}: {exc}")
     table.intervals = intervals
@@ -535,7 +545,8 @@ def _paired_rows(table: PaperTable, sources: list[dict], by_hash: Mapping[str, M
         if not have:
             continue
         sign = 1.0 if _is_ppl(sources[have[0]][col][1]) else -1.0
-        have.sort(key=lambda i: sign * float(frame.iloc[i][col]))
+        value = {i: float(frame.iloc[i][col]) for i in have}
+        have.sort(key=lambda i: sign * value[i])
         pairs = list(itertools.pairwise(have))
         label = {str(frame.iloc[i]["method"]): i for i in have}
         for name, i in label.items():
@@ -558,7 +569,7 @@ def build_tables(
     """Every requested table (default: all), each from its own cells (see `table_records`)."""
     records = [r for r in records if isinstance(r, Mapping)]
     anchors = anchors_mod.load_anchors()
-    by_hash = {r.get("config_hash"): r for r in records}
+    by_hash = records_by_hash(records)
     return {
         n: build_table(observations(table_records(records, TABLES[n])), TABLES[n], published, anchors, by_hash)
         for n in (names or list(TABLES))

@@ -205,9 +205,10 @@ def compose_cells(overrides: list[str], multirun: bool) -> Iterator[tuple[list[s
         fixed = [o.input_line for o in parsed if o.is_hydra_override()]
         preset = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
         with hydra_errors(preset):
-            grid = sweep_grid(parser.parse_overrides([*preset, *(o.input_line for o in parsed)]))
+            # hydra types Override.input_line Optional; parse_overrides always sets it
+            grid = sweep_grid(parser.parse_overrides([*preset, *(o.input_line for o in parsed)]))  # type: ignore[list-item]
         for job in grid_cells(grid):
-            yield job, compose_cell([*fixed, *job])
+            yield job, compose_cell([*fixed, *job])  # type: ignore[list-item]  # input_line, as above
 
 
 def first_value(o) -> str:

@@ -7,6 +7,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -260,9 +261,10 @@ def load_model(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # transformers' load report: verify_loading says it in one line
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
+        loaded: Any = AutoModelForCausalLM.from_pretrained(  # (model, loading info): output_loading_info
             ckpt, dtype=dtype, device_map=device_map, output_loading_info=True, ignore_mismatched_sizes=True
         )
+        model, info = loaded
     except Exception as e:  # safetensors/pickle errors mean the files on disk are unusable
         raise CheckpointError(f"corrupt checkpoint {ckpt}: {one_line(e)}") from e
     finally:
