@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BEGIN = "<!-- README-TABLE begin: the smollm2_135m block of results/ratio_sweep_summary.md (scripts/readme_table.py) -->"
+BEGIN = (
+    "<!-- README-TABLE begin: the smollm2_135m block of results/ratio_sweep_summary.md (scripts/readme_table.py) -->"
+)
 END = "<!-- README-TABLE end -->"
 
 

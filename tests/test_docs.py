@@ -192,4 +192,4 @@ def test_site_builds_strict(tmp_path):
 def test_readme_table_is_the_committed_summary():
     """The README's one table is the SmolLM2 block of results/ratio_sweep_summary.md (scripts/readme_table.py)."""
     proc = subprocess.run([sys.executable, "scripts/readme_table.py", "--check"], cwd=REPO)
-    assert proc.returncode == 0, "README.md's table differs from results/ratio_sweep_summary.md: run scripts/readme_table.py"
+    assert proc.returncode == 0, "README.md's table differs from ratio_sweep_summary.md: run scripts/readme_table.py"

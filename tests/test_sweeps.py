@@ -225,8 +225,9 @@ def test_impossible_cell_does_not_stop_the_sweep_in_process(tmp_path, capsys, mo
     store = tmp_path / "store"
     monkeypatch.setenv("PRUNING_CACHE", str(tmp_path / "cache"))
     capsys.readouterr()
-    with hydra_app_in_process():
+    with hydra_app_in_process(), pytest.raises(SystemExit) as stop:
         cli(["-m", *IMPOSSIBLE_FIRST, *FEW[1:], f"store.dir={store}", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    assert stop.value.code == 2  # a user mistake failed a cell: the sweep's summary, then a non-zero status
     err = capsys.readouterr().err
     assert "error: " in err and "would empty" in err
     recs = records(store)
