@@ -18,7 +18,19 @@ import experiments.paper_ratios  # noqa: F401  (the ${paper_knob:...} resolver)
 from pruning_lab.run import CONF
 
 
-def sweep_overrides(base: list[str]) -> list[list[str]]:
+def sweep_overrides(argv: list[str]) -> list[list[str]]:
+    """Every cell of `run.py -m <argv>`: the command's own comma lists and the preset's sweeper params."""
+    listed = [o for o in argv if "," in o and "[" not in o]
+    base = [o for o in argv if o not in listed]
+    cells = []
+    for combo in itertools.product(
+        *[[f"{o.split('=')[0]}={v}" for v in o.split("=", 1)[1].split(",")] for o in listed]
+    ):
+        cells += _preset_cells(base + list(combo))
+    return cells
+
+
+def _preset_cells(base: list[str]) -> list[list[str]]:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=base, return_hydra_config=True)
     params = dict(cfg.hydra.sweeper.get("params") or {})

@@ -3,7 +3,7 @@
 # stories260K (the quick one), then the tables, from the records in results/store.
 #   bash scripts/reference_runs.sh            # all (hours on 2 CPU cores; finished cells are store hits)
 #   bash scripts/reference_runs.sh tables     # only re-render the tables from the committed records
-# SmolLM2's ratio sweep runs at 20% with calibration seed 0 only (CPU budget); stories260K runs every ratio 10-50%.
+# SmolLM2's ratio sweep runs at 20% and 50% with calibration seed 0 only (CPU budget); stories260K runs every ratio 10-50%.
 # The records before the paper protocols (every method at pruning.ratio with LLM-Pruner's sampler) are kept in
 # results/archive/pre-protocols/.
 set -euo pipefail
@@ -20,8 +20,8 @@ if [[ "${1:-all}" != tables ]]; then
   run experiment=flap_table
   run experiment=slicegpt_table
   run experiment=search_llm_table2
-  # every method at 20% of ALL parameters (the cross-method axis), calibration seed 0 (CPU budget)
-  run experiment=ratio_sweep pruning.ratio=0.2 calibration.seed=0
+  # every method at 20% and 50% of ALL parameters (the cross-method axis), calibration seed 0 (CPU budget)
+  run experiment=ratio_sweep pruning.ratio=0.2,0.5 calibration.seed=0
   # stories260K, the quick one: every preset and the whole ratio sweep (10-50%, seeds 0-2)
   run experiment=llm_pruner_table1 model=stories260k
   run experiment=flap_table model=stories260k

@@ -55,3 +55,30 @@ def test_committed_stories_cell_reproduces(tmp_path):
         assert new["metrics"][phase].keys() == ref["metrics"][phase].keys()
         for key, res in ref["metrics"][phase].items():
             assert math.isclose(new["metrics"][phase][key]["ppl"], res["ppl"], rel_tol=1e-6), (phase, key)
+
+
+@pytest.mark.slow  # composes ~250 cells with Hydra and the cell's check phase (no weights)
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["experiment=llm_pruner_table1"],
+        ["experiment=flap_table"],
+        ["experiment=slicegpt_table"],
+        ["experiment=search_llm_table2"],
+        ["experiment=ratio_sweep", "pruning.ratio=0.2,0.5", "calibration.seed=0"],
+        ["experiment=llm_pruner_table1", "model=stories260k"],
+        ["experiment=ratio_sweep", "model=stories260k"],
+    ],
+)
+def test_presets_compose_exactly_the_committed_cells(argv):
+    """scripts/reference_runs.sh would find every cell in results/store: the committed records are what today's
+    presets compose (same config hash), so the tables never mix code versions and a re-run is all store hits."""
+    proc = subprocess.run(
+        [sys.executable, "scripts/check_reference_store.py", "--store", "results/store", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert proc.stdout.count("\nok ") + proc.stdout.startswith("ok ") >= 3
