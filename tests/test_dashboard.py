@@ -5,7 +5,6 @@ heatmap's cell), plus ``--serve`` picking up a record written during the test.""
 from __future__ import annotations
 
 import json
-import math
 import shlex
 import shutil
 from pathlib import Path
@@ -266,23 +265,26 @@ def test_dashboard_of_the_results_store_in_chromium_offline(tmp_path):
         page.select_option("#q-ppl", protocol)
         page.wait_for_function("document.getElementById('plot-ppl').data !== undefined")
         trace = page.evaluate(
-            "() => document.getElementById('plot-ppl').data.find(d => d.mode === 'lines+markers' && d.name === 'flap')"
-        )
+            "() => document.getElementById('plot-ppl').data.find("
+            "d => d.mode === 'lines+markers' && d.name.split(' [')[0] === 'flap')"
+        )  # "flap", or "flap [<differing config>]" when the store holds FLAP cells of several calibrations
         assert trace is not None
-        tip = _hover_point(page, "plot-ppl", "flap", 0)
-        flap = [
-            r
-            for r in records
-            if r["config"]["model"]["name"] == model
-            and r["plan"]["meta"].get("method") == "flap"
-            and protocol in r["metrics"]["ppl"]
-        ]
-        values = [
-            r["metrics"]["ppl"][protocol]["ppl"]
-            for r in flap
-            if math.isclose(r["params"]["achieved_ratio"], trace["x"][0])
-        ]
-        assert "flap" in tip and f"{trace['y'][0]:.2f}" in tip and any(f"{v:.2f}" in tip for v in values), tip
+        # isolate FLAP as a user would by double-clicking its legend entry (other methods' points can sit on top)
+        page.evaluate(
+            """(name) => { const gd = document.getElementById('plot-ppl');
+                const others = gd.data.map((d, j) => d.name === name ? -1 : j).filter(j => j >= 0);
+                return Plotly.restyle(gd, {visible: 'legendonly'}, others); }""",
+            trace["name"],
+        )
+        i = 0
+        tip = _hover_point(page, "plot-ppl", trace["name"], i)
+        # the tooltip names its records: FLAP cells of this model and protocol, each seed's PPL printed
+        by_hash = {r["config_hash"]: r for r in records}
+        named = [by_hash[h] for h in tip.split("record ", 1)[1].split()]
+        assert named and all(r["plan"]["meta"].get("method") == "flap" for r in named)
+        assert all(r["config"]["model"]["name"] == model for r in named)
+        assert all(f"{r['metrics']['ppl'][protocol]['ppl']:.2f}" in tip for r in named), tip
+        assert f"{trace['y'][i]:.2f}" in tip
         # switch the heatmap's right cell; the two cells stand side by side
         page.click("#tab-widths")
         page.select_option("#w-model", model)
