@@ -249,6 +249,9 @@ def summary(table: PaperTable, ratios: Sequence[float]) -> str:
                 parts.append("–" if i is None else str(int(f.loc[i, "n"])))
             out.append("| " + " | ".join(parts) + " |")
         out.append("")
+    # the operating point and each method's calibration sampler, as the full table's caption says them
+    axis = "pruning.ratio, the share of ALL parameters removed" if table.spec.cells == "ratio" else "each paper's knob"
+    out += [f"- ratio: {axis}.", *(f"- {line}" for line in table.provenance), ""]
     return "\n".join(out)
 
 

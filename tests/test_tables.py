@@ -300,6 +300,9 @@ def test_summary_view_pivots_ratios_with_seed_counts(store, tmp_path):
     head = lines[2].strip("| ").split(" | ")
     assert head[:2] == ["method", "20%: WikiText-2"] and "20%: n" in head and "40%: WikiText-2" in head
     assert "group_ratio" not in text  # paper-knob cells stay out of the cross-method sweep
+    assert "- ratio: pruning.ratio, the share of ALL parameters removed." in text  # the caption names the axis ...
+    # ... and what each method calibrated on (its sampler), or that it read no calibration data
+    assert any(ln.startswith(("- calibration, ", "- no calibration data read: ")) for ln in lines)
     col = {h: i for i, h in enumerate(head)}
     mag = next(ln for ln in lines if ln.startswith("| magnitude_l2 |")).strip("| ").split(" | ")
     # one seed: the value and its sampling interval over the 6 windows (the records store per-window values)

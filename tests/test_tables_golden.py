@@ -8,7 +8,8 @@ migrated, with today's code, and compares Markdown, LaTeX, CSV and the README su
 additions to results/store are not read, so they do not move the golden output; a change of
 experiments/anchors.csv (the published rows) does, and then the golden files are re-rendered on purpose. They were
 re-rendered once on purpose when each paper table began to keep only its paper's own methods (TableSpec.methods):
-the SliceGPT rows left LLM-Pruner's, FLAP's and Search-LLM's tables, nothing else moved.
+the SliceGPT rows left LLM-Pruner's, FLAP's and Search-LLM's tables, nothing else moved; and the summaries once
+when they began to end with the operating point and the calibration samplers of the full table's caption.
 """
 
 from __future__ import annotations
