@@ -17,26 +17,12 @@ from torch import nn
 
 from pruning.errors import PruningError
 from pruning.models.adapter import adapter_for
-from pruning.surgery.modeling_pruned_llama import PER_LAYER
+from pruning.surgery import save
 from pruning.surgery.modeling_sliced_llama import RMSN, SLICED, SLICED_PER_LAYER, SlicedWidths
 from pruning.surgery.save import write_checkpoint
 
-_DROP = (
-    (
-        "auto_map",
-        "architectures",
-        "model_type",
-        "transformers_version",
-        "_name_or_path",
-        "_model_name_or_path",
-        "quantization_config",
-        "rms_norm_mean_dim",
-        "embedding_dim",
-        "shortcuts",
-    )
-    + PER_LAYER
-    + SLICED_PER_LAYER
-)
+# what a saved config must not carry over from the source: the pruned save's list, plus the sliced widths
+_DROP = save._DROP + ("embedding_dim", "shortcuts") + SLICED_PER_LAYER
 
 
 # --------------------------------------------------------------------------------------------------- fusion
