@@ -375,9 +375,14 @@ def test_zero_shot_columns_follow_each_papers_metric(tmp_path, monkeypatch):
         "arc_easy": ("ARC-e", "acc_norm"),
         "arc_challenge": ("ARC-c", "acc_norm"),
     }
-    t_sg = T.build_table(records, "slicegpt_t1")
-    row = _row(t_sg, "magnitude_l2", 0.31)
-    block = rec["metrics"]["zeroshot"]
+    # SliceGPT's table holds only SliceGPT cells evaluated its way (ppl2048-sg): one more real cell
+    sg_cell = ["method=slicegpt_cpu", "eval=slicegpt_cpu", "eval.zeroshot.limit=4", "eval.ppl.0.max_windows=1"]
+    run_cells(tmp_path / "store", [[*sg_cell, *NATIVE, "method.slicing=0.25"]])
+    (sg_rec,) = [r for r in _records(tmp_path / "store") if r["plan"]["meta"]["method"] == "slicegpt"]
+    t_sg = T.build_table(ResultsStore(tmp_path / "store").records(), "slicegpt_t1")
+    assert set(t_sg.frame["method"]) == {"dense", "slicegpt"}  # the LLM-Pruner-protocol cell is not SliceGPT's row
+    row = _row(t_sg, "slicegpt", 0.25)
+    block = sg_rec["metrics"]["zeroshot"]
     assert row["Avg (5) [limit 4]"] == pytest.approx(statistics.mean(100 * block[t][m] for t, (_, m) in sg.items()))
     assert "BoolQ [limit 4]" not in t_sg.value_columns
 
