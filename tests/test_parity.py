@@ -196,7 +196,10 @@ def test_wanda_sp_matches_official(with_ppl):
 
 
 @WITH_PPL
-@pytest.mark.parametrize("variance", ["exact", "official_streaming"])
+@pytest.mark.parametrize(
+    "variance",
+    ["exact", pytest.param("official_streaming", marks=pytest.mark.slow)],  # one pass per sample: 8 s
+)
 def test_flap_matches_official(variance, with_ppl):
     """--prune_method flap --structure AL-AM --metrics WIFV --pruning_ratio 0.2 --nsamples 1024, bias compensation.
 

@@ -191,10 +191,11 @@ def run_harness(lm, cfg: ZeroShotConfig, log_samples: bool = True) -> dict:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    configs = [TASKS[name].config(task_files(name)) for name in cfg.tasks]
+    sizes: dict[str, int] = {}
+    configs = [TASKS[name].config(task_files(name), first=cfg.limit, sizes=sizes) for name in cfg.tasks]
     with _quiet_harness():
         # include_defaults=False: the built-in tasks would try the hub, and indexing them costs ~10 s.
-        return simple_evaluate(
+        raw = simple_evaluate(
             model=lm,
             tasks=configs,
             task_manager=TaskManager(include_defaults=False),
@@ -202,6 +203,9 @@ def run_harness(lm, cfg: ZeroShotConfig, log_samples: bool = True) -> dict:
             limit=cfg.limit,
             log_samples=log_samples,
         )
+    for name, n in sizes.items():  # lm-eval saw only the first `limit` documents; the file holds n
+        raw["n-samples"][name]["original"] = n
+    return raw
 
 
 def _num(x: Any) -> float | None:

@@ -35,12 +35,18 @@ class LocalTask:
     metrics: tuple[str, ...] = ("acc", "acc_norm")
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def config(self, paths: dict[str, Path]) -> dict[str, Any]:
-        """An lm-eval task dict; ``custom_dataset`` reads the local files when lm-eval asks for the data."""
-        split, loader = self.split, self.loader
+    def config(self, paths: dict[str, Path], first: int | None = None, sizes: dict | None = None) -> dict[str, Any]:
+        """An lm-eval task dict; ``custom_dataset`` reads the local files when lm-eval asks for the data.
+
+        ``first``: only the first documents reach lm-eval (what its ``limit`` evaluates anyway), so a quick run
+        does not preprocess all 10,042 HellaSwag documents; ``sizes[name]`` then keeps the file's full count."""
+        name, split, loader = self.name, self.split, self.loader
 
         def custom_dataset(**_):
-            return utils._dataset(split, loader(paths))
+            rows = loader(paths)
+            if sizes is not None:
+                sizes[name] = len(rows)
+            return utils._dataset(split, rows if first is None else rows[:first])
 
         return {
             "task": self.name,
