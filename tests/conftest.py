@@ -19,6 +19,13 @@ from pruning import data
 
 STORIES = "embedded:stories260K"
 
+# Under pytest-xdist each worker takes its share of the cores: with torch's default (every core) two workers
+# oversubscribe a 2-core machine and spin in OpenMP.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the Rust tokenizer's thread pool, likewise
+
 
 @pytest.fixture
 def one_thread():

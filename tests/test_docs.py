@@ -117,7 +117,19 @@ def compose_documented(argv: list[str]):
     return cfg
 
 
-@pytest.mark.parametrize("where,argv", COMMANDS, ids=[w for w, _ in COMMANDS])
+def _first_of_each_page(commands):
+    """The fast tier checks each page's first command; the rest (about 75 composes, 7 s) run in the slow tier."""
+    seen: set[str] = set()
+    out = []
+    for where, argv in commands:
+        page = where.split(":", 1)[0]
+        marks = () if page not in seen else (pytest.mark.slow,)
+        seen.add(page)
+        out.append(pytest.param(where, argv, id=where, marks=marks))
+    return out
+
+
+@pytest.mark.parametrize("where,argv", _first_of_each_page(COMMANDS))
 def test_documented_run_command_passes_the_config_checks(where, argv):
     from omegaconf import open_dict
 

@@ -40,11 +40,15 @@ print(type(m).__module__)
 """
 
 
-def test_heterogeneous_save_reload_both_ways(stories, stories_text_ids, tmp_path):
-    model, tok, adapter = stories
+def _saved_heterogeneous(stories, ids, tmp_path):
+    model, tok, _ = stories
     apply_plan(model, heterogeneous_plan())
-    ref = logits(model, stories_text_ids)
-    out = save_pruned(model, tmp_path / "pruned", tok, meta={"note": "test"})
+    return model, logits(model, ids), save_pruned(model, tmp_path / "pruned", tok, meta={"note": "test"})
+
+
+def test_heterogeneous_save_reload(stories, stories_text_ids, tmp_path):
+    _, ref, out = _saved_heterogeneous(stories, stories_text_ids, tmp_path)
+    adapter = stories[2]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "pruned_llama" and cfg["num_hidden_layers"] == 4
     assert cfg["layer_num_attention_heads"] == [6, 5, 8, 8] and cfg["layer_intermediate_size"] == [172, 172, 129, 170]
@@ -52,12 +56,16 @@ def test_heterogeneous_save_reload_both_ways(stories, stories_text_ids, tmp_path
     assert cfg["layer_kv_group_sizes"] == [[2, 2, 2], [2, 1, 2], [2, 2, 2, 2], [2, 2, 2, 2]]
     assert "auto_map" in cfg and (out / "modeling_pruned_llama.py").is_file()
 
-    # 1) registered classes (this process imported pruning)
+    # registered classes (this process imported pruning); a clean process: the slow twin below
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert (logits(reloaded, stories_text_ids) - ref).abs().max().item() <= 1e-6
     assert sum(p.numel() for p in reloaded.parameters()) == adapter.num_params()
 
-    # 2) trust_remote_code in a clean process, run from a directory where `pruning` is not importable
+
+@pytest.mark.slow  # a fresh interpreter
+def test_heterogeneous_save_reloads_with_remote_code_in_a_clean_process(stories, stories_text_ids, tmp_path):
+    """trust_remote_code in a clean process, run from a directory where `pruning` is not importable."""
+    model, ref, out = _saved_heterogeneous(stories, stories_text_ids, tmp_path)
     torch.save(stories_text_ids, tmp_path / "ids.pt")
     proc = subprocess.run(
         [sys.executable, "-c", REMOTE, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "l.pt")],

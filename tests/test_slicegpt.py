@@ -181,12 +181,16 @@ print(type(m).__module__)
 """
 
 
-def test_save_reload_both_ways(stories, stories_text_ids, calib, tmp_path):
-    model, tok, adapter = stories
+def _saved_sliced(stories, ids, calib, tmp_path):
+    model, tok, _ = stories
     method = slicegpt(slicing=0.25, progress=False)
     method.apply(model, method.prune(model, 0.0, calib), calib)
-    ref = logits(model, stories_text_ids)
-    out = save_pruned(model, tmp_path / "sliced", tok, meta={"note": "test"})  # dispatches to save_sliced
+    return logits(model, ids), save_pruned(model, tmp_path / "sliced", tok, meta={"note": "test"})  # save_sliced
+
+
+def test_save_reload(stories, stories_text_ids, calib, tmp_path):
+    adapter = stories[2]
+    ref, out = _saved_sliced(stories, stories_text_ids, calib, tmp_path)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "sliced_llama" and cfg["tie_word_embeddings"] is False
     assert cfg["layer_mlp_output_dim"] == [48, 48, 48, 48, 64] and cfg["rms_norm_mean_dim"] == 64
@@ -197,6 +201,13 @@ def test_save_reload_both_ways(stories, stories_text_ids, calib, tmp_path):
     assert (logits(reloaded, stories_text_ids) - ref).abs().max().item() <= 1e-6
     assert sum(p.numel() for p in reloaded.parameters()) == adapter.num_params()
 
+    m2, _, ad2 = load_model(str(out))  # the project's loader and adapter accept it too
+    assert (logits(m2, stories_text_ids) - ref).abs().max().item() <= 1e-6 and len(ad2.layers) == 5
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_sliced_save_reloads_with_remote_code_in_a_clean_process(stories, stories_text_ids, calib, tmp_path):
+    ref, out = _saved_sliced(stories, stories_text_ids, calib, tmp_path)
     torch.save(stories_text_ids, tmp_path / "ids.pt")
     proc = subprocess.run(
         [sys.executable, "-c", REMOTE, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "l.pt")],
@@ -207,9 +218,6 @@ def test_save_reload_both_ways(stories, stories_text_ids, calib, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "transformers_modules" in proc.stdout
     assert (torch.load(tmp_path / "l.pt") - ref).abs().max().item() <= 1e-6
-
-    m2, _, ad2 = load_model(str(out))  # the project's loader and adapter accept it too
-    assert (logits(m2, stories_text_ids) - ref).abs().max().item() <= 1e-6 and len(ad2.layers) == 5
 
 
 def test_tied_embeddings_are_untied_and_function_kept(stories, stories_text_ids, calib):
