@@ -432,9 +432,11 @@ ERROR_WORDS = ("error:", "Error:", "Traceback", "Killed", "CANCELLED", "OOM")
 
 def _sweep(sweep_dirs: Sequence[Path], records: Sequence[Mapping]) -> list[dict]:
     """Sweep progress from Hydra multirun directories, per job: done (its composed config is a record of the
-    store), failed (a log or submitit .err/.out file of the job holds an error line, shown as the reason), running
-    (a file of the job changed in the last 2 minutes), pending (nothing written yet) or stopped (none of these:
-    a local multirun does not keep stdout, so an error printed there is not seen)."""
+    store), failed (the cell's outcome file says so, or a log or submitit .err/.out file of the job holds an error
+    line; shown as the reason), running (a file of the job changed in the last 2 minutes: a running cell touches
+    its heartbeat file every 30 s), pending (nothing written yet) or stopped (none of these: its process is gone)."""
+    from experiments.sweeps import OUTCOMES_DIR, read_outcomes
+
     known = {}
     for r in records:
         if isinstance(r.get("config"), Mapping):
@@ -446,6 +448,7 @@ def _sweep(sweep_dirs: Sequence[Path], records: Sequence[Mapping]) -> list[dict]
         planned = _planned_jobs(root)
         jobs += [root / str(i) for i in range(len(planned)) if not (root / str(i)).is_dir()]  # not started yet
         submitit = list(root.glob(".submitit/**/*_log.*"))
+        failed = {o["num"]: o["detail"] for o in read_outcomes(root / OUTCOMES_DIR) if o.get("status") == "failed"}
         for job in jobs:
             over = job / ".hydra" / "overrides.yaml"
             overrides = over.read_text(encoding="utf-8").splitlines() if over.is_file() else []
@@ -476,6 +479,8 @@ def _sweep(sweep_dirs: Sequence[Path], records: Sequence[Mapping]) -> list[dict]
                     errors += [ln.strip() for ln in text.splitlines() if any(w in ln for w in ERROR_WORDS)]
             if hit:
                 state, reason = "done", f"record {hit}"
+            elif int(job.name) in failed:
+                state, reason = "failed", str(failed[int(job.name)])[-300:]
             elif errors:
                 state, reason = "failed", errors[-1][-300:]
             elif files and now - max(p.stat().st_mtime for p in files) < 120:
@@ -483,7 +488,7 @@ def _sweep(sweep_dirs: Sequence[Path], records: Sequence[Mapping]) -> list[dict]
             elif not (job / ".hydra").is_dir():
                 state, reason = "pending", ""
             else:
-                state, reason = "stopped", "no record and no error line in the job's files"
+                state, reason = "stopped", "no record, no error and no heartbeat for 2 minutes: its process is gone"
             out.append(
                 {
                     "sweep": str(root),

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,34 @@ from experiments.fileio import atomic_write
 
 OUTCOMES_DIR = ".cell_outcomes"
 STATUSES = ("done", "skipped", "failed")
+HEARTBEAT = "heartbeat"  # touched every HEARTBEAT_SECONDS in a running cell's job directory
+HEARTBEAT_SECONDS = 30.0
+
+
+@contextmanager
+def heartbeat(job_dir: str | Path, every: float = HEARTBEAT_SECONDS) -> Iterator[Path]:
+    """Touch ``<job_dir>/heartbeat`` while the cell runs: a progress view (the dashboard's) then tells a cell in a
+    long silent phase (Search-LLM's search with progress=false) from one whose process is gone. Removed at the end."""
+    path = Path(job_dir) / HEARTBEAT
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                path.touch()
+            except OSError:  # the job directory went away: nothing to tell
+                return
+            if stop.wait(every):
+                return
+
+    thread = threading.Thread(target=beat, name="cell-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield path
+    finally:
+        stop.set()
+        thread.join()
+        path.unlink(missing_ok=True)
 
 
 def is_study(config: DictConfig) -> bool:

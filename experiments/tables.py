@@ -602,6 +602,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "comma-separated ratios, e.g. 0.2,0.5"
         ),
     )
+    parser.add_argument(
+        "--costs",
+        action="store_true",
+        help="also write prune_time.md: each method's pruning wall time per model and ratio (ratio-sweep cells)",
+    )
     args = parser.parse_args(argv)
     if not args.table and not args.all:
         parser.error("give --table NAME (repeatable) or --all")
@@ -630,6 +635,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             paths[-1].write_text(text, encoding="utf-8")
             print(text)
         print("wrote " + ", ".join(str(p) for p in paths) + "\n")
+    if args.costs:
+        from experiments.costs import prune_time_frame, prune_time_markdown
+
+        text = prune_time_markdown(prune_time_frame(records))
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "prune_time.md").write_text(text + "\n", encoding="utf-8")
+        print(text + f"\nwrote {args.out / 'prune_time.md'}\n")
     if missing:
         obs = observations(records)
         print(

@@ -54,8 +54,11 @@ def task(cfg) -> float | None:
     hc = HydraConfig.get()
     study = "AdaPrunerSweeper" in str(hc.sweeper.get("_target_", ""))
     sweep = hc.mode == RunMode.MULTIRUN and not study
+    from experiments.sweeps import heartbeat
+
     try:
-        record = run_cell(cfg, run_dir=hc.runtime.output_dir)
+        with heartbeat(hc.runtime.output_dir):
+            record = run_cell(cfg, run_dir=hc.runtime.output_dir)
     except PruningError as e:
         if isinstance(e, RecordNotSaved):  # the cell finished: its numbers first, then where they were saved
             print_record(e.record)

@@ -417,3 +417,42 @@ def test_macs_and_latency_axes_come_from_the_efficiency_block(tmp_path, monkeypa
         assert p["macs"] == block["macs_per_token"] and p["macs_metric"] == "macs_per_token"
         assert p["latency"] == block["prefill_latency_s"]["median"] > 0
     assert len({p["macs"] for p in pts}) == 2  # fewer MACs at 40% than at 20%
+
+
+def test_sweep_progress_reads_outcomes_and_heartbeats(tmp_path):
+    """A failed cell's outcome file gives its reason even when its stdout was not kept (joblib); a cell whose
+    heartbeat is fresh is running, one whose heartbeat stopped is stopped."""
+    import json
+    import os
+    import time
+
+    import yaml
+
+    from experiments.sweeps import HEARTBEAT, OUTCOMES_DIR, heartbeat
+
+    root = tmp_path / "multirun"
+    root.mkdir()
+    (root / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": ["seed=0,1,2"]}}}))
+    old = time.time() - 600
+    for i in range(3):
+        (root / str(i) / ".hydra").mkdir(parents=True)
+        (root / str(i) / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"seed": i}))
+        (root / str(i) / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"seed={i}"]))
+        for p in (root / str(i)).rglob("*"):
+            os.utime(p, (old, old))
+    (root / OUTCOMES_DIR).mkdir()
+    detail = "error: calibration: 'c4' gives only 3 of 128 documents"
+    (root / OUTCOMES_DIR / "0.json").write_text(json.dumps({"num": 0, "status": "failed", "detail": detail}))
+
+    def states():
+        return [(j["state"], j["reason"]) for j in DB.build_data([], sweep_dirs=[root])["sweep"]]
+
+    with heartbeat(root / "1", every=0.05) as beat:
+        time.sleep(0.2)
+        assert beat.is_file() and time.time() - beat.stat().st_mtime < 1
+        got = states()
+        assert got[0] == ("failed", detail)
+        assert got[1] == ("running", "")
+        assert got[2][0] == "stopped" and "heartbeat" in got[2][1]
+    assert not (root / "1" / HEARTBEAT).exists()  # the cell ended: no heartbeat left behind
+    assert states()[1][0] == "stopped"

@@ -484,3 +484,36 @@ def test_table_paired_differences(store):
         assert p.paired.diff.estimate == pytest.approx(math.log(a / b), rel=1e-12)
         assert p.paired.ratio.low <= p.paired.ratio.estimate <= p.paired.ratio.high
     assert any(n.startswith("paired (a vs b") for n in render.footnotes(table))
+
+
+def test_prune_time_table_is_the_records_phase_timings(store, tmp_path):
+    """Each ratio-sweep cell's calibration + scoring + surgery seconds, the median over its seeds; paper-knob cells
+    and evaluation are left out."""
+    from experiments.costs import prune_time_frame
+
+    recs = _records(store)
+    df = prune_time_frame(recs)
+    sweep = [r for r in recs if r["config"]["pruning"]["ratio"] is not None and r["plan"]["meta"]["method"] != "dense"]
+    assert len(df) == len({(r["plan"]["meta"]["method"], r["config"]["pruning"]["ratio"]) for r in sweep}) == 3
+    for r in sweep:
+        t = r["timings"]
+        row = df[
+            (df["method"].str.startswith(r["plan"]["meta"]["method"]))
+            & (df["ratio"] == r["config"]["pruning"]["ratio"])
+        ]
+        same = [
+            s
+            for s in sweep
+            if s["plan"]["meta"]["method"] == r["plan"]["meta"]["method"]
+            and s["config"]["pruning"]["ratio"] == r["config"]["pruning"]["ratio"]
+        ]
+        med = {
+            k: statistics.median(s["timings"].get(k, 0.0) for s in same) for k in ("calibration", "prune", "surgery")
+        }
+        assert len(row) == 1 and int(row["cells"].iloc[0]) == len(same)
+        assert row["pruning s"].iloc[0] == pytest.approx(sum(med.values()), abs=1e-9)  # the phases' medians, summed
+        assert row["scoring s"].iloc[0] == pytest.approx(med["prune"], abs=1e-9)
+        assert "eval_pruned" in t  # present in the record, never in the table
+    assert T.main(["--store", str(store), "--table", "ratio_sweep", "--costs", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "prune_time.md").read_text()
+    assert "pruning.ratio = 0.2" in text and "pruning.ratio = 0.4" in text and "stories260k" in text
