@@ -91,7 +91,7 @@ def prune_time_markdown(df: pd.DataFrame) -> str:
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for method, rows in part.groupby("method", sort=False):
             by = {m: rows[rows["model"] == m] for m in models}
-            cells = [method]
+            cells = [str(method)]
             for m in models:
                 if by[m].empty:
                     cells.append("")
