@@ -79,5 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module, _, function = COMMANDS[name][0].partition(":")
     sys.argv = [f"{PROG} {name}", *rest]  # argparse's prog and Hydra's argv, as the user typed them
-    code = getattr(import_module(module), function)(rest)
+    try:
+        code = getattr(import_module(module), function)(rest)
+    except BrokenPipeError:
+        from pruning_lab.run import reader_gone
+
+        reader_gone()
     return code if isinstance(code, int) else 0

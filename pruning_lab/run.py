@@ -358,6 +358,14 @@ def full_errors():
             os.environ["HYDRA_FULL_ERROR"] = old
 
 
+def reader_gone() -> None:
+    """The reader of stdout went away (``run.py --help | head``): exit like a shell tool, without a traceback.
+    stdout is pointed at /dev/null first, so the interpreter's final flush cannot raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(141)  # 128 + SIGPIPE
+
+
 def cli(argv: list[str], prog: str = "pruning-lab run") -> None:
     """Check the command (torch-free), then run Hydra's app; Hydra parses ``sys.argv`` itself, so the arguments are
     put there. Exit status: 2 for a user mistake (one ``error:`` line), 130 for Ctrl-C (one ``interrupted`` line)."""
@@ -381,3 +389,5 @@ def cli(argv: list[str], prog: str = "pruning-lab run") -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:
+        reader_gone()

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from omegaconf import open_dict, read_write
 
-from conftest import hydra_app_in_process
+from conftest import hydra_app_in_process, slurm_skip_reason
 from pruning import data
 from pruning.errors import PruningError
 
@@ -453,9 +453,10 @@ def test_study_with_joblib_launcher(tmp_path):
 
 @needs_root
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("sbatch") is None, reason="no local SLURM (scripts/slurm_local.sh start)")
 def test_study_with_local_slurm_launcher(tmp_path):
     """Trials run as SLURM array jobs; the final cell runs in the driver."""
+    if why := slurm_skip_reason():  # checked when the test runs, not at collection
+        pytest.skip(why)
     run_study(tmp_path, "sweep", 2, "hydra/launcher=slurm_local", *FINAL_TEST, timeout=1200)
     final = check_final(tmp_path, 2, FINAL_LABELS)
     assert list((tmp_path / "sweep" / ".submitit").iterdir()), "trials did not go through SLURM"

@@ -160,3 +160,17 @@ def test_ctrl_c_is_one_line_exit_130_and_nothing_half_written(tmp_path):
     assert "Traceback" not in out + err
     left = [p for p in store.rglob("*") if p.is_file()] if store.exists() else []
     assert left == [], left
+
+
+def test_help_into_a_closed_pipe_is_quiet(tmp_path):
+    """`run.py --help | head`: the reader leaves early; exit 141 like a shell tool, no traceback."""
+    r, w = os.pipe()
+    os.close(r)  # nobody reads: the first write raises BrokenPipeError
+    try:
+        proc = subprocess.run(
+            [sys.executable, "run.py", "--help"], cwd=REPO, stdout=w, stderr=subprocess.PIPE, text=True, timeout=120
+        )
+    finally:
+        os.close(w)
+    assert proc.returncode == 141, proc.stderr[-2000:]
+    assert proc.stderr == ""

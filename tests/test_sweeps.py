@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import hydra_app_in_process
+from conftest import hydra_app_in_process, slurm_skip_reason
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = ["method=random,magnitude", "pruning.ratio=0.1,0.3", "eval=quick", "progress=false", "threads=1"]
@@ -67,8 +66,9 @@ def test_local_sweep(tmp_path, launcher):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("sbatch") is None, reason="no local SLURM (scripts/slurm_local.sh start)")
 def test_slurm_sweep(tmp_path):
+    if why := slurm_skip_reason():  # checked when the test runs, not at collection
+        pytest.skip(why)
     store = tmp_path / "store"
     proc = subprocess.run(
         sweep_cmd(store, tmp_path, "hydra/launcher=slurm_local"),
