@@ -302,7 +302,7 @@ BENCHMARKS: dict[str, Bench] = {
         "benchmarks/bench_latency.py",
         # LLM-Pruner cannot reach 50% of all parameters here (untied embedding + head = 43% of them, never pruned;
         # layers 3..22 only): it gets its own row at the largest ratio it can reach, below. ShortGPT and SliceGPT
-        # take the ratio sweep's CPU-size calibration (their full ones are hours at this size); the pruned shapes,
+        # take the ratio sweep's CPU-size calibration (their full ones are far slower at this size); the pruned shapes,
         # so the timed work, depend only on the ratio
         lambda out: ["--model", QWEN, "--methods", "shortgpt_cpu", "slicegpt_cpu", "--out", str(out / QWEN)],
         lambda out: BENCHMARKS["latency"].quick(out / QWEN),
