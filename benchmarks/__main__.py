@@ -29,6 +29,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 HEADLINE_MODEL = "smollm2_135m"
+QWEN = "qwen25_coder_05b"  # the second real model (issue 26); its rows live under results/<QWEN>/
 
 
 @dataclass
@@ -266,6 +267,63 @@ BENCHMARKS: dict[str, Bench] = {
         lambda out: ["--quick", "--out", str(out / "sweep_cache_smollm2")],
         "sweep_cache_smollm2/bench_sweep_cache.json",
         _sweep_rows,
+    ),
+    # the memory and latency benchmarks again on the second real family, 4.7x SmolLM2's size (Qwen2: q/k/v biases,
+    # GQA 14/2, untied head), written under results/qwen25_coder_05b/ so SmolLM2's rows stay
+    "taylor_memory_qwen": Bench(
+        "benchmarks/bench_taylor_memory.py",
+        lambda out: [
+            "--models",
+            QWEN,
+            "--variants",
+            "element1",
+            "--json",
+            str(out / QWEN / "bench_taylor_memory.json"),
+        ],
+        lambda out: [
+            "--models",
+            "stories260k",
+            "--variants",
+            "element1",
+            "--json",
+            str(out / QWEN / "bench_taylor_memory.json"),
+        ],
+        f"{QWEN}/bench_taylor_memory.json",
+        _taylor_rows,
+    ),
+    "layerwise_memory_qwen": Bench(
+        "benchmarks/bench_layerwise_memory.py",
+        lambda out: ["--models", QWEN, "--shapes", "10x64", "32x128", "--out", str(out / QWEN)],
+        lambda out: ["--models", "stories260k", "--shapes", "4x32", "--out", str(out / QWEN)],
+        f"{QWEN}/bench_layerwise_memory.json",
+        _layerwise_rows,
+    ),
+    "latency_qwen": Bench(
+        "benchmarks/bench_latency.py",
+        # LLM-Pruner cannot reach 50% of all parameters here (untied embedding + head = 43% of them, never pruned;
+        # layers 3..22 only): it gets its own row at the largest ratio it can reach, below. ShortGPT and SliceGPT
+        # take the ratio sweep's CPU-size calibration (their full ones are far slower at this size); the pruned shapes,
+        # so the timed work, depend only on the ratio
+        lambda out: ["--model", QWEN, "--methods", "shortgpt_cpu", "slicegpt_cpu", "--out", str(out / QWEN)],
+        lambda out: BENCHMARKS["latency"].quick(out / QWEN),
+        f"{QWEN}/bench_latency.json",
+        _latency_rows,
+    ),
+    "latency_qwen_llm_pruner": Bench(
+        "benchmarks/bench_latency.py",
+        lambda out: [
+            "--model",
+            QWEN,
+            "--methods",
+            "llm_pruner",
+            "--ratio",
+            "0.44",
+            "--out",
+            str(out / QWEN / "latency_llm_pruner"),
+        ],
+        lambda out: BENCHMARKS["latency"].quick(out / QWEN / "latency_llm_pruner"),
+        f"{QWEN}/latency_llm_pruner/bench_latency.json",
+        _latency_rows,
     ),
 }
 

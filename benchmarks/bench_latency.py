@@ -318,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     decode_prompt = prompt_ids(tok, args.decode_prompt)
     macs_by = {name: macs(model, args.prefill, args.decode_prompt) for name, model in models.items()}
 
+    # a marker a wrapper can wait for: from here to the end only the timing runs (e.g. to pause other jobs)
+    print(f"timing {', '.join(models)}: {args.warmup} warm-up + {args.repeats} repeats ...", flush=True)
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     times = time_interleaved(models, prompts, decode_prompt, args.decode_tokens, args.repeats, args.warmup)

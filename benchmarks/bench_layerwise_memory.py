@@ -104,7 +104,7 @@ def run(models: list[str], shapes: list[str], variants: list[str], threads: int)
     return rows
 
 
-def markdown(rows: list[dict], command: str, threads: int) -> str:
+def markdown(rows: list[dict], command: str, threads: int, raw: str = "results/bench_layerwise_memory.json") -> str:
     lines = [
         "# Gradient scoring memory: layer by layer vs one whole-model backward",
         "",
@@ -140,7 +140,7 @@ def markdown(rows: list[dict], command: str, threads: int) -> str:
             f"Scores: layer-wise vs whole-model, max relative difference over all rows: {worst:.1e} "
             "(float32; equal to ~1e-15 in float64, `tests/test_layerwise.py`)."
         ),
-        "Raw numbers: `results/bench_layerwise_memory.json`.",
+        f"Raw numbers: `{raw}`.",
         "",
     ]
     return "\n".join(lines)
@@ -172,7 +172,8 @@ def main(argv=None) -> int:
             indent=1,
         )
     )
-    md = markdown(rows, command, args.threads)
+    js = (args.out / "bench_layerwise_memory.json").resolve()
+    md = markdown(rows, command, args.threads, str(js.relative_to(ROOT)) if js.is_relative_to(ROOT) else str(js))
     (args.out / "bench_layerwise_memory.md").write_text(md)
     print(md)
     return 0

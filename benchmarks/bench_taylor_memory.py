@@ -155,6 +155,7 @@ def main(argv=None) -> int:
     )
     print(df.to_string(index=False))
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1))
     return 0
 

@@ -76,6 +76,24 @@ def test_bad_options_fail_before_loading():
     assert time.perf_counter() - t0 < 5  # nothing was loaded or run
 
 
+def test_each_benchmark_writes_a_json_of_its_own():
+    """The runner reads each entry's rows from its json: two entries writing one file (Qwen's latency run over
+    SmolLM2's, say) would show one model's numbers under the other's command. Checked on the arguments the runner
+    passes, full and quick, without running anything."""
+    from benchmarks.__main__ import BENCHMARKS
+
+    out = Path("/out")
+    jsons = [b.json for b in BENCHMARKS.values()]
+    assert len(set(jsons)) == len(jsons)
+    for name, b in BENCHMARKS.items():
+        for args in (b.full(out), b.quick(out)):
+            if "--json" in args:
+                written = Path(args[args.index("--json") + 1])
+            else:
+                written = Path(args[args.index("--out") + 1]) / Path(b.json).name
+            assert written == out / b.json, name
+
+
 def run_all_quick(tmp_path: Path, *args: str) -> dict:
     """``python -m benchmarks ... --quick``: the runner starts each benchmark script in a process of its own."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PRUNING_CACHE=str(tmp_path / "cache"))
