@@ -399,13 +399,14 @@ def table(entries: dict, out: Path, mach: dict) -> tuple[list[dict], str]:
         "# Benchmarks",
         "",
         (
-            f"Written by `python -m benchmarks` ({', '.join(f'{k}: {v}' for k, v in mach.items())}). Each row is "
-            "read from the json its benchmark wrote; the date and the load average are those at the start of that "
-            "benchmark (the machine is shared, so absolute times move; the ratios are paired or interleaved)."
+            f"Written by `python -m benchmarks` (this page: {', '.join(f'{k}: {v}' for k, v in mach.items())}). "
+            "Each row is read from the json its benchmark wrote; the date, the load average and the machine are "
+            "those of that benchmark's run (the machine is shared, so absolute times move; the ratios are paired "
+            "or interleaved)."
         ),
         "",
-        "| benchmark | what is compared | measured ratio | detail | target | pass | command | date | load avg |",
-        "|---|---|---:|---|---|---|---|---|---:|",
+        "| benchmark | what is compared | measured ratio | detail | target | pass | command | date | load avg | cpu |",
+        "|---|---|---:|---|---|---|---|---|---:|---|",
     ]
     for name, bench in BENCHMARKS.items():
         e = entries.get(name) or untracked(out / bench.json)
@@ -434,10 +435,11 @@ def table(entries: dict, out: Path, mach: dict) -> tuple[list[dict], str]:
             rows.append(r)
             verdict = "-" if r["pass"] is None else ("pass" if r["pass"] else "FAIL")
             label = f"{name} (quick)" if r["quick"] else name
+            cpu = (e.get("machine") or {}).get("cpu", "?")
             lines.append(
                 f"| {label} | {r['compared']} | **{r['ratio']:.3f}x** | {r['detail']} | {r['target']} "
                 f"| {verdict} | `{r['command']}` | {r['date']} | "
-                f"{'?' if load is None else f'{load:.2f}'} |"
+                f"{'?' if load is None else f'{load:.2f}'} | {cpu} |"
             )
     details = [
         shown(out / b.json.replace(".json", ".md"))
@@ -475,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
 
     md = write()
     for name in [] if args.rebuild else args.only or list(BENCHMARKS):
-        entries[name] = run_one(name, BENCHMARKS[name], out, args.quick)
+        entries[name] = {**run_one(name, BENCHMARKS[name], out, args.quick), "machine": mach}
         md = write()
     print("\n" + md)
     ran = [] if args.rebuild else [entries[n] for n in args.only or list(BENCHMARKS)]
