@@ -23,7 +23,7 @@ if [[ "${1:-all}" != tables ]]; then
   # every method at 20% and 50% of ALL parameters (the cross-method axis), calibration seed 0 (CPU budget)
   run experiment=ratio_sweep pruning.ratio=0.2,0.5 calibration.seed=0
   # Qwen2.5-Coder-0.5B (fetched on first use; partial so far: see results/README.md)
-  run experiment=ratio_sweep model=qwen25_coder_05b pruning.ratio=0.2 calibration.seed=0
+  run experiment=ratio_sweep model=qwen25_coder_05b pruning.ratio=0.2,0.5 calibration.seed=0
   # stories260K, the quick one: every preset and the whole ratio sweep (10-50%, seeds 0-2)
   run experiment=llm_pruner_table1 model=stories260k
   run experiment=flap_table model=stories260k
@@ -31,6 +31,6 @@ if [[ "${1:-all}" != tables ]]; then
   run experiment=search_llm_table2 model=stories260k
   run experiment=ratio_sweep model=stories260k
 fi
-"$PY" -m experiments.tables --store $STORE --all --out results/
+"$PY" -m experiments.tables --store $STORE --all --costs --out results/   # + prune_time.md
 "$PY" -m experiments.tables --store $STORE --table ratio_sweep --summary 0.2,0.5 --out results/   # the README view
 "$PY" scripts/readme_table.py                                                                   # into README.md
