@@ -396,12 +396,15 @@ def _variant_labels(records: Sequence[Mapping], bases: Sequence[str]) -> list[st
 
 def seed_key(record: Mapping) -> str | None:
     """What makes two runs of one row repeats: the run seed, plus the calibration seed when calibration was read
-    (a calibration-seed sweep at one run seed is n repeats, not one overwritten cell)."""
+    and its draw depends on it (a calibration-seed sweep at one run seed is n repeats, not one overwritten cell).
+    A draw in file order (ShortGPT's first documents, consecutive stream windows) or of the first documents is the
+    same for every seed: those cells are one run, not n repeats with zero spread."""
     cfg = record.get("config") or {}
     if cfg.get("seed") is None:
         return None
     calib = record.get("calibration") or {}
-    return f"{cfg['seed']}/{calib.get('seed')}" if calib.get("used") else str(cfg["seed"])
+    seeded = calib.get("used") and calib.get("order") != "file" and calib.get("sampler") != "first_docs"
+    return f"{cfg['seed']}/{calib.get('seed')}" if seeded else str(cfg["seed"])
 
 
 def observations(records: Iterable[Mapping]) -> pd.DataFrame:

@@ -517,3 +517,27 @@ def test_prune_time_table_is_the_records_phase_timings(store, tmp_path):
     assert T.main(["--store", str(store), "--table", "ratio_sweep", "--costs", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "prune_time.md").read_text()
     assert "pruning.ratio = 0.2" in text and "pruning.ratio = 0.4" in text and "stories260k" in text
+
+
+def test_a_seed_independent_draw_is_one_run_not_three():
+    """ShortGPT's CPU calibration reads the first documents in file order: its three calibration-seed cells of the
+    committed sweep are one run (n = 1 in the table), while LLM-Pruner's random draws stay three repeats."""
+    from experiments.observations import seed_key
+
+    recs = [
+        r for r in ResultsStore(REPO / "results" / "store").records() if r["config"]["model"]["name"] == "stories260k"
+    ]
+
+    def keys(method):
+        return {
+            seed_key(r)
+            for r in recs
+            if r["plan"]["meta"]["method"] == method and r["config"]["pruning"].get("ratio") == 0.2
+        }
+
+    assert len(keys("shortgpt")) == 1
+    assert len(keys("llm_pruner_element1")) == 3
+    table = T.build_table(recs, "ratio_sweep")
+    f = table.frame
+    short = f[(f["method"].str.startswith("shortgpt")) & ((f["ratio"] - 0.2).abs() < 1e-9) & (f["source"] == "ours")]
+    assert list(short["n"]) == [1]
