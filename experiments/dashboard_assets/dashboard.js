@@ -236,13 +236,18 @@
     });
     box.appendChild(el('table', {id: 'paired-table'}, [el('thead', {}, [el('tr', {}, ['metric', 'ratio', 'a', 'b', 'difference', 'estimate [low, high]', ''].map(function (h) { return el('th', {text: h}); }))]), tb]));
   }
+  function mostCommon(xs) {
+    var n = {}, best = xs[0];
+    xs.forEach(function (x) { n[x] = (n[x] || 0) + 1; if (n[x] > n[best]) { best = x; } });
+    return best;
+  }
   function drawQuality() {
     var s = sections.quality;
     s.innerHTML = '';
     var models = uniq(D.points.map(function (p) { return p.model; }));
     if (!models.length) { s.appendChild(el('p', {class: 'warn', text: 'No PPL or zero-shot values in this store yet.'})); return; }
     var q = state.quality = state.quality || {};
-    if (models.indexOf(q.model) < 0) { q.model = models[0]; }
+    if (models.indexOf(q.model) < 0) { q.model = mostCommon(D.points.map(function (p) { return p.model; })); }  // the model with the most points first
     var bar = el('div', {class: 'filters'});
     s.appendChild(bar);
     var plots = el('div', {class: 'plots'}, [el('div', {class: 'plot', id: 'plot-ppl'}), el('div', {class: 'plot', id: 'plot-zs'})]);
@@ -306,7 +311,9 @@
     var models = Object.keys(D.widths).filter(function (m) { return D.widths[m].cells.length; }).sort();
     if (!models.length) { s.appendChild(el('p', {class: 'warn', text: 'No record in this store holds per-layer widths.'})); return; }
     var w = state.widths = state.widths || {};
-    if (models.indexOf(w.model) < 0) { w.model = models[0]; }
+    if (models.indexOf(w.model) < 0) {
+      w.model = models.reduce(function (a, b) { return D.widths[b].cells.length > D.widths[a].cells.length ? b : a; });
+    }
     var bar = el('div', {class: 'filters'}), pair = el('div', {class: 'pair'}, [el('div', {class: 'heat', id: 'heat-left'}), el('div', {class: 'heat', id: 'heat-right'})]);
     var note = el('p', {class: 'meta'});
     s.appendChild(bar); s.appendChild(pair); s.appendChild(note);
