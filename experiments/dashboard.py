@@ -441,8 +441,10 @@ def _sweep(sweep_dirs: Sequence[Path], records: Sequence[Mapping]) -> list[dict]
     for r in records:
         if isinstance(r.get("config"), Mapping):
             known[_identity(r["config"])] = r.get("config_hash")
-    out, now = [], time.time()
+    out: list[dict] = []
+    now = time.time()
     for root in sweep_dirs:
+        first = len(out)
         root = Path(root)
         jobs = sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
         planned = _planned_jobs(root)
@@ -498,7 +500,18 @@ def _sweep(sweep_dirs: Sequence[Path], records: Sequence[Mapping]) -> list[dict]
                     "reason": reason,
                 }
             )
+        _shared_overrides(out[first:])
     return out
+
+
+def _shared_overrides(jobs: list[dict]) -> None:
+    """Each job's row names only the overrides that differ between the sweep's jobs (what identifies it); the ones
+    every job sets go to ``shared``, shown once above the table."""
+    tokens = [j["overrides"].split() for j in jobs]
+    shared = set.intersection(*map(set, tokens)) if len(tokens) > 1 else set()
+    for j, t in zip(jobs, tokens):
+        j["overrides"] = " ".join(x for x in t if x not in shared)
+        j["shared"] = " ".join(x for x in tokens[0] if x in shared)
 
 
 def build_data(

@@ -399,7 +399,8 @@ def test_sweep_progress_from_a_multirun_directory(fresh_store, tmp_path):
     assert state[0] == ("done", f"record {done['config_hash']}")
     assert state[1] == ("failed", "error: method.structures: bad value")
     assert state[2] == ("running", "")  # its log was just written, and its cell is not in the store
-    assert state[3][0] == "pending" and data["sweep"][3]["overrides"] == "method=flap pruning.ratio=0.3 seed=0"
+    assert state[3][0] == "pending" and data["sweep"][3]["overrides"] == "method=flap pruning.ratio=0.3"
+    assert {j["shared"] for j in data["sweep"]} == {"seed=0"}  # set by every job: shown once above the table
 
 
 @pytest.mark.slow

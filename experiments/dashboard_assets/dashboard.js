@@ -389,12 +389,16 @@
     var by = {};
     D.sweep.forEach(function (j) { by[j.state] = (by[j.state] || 0) + 1; });
     s.appendChild(el('p', {id: 'sweep-summary', text: Object.keys(by).sort().map(function (k) { return k + ': ' + by[k]; }).join(' \u00b7 ')}));
+    var shown = {};
+    D.sweep.forEach(function (j) {
+      if (j.shared && !shown[j.sweep]) { shown[j.sweep] = 1; s.appendChild(el('p', {class: 'meta', text: j.sweep + ': every job sets ' + j.shared})); }
+    });
     var tb = el('tbody');
     D.sweep.forEach(function (j) {
       tb.appendChild(el('tr', {}, [el('td', {class: 't', text: j.sweep}), el('td', {text: String(j.job)}), el('td', {class: 't', text: j.overrides}),
         el('td', {class: 't state-' + j.state, text: j.state}), el('td', {class: 't', text: j.reason})]));
     });
-    s.appendChild(el('div', {class: 'scroll'}, [el('table', {id: 'sweep-table'}, [el('thead', {}, [el('tr', {}, ['sweep', 'job', 'overrides', 'state', 'record / reason'].map(function (h) { return el('th', {text: h}); }))]), tb])]));
+    s.appendChild(el('div', {class: 'scroll'}, [el('table', {id: 'sweep-table'}, [el('thead', {}, [el('tr', {}, ['sweep', 'job', 'overrides (what differs)', 'state', 'record / reason'].map(function (h) { return el('th', {text: h}); }))]), tb])]));
   }
 
   var DRAW = {explorer: drawExplorer, quality: drawQuality, widths: drawWidths, tables: drawTables, bench: drawBench, sweep: drawSweep};
