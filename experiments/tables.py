@@ -401,8 +401,16 @@ def _provenance_notes(cells: pd.DataFrame, spec: TableSpec) -> list[str]:
     calib: dict[str, set] = {}
     for m, c, seed in zip(ours["base_method"], ours["calibration"], ours["seed"]):
         if isinstance(c, str):
-            calib.setdefault(f"{m}: {c.rsplit(', seed', 1)[0]}", set()).add(str(seed).split("/")[-1])
-    notes += [f"calibration, {k} (calibration seeds {', '.join(sorted(v))})" for k, v in sorted(calib.items())]
+            # seed_key: "<run>/<calibration>" when the draw depends on the calibration seed, else "<run>"
+            calib.setdefault(f"{m}: {c.rsplit(', seed', 1)[0]}", set()).add(
+                str(seed).split("/")[-1] if "/" in str(seed) else ""
+            )
+    notes += [
+        f"calibration, {k} ("
+        + (f"calibration seeds {', '.join(sorted(v))}" if v != {""} else "the draw does not depend on the seed")
+        + ")"
+        for k, v in sorted(calib.items())
+    ]
     no_calib = sorted({m for m, c in zip(ours["base_method"], ours["calibration"]) if not isinstance(c, str)})
     if no_calib:
         notes.append(f"no calibration data read: {', '.join(no_calib)}")
