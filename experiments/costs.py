@@ -67,7 +67,7 @@ def prune_time_frame(records: Iterable[Mapping]) -> pd.DataFrame:
 
 def prune_time_markdown(df: pd.DataFrame) -> str:
     """Per ratio: methods as rows, each model's pruning time (and its phases) as columns, smallest model first; with
-    two or more models, the growth factor of the largest over the smallest."""
+    two or more models, the growth factor of the largest over the next smaller one."""
     lines = [
         "### Pruning wall time per method and model (ratio-sweep cells)",
         "",
@@ -87,7 +87,7 @@ def prune_time_markdown(df: pd.DataFrame) -> str:
         head = ["method"] + [f"{m} pruning s (cal / score / surgery)" for m in models]
         growth = len(models) >= 2
         if growth:
-            head.append(f"{models[-1]} / {models[0]}")
+            head.append(f"{models[-1]} / {models[-2]}")
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for method, rows in part.groupby("method", sort=False):
             by = {m: rows[rows["model"] == m] for m in models}
@@ -103,7 +103,7 @@ def prune_time_markdown(df: pd.DataFrame) -> str:
                     f"{x['surgery s']:,.0f})"
                 )
             if growth:
-                a, b = by[models[0]], by[models[-1]]
+                a, b = by[models[-2]], by[models[-1]]
                 ok = not a.empty and not b.empty and a.iloc[0]["pruning s"] >= 1
                 ok = ok and not (a.iloc[0]["stats_cached"] or b.iloc[0]["stats_cached"])
                 cells.append(f"{b.iloc[0]['pruning s'] / a.iloc[0]['pruning s']:.1f}x" if ok else "")
