@@ -24,6 +24,8 @@ if [[ "${1:-all}" != tables ]]; then
   run experiment=ratio_sweep pruning.ratio=0.2,0.5 calibration.seed=0
   # Qwen2.5-Coder-0.5B (fetched on first use; partial so far: see results/README.md)
   run experiment=ratio_sweep model=qwen25_coder_05b pruning.ratio=0.2,0.5 calibration.seed=0
+  run experiment=ratio_sweep model=qwen25_coder_05b pruning.ratio=0.2 calibration.seed=0 \
+    method=magnitude_l1,llm_pruner_element2,llm_pruner_vector   # the variants outside the sweep's list
   # stories260K, the quick one: every preset and the whole ratio sweep (10-50%, seeds 0-2)
   run experiment=llm_pruner_table1 model=stories260k
   run experiment=flap_table model=stories260k
