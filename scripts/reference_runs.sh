@@ -26,6 +26,7 @@ if [[ "${1:-all}" != tables ]]; then
   run experiment=ratio_sweep model=qwen25_coder_05b pruning.ratio=0.2,0.5 calibration.seed=0
   run experiment=ratio_sweep model=qwen25_coder_05b pruning.ratio=0.2 calibration.seed=0 \
     method=magnitude_l1,llm_pruner_element2,llm_pruner_vector   # the variants outside the sweep's list
+  run experiment=slicegpt_table model=qwen25_coder_05b
   # stories260K, the quick one: every preset and the whole ratio sweep (10-50%, seeds 0-2)
   run experiment=llm_pruner_table1 model=stories260k
   run experiment=flap_table model=stories260k
