@@ -34,13 +34,8 @@ def prune_time_frame(records: Iterable[Mapping]) -> pd.DataFrame:
         cfg = r.get("config") or {}
         ratio = (cfg.get("pruning") or {}).get("ratio")
         timings = r.get("timings") or {}
-        if (
-            ratio is None
-            or method_name(r) == "dense"
-            or "prune" not in timings
-            or cfg.get("recovery", {}).get("_target_")
-        ):
-            continue
+        if ratio is None or method_name(r) == "dense" or "prune" not in timings:
+            continue  # (a recovered cell's pruning phases are the same work; its label says "+lora")
         calib = r.get("calibration") or {}
         cached = any(s.get("cached") for s in calib.get("statistics") or [])
         method = label.get(r.get("config_hash"), method_name(r))
