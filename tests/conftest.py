@@ -43,6 +43,13 @@ def slurm_skip_reason() -> str | None:
     return None
 
 
+def same_threads_env() -> dict[str, str]:
+    """Environment for a child process that recomputes logits: torch's thread count changes the float32 summation
+    order (CI saw 4.7e-5 on SmolLM2 logits between 1 thread here and every core in the child), so the child uses
+    this process's count and a same-weights comparison stays exact to rounding."""
+    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+
+
 @pytest.fixture
 def one_thread():
     """Tiny-model passes are dominated by thread start-up; on a shared 2-core box one thread is far faster.

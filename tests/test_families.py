@@ -41,7 +41,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from conftest import logits
+from conftest import logits, same_threads_env
 from experiments.cell import build_method
 from pruning import data
 from pruning.errors import CheckpointError, UnsupportedModelError
@@ -447,6 +447,7 @@ def test_save_formats_reload_with_trust_remote_code(text_ids, tmp_path):
         cwd=tmp_path,
         capture_output=True,
         text=True,
+        env=same_threads_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(tmp_path / "out.pt")

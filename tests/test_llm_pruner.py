@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from conftest import STORIES, logits
+from conftest import STORIES, logits, same_threads_env
 from pruning import data
 from pruning.errors import InfeasibleRatioError, PruningError
 from pruning.methods.llm_pruner import llm_pruner
@@ -188,8 +188,6 @@ def test_channel_pruned_model_saves_and_reloads(calib, stories_text_ids, tmp_pat
 @pytest.mark.slow
 def test_channel_pruned_model_reloads_with_trust_remote_code(calib, stories_text_ids, tmp_path):
     """In a process that never imports pruning: the saved modeling file alone rebuilds the mean-dim norms."""
-    import os
-
     model, out = channel_pruned_saved(calib, tmp_path)
     torch.save(stories_text_ids, tmp_path / "ids.pt")
     proc = subprocess.run(
@@ -197,7 +195,7 @@ def test_channel_pruned_model_reloads_with_trust_remote_code(calib, stories_text
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env=same_threads_env(),
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["MeanDimRMSNorm", "51", "64"]

@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import logits, root_file
+from conftest import logits, root_file, same_threads_env
 from pruning.errors import InfeasibleRatioError
 from pruning.models import adapter_for, load_model
 from pruning.models.loading import resolve_checkpoint
@@ -200,7 +200,6 @@ def test_a_kv_head_leaves_only_with_the_last_of_its_seven_query_heads(qwen_spec,
 REMOTE = """
 import sys, torch
 from transformers import AutoModelForCausalLM
-torch.set_num_threads(1)  # the test's own thread count: the same summation order
 m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
 assert not any(k == "pruning" or k.startswith("pruning.") for k in sys.modules), "pruning was imported"
 with torch.no_grad():
@@ -268,6 +267,7 @@ def test_save_reload_is_identical_both_ways(qwen_spec, ids, tmp_path):  # noqa: 
         cwd=tmp_path,
         capture_output=True,
         text=True,
+        env=same_threads_env(),
         timeout=1200,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import logits
+from conftest import logits, same_threads_env
 from pruning.surgery.apply import apply_plan
 from pruning.surgery.plan import PrunePlan
 from pruning.surgery.save import save_pruned
@@ -72,6 +72,7 @@ def test_heterogeneous_save_reloads_with_remote_code_in_a_clean_process(stories,
         cwd=tmp_path,
         capture_output=True,
         text=True,
+        env=same_threads_env(),
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "transformers_modules" in proc.stdout

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import STORIES, logits
+from conftest import STORIES, logits, same_threads_env
 from pruning import data
 from pruning.errors import InfeasibleRatioError, PruningError
 from pruning.methods.slicegpt import Dims, pca, rotate_and_slice, slicegpt
@@ -214,6 +214,7 @@ def test_sliced_save_reloads_with_remote_code_in_a_clean_process(stories, storie
         cwd=tmp_path,
         capture_output=True,
         text=True,
+        env=same_threads_env(),
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "transformers_modules" in proc.stdout

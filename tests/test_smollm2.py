@@ -22,7 +22,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import logits
+from conftest import logits, same_threads_env
 from pruning import data
 from pruning.errors import CheckpointError, DataError
 from pruning.models import convert as conv
@@ -301,6 +301,7 @@ def _check_saved(out: Path, model, adapter, ids, tmp_path, remote: bool):
             cwd=tmp_path,
             capture_output=True,
             text=True,
+            env=same_threads_env(),
         )
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "transformers_modules" in proc.stdout and "tied" in proc.stdout.split()
