@@ -33,6 +33,12 @@ def sweep_overrides(argv: list[str]) -> list[list[str]]:
 def _preset_cells(base: list[str]) -> list[list[str]]:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=base, return_hydra_config=True)
+    sweeper = str(cfg.hydra.sweeper.get("_target_", ""))
+    if not sweeper.endswith("BasicSweeper"):
+        raise SystemExit(
+            f"error: {' '.join(base)} sweeps with {sweeper.rsplit('.', 1)[-1]}, whose cells come from its search, not "
+            "a grid that can be composed here; check its trial cells by hash in the store instead"
+        )
     params = dict(cfg.hydra.sweeper.get("params") or {})
     axes = []
     for key, values in params.items():

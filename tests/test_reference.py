@@ -82,3 +82,17 @@ def test_presets_compose_exactly_the_committed_cells(argv):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert proc.stdout.count("\nok ") + proc.stdout.startswith("ok ") >= 3
+
+
+def test_a_study_preset_is_refused_in_one_line():
+    """AdaPruner's cells come from its Optuna search: the check says so instead of a Hydra parse traceback."""
+    proc = subprocess.run(
+        [sys.executable, "scripts/check_reference_store.py", "--store", "results/store", "experiment=adapruner"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "AdaPrunerSweeper" in proc.stderr
+    assert "Traceback" not in proc.stderr
