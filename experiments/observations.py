@@ -381,10 +381,20 @@ def _variant_labels(records: Sequence[Mapping], bases: Sequence[str]) -> list[st
     for i, r in enumerate(records):
         groups.setdefault((_name((r.get("config") or {}).get("model")), bases[i]), []).append(i)
     labels = [""] * len(records)
-    for idx in groups.values():
+    varying_in: dict[tuple, list[tuple]] = {}
+    for key, idx in groups.items():
         paths = sorted({p for i in idx for p in leaves[i]})
         # a value missing from some records (older schema) does not split rows; two different values do
-        varying = [p for p in paths if len({leaves[i][p] for i in idx if p in leaves[i]}) > 1]
+        varying_in[key] = [p for p in paths if len({leaves[i][p] for i in idx if p in leaves[i]}) > 1]
+    for (model, base), idx in groups.items():
+        varying = varying_in[(model, base)]
+        if not varying:
+            # a single variant on this model still names what tells the method's variants apart on another model
+            # (Qwen's one Search-LLM cell is the initialisation, as the labelled SmolLM2 rows beside it show)
+            varying = sorted(
+                {p for (_, b), ps in varying_in.items() if b == base for p in ps if p[0] != "model"}
+                & {p for i in idx for p in leaves[i]}
+            )
         if not varying:
             continue
         lasts = [p[-1] for p in varying]

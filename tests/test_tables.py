@@ -541,3 +541,27 @@ def test_a_seed_independent_draw_is_one_run_not_three():
     f = table.frame
     short = f[(f["method"].str.startswith("shortgpt")) & ((f["ratio"] - 0.2).abs() < 1e-9) & (f["source"] == "ours")]
     assert list(short["n"]) == [1]
+
+
+def test_a_single_variant_is_labelled_like_its_siblings_on_another_model():
+    """Qwen has only Search-LLM's initialisation at 20%; SmolLM2 has it and the quick search, told apart by
+    [preset, generations]. The lone Qwen row says it is the initialisation instead of passing as plain search_llm."""
+    recs = [
+        r
+        for r in ResultsStore(REPO / "results" / "store").records()
+        if r["config"]["model"]["name"] in ("qwen25_coder_05b", "smollm2_135m")
+        and r["plan"]["meta"]["method"] == "search_llm"
+        and r["config"]["pruning"].get("ratio") == 0.2
+    ]
+    labels = {(r["config"]["model"]["name"], r["config"]["method"]["preset"]) for r in recs}
+    assert ("qwen25_coder_05b", "init") in labels and ("qwen25_coder_05b", "quick") not in labels
+    f = T.build_table(recs, "ratio_sweep").frame
+    ours = f[(f["source"] == "ours") & (f["method"] != "dense")]
+    assert set(ours.loc[ours["model"] == "qwen25_coder_05b", "method"]) == {"search_llm [preset=init, generations=0]"}
+    assert set(ours.loc[ours["model"] == "smollm2_135m", "method"]) == {
+        "search_llm [preset=init, generations=0]",
+        "search_llm [preset=quick, generations=8]",
+    }
+    # alone (no sibling variant anywhere) a method keeps its bare name
+    alone = T.build_table([r for r in recs if r["config"]["model"]["name"] == "qwen25_coder_05b"], "ratio_sweep").frame
+    assert set(alone.loc[alone["source"] == "ours", "method"]) == {"dense", "search_llm"}
