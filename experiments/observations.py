@@ -367,7 +367,7 @@ def _fmt_leaf(value: str) -> str:
     except (TypeError, ValueError):
         return str(value)
     if isinstance(v, list):
-        return "+".join(str(x) for x in v)
+        return "+".join(str(x) for x in v) or "none"  # e.g. NIRVANA's kl_select.seeds=[]: no seed search
     text = "null" if v is None else str(v)
     if isinstance(v, str) and (not v.isprintable() or v.strip() != v):  # e.g. a join string "\n\n" or " "
         text = json.dumps(v)
