@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from test_qwen25_coder import qwen_spec  # noqa: F401  (fixture)
+
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_STORE = REPO / "results" / "store" / "records"
 
@@ -73,6 +75,17 @@ def test_committed_stories_cell_reproduces(tmp_path):
 def test_presets_compose_exactly_the_committed_cells(argv):
     """scripts/reference_runs.sh would find every cell in results/store: the committed records are what today's
     presets compose (same config hash), so the tables never mix code versions and a re-run is all store hits."""
+    _check_reference_store(argv)
+
+
+@pytest.mark.slow  # composing reads the model's config.json: the fetched weights (skipped without an index)
+@pytest.mark.parametrize("preset", ["llm_pruner_table1", "flap_table", "slicegpt_table"])
+def test_qwen_paper_presets_are_complete_in_the_store(qwen_spec, preset):  # noqa: F811
+    """The paper presets run on Qwen2.5-Coder-0.5B at their own operating points: every cell is committed."""
+    _check_reference_store([f"experiment={preset}", "model=qwen25_coder_05b"])
+
+
+def _check_reference_store(argv: list[str]) -> None:
     proc = subprocess.run(
         [sys.executable, "scripts/check_reference_store.py", "--store", "results/store", *argv],
         cwd=REPO,
