@@ -22,11 +22,14 @@ if [[ "${1:-all}" != tables ]]; then
   run experiment=search_llm_table2
   # every method at 20% and 50% of ALL parameters (the cross-method axis), calibration seed 0 (CPU budget)
   run experiment=ratio_sweep pruning.ratio=0.2,0.5 calibration.seed=0
-  # Qwen2.5-Coder-0.5B (fetched on first use; partial so far: see results/README.md)
+  # Qwen2.5-Coder-0.5B (fetched on first use; one cell at a time: hydra/launcher=basic; partial: see results/README.md)
   run experiment=ratio_sweep model=qwen25_coder_05b pruning.ratio=0.2,0.5 calibration.seed=0
   run experiment=ratio_sweep model=qwen25_coder_05b pruning.ratio=0.2 calibration.seed=0 \
     method=magnitude_l1,llm_pruner_element2,llm_pruner_vector   # the variants outside the sweep's list
+  run experiment=ratio_sweep model=qwen25_coder_05b pruning.ratio=0.2 calibration.seed=0 method=nirvana  # full config
   run experiment=slicegpt_table model=qwen25_coder_05b
+  run experiment=llm_pruner_table1 model=qwen25_coder_05b
+  run experiment=flap_table model=qwen25_coder_05b
   # stories260K, the quick one: every preset and the whole ratio sweep (10-50%, seeds 0-2)
   run experiment=llm_pruner_table1 model=stories260k
   run experiment=flap_table model=stories260k
