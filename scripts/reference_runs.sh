@@ -30,6 +30,7 @@ if [[ "${1:-all}" != tables ]]; then
   run experiment=slicegpt_table model=qwen25_coder_05b
   run experiment=llm_pruner_table1 model=qwen25_coder_05b
   run experiment=flap_table model=qwen25_coder_05b
+  run experiment=search_llm_table2 model=qwen25_coder_05b +row=search_llm_t2/llm_pruner,search_llm_t2/slicegpt,search_llm_t2/flap
   # stories260K, the quick one: every preset and the whole ratio sweep (10-50%, seeds 0-2)
   run experiment=llm_pruner_table1 model=stories260k
   run experiment=flap_table model=stories260k
