@@ -27,6 +27,8 @@ if [[ "${1:-all}" != tables ]]; then
   run experiment=ratio_sweep model=qwen25_coder_05b pruning.ratio=0.2 calibration.seed=0 \
     method=magnitude_l1,llm_pruner_element2,llm_pruner_vector   # the variants outside the sweep's list
   run experiment=ratio_sweep model=qwen25_coder_05b pruning.ratio=0.2 calibration.seed=0 method=nirvana  # full config
+  run experiment=ratio_sweep model=qwen25_coder_05b pruning.ratio=0.2 calibration.seed=1,2 \
+    method=llm_pruner,nirvana_cpu,llm_bip,wanda_sp,slicegpt_cpu   # the seed spread of the leading rows
   run experiment=slicegpt_table model=qwen25_coder_05b
   run experiment=llm_pruner_table1 model=qwen25_coder_05b
   run experiment=flap_table model=qwen25_coder_05b
