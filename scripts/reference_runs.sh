@@ -12,6 +12,8 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-disabled}
 PY=${PYTHON:-python}
 STORE=results/store
 run() { "$PY" run.py -m "$@" store.dir=$STORE progress=false; }
+# Qwen2.5-Coder-0.5B one cell at a time, both cores: NIRVANA's scoring alone peaks at 12.4 GB, so two do not fit 24 GiB
+qrun() { run "$@" model=qwen25_coder_05b hydra/launcher=basic threads=2; }
 
 if [[ "${1:-all}" != tables ]]; then
   # SmolLM2-135M, the table model: each paper preset at its paper's own operating point (native knob) and
@@ -22,17 +24,17 @@ if [[ "${1:-all}" != tables ]]; then
   run experiment=search_llm_table2
   # every method at 20% and 50% of ALL parameters (the cross-method axis), calibration seed 0 (CPU budget)
   run experiment=ratio_sweep pruning.ratio=0.2,0.5 calibration.seed=0
-  # Qwen2.5-Coder-0.5B (fetched on first use; one cell at a time: hydra/launcher=basic; partial: see results/README.md)
-  run experiment=ratio_sweep model=qwen25_coder_05b pruning.ratio=0.2,0.5 calibration.seed=0
-  run experiment=ratio_sweep model=qwen25_coder_05b pruning.ratio=0.2 calibration.seed=0 \
+  # Qwen2.5-Coder-0.5B (fetched on first use; partial: see results/README.md)
+  qrun experiment=ratio_sweep pruning.ratio=0.2,0.5 calibration.seed=0
+  qrun experiment=ratio_sweep pruning.ratio=0.2 calibration.seed=0 \
     method=magnitude_l1,llm_pruner_element2,llm_pruner_vector   # the variants outside the sweep's list
-  run experiment=ratio_sweep model=qwen25_coder_05b pruning.ratio=0.2 calibration.seed=0 method=nirvana  # full config
-  run experiment=ratio_sweep model=qwen25_coder_05b pruning.ratio=0.2 calibration.seed=1,2 \
+  qrun experiment=ratio_sweep pruning.ratio=0.2 calibration.seed=0 method=nirvana  # full config
+  qrun experiment=ratio_sweep pruning.ratio=0.2 calibration.seed=1,2 \
     method=llm_pruner,nirvana_cpu,llm_bip,wanda_sp,slicegpt_cpu   # the seed spread of the leading rows
-  run experiment=slicegpt_table model=qwen25_coder_05b
-  run experiment=llm_pruner_table1 model=qwen25_coder_05b
-  run experiment=flap_table model=qwen25_coder_05b
-  run experiment=search_llm_table2 model=qwen25_coder_05b +row=search_llm_t2/llm_pruner,search_llm_t2/slicegpt,search_llm_t2/flap
+  qrun experiment=slicegpt_table
+  qrun experiment=llm_pruner_table1
+  qrun experiment=flap_table
+  qrun experiment=search_llm_table2 +row=search_llm_t2/llm_pruner,search_llm_t2/slicegpt,search_llm_t2/flap
   # stories260K, the quick one: every preset and the whole ratio sweep (10-50%, seeds 0-2)
   run experiment=llm_pruner_table1 model=stories260k
   run experiment=flap_table model=stories260k
