@@ -12,8 +12,8 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-disabled}
 PY=${PYTHON:-python}
 STORE=results/store
 run() { "$PY" run.py -m "$@" store.dir=$STORE progress=false; }
-# Qwen2.5-Coder-0.5B one cell at a time, both cores: NIRVANA's scoring alone peaks at 12.4 GB, so two do not fit 24 GiB
-qrun() { run "$@" model=qwen25_coder_05b hydra/launcher=basic threads=2; }
+# Qwen2.5-Coder-0.5B one cell at a time on every core: NIRVANA's scoring alone peaks at 12.4 GB, so two do not fit 24 GiB
+qrun() { run "$@" model=qwen25_coder_05b hydra/launcher=basic threads=null; }
 
 if [[ "${1:-all}" != tables ]]; then
   # SmolLM2-135M, the table model: each paper preset at its paper's own operating point (native knob) and
