@@ -7,7 +7,9 @@ slurm_local), each an ordinary store cell (``method=adapruner eval=adapruner_obj
 tells optuna the objectives. The rest is optuna's own:
 
 - Resume: ``create_study(load_if_exists=True)``; a re-run asks only the trials missing from ``n_trials``. TPE's seed
-  is ``seed`` + the trials already asked: fixed, yet a resumed study does not replay its first proposals.
+  is ``seed`` + the trials already asked: fixed, yet a resumed study does not replay its first proposals. The study
+  keeps the settings its trials were scored under (:func:`fixed_settings`, a user attribute); a re-run that changes
+  one (another model, ratio or objective length) is refused in one line, since its objectives would not compare.
 - A killed driver: running trials keep optuna's heartbeat; at start ``fail_stale_trials`` marks the stale ones FAIL
   and ``RetryHeartbeatStaleTrialCallback`` queues their parameters again (a store hit if the cell had finished).
   A retried FAIL does not count towards ``n_trials``.
@@ -109,6 +111,54 @@ def search_space(config: DictConfig, task_overrides: list[str]) -> dict:
     return space
 
 
+def fixed_settings(config_name: str, task_overrides: list[str], space: dict) -> dict[str, Any]:
+    """Every semantic setting a trial does not sample, flattened (``eval.ppl.0.max_windows``: 128): the trials of one
+    study must all be scored under the same ones, or their objectives do not compare."""
+    from hydra import compose
+    from omegaconf import OmegaConf
+
+    import experiments.paper_ratios  # noqa: F401  (the ${paper_knob:...} resolver)
+    from experiments.record import NON_SEMANTIC, _drop_progress
+
+    cfg = compose(config_name=config_name, overrides=_value_overrides(task_overrides, set(space)))
+    plain = _drop_progress(OmegaConf.to_container(cfg, resolve=True))
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(f"{prefix}.{i}", v)
+        else:
+            flat[prefix] = value
+
+    for key, value in plain.items():
+        if key not in NON_SEMANTIC:
+            walk(str(key), value)
+    return {k: v for k, v in flat.items() if k not in space}
+
+
+def check_fixed_settings(study, settings: dict[str, Any]) -> None:
+    """Record ``settings`` on a new study; refuse a resumed one whose trials ran under other settings."""
+    from pruning.errors import PruningError
+
+    stored = study.user_attrs.get("fixed_settings")
+    if stored is None:
+        study.set_user_attr("fixed_settings", settings)
+        return
+    unset = "<unset>"
+    changed = sorted(k for k in stored.keys() | settings.keys() if stored.get(k, unset) != settings.get(k, unset))
+    if changed:
+        shown = ", ".join(f"{k}: {stored.get(k, unset)!r} -> {settings.get(k, unset)!r}" for k in changed[:3])
+        more = f" (+{len(changed) - 3} more)" if len(changed) > 3 else ""
+        raise PruningError(
+            f"study {study.study_name!r} was scored under other settings ({shown}{more}); resume it with the same "
+            f"overrides, or start another: hydra.sweeper.study_name=<new name>"
+        )
+
+
 def counted_trials(study) -> list:
     """The trials that count towards ``n_trials``: finished (COMPLETE, PRUNED, FAIL), except a FAIL that optuna
     retried after its driver died."""
@@ -188,6 +238,8 @@ class StudySweeper(Sweeper):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat, stale-trial retry
             warnings.filterwarnings("ignore", "Heartbeat of storage is supposed")  # ask(): we run the heartbeat
             study, storage = self.open_study()
+            config_name = self.config.hydra.job.config_name or "config"
+            check_fixed_settings(study, fixed_settings(config_name, arguments, space))
             job_idx = 0
             while (missing := self.n_trials - len(counted_trials(study))) > 0:
                 with contextlib.ExitStack() as heartbeats:

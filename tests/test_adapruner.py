@@ -192,6 +192,35 @@ def test_study_refuses_leaky_objective_pool_and_trial_recovery_before_running(tm
     assert not (tmp_path / "s.db").exists()  # nothing was created or run
 
 
+def test_a_resumed_study_refuses_settings_its_trials_were_not_scored_under(tmp_path):
+    """A study resumed with another objective length (or model, ratio, ...) would rank objectives that do not
+    compare; the sampled keys and the run's bookkeeping (threads, store, hydra.*) may change."""
+    import optuna
+    from hydra import initialize_config_dir
+
+    from experiments.adapruner import check_fixed_settings, fixed_settings, search_space
+
+    base = ["experiment=adapruner", "eval.ppl.0.max_windows=32", "calibration.n_samples=choice(4,8)"]
+    space = search_space(_study_config(tmp_path), base)
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+
+        def settings(*extra):
+            return fixed_settings("config", [*base, *extra], space)
+
+        first = settings("threads=1", f"store.dir={tmp_path}", "hydra.sweeper.n_trials=3")
+        assert first["eval.ppl.0.max_windows"] == 32 and first["pruning.ratio"] == 0.2
+        assert not {"calibration.n_samples", "calibration.seed", "method.importance", "threads"} & first.keys()
+        assert not [k for k in first if k.startswith(("store.", "hydra."))]
+        study = optuna.create_study(study_name="s", direction="minimize")
+        check_fixed_settings(study, first)  # a new study records them
+        assert study.user_attrs["fixed_settings"] == first
+        check_fixed_settings(study, settings("threads=2", "hydra.sweeper.n_trials=5"))  # bookkeeping only: resumes
+        with pytest.raises(PruningError, match=r"eval\.ppl\.0\.max_windows: 32 -> 64.*study_name=<new name>"):
+            check_fixed_settings(study, settings("eval.ppl.0.max_windows=64"))
+        with pytest.raises(PruningError, match=r"pruning\.ratio: 0\.2 -> 0\.3"):
+            check_fixed_settings(study, settings("pruning.ratio=0.3"))
+
+
 # --------------------------------------------------------------------------------------------- the study
 
 
