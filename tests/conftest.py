@@ -6,7 +6,9 @@ import contextlib
 import json
 import logging
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -18,6 +20,7 @@ import torch
 from pruning import data
 
 STORIES = "embedded:stories260K"
+REPO = Path(__file__).resolve().parents[1]
 
 # Under pytest-xdist each worker takes its share of the cores: with torch's default (every core) two workers
 # oversubscribe a 2-core machine and spin in OpenMP.
@@ -31,7 +34,6 @@ def slurm_skip_reason() -> str | None:
     """Why the SLURM launcher tests cannot run here, or None. .ci/run starts a local SLURM and sets
     PRUNING_REQUIRE_SLURM=1, so there a controller that did not come up fails the tests instead of skipping them."""
     import shutil
-    import subprocess
 
     if os.environ.get("PRUNING_REQUIRE_SLURM") == "1":
         return None
@@ -48,6 +50,24 @@ def same_threads_env() -> dict[str, str]:
     order (CI saw 4.7e-5 on SmolLM2 logits between 1 thread here and every core in the child), so the child uses
     this process's count and a same-weights comparison stays exact to rounding."""
     return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+
+
+def cli_run(tmp_path: Path, *args: str, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python run.py <args>`` in a child process as a user types it, with its store and run dir under ``tmp_path``
+    (the offline settings above are inherited); the caller checks the exit code and output."""
+    return subprocess.run(
+        [sys.executable, "run.py", f"store.dir={tmp_path / 'store'}", f"hydra.run.dir={tmp_path / 'run'}", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def stored_records(tmp_path: Path) -> list[dict]:
+    """The records ``cli_run`` wrote under ``tmp_path``."""
+    return [json.loads(p.read_text()) for p in sorted((tmp_path / "store" / "records").glob("*.json"))]
 
 
 @pytest.fixture
@@ -179,8 +199,6 @@ def site_inputs(model, ids, sites=("o_proj", "down_proj")) -> dict[tuple[int, st
 
 def index_reachable() -> str | None:
     """None when pip can see the pinned wheels on its configured index, else why not (for the skip reason)."""
-    import subprocess
-
     from pruning.errors import one_line
     from pruning.models.fetch import SOURCES
 

@@ -4,18 +4,14 @@ change), zero-weight units score 0, no backward, masking == surgery, and the CLI
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import STORIES, logits
+from conftest import STORIES, cli_run, logits, stored_records
 from pruning import data
 from pruning.calibration import collect
 from pruning.errors import PruningError
@@ -185,27 +181,9 @@ def test_plan_masking_equals_surgery(calib, stories_text_ids, mode, structures, 
 
 @pytest.mark.slow
 def test_cli_llm_bip_writes_record(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "run.py",
-            "method=llm_bip",
-            "pruning.ratio=0.2",
-            "eval=quick",
-            "progress=false",
-            f"store.dir={tmp_path / 'store'}",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = cli_run(tmp_path, "method=llm_bip", "pruning.ratio=0.2", "eval=quick", "progress=false")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    recs = [json.loads(p.read_text()) for p in (tmp_path / "store" / "records").glob("*.json")]
-    rec = next(r for r in recs if r["plan"]["meta"].get("method") == "llm_bip")
+    rec = next(r for r in stored_records(tmp_path) if r["plan"]["meta"].get("method") == "llm_bip")
     assert rec["params"]["after"] < 292_800 and abs(rec["params"]["achieved_ratio"] - 0.2) < 0.01
     assert rec["plan"]["meta"]["llm_bip"]["variant"] == "interp_v1"
     for res in rec["metrics"]["ppl"].values():

@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import STORIES, logits, site_inputs
+from conftest import STORIES, cli_run, logits, site_inputs
 from pruning import data
 from pruning.allocation.global_rank import GlobalRank
 from pruning.calibration import collect
@@ -252,24 +249,7 @@ def test_ratio_zero_is_identity(stories, calib, stories_text_ids):
 
 @pytest.mark.slow
 def test_cli_numerical_writes_record(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "run.py",
-            "method=numerical",
-            "pruning.ratio=0.2",
-            "eval=quick",
-            "progress=false",
-            f"store.dir={tmp_path / 'store'}",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = cli_run(tmp_path, "method=numerical", "pruning.ratio=0.2", "eval=quick", "progress=false")
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = list((tmp_path / "store" / "records").glob("*.json"))
     rec = next(json.loads(p.read_text()) for p in recs if "numerical" in p.read_text())

@@ -9,9 +9,6 @@ CLI run lowers PPL.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from conftest import logits, root_file
+from conftest import cli_run, logits, root_file, stored_records
 from pruning.errors import PruningError
 from pruning.models import adapter_for
 from pruning.recovery import check_recovery, recover
@@ -281,27 +278,10 @@ def test_shipped_configs_are_valid_and_paper_recipe_matches_llm_pruner():
 @pytest.mark.slow
 def test_cli_recovery_lowers_ppl(tmp_path):
     """The issue's command with eval=quick: PPL after recovery < before, both in the record."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "run.py",
-            "method=magnitude",
-            "pruning.ratio=0.3",
-            "recovery=lora",
-            "eval=quick",
-            "threads=1",  # see the fixture above: 1 thread is the fast choice here
-            f"store.dir={tmp_path / 'store'}",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    # threads=1: see the fixture above, 1 thread is the fast choice here
+    proc = cli_run(tmp_path, "method=magnitude", "pruning.ratio=0.3", "recovery=lora", "eval=quick", "threads=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rec = json.loads(next((tmp_path / "store" / "records").glob("*.json")).read_text())
+    (rec,) = [r for r in stored_records(tmp_path) if r["plan"]["meta"].get("method") != "dense"]
     pre, post = rec["metrics"]["prerecovery_ppl"], rec["metrics"]["ppl"]
     assert set(pre) == set(post) and len(post) == 2
     for key in post:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import cli_run, stored_records
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_STORE = REPO / "results" / "store" / "records"
@@ -18,33 +19,17 @@ REFERENCE_STORE = REPO / "results" / "store" / "records"
 
 @pytest.mark.slow  # a `python run.py` subprocess with the preset's full evaluation
 def test_committed_stories_cell_reproduces(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "run.py",
-            "experiment=ratio_sweep",
-            "model=stories260k",
-            "method=llm_pruner",
-            "pruning.ratio=0.2",
-            "calibration.seed=0",
-            f"store.dir={tmp_path / 'store'}",
-            f"hydra.run.dir={tmp_path / 'run'}",
-            "progress=false",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
+    proc = cli_run(
+        tmp_path,
+        "experiment=ratio_sweep",
+        "model=stories260k",
+        "method=llm_pruner",
+        "pruning.ratio=0.2",
+        "calibration.seed=0",
+        "progress=false",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (path,) = [
-        p
-        for p in (tmp_path / "store" / "records").glob("*.json")
-        if json.loads(p.read_text())["plan"]["meta"].get("method") != "dense"
-    ]
-    new = json.loads(path.read_text())
+    (new,) = [r for r in stored_records(tmp_path) if r["plan"]["meta"].get("method") != "dense"]
     committed = REFERENCE_STORE / f"{new['config_hash']}.json"
     assert committed.is_file(), f"the committed command composed a cell that results/store does not hold: {committed}"
     ref = json.loads(committed.read_text())  # the same cell (same hash) as committed

@@ -8,7 +8,6 @@ command (full WikiText-2 and PTB)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,21 +15,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import hydra_app_in_process
+from conftest import cli_run, hydra_app_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run(args, tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
-    return subprocess.run(
-        [sys.executable, "run.py", f"store.dir={tmp_path / 'store'}", f"hydra.run.dir={tmp_path / 'run'}", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    return cli_run(tmp_path, *args)
 
 
 def check_output(proc, tmp_path, protocol_max_windows, results_table=None):

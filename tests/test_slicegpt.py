@@ -5,7 +5,6 @@ saves and reloads both ways."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import STORIES, logits, same_threads_env
+from conftest import STORIES, cli_run, logits, same_threads_env, stored_records
 from pruning import data
 from pruning.errors import InfeasibleRatioError, PruningError
 from pruning.methods.slicegpt import Dims, pca, rotate_and_slice, slicegpt
@@ -238,27 +237,10 @@ def test_tied_embeddings_are_untied_and_function_kept(stories, stories_text_ids,
 
 @pytest.mark.slow
 def test_cli_run_writes_record(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "run.py",
-            "method=slicegpt",
-            "pruning.ratio=0.2",
-            "eval=quick",
-            "progress=false",
-            f"store.dir={tmp_path / 'store'}",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
+    proc = cli_run(tmp_path, "method=slicegpt", "pruning.ratio=0.2", "eval=quick", "progress=false", timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "slicegpt" in proc.stdout
-    records = [json.loads(p.read_text()) for p in (tmp_path / "store" / "records").glob("*.json")]
+    records = stored_records(tmp_path)
     rec = next(r for r in records if r["plan"]["meta"].get("method") == "slicegpt")
     assert rec["params"]["before"] == 292_800
     assert rec["params"]["after"] == rec["plan"]["meta"]["params_closed_form"]

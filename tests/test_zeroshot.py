@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import bz2
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import STORIES, hydra_app_in_process
+from conftest import STORIES, cli_run, hydra_app_in_process
 from experiments.persample import digest, doc_values
 from pruning import data
 from pruning.errors import DataError, PruningError
@@ -387,15 +384,7 @@ def test_pruned_in_memory_equals_saved_and_reloaded(tmp_path):
 
 
 def _run(args, tmp_path, timeout=3600):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
-    return subprocess.run(
-        [sys.executable, "run.py", f"store.dir={tmp_path / 'store'}", f"hydra.run.dir={tmp_path / 'run'}", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return cli_run(tmp_path, *args, timeout=timeout)
 
 
 def _run_in_process(args, tmp_path, capsys, monkeypatch):
