@@ -358,7 +358,21 @@ def _identity_leaves(record: Mapping) -> dict[tuple, str]:
     leaves = _flat_config(cfg)
     if isinstance(model, Mapping):  # the model is its own row key; its variants (dtype, fingerprint) still count
         leaves.update({("model",) + k: v for k, v in _flat_config(model).items() if k != ("name",)})
+    study = record.get("study")  # an AdaPruner study's final cell vs the same method set by hand
+    leaves[("study",)] = json.dumps(f"{len(study.get('trials') or [])} trials" if study else "none")
     return {k: v for k, v in leaves.items() if k and k[-1] not in ("seed", "progress")}
+
+
+def study_trial_hashes(records: Iterable[Mapping]) -> set[str]:
+    """The config hashes of the trials of every AdaPruner study whose final record is among ``records``: search
+    steps, summarised by that final cell (its record["study"])."""
+    return {
+        str(t["config_hash"])
+        for r in records
+        if isinstance(r, Mapping) and isinstance(r.get("study"), Mapping)
+        for t in r["study"].get("trials") or []
+        if t.get("config_hash")
+    }
 
 
 def _fmt_leaf(value: str) -> str:

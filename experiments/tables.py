@@ -38,6 +38,7 @@ from experiments.observations import (
     observations,
     protocols_present,
     setting_label,
+    study_trial_hashes,
 )
 from experiments.store import ResultsStore
 from experiments.table_specs import KNOB_MEANINGS, TABLES, TASK_HEADERS, TableSpec
@@ -215,11 +216,13 @@ def table_records(records: Iterable[Mapping], spec: TableSpec) -> list[Mapping]:
     """The records a table is built from: dense ones, and cells of the paper's methods, set the table's way (native
     knob or pruning.ratio) and evaluated under one of its PPL protocols. Selecting records before the observations
     keeps a method's row label free of config that only differs from cells of other tables (e.g. FLAP's calibration
-    in Search-LLM's table)."""
+    in Search-LLM's table). An AdaPruner study's trials are search steps, summarised by its final cell."""
     protocols = _cell_protocols(spec)
+    records = [r for r in records if isinstance(r, Mapping)]
+    trials = study_trial_hashes(records)
     out = []
     for r in records:
-        if not isinstance(r, Mapping):
+        if r.get("config_hash") in trials:
             continue
         method = method_name(r)
         if method == "dense":

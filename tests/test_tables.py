@@ -565,3 +565,28 @@ def test_a_single_variant_is_labelled_like_its_siblings_on_another_model():
     # alone (no sibling variant anywhere) a method keeps its bare name
     alone = T.build_table([r for r in recs if r["config"]["model"]["name"] == "qwen25_coder_05b"], "ratio_sweep").frame
     assert set(alone.loc[alone["source"] == "ours", "method"]) == {"dense", "search_llm"}
+
+
+def test_an_adapruner_study_is_its_final_cell_in_the_tables():
+    """Qwen has AdaPruner twice at 20%: its method config set by hand, and the final cell of a 12-trial study
+    (experiment=adapruner_cpu). The rows say which is which; the study's trials (objective-only cells) are search
+    steps, in no table row and no cost row."""
+    from experiments.costs import prune_time_frame
+    from experiments.observations import study_trial_hashes
+
+    recs = [
+        r
+        for r in ResultsStore(REPO / "results" / "store").records()
+        if r["config"]["model"]["name"] == "qwen25_coder_05b" and r["plan"]["meta"]["method"] == "adapruner"
+    ]
+    (final,) = [r for r in recs if "study" in r]
+    trials = study_trial_hashes(recs)
+    assert len(trials) == len(final["study"]["trials"]) == 12 and trials <= {r["config_hash"] for r in recs}
+    f = T.build_table(recs, "ratio_sweep").frame
+    ours = f[(f["source"] == "ours") & (f["method"] != "dense")]
+    assert len(ours) == 2 and sorted(m.rsplit("study=", 1)[1] for m in ours["method"]) == [
+        "12 trials]",
+        "none]",
+    ]
+    costs = prune_time_frame(recs)
+    assert len(costs) == 2 and set(costs["method"]) == set(ours["method"])
