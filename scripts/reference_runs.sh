@@ -28,7 +28,9 @@ if [[ "${1:-all}" != tables ]]; then
   qrun experiment=ratio_sweep pruning.ratio=0.2,0.5 calibration.seed=0
   qrun experiment=ratio_sweep pruning.ratio=0.2 calibration.seed=0 \
     method=magnitude_l1,llm_pruner_element2,llm_pruner_vector   # the variants outside the sweep's list
-  qrun experiment=ratio_sweep pruning.ratio=0.2 calibration.seed=0 method=nirvana,slicegpt  # full configs
+  qrun experiment=ratio_sweep pruning.ratio=0.2 calibration.seed=0 method=nirvana,slicegpt,shortgpt  # full configs
+  qrun experiment=ratio_sweep pruning.ratio=0.2 calibration.seed=0 method=adapruner  # its default choices, no study
+  qrun experiment=adapruner_cpu   # the study at CPU size (12 trials), its final cell at 20%
   qrun experiment=ratio_sweep pruning.ratio=0.2 calibration.seed=1,2 \
     method=llm_pruner,nirvana_cpu,llm_bip,wanda_sp,slicegpt_cpu   # the seed spread of the leading rows
   qrun experiment=slicegpt_table
