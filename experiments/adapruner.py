@@ -118,25 +118,19 @@ def fixed_settings(config_name: str, task_overrides: list[str], space: dict) -> 
     from omegaconf import OmegaConf
 
     import experiments.paper_ratios  # noqa: F401  (the ${paper_knob:...} resolver)
-    from experiments.record import NON_SEMANTIC, _drop_progress
+    from experiments.record import semantic_config
 
     cfg = compose(config_name=config_name, overrides=_value_overrides(task_overrides, set(space)))
-    plain = _drop_progress(OmegaConf.to_container(cfg, resolve=True))
     flat: dict[str, Any] = {}
 
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
+    def walk(prefix: str, value: Any) -> None:  # list items by index, so a message can name eval.ppl.0.max_windows
+        if isinstance(value, (dict, list)):
+            for k, v in value.items() if isinstance(value, dict) else enumerate(value):
                 walk(f"{prefix}.{k}" if prefix else str(k), v)
-        elif isinstance(value, list):
-            for i, v in enumerate(value):
-                walk(f"{prefix}.{i}", v)
         else:
             flat[prefix] = value
 
-    for key, value in plain.items():
-        if key not in NON_SEMANTIC:
-            walk(str(key), value)
+    walk("", semantic_config(OmegaConf.to_container(cfg, resolve=True)))
     return {k: v for k, v in flat.items() if k not in space}
 
 

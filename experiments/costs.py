@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 
 import pandas as pd
 
-from experiments.observations import method_name, observations, study_trial_hashes
+from experiments.observations import method_name, observations, without_study_trials
 
 PHASES = {"calibration": "calibration s", "prune": "scoring s", "surgery": "surgery s"}
 
@@ -22,13 +22,10 @@ def prune_time_frame(records: Iterable[Mapping]) -> pd.DataFrame:
     """One row per (model, method, ratio) of the ratio-sweep cells: the median of each phase over the cells that
     share them (calibration seeds), and how many cells that is. A study's trials are left out: its final cell
     stands for it (each trial's time is in its own record)."""
-    records = [r for r in records if isinstance(r, Mapping)]
-    trials = study_trial_hashes(records)
     records = [
         r
-        for r in records
+        for r in without_study_trials(records)
         if ((r.get("config") or {}).get("pruning") or {}).get("ratio") is not None
-        and r.get("config_hash") not in trials
     ]
     obs = observations(records)
     obs = obs[obs["phase"] != "dense"]

@@ -141,10 +141,8 @@ def calibration_label(record: Mapping) -> str | None:
         ds = f"{ds} for {c['paper_dataset']}"
     join = f", join {json.dumps(c['join'])}" if c.get("join") is not None else ""
     order = f", {c['order']} order" if c.get("order") not in (None, "random") else ""
-    return (
-        f"{c.get('sampler') or 'llm_pruner'} sampler{join}{order}, {ds} {c.get('n_samples')}x{c.get('seq_len')}"
-        f", seed {c.get('seed')}"
-    )
+    n = "all " if c.get("n_samples") is None else c["n_samples"]  # None: every document (ShortGPT's full config)
+    return f"{c.get('sampler') or 'llm_pruner'} sampler{join}{order}, {ds} {n}x{c.get('seq_len')}, seed {c.get('seed')}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -361,6 +359,13 @@ def _identity_leaves(record: Mapping) -> dict[tuple, str]:
     study = record.get("study")  # an AdaPruner study's final cell vs the same method set by hand
     leaves[("study",)] = json.dumps(f"{len(study.get('trials') or [])} trials" if study else "none")
     return {k: v for k, v in leaves.items() if k and k[-1] not in ("seed", "progress")}
+
+
+def without_study_trials(records: Iterable[Mapping]) -> list[Mapping]:
+    """``records`` (mappings only) minus the trials of every AdaPruner study whose final record is among them."""
+    records = [r for r in records if isinstance(r, Mapping)]
+    trials = study_trial_hashes(records)
+    return [r for r in records if r.get("config_hash") not in trials]
 
 
 def study_trial_hashes(records: Iterable[Mapping]) -> set[str]:

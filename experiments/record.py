@@ -136,6 +136,12 @@ def _drop_progress(value):
     return value
 
 
+def semantic_config(cfg: Any) -> dict:
+    """The resolved config minus bookkeeping (NON_SEMANTIC keys, progress flags): what can move a number."""
+    plain = _plain_config(cfg)
+    return _drop_progress({k: v for k, v in plain.items() if k not in NON_SEMANTIC})
+
+
 def config_hash(cfg: Mapping) -> str:
     """Identity of a cell: same semantic config, same hash, whichever store, logger or machine ran it.
 
@@ -144,8 +150,7 @@ def config_hash(cfg: Mapping) -> str:
     Note that JSON keeps 1 and 1.0 apart, so `ratio=1` and `ratio=1.0` are different cells; Hydra gives the same
     type for the same override text, so this only matters for hand-built configs.
     """
-    plain = _plain_config(cfg)
-    semantic = _drop_progress({k: v for k, v in plain.items() if k not in NON_SEMANTIC})
+    semantic = semantic_config(cfg)
     if isinstance(semantic.get("calibration"), Mapping):
         semantic["calibration"] = {
             k: v

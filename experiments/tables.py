@@ -38,7 +38,7 @@ from experiments.observations import (
     observations,
     protocols_present,
     setting_label,
-    study_trial_hashes,
+    without_study_trials,
 )
 from experiments.store import ResultsStore
 from experiments.table_specs import KNOB_MEANINGS, TABLES, TASK_HEADERS, TableSpec
@@ -218,12 +218,8 @@ def table_records(records: Iterable[Mapping], spec: TableSpec) -> list[Mapping]:
     keeps a method's row label free of config that only differs from cells of other tables (e.g. FLAP's calibration
     in Search-LLM's table). An AdaPruner study's trials are search steps, summarised by its final cell."""
     protocols = _cell_protocols(spec)
-    records = [r for r in records if isinstance(r, Mapping)]
-    trials = study_trial_hashes(records)
     out = []
-    for r in records:
-        if r.get("config_hash") in trials:
-            continue
+    for r in without_study_trials(records):
         method = method_name(r)
         if method == "dense":
             out.append(r)

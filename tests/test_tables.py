@@ -590,3 +590,16 @@ def test_an_adapruner_study_is_its_final_cell_in_the_tables():
     ]
     costs = prune_time_frame(recs)
     assert len(costs) == 2 and set(costs["method"]) == set(ours["method"])
+
+
+def test_a_calibration_over_every_document_is_captioned_as_all():
+    """ShortGPT's full config reads every document (n_samples null): the caption says "all", not "None"."""
+    from experiments.observations import calibration_label
+
+    full = [
+        r
+        for r in ResultsStore(REPO / "results" / "store").records()
+        if r["plan"]["meta"]["method"] == "shortgpt" and r["config"]["calibration"]["n_samples"] is None
+    ]
+    assert full and all("c4 for pg19_validation all x256" in calibration_label(r) for r in full)
+    assert "None" not in (REPO / "results" / "ratio_sweep.md").read_text()
