@@ -5,7 +5,9 @@
   that one list; a name that no longer imports fails the strict build.
 - Results: ``results/*.md`` and ``results/*.png`` are served as they are in the repository under ``results/``, so the
   docs link to the committed tables instead of copying their numbers. ``results/README.md`` becomes
-  ``results/folder.md`` (a README would claim the ``results/`` index, which is docs/results.md).
+  ``results/folder.md`` (a README would claim the ``results/`` index, which is docs/results.md). Markdown in
+  sub-folders is served too (outside the nav), so a link from a results page into a sub-folder resolves on the site
+  as it does in the repository.
 """
 
 from __future__ import annotations
@@ -40,6 +42,12 @@ def _result_files() -> list[tuple[Path, str]]:
     ]
 
 
+def _nested_result_pages() -> list[tuple[Path, str]]:
+    """Markdown in sub-folders of results/, at its repository path (served, not in the nav)."""
+    results = REPO / "results"
+    return [(path, f"results/{path.relative_to(results).as_posix()}") for path in sorted(results.glob("*/**/*.md"))]
+
+
 def _extend_section(nav: list, title: str, children: list) -> None:
     """Turn the nav entry ``{title: intro.md}`` into ``{title: [intro.md, *children]}``."""
     for i, entry in enumerate(nav):
@@ -71,6 +79,6 @@ def on_files(files, config):
         for name in modules:
             body += [f"::: {name}", ""]
         files.append(File.generated(config, f"reference/{page}.md", content="\n".join(body)))
-    for path, uri in _result_files():
+    for path, uri in _result_files() + _nested_result_pages():
         files.append(File.generated(config, uri, abs_src_path=str(path)))
     return files
