@@ -380,14 +380,17 @@ def study_trial_hashes(records: Iterable[Mapping]) -> set[str]:
     }
 
 
-def _fmt_leaf(value: str) -> str:
+NULL_READS_AS = {"n_samples": "all"}  # a calibration without a sample count reads every document
+
+
+def _fmt_leaf(value: str, name: str = "") -> str:
     try:
         v = json.loads(value)
     except (TypeError, ValueError):
         return str(value)
     if isinstance(v, list):
         return "+".join(str(x) for x in v) or "none"  # e.g. NIRVANA's kl_select.seeds=[]: no seed search
-    text = "null" if v is None else str(v)
+    text = NULL_READS_AS.get(name, "null") if v is None else str(v)
     if isinstance(v, str) and (not v.isprintable() or v.strip() != v):  # e.g. a join string "\n\n" or " "
         text = json.dumps(v)
     return text if len(text) <= 16 else text[:8] + "…"  # content hashes: a prefix tells them apart
@@ -419,7 +422,7 @@ def _variant_labels(records: Sequence[Mapping], bases: Sequence[str]) -> list[st
         lasts = [p[-1] for p in varying]
         names = {p: (p[-1] if lasts.count(p[-1]) == 1 else ".".join(p)) for p in varying}
         for i in idx:
-            labels[i] = ", ".join(f"{names[p]}={_fmt_leaf(leaves[i].get(p, 'null'))}" for p in varying)
+            labels[i] = ", ".join(f"{names[p]}={_fmt_leaf(leaves[i].get(p, 'null'), p[-1])}" for p in varying)
     return labels
 
 

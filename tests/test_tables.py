@@ -593,7 +593,8 @@ def test_an_adapruner_study_is_its_final_cell_in_the_tables():
 
 
 def test_a_calibration_over_every_document_is_captioned_as_all():
-    """ShortGPT's full config reads every document (n_samples null): the caption says "all", not "None"."""
+    """ShortGPT's full config reads every document (n_samples null): the caption and the row label say "all", not
+    "None" or "null"."""
     from experiments.observations import calibration_label
 
     full = [
@@ -603,3 +604,5 @@ def test_a_calibration_over_every_document_is_captioned_as_all():
     ]
     assert full and all("c4 for pg19_validation all x256" in calibration_label(r) for r in full)
     assert "None" not in (REPO / "results" / "ratio_sweep.md").read_text()
+    f = T.build_table(list(ResultsStore(REPO / "results" / "store").records()), "ratio_sweep").frame
+    assert "shortgpt [n_samples=all]" in set(f["method"]) and "shortgpt [n_samples=null]" not in set(f["method"])
