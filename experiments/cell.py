@@ -66,7 +66,7 @@ from pruning.eval import EVAL_VERSION, check_eval, check_eval_texts, evaluate
 from pruning.methods.base import DrawsCalibration
 from pruning.models import load_model
 from pruning.models.loading import load_tokenizer, resolve_checkpoint
-from pruning.runtime import check_device, resolve_dtype, seed_everything
+from pruning.runtime import check_device, hardware, resolve_dtype, seed_everything
 from pruning.surgery.save import save_pruned
 
 DENSE = "pruning.methods.baselines.dense"
@@ -492,6 +492,7 @@ def evaluate_dense(cell: Cell, callbacks: list[CellCallback]) -> None:
             extra={
                 "plan": {"remove": {}, "blocks": [], "meta": {"method": "dense"}},
                 "widths": [w.as_dict() for w in cell.adapter.all_widths()],
+                "hardware": hardware(cell.device, cell.dtype, cell.model),
             },
         )
         cell.dense_record = record  # written with the cell's own record: a cell that fails leaves no record
@@ -526,6 +527,7 @@ def evaluate_pruned(cell: Cell) -> None:
         "plan": cell.plan.to_dict(),
         "widths": [w.as_dict() for w in cell.adapter.all_widths()],
         "dense_record": None if cell.is_dense else config_hash(cell.dense_resolved),
+        "hardware": hardware(cell.device, cell.dtype, cell.model),
     }
     if not cell.is_dense:
         method = cell.method

@@ -19,6 +19,7 @@ Policy (checked before the model is read, so a wrong combination costs one line,
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 from collections.abc import Mapping
@@ -144,6 +145,24 @@ def resolve_dtype(dtype, device: str = "cpu", device_map=None) -> torch.dtype:
     return out
 
 
+def hardware(device: str, dtype: torch.dtype, model: torch.nn.Module | None = None) -> dict:
+    """Where a cell computed, for its record: a timing or a bfloat16 number is read beside the hardware it came from,
+    and the GPU test tier checks from records that a sweep job saw one GPU and that a device_map spread the layers."""
+    gpus = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    )
+    info: dict[str, Any] = {
+        "device": device,
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(),
+        "gpus": gpus,  # the CUDA devices this process saw
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }
+    if model is not None:
+        info["param_devices"] = sorted({str(p.device) for p in model.parameters()})
+    return info
+
+
 FP16_CPU = (
     "dtype float16 on CPU is not supported: torch has only slow reference fp16 kernels on the CPU and fp16 "
     "gradient scores underflow without loss scaling; use float32 (or bfloat16) on CPU, float16 on a GPU"
@@ -155,6 +174,7 @@ __all__ = [
     "DTYPES",
     "FP16_CPU",
     "check_device",
+    "hardware",
     "map_uses_gpu",
     "normalize_device_map",
     "resolve_dtype",

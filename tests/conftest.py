@@ -53,10 +53,17 @@ def same_threads_env() -> dict[str, str]:
 
 
 def cli_run(tmp_path: Path, *args: str, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``python run.py <args>`` in a child process as a user types it, with its store and run dir under ``tmp_path``
-    (the offline settings above are inherited); the caller checks the exit code and output."""
+    """``python run.py <args>`` in a child process as a user types it, with its store, run and sweep dirs under
+    ``tmp_path`` (the offline settings above are inherited); the caller checks the exit code and output. Flags
+    (``-m``) go first: Hydra's parser takes no flag after an override."""
+    flags = [a for a in args if a.startswith("-")]
+    dirs = [
+        f"store.dir={tmp_path / 'store'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
     return subprocess.run(
-        [sys.executable, "run.py", f"store.dir={tmp_path / 'store'}", f"hydra.run.dir={tmp_path / 'run'}", *args],
+        [sys.executable, "run.py", *flags, *dirs, *(a for a in args if not a.startswith("-"))],
         cwd=REPO,
         env=env,
         capture_output=True,

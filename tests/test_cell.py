@@ -117,3 +117,23 @@ def test_cell_binds_the_sampler_of_a_method_that_draws_more(tmp_path):
         "n_samples": 4,
         "seq_len": 32,
     }
+
+
+def test_a_record_says_where_it_computed(tmp_path):
+    """Device, resolved dtype (``auto`` is float32 on CPU), threads and where the weights sit: the GPU tier reads
+    them to check one GPU per sweep job and a spread device_map."""
+    rec = Recorder()
+    record = run_cell(
+        composed(tmp_path, "method=magnitude", "pruning.ratio=0.2", "model.dtype=auto", "threads=1"), callbacks=[rec]
+    )
+    for r in (record, rec.records["dense"]):
+        hw = r["hardware"]
+        assert (hw["device"], hw["dtype"], hw["torch_threads"], hw["param_devices"]) == ("cpu", "float32", 1, ["cpu"])
+        assert hw["gpus"] == [] and set(hw) == {
+            "device",
+            "dtype",
+            "torch_threads",
+            "gpus",
+            "cuda_visible_devices",
+            "param_devices",
+        }
