@@ -3,6 +3,7 @@
 # stories260K (the quick one), then the tables, from the records in results/store.
 #   bash scripts/reference_runs.sh            # all (hours on 2 CPU cores; finished cells are store hits)
 #   bash scripts/reference_runs.sh tables     # only re-render the tables from the committed records
+#   bash scripts/reference_runs.sh gpu        # on a CUDA machine: the Qwen cells a 2-core CPU cannot finish
 # SmolLM2's ratio sweep runs at 20% and 50% with calibration seed 0 only (CPU budget); stories260K runs every ratio 10-50%.
 # The records before the paper protocols (every method at pruning.ratio with LLM-Pruner's sampler) are kept in
 # results/archive/pre-protocols/.
@@ -15,7 +16,13 @@ run() { "$PY" run.py -m "$@" store.dir=$STORE progress=false; }
 # Qwen2.5-Coder-0.5B one cell at a time on every core: NIRVANA's scoring alone peaks at 12.4 GB, so two do not fit 24 GiB
 qrun() { run "$@" model=qwen25_coder_05b hydra/launcher=basic threads=null; }
 
-if [[ "${1:-all}" != tables ]]; then
+MODE=${1:-all}
+if [[ $MODE == gpu ]]; then
+  # numerical's 128 x 2048 calibration (~5 h on 2 cores), search_llm (~35 h), search_llm_code (3x its candidates):
+  # results/README.md. device is part of a cell's identity, so these are rows of their own beside the CPU cells.
+  qrun experiment=ratio_sweep pruning.ratio=0.2 calibration.seed=0 method=numerical,search_llm,search_llm_code \
+    device=cuda
+elif [[ $MODE != tables ]]; then
   # SmolLM2-135M, the table model: each paper preset at its paper's own operating point (native knob) and
   # calibration sampler, CPU size (the store holds exactly these cells: scripts/check_reference_store.py)
   run experiment=llm_pruner_table1
