@@ -132,13 +132,14 @@ def display(table: PaperTable) -> pd.DataFrame:
     return out.drop(columns=["block"])
 
 
-def footnotes(table: PaperTable) -> list[str]:
-    """The spec's notes, the provenance read from the records, the published sources and what was excluded."""
+def footnotes(table: PaperTable, paired: bool = True) -> list[str]:
+    """The spec's notes, the provenance read from the records, the published sources and what was excluded; with
+    ``paired`` the paired comparisons as one note (Markdown prints them as a table of their own instead)."""
     notes = list(table.spec.notes) + list(table.provenance)
     first = table.first_interval
     if first is not None:
         notes.append(INTERVAL_NOTE.format(level=first.level, resamples=first.resamples))
-        if table.paired:
+        if table.paired and paired:
             notes.append(PAIRED_NOTE.format(level=first.level) + "; ".join(p.text() for p in table.paired))
     notes += list(table.uncertainty_notes)
     notes += [f"published ({b}): {s}" for b, s in table.sources.items()]
@@ -146,10 +147,30 @@ def footnotes(table: PaperTable) -> list[str]:
     return notes
 
 
+def paired_frame(table: PaperTable) -> pd.DataFrame:
+    """The paired comparisons of neighbouring rows, one per line: a PPL ratio a / b or an accuracy difference a - b
+    in points, with its interval and whether it tells the two rows apart."""
+    rows = []
+    for p in table.paired:
+        est = p.paired.ratio if p.paired.ratio is not None else p.paired.diff
+        what = "PPL a / b" if p.paired.ratio is not None else "points a - b"
+        value = (
+            f"{est.estimate:.3f} [{est.low:.3f}, {est.high:.3f}]"
+            if p.paired.ratio is not None
+            else f"{est.estimate:+.1f} [{est.low:+.1f}, {est.high:+.1f}]"
+        )
+        rows.append([p.model, p.group, p.column, p.a, p.b, what, value, "yes" if p.paired.resolved else "no"])
+    return pd.DataFrame(rows, columns=["model", "rows at", "column", "a", "b", "compared", "value", "resolved"])
+
+
 def markdown(table: PaperTable) -> str:
-    """Title, the table, its footnotes as a list."""
+    """Title, the table, its footnotes as a list, then the paired comparisons as a table."""
     lines = [f"### {table.spec.title}", "", markdown_frame(display(table)), ""]
-    lines += [f"- {n}" for n in footnotes(table)]
+    lines += [f"- {n}" for n in footnotes(table, paired=False)]
+    first = table.first_interval
+    if table.paired and first is not None:
+        lines += ["", PAIRED_NOTE.format(level=first.level).rstrip(": ").capitalize() + ":", ""]
+        lines += [markdown_frame(paired_frame(table))]
     return "\n".join(lines) + "\n"
 
 

@@ -484,6 +484,13 @@ def test_table_paired_differences(store):
         assert p.paired.diff.estimate == pytest.approx(math.log(a / b), rel=1e-12)
         assert p.paired.ratio.low <= p.paired.ratio.estimate <= p.paired.ratio.high
     assert any(n.startswith("paired (a vs b") for n in render.footnotes(table))
+    # Markdown prints them as a table of their own, one line per comparison, not as one long footnote
+    md = render.markdown(table)
+    assert "- paired (a vs b" not in md
+    lines = [ln for ln in md.splitlines() if ln.startswith(f"| {pairs[0].model} | ") and " | PPL a / b | " in ln]
+    assert len(lines) == sum(p.paired.ratio is not None for p in table.paired)
+    r = pairs[0].paired.ratio
+    assert f"| {pairs[0].a} | {pairs[0].b} | PPL a / b | {r.estimate:.3f} [{r.low:.3f}, {r.high:.3f}] |" in md
 
 
 def test_prune_time_table_is_the_records_phase_timings(store, tmp_path):
@@ -544,17 +551,19 @@ def test_a_seed_independent_draw_is_one_run_not_three():
 
 
 def test_a_single_variant_is_labelled_like_its_siblings_on_another_model():
-    """Qwen has only Search-LLM's initialisation at 20%; SmolLM2 has it and the quick search, told apart by
-    [preset, generations]. The lone Qwen row says it is the initialisation instead of passing as plain search_llm."""
+    """Qwen without its quick-search cell has only Search-LLM's initialisation at 20%; SmolLM2 has it and the quick
+    search, told apart by [preset, generations]. The lone Qwen row says it is the initialisation instead of passing
+    as plain search_llm."""
     recs = [
         r
         for r in ResultsStore(REPO / "results" / "store").records()
         if r["config"]["model"]["name"] in ("qwen25_coder_05b", "smollm2_135m")
         and r["plan"]["meta"]["method"] == "search_llm"
         and r["config"]["pruning"].get("ratio") == 0.2
+        and (r["config"]["model"]["name"], r["config"]["method"]["preset"]) != ("qwen25_coder_05b", "quick")
     ]
     labels = {(r["config"]["model"]["name"], r["config"]["method"]["preset"]) for r in recs}
-    assert ("qwen25_coder_05b", "init") in labels and ("qwen25_coder_05b", "quick") not in labels
+    assert labels == {("qwen25_coder_05b", "init"), ("smollm2_135m", "init"), ("smollm2_135m", "quick")}
     f = T.build_table(recs, "ratio_sweep").frame
     ours = f[(f["source"] == "ours") & (f["method"] != "dense")]
     assert set(ours.loc[ours["model"] == "qwen25_coder_05b", "method"]) == {"search_llm [preset=init, generations=0]"}
