@@ -18,7 +18,7 @@ qrun() { run "$@" model=qwen25_coder_05b hydra/launcher=basic threads=null; }
 
 MODE=${1:-all}
 if [[ $MODE == gpu ]]; then
-  # numerical's 128 x 2048 calibration (~5 h on 2 cores), search_llm (~35 h), search_llm_code (3x its candidates):
+  # numerical's 128 x 2048 calibration (~5 h on 2 cores), search_llm (~220 h), search_llm_code (~660 h):
   # results/README.md. device is part of a cell's identity, so these are rows of their own beside the CPU cells.
   qrun experiment=ratio_sweep pruning.ratio=0.2 calibration.seed=0 method=numerical,search_llm,search_llm_code \
     device=cuda
@@ -32,7 +32,10 @@ elif [[ $MODE != tables ]]; then
   # every method at 20% and 50% of ALL parameters (the cross-method axis), calibration seed 0 (CPU budget)
   run experiment=ratio_sweep pruning.ratio=0.2,0.5 calibration.seed=0
   # Qwen2.5-Coder-0.5B (fetched on first use; partial: see results/README.md)
-  qrun experiment=ratio_sweep pruning.ratio=0.2,0.5 calibration.seed=0
+  qrun experiment=ratio_sweep pruning.ratio=0.2 calibration.seed=0
+  # at 50% without LLM-Pruner (at most 44.1% here) and Search-LLM (at most 49.4%): each stops in one line
+  qrun experiment=ratio_sweep pruning.ratio=0.5 calibration.seed=0 \
+    method=random,magnitude,nirvana_cpu,flap,wanda_sp,shortgpt_cpu,slicegpt_cpu,numerical_cpu,llm_bip
   qrun experiment=ratio_sweep pruning.ratio=0.2 calibration.seed=0 \
     method=magnitude_l1,llm_pruner_element2,llm_pruner_vector   # the variants outside the sweep's list
   qrun experiment=ratio_sweep pruning.ratio=0.2 calibration.seed=0 method=nirvana,slicegpt,shortgpt  # full configs

@@ -61,6 +61,11 @@ def test_presets_compose_exactly_the_committed_cells(argv):
     _check_reference_store(argv)
 
 
+# LLM-Pruner (its layer range keeps a unit of each kind per layer: at most 44.1%) and Search-LLM (its search space:
+# at most 49.4%) cannot remove half of Qwen2.5-Coder-0.5B, whose untied embedding and head are 43% of it
+QWEN_AT_50 = "random,magnitude,nirvana_cpu,flap,wanda_sp,shortgpt_cpu,slicegpt_cpu,numerical_cpu,llm_bip"
+
+
 @pytest.mark.slow  # composing reads the model's config.json: the fetched weights (skipped without an index)
 @pytest.mark.parametrize(
     "argv",
@@ -69,10 +74,13 @@ def test_presets_compose_exactly_the_committed_cells(argv):
         ["experiment=flap_table"],
         ["experiment=slicegpt_table"],
         ["experiment=search_llm_table2", "+row=search_llm_t2/llm_pruner,search_llm_t2/slicegpt,search_llm_t2/flap"],
+        ["experiment=ratio_sweep", "pruning.ratio=0.2", "calibration.seed=0"],
+        ["experiment=ratio_sweep", "pruning.ratio=0.5", "calibration.seed=0", f"method={QWEN_AT_50}"],
     ],
 )
-def test_qwen_paper_presets_are_complete_in_the_store(qwen_spec, argv):
-    """The paper presets run on Qwen2.5-Coder-0.5B at their own operating points: every cell is committed (Search-LLM's
+def test_qwen_presets_are_complete_in_the_store(qwen_spec, argv):
+    """The paper presets run on Qwen2.5-Coder-0.5B at their own operating points, and the ratio sweep at 20% (all 12
+    methods) and 50% (the methods that can remove half of this model): every cell is committed (Search-LLM's
     table without its two Search-LLM rows, not run on this model yet)."""
     _check_reference_store([*argv, "model=qwen25_coder_05b"])
 
