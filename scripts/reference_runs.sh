@@ -18,7 +18,7 @@ qrun() { run "$@" model=qwen25_coder_05b hydra/launcher=basic threads=null; }
 
 MODE=${1:-all}
 if [[ $MODE == gpu ]]; then
-  # numerical's 128 x 2048 calibration (~5 h on 2 cores), search_llm (~220 h), search_llm_code (~660 h):
+  # numerical's 128 x 2048 calibration (~5 h on 2 cores), search_llm (~80 h), search_llm_code (~230 h):
   # results/README.md. device is part of a cell's identity, so these are rows of their own beside the CPU cells.
   qrun experiment=ratio_sweep pruning.ratio=0.2 calibration.seed=0 method=numerical,search_llm,search_llm_code \
     device=cuda
@@ -46,7 +46,7 @@ elif [[ $MODE != tables ]]; then
   qrun experiment=slicegpt_table
   qrun experiment=llm_pruner_table1
   qrun experiment=flap_table
-  qrun experiment=search_llm_table2 +row=search_llm_t2/llm_pruner,search_llm_t2/slicegpt,search_llm_t2/flap
+  qrun experiment=search_llm_table2
   # stories260K, the quick one: every preset and the whole ratio sweep (10-50%, seeds 0-2)
   run experiment=llm_pruner_table1 model=stories260k
   run experiment=flap_table model=stories260k

@@ -118,7 +118,7 @@ def test_every_sweep_job_sees_one_gpu(tmp_path):
 @pytest.mark.parametrize("method", ["numerical", "search_llm", "search_llm_code"])
 def test_the_long_method_configs_complete_on_qwen_at_20_percent(qwen_spec, tmp_path, method):
     """The three method configs a 2-core CPU cannot finish in a working session (numerical's 128 x 2048 calibration
-    ~5 h, search_llm ~220 h, search_llm_code ~660 h on 2 cores; see results/README.md), as the ratio sweep
+    ~5 h, search_llm ~80 h, search_llm_code ~230 h on 2 cores; see results/README.md), as the ratio sweep
     composes them: the cell completes, removes what its plan counted (closed form = physical count) and evaluates."""
     rec, dense = run_one(
         tmp_path, "-m", "experiment=ratio_sweep", "hydra/launcher=basic",

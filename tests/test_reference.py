@@ -73,15 +73,14 @@ QWEN_AT_50 = "random,magnitude,nirvana_cpu,flap,wanda_sp,shortgpt_cpu,slicegpt_c
         ["experiment=llm_pruner_table1"],
         ["experiment=flap_table"],
         ["experiment=slicegpt_table"],
-        ["experiment=search_llm_table2", "+row=search_llm_t2/llm_pruner,search_llm_t2/slicegpt,search_llm_t2/flap"],
+        ["experiment=search_llm_table2"],
         ["experiment=ratio_sweep", "pruning.ratio=0.2", "calibration.seed=0"],
         ["experiment=ratio_sweep", "pruning.ratio=0.5", "calibration.seed=0", f"method={QWEN_AT_50}"],
     ],
 )
 def test_qwen_presets_are_complete_in_the_store(qwen_spec, argv):
     """The paper presets run on Qwen2.5-Coder-0.5B at their own operating points, and the ratio sweep at 20% (all 12
-    methods) and 50% (the methods that can remove half of this model): every cell is committed (Search-LLM's
-    table without its two Search-LLM rows, not run on this model yet)."""
+    methods) and 50% (the methods that can remove half of this model): every cell is committed."""
     _check_reference_store([*argv, "model=qwen25_coder_05b"])
 
 
