@@ -150,16 +150,9 @@ def footnotes(table: PaperTable, paired: bool = True) -> list[str]:
 def paired_frame(table: PaperTable) -> pd.DataFrame:
     """The paired comparisons of neighbouring rows, one per line: a PPL ratio a / b or an accuracy difference a - b
     in points, with its interval and whether it tells the two rows apart."""
-    rows = []
-    for p in table.paired:
-        est = p.paired.ratio if p.paired.ratio is not None else p.paired.diff
-        what = "PPL a / b" if p.paired.ratio is not None else "points a - b"
-        value = (
-            f"{est.estimate:.3f} [{est.low:.3f}, {est.high:.3f}]"
-            if p.paired.ratio is not None
-            else f"{est.estimate:+.1f} [{est.low:+.1f}, {est.high:+.1f}]"
-        )
-        rows.append([p.model, p.group, p.column, p.a, p.b, what, value, "yes" if p.paired.resolved else "no"])
+    rows = [
+        [p.model, p.group, p.column, p.a, p.b, *p.measure(), "yes" if p.paired.resolved else "no"] for p in table.paired
+    ]
     return pd.DataFrame(rows, columns=["model", "rows at", "column", "a", "b", "compared", "value", "resolved"])
 
 

@@ -105,16 +105,17 @@ class PairedRow:
     b: str
     paired: U.Paired
 
+    def measure(self) -> tuple[str, str]:
+        """(what is compared, its value with the interval): the PPL ratio a / b, or a - b in accuracy points."""
+        if (r := self.paired.ratio) is not None:
+            return "PPL a / b", f"{r.estimate:.3f} [{r.low:.3f}, {r.high:.3f}]"
+        d = self.paired.diff
+        return "points a - b", f"{d.estimate:+.1f} [{d.low:+.1f}, {d.high:+.1f}]"
+
     def text(self) -> str:
-        p = self.paired
-        verdict = "resolved" if p.resolved else "not resolved"
-        if p.ratio is not None:
-            r = p.ratio
-            what = f"PPL ratio {r.estimate:.3f} [{r.low:.3f}, {r.high:.3f}]"
-        else:
-            d = p.diff
-            what = f"{d.estimate:+.1f} points [{d.low:+.1f}, {d.high:+.1f}]"
-        return f"{self.model}, {self.group}, {self.column}: {self.a} vs {self.b}: {what}, {verdict}"
+        what, value = self.measure()
+        verdict = "resolved" if self.paired.resolved else "not resolved"
+        return f"{self.model}, {self.group}, {self.column}: {self.a} vs {self.b}: {what} {value}, {verdict}"
 
 
 @dataclass
